@@ -190,6 +190,13 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Checkpoints, metrics and the artifact registry."""
 
+    def __post_init__(self) -> None:
+        # Cross-section checks: settings that are each valid but cannot run together.
+        for k in ("offload_optimizer", "offload_params"):
+            _check(not getattr(self.deepspeed, k) or self.train.use_gpu, f"deepspeed.{k}",
+                   "offloading to CPU needs GPU workers (train.use_gpu=true); on CPU workers the "
+                   "states already live in CPU memory, so set it to false")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,0 +1,117 @@
+"""The ``modelfleet`` console script: every subcommand in one table, each importing its
+implementation only when chosen (so ``modelfleet --help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+# Quiet Ray/DeepSpeed chatter that says nothing to a user; real errors still surface.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (sections: model, data, train, deepspeed, storage)")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the same, as an option (jobs/)")
+    p.add_argument("--preset", help="start from this preset (tiny, small, gpt2-124m, gpt-1b)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set deepspeed.zero_stage=2 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from modelfleet.config import load_config
+
+    return load_config(args.config or args.config_opt, preset=args.preset, overrides=args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from modelfleet.data.prepare import prepare_dataset
+    from modelfleet.data.tokenizer import ByteTokenizer
+
+    cfg = _load(args)
+    meta = prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer(), overwrite=args.overwrite)
+    print(f"prepared {meta['train_rows']} train / {meta['val_rows']} validation sequences of "
+          f"{meta['seq_len']} tokens from {meta['num_documents']} documents -> {cfg.data.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from modelfleet.train.trainer import train
+
+    cfg = _load(args)
+    res = train(cfg, resume=args.resume, export=not args.no_export)
+    print(f"run {res.run_name}: step {res.checkpoint_step}, metrics {json.dumps(res.metrics)}")
+    print(f"timings: {json.dumps({k: round(v, 2) for k, v in res.timings.items()})}")
+    if res.artifact:
+        print(f"artifact {res.artifact.name}@{res.artifact.version}: {res.artifact.uri}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from modelfleet.train.export import export_run
+
+    cfg = _load(args)
+    ref = export_run(cfg.storage.path, args.run, name=args.name)
+    print(f"artifact {ref.name}@{ref.version}: {ref.uri}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from modelfleet.demo import run_demo
+
+    return run_demo(_load(args))
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete checkpoint")
+    p.add_argument("--no-export", action="store_true", help="do not export an artifact at the end")
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id under <storage>/runs/")
+    _config_args(p)
+    p.add_argument("--name", help="registry name (default: storage.model_name or the preset)")
+
+
+# name -> (help, add arguments, run). The README's command table is tested against this.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "prepare": ("tokenize text/JSONL/Parquet into Parquet shards", _add_prepare, cmd_prepare),
+    "train": ("train with Ray Train + DeepSpeed ZeRO, then export", _add_train, cmd_train),
+    "export": ("consolidate a run's last complete checkpoint into an artifact", _add_export, cmd_export),
+    "demo": ("the whole mission on one machine (make demo)", _config_args, cmd_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from modelfleet.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"modelfleet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

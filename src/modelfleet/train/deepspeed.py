@@ -1,0 +1,64 @@
+"""DeepSpeed config and learning-rate schedule, derived from our Config (never hand-written JSON)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from modelfleet.config import Config
+
+
+def build_ds_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``deepspeed.initialize`` (one source of truth: our Config)."""
+    t, ds = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3:
+        # Export consolidates from the fp32 shards with DeepSpeed's zero_to_fp32, so no
+        # 16-bit gather on save (that would cost a full-model all-gather per checkpoint).
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                # Without offload, plain torch AdamW: it runs on every accelerator, CPU included,
+                # and needs no compiled op. With offload DeepSpeed picks its CPU Adam.
+                **({} if ds.offload_optimizer else {"torch_adam": True}),
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return conf
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Linear warmup then cosine decay to ``min_lr_ratio``, as a multiplier of ``train.lr``."""
+    t = cfg.train
+    warm, total, floor = t.warmup_steps, t.max_steps, t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

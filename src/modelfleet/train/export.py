@@ -1,0 +1,104 @@
+"""Export: consolidate a complete checkpoint's ZeRO shards into a registry artifact.
+
+Stages 1-3 consolidate the fp32 master weights with DeepSpeed's own ``zero_to_fp32`` (it reads
+DeepSpeed's pickled shard files; we only hand it files whose sha256 matched the rank markers).
+Stage 0 keeps whole parameters in the module, which the checkpoint saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from modelfleet import registry
+from modelfleet.config import Config
+from modelfleet.train import checkpoint as ck
+
+VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
+
+
+def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
+    """Full fp32 state dict from a local checkpoint directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    if zero_stage == 0:
+        return load_file(os.path.join(local_ckpt, "module.safetensors"))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG)
+    return {k: v.to(torch.float32) for k, v in sd.items()}
+
+
+def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None = None) -> registry.ArtifactRef:
+    """Validate, consolidate, verify against the live engine's probe logits, publish."""
+    import torch
+    from safetensors.torch import load_file, save_model
+
+    from modelfleet.data.tokenizer import ByteTokenizer
+    from modelfleet.models import build_model
+
+    ck.validate(c.fs, c.uri)
+    local = ck.download(c, tempfile.mkdtemp(prefix="mf-export-"))
+    with open(os.path.join(local, ck.TRAINER_STATE)) as f:
+        tstate = json.load(f)
+    cfg = Config.from_dict(tstate["config"])
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(consolidate(local, cfg.deepspeed.zero_stage), strict=False)
+    # The tied lm_head may be absent from a consolidated dict; anything else missing is an error.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ck.CheckpointError(f"checkpoint {c.uri} does not match model config: missing {missing}, "
+                                 f"unexpected {unexpected}")
+    model.eval()
+    verify_diff = None
+    verify_path = os.path.join(local, ck.VERIFY_FILE)
+    if os.path.isfile(verify_path):
+        probe = load_file(verify_path)
+        with torch.no_grad():
+            logits = model(probe["tokens"].long())
+        verify_diff = float((logits.float() - probe["logits"]).abs().max())
+        tol = VERIFY_TOLERANCE[cfg.train.precision]
+        if verify_diff > tol:
+            raise ck.CheckpointError(f"export of {c.uri}: consolidated logits differ from the live "
+                                     f"engine's by {verify_diff:.3g} (> {tol}); not publishing")
+    out = tempfile.mkdtemp(prefix="mf-artifact-")
+    weights = os.path.join(out, registry.WEIGHTS)
+    save_model(model, weights)  # dedups the tied embedding / lm_head tensor
+    tok = ByteTokenizer()
+    name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
+    _dump(out, "config.json", cfg.model.__dict__)
+    _dump(out, "tokenizer.json", tok.spec())
+    _dump(out, "manifest.json", {
+        "name": name,
+        "format_version": 1,
+        "family": cfg.model.family,
+        "run_id": run_name,
+        "step": tstate["state"]["step"],
+        "metrics": tstate.get("metrics", {}),
+        "config": cfg.to_dict(),
+        "tokenizer": tok.spec(),
+        "weights_sha256": registry.sha256_file(weights),
+        "export_max_abs_logit_diff": verify_diff,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    return registry.publish(cfg.storage.path, name, out)
+
+
+def _dump(d: str, name: str, obj: Any) -> None:
+    with open(os.path.join(d, name), "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def export_run(storage_path: str, run_name: str, *, name: str | None = None) -> registry.ArtifactRef:
+    """``modelfleet export RUN``: the newest complete checkpoint of a run becomes an artifact."""
+    root = ck.runs_root(storage_path)
+    found, skipped = ck.latest_complete(root, run_name)
+    if found is None:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ck.CheckpointError(f"run {run_name!r} under {root} has no complete checkpoint{why}")
+    return export_checkpoint(found, run_name=run_name, name=name)

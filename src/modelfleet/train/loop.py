@@ -1,0 +1,217 @@
+"""The per-worker training loop: Ray Data shard -> DeepSpeed engine -> metrics and checkpoints.
+
+Runs inside each Ray Train worker. It reads only the Config passed in ``train_loop_config``;
+``deepspeed`` is imported here (not at module import) so the driver never needs an accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import ray.train
+
+from modelfleet.config import Config
+from modelfleet.train import checkpoint as ck
+
+
+def _tokens(batch: dict[str, Any]):
+    import torch
+
+    t = batch["tokens"]
+    arr = np.stack(t) if t.dtype == object else np.asarray(t)
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+class _Progress:
+    """Sends rank-0 metrics to the driver's queue without ever blocking training on it."""
+
+    def __init__(self, queue: Any, rank: int) -> None:
+        self.queue = queue if rank == 0 else None
+
+    def send(self, kind: str, **metrics: Any) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.actor.put_nowait.remote({"kind": kind, "time": time.time(), **metrics})
+        except Exception:  # a progress line is never worth a failed training step
+            pass
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = Config.from_dict(loop_config["config"])
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import logger as ds_logger
+
+    from modelfleet.models import build_model
+    from modelfleet.train.deepspeed import build_ds_config, lr_lambda
+
+    ds_logger.setLevel("WARNING")
+    t_start = time.time()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    progress = _Progress(loop_config.get("progress"), rank)
+    if not cfg.train.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=build_ds_config(cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
+    t_init = time.time()
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    found, skipped = ck.latest_complete(ck.runs_root(cfg.storage.path), cfg.storage.run_name)
+    if found is not None:
+        local = ck.download(found, tempfile.mkdtemp(prefix="mf-restore-"))
+        engine.load_checkpoint(local, tag=ck.DS_TAG)
+        with open(os.path.join(local, ck.TRAINER_STATE)) as f:
+            state = json.load(f)["state"]
+        progress.send("resume", step=state["step"], skipped=skipped)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum
+    tokens_per_step = mbs * ga * world * cfg.model.block_size
+    step, micro, accum_loss = state["step"], 0, 0.0
+    last = time.time()
+    first_step_done = False
+    while step < t.max_steps:
+        skip, n_batches = state["batch_in_epoch"], 0
+        for i, batch in enumerate(train_shard.iter_batches(batch_size=mbs, drop_last=True,
+                                                           batch_format="numpy", prefetch_batches=2)):
+            n_batches += 1
+            if i < skip:  # resume at the same data position inside the epoch
+                continue
+            seq = _tokens(batch).to(engine.device)
+            loss = engine(seq[:, :-1], seq[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            accum_loss += loss.item()
+            micro += 1
+            state["batch_in_epoch"] = i + 1
+            if micro % ga:
+                continue
+            step += 1
+            state["step"] = step
+            mean_loss = torch.tensor([accum_loss / ga])
+            dist.all_reduce(mean_loss)
+            accum_loss = 0.0
+            now = time.time()
+            if step % t.log_every == 0 or step == t.max_steps:
+                progress.send("step", step=step, max_steps=t.max_steps, loss=mean_loss.item() / world,
+                              lr=engine.get_lr()[0], tokens_per_s=tokens_per_step / (now - last),
+                              elapsed_s=now - t_start, epoch=state["epoch"])
+            if not first_step_done:
+                first_step_done = True
+                progress.send("first_step", init_s=t_init - t_start, first_step_s=now - t_start)
+            last = now
+            final = step == t.max_steps
+            metrics: dict[str, Any] = {"step": step, "loss": mean_loss.item() / world}
+            if (t.eval_every and step % t.eval_every == 0) or final:
+                val_loss = _evaluate(engine, val_shard, cfg)
+                metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
+                progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or final:
+                verify = _probe(engine, val_shard, cfg) if final else None
+                _save(engine, cfg, state, metrics, rank, world, verify)
+                progress.send("checkpoint", step=step)
+            last = time.time()  # eval and checkpoint time is not step time
+            if final:
+                break
+        if n_batches == 0:
+            raise RuntimeError("data: this worker's train shard is empty; the train split has fewer "
+                               "rows than train.micro_batch_size x train.num_workers")
+        if step < t.max_steps:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.send("done", step=step, elapsed_s=time.time() - t_start)
+
+
+def _eval_batches(shard: Any, cfg: Config) -> Iterator[Any]:
+    it = shard.iter_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, batch_format="numpy")
+    for i, b in enumerate(it):
+        if i >= cfg.train.eval_batches:
+            break
+        yield _tokens(b)
+
+
+def _evaluate(engine: Any, shard: Any, cfg: Config) -> float:
+    """Mean validation loss over every rank's first ``eval_batches`` micro-batches."""
+    import torch
+    import torch.distributed as dist
+
+    batches = list(_eval_batches(shard, cfg))
+    # Every rank must run the same number of forwards: ZeRO-3 gathers parameters collectively.
+    n = torch.tensor([len(batches)])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for seq in batches[: int(n.item())]:
+            seq = seq.to(engine.device)
+            total[0] += engine(seq[:, :-1], seq[:, 1:]).item()
+            total[1] += 1
+    engine.train()
+    dist.all_reduce(total)
+    if total[1] == 0:
+        raise RuntimeError("data: the validation split has fewer rows than train.micro_batch_size "
+                           "x train.num_workers; raise data.val_fraction")
+    return float(total[0] / total[1])
+
+
+def _probe(engine: Any, shard: Any, cfg: Config) -> dict[str, Any]:
+    """Logits of the live engine on a fixed input: export checks the artifact reproduces them."""
+    import torch
+
+    seq = next(iter(_eval_batches(shard, cfg)))[:2, :-1]
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(seq.to(engine.device)).float().cpu()
+    engine.train()
+    return {"tokens": seq.contiguous(), "logits": logits.contiguous()}
+
+
+def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world: int,
+          verify: dict | None) -> None:
+    """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file, save_model
+
+    step = state["step"]
+    local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
+    try:
+        if rank == 0:
+            ck.remove_stale(ck.runs_root(cfg.storage.path), cfg.storage.run_name, step)
+        dist.barrier()
+        engine.save_checkpoint(local, tag=ck.DS_TAG)
+        if rank == 0:
+            with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
+                json.dump({"state": state, "metrics": metrics, "world_size": world,
+                           "config": cfg.to_dict()}, f, indent=1)
+            if cfg.deepspeed.zero_stage == 0:
+                # ZeRO-0 keeps whole parameters in the module: export reads them from here
+                # rather than unpickling DeepSpeed's model-states file.
+                save_model(engine.module, os.path.join(local, "module.safetensors"))
+            if verify is not None:
+                save_file(verify, os.path.join(local, ck.VERIFY_FILE))
+        ck.write_rank_marker(local, rank, world, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=ck.step_dir_name(step))
+        dist.barrier()
+        if rank == 0:
+            ck.write_complete(ck.runs_root(cfg.storage.path), cfg.storage.run_name, step, world)
+        dist.barrier()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

@@ -1,0 +1,230 @@
+"""The driver side of training: pre-flight checks, the TorchTrainer, live progress, export.
+
+``train(cfg)`` is what ``modelfleet train`` and ``jobs/train.py`` call. Everything that can be
+checked before workers start (data, run name, cluster capacity) is checked first, so bad input
+fails in seconds with one sentence and nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from modelfleet.config import Config, ConfigError
+from modelfleet.train import checkpoint as ck
+
+
+class TrainingFailedError(RuntimeError):
+    """Training stopped (worker errors beyond train.max_failures); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    checkpoint_step: int | None
+    metrics: dict[str, Any]
+    artifact: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
+    """Checks that need no cluster. Returns the prepared dataset's meta; sets the run name."""
+    from modelfleet.data.prepare import check_seq_len, read_meta
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: is empty; set it to a directory written by `modelfleet prepare`")
+    meta = read_meta(cfg.data.path)
+    check_seq_len(meta, cfg.model.block_size)
+    per_step = cfg.train.micro_batch_size * cfg.train.num_workers
+    for split in ("train", "val"):
+        if meta[f"{split}_rows"] < per_step:
+            raise ConfigError(
+                f"data.path: the {split} split of {cfg.data.path} has {meta[f'{split}_rows']} sequences, "
+                f"fewer than train.micro_batch_size x train.num_workers = {per_step}; add data or "
+                f"lower the batch")
+    if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
+                          f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})")
+    root = ck.runs_root(cfg.storage.path)
+    fs, base = pafs.FileSystem.from_uri(root)
+    if resume:
+        cfg.storage.run_name = resume
+        if fs.get_file_info(f"{base}/{resume}").type != pafs.FileType.Directory:
+            raise ConfigError(f"--resume: run {resume!r} does not exist under {root}")
+        found, skipped = ck.latest_complete(root, resume)
+        if found is None and skipped:
+            raise ck.CheckpointError(f"--resume: run {resume!r} has no complete checkpoint to resume "
+                                     f"from ({'; '.join(skipped)})")
+    else:
+        if not cfg.storage.run_name:
+            cfg.storage.run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
+        if fs.get_file_info(f"{base}/{cfg.storage.run_name}").type != pafs.FileType.NotFound:
+            raise ConfigError(f"storage.run_name: run {cfg.storage.run_name!r} already exists under {root}; "
+                              f"resume it with --resume {cfg.storage.run_name} or pick another name")
+    return meta
+
+
+def check_capacity(cfg: Config) -> None:
+    """Refuse a worker group the cluster can never hold (Ray would wait for it forever)."""
+    import ray
+
+    t = cfg.train
+    need_cpu = t.num_workers * t.cpus_per_worker
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPU need "
+                          f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
+    if not any(n.get("CPU", 0) >= t.cpus_per_worker for n in nodes):
+        raise ConfigError(f"train.cpus_per_worker: no node has {t.cpus_per_worker:g} CPUs")
+    if t.use_gpu and total.get("GPU", 0) < t.num_workers:
+        raise ConfigError(f"train.use_gpu: {t.num_workers} workers need {t.num_workers} GPUs but the "
+                          f"cluster has {total.get('GPU', 0):g}")
+
+
+class _ProgressSink:
+    """Driver side of the metrics queue: a live progress line and ``metrics.jsonl`` in the run dir."""
+
+    def __init__(self, queue: Any, cfg: Config, run_dir: str, show: bool) -> None:
+        self.queue, self.cfg, self.show = queue, cfg, show
+        self.records: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+        self.t0 = time.time()
+        self.local = run_dir if "://" not in run_dir else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._bar = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(timeout=0.5)
+
+    def _drain(self, timeout: float | None = None) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+            except Empty:
+                return
+            except Exception:  # the queue actor is gone (cluster shutting down)
+                return
+            self._handle(item)
+            timeout = None
+
+    def _handle(self, item: dict[str, Any]) -> None:
+        self.records.append(item)
+        if self.local:
+            os.makedirs(self.local, exist_ok=True)
+            with open(os.path.join(self.local, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(item) + "\n")
+        kind = item["kind"]
+        if kind == "first_step":
+            self.timings["time_to_first_step_s"] = item["time"] - self.t0
+            self.timings["worker_init_s"] = item["init_s"]
+        if not self.show:
+            return
+        if kind == "step":
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=item["max_steps"], initial=item["step"] - 1, unit="step",
+                                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            self._bar.set_postfix_str(f"loss {item['loss']:.3f} | {item['tokens_per_s']:,.0f} tok/s "
+                                      f"| lr {item['lr']:.2e}", refresh=False)
+            self._bar.update(item["step"] - self._bar.n)
+        else:
+            msg = {
+                "eval": lambda: f"step {item['step']}: val_loss {item['val_loss']:.4f} "
+                                f"ppl {item['val_ppl']:.2f}",
+                "checkpoint": lambda: f"step {item['step']}: checkpoint saved",
+                "resume": lambda: f"resumed from the checkpoint at step {item['step']}"
+                                  + (f" (skipped: {'; '.join(item['skipped'])})" if item["skipped"] else ""),
+            }.get(kind)
+            if msg:
+                (self._bar.write if self._bar is not None else print)(msg())
+
+
+def train(cfg: Config, *, resume: str | None = None, export: bool = True,
+          show_progress: bool = True) -> TrainResult:
+    """Run one training job on the connected (or a new local) Ray cluster."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from modelfleet.cluster import connect
+    from modelfleet.train.export import export_checkpoint
+    from modelfleet.train.loop import train_loop_per_worker
+
+    t0 = time.time()
+    preflight(cfg, resume=resume)
+    connect()
+    t_ray = time.time()
+    check_capacity(cfg)
+    root = ck.runs_root(cfg.storage.path)
+    run_dir = f"{root}/{cfg.storage.run_name}"
+    queue = Queue(maxsize=100_000)
+    sink = _ProgressSink(queue, cfg, run_dir, show_progress)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "progress": queue},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.storage.run_name, storage_path=root,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        datasets={"train": ray.data.read_parquet(f"{cfg.data.path}/train"),
+                  "val": ray.data.read_parquet(f"{cfg.data.path}/val")},
+    )
+    sink.start()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
+        raise TrainingFailedError(f"training run {cfg.storage.run_name!r} failed: {_root_cause(e)}") from e
+    finally:
+        sink.stop()
+        ray.kill(queue.actor)
+    found, _ = ck.latest_complete(root, cfg.storage.run_name)
+    res = TrainResult(run_name=cfg.storage.run_name, run_dir=run_dir,
+                      checkpoint_step=found.step if found else None, metrics=dict(result.metrics or {}),
+                      timings={"ray_connect_s": t_ray - t0, **sink.timings, "fit_s": time.time() - t_ray})
+    if export and found is not None:
+        t_exp = time.time()
+        res.artifact = export_checkpoint(found, run_name=cfg.storage.run_name)
+        res.timings["export_s"] = time.time() - t_exp
+    res.timings["total_s"] = time.time() - t0
+    if "://" not in run_dir:
+        Path(run_dir, "result.json").write_text(json.dumps(
+            {"run": res.run_name, "step": res.checkpoint_step, "metrics": res.metrics,
+             "artifact": res.artifact.uri if res.artifact else None, "timings": res.timings}, indent=1))
+    return res
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

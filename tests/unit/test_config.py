@@ -1,0 +1,54 @@
+"""Config: presets, YAML + --set layering, and one clear error per bad key or value."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfleet.config import PRESETS, Config, ConfigError, load_config
+
+
+def test_presets_build_on_each_other_and_round_trip():
+    tiny, small = load_config(preset="tiny"), load_config(preset="small")
+    assert small.model.n_layer > tiny.model.n_layer
+    assert small.deepspeed == tiny.deepspeed  # inherited, not redefined
+    for name in PRESETS:
+        cfg = load_config(preset=name)
+        assert cfg.preset == name
+        assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: small\ntrain:\n  max_steps: 7\ndeepspeed:\n  zero_stage: 2\n")
+    cfg = load_config(p, overrides=["train.max_steps=9", "train.lr=0.01", "model.bias=true"])
+    assert (cfg.preset, cfg.train.max_steps, cfg.train.lr, cfg.deepspeed.zero_stage) == ("small", 9, 0.01, 2)
+    assert cfg.model.bias is True and cfg.model.n_layer == 4
+    assert cfg.storage.path.startswith("/")  # Ray needs an absolute storage path
+
+
+@pytest.mark.parametrize("yaml_text, overrides, message", [
+    ("train:\n  max_step: 3\n", [], "train.max_step: unknown key; valid keys here: activation_checkpointing"),
+    ("", ["deepspeed.stage=3"], "deepspeed.stage: unknown key"),
+    ("", ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be 0, 1, 2 or 3, got 4"),
+    ("", ["train.micro_batch_size=0"], "train.micro_batch_size: must be > 0, got 0"),
+    ("", ["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
+    ("", ["model.n_head=5"], "model.n_head: must divide model.n_embd=128, got 5"),
+    ("", ["train.precision=bf16"], "train.precision: bf16 needs GPUs"),
+    ("", ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params: needs deepspeed.zero_stage=3"),
+    ("", ["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: offloading to CPU needs GPU workers"),
+    ("", ["train.use_gpu=yes please"], "train.use_gpu: must be true or false"),
+    ("preset: huge\n", [], "preset: unknown preset 'huge'; valid presets: tiny, small, gpt2-124m, gpt-1b"),
+    ("- a\n- b\n", [], "must hold a mapping"),
+    ("", ["novalue"], "override 'novalue' must look like section.key=value"),
+])
+def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides=overrides)
+    assert message in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
