@@ -34,12 +34,12 @@ def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
     return {k: v.to(torch.float32) for k, v in sd.items()}
 
 
-def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None = None) -> registry.ArtifactRef:
+def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None = None,
+                      storage_path: str | None = None) -> registry.ArtifactRef:
     """Validate, consolidate, verify against the live engine's probe logits, publish."""
     import torch
-    from safetensors.torch import load_file, save_model
+    from safetensors.torch import load_file
 
-    from modelfleet.data.tokenizer import ByteTokenizer
     from modelfleet.models import build_model
 
     ck.validate(c.fs, c.uri)
@@ -66,27 +66,39 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
         if verify_diff > tol:
             raise ck.CheckpointError(f"export of {c.uri}: consolidated logits differ from the live "
                                      f"engine's by {verify_diff:.3g} (> {tol}); not publishing")
+    name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
+    out = write_artifact_dir(model, cfg, {
+        "run_id": run_name,
+        "step": tstate["state"]["step"],
+        "metrics": tstate.get("metrics", {}),
+        "export_max_abs_logit_diff": verify_diff,
+    })
+    return registry.publish(storage_path or cfg.storage.path, name, out)
+
+
+def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any]) -> str:
+    """A local directory in artifact layout for ``registry.publish`` (also used by tests and
+    benchmarks that need an artifact without a training run)."""
+    from safetensors.torch import save_model
+
+    from modelfleet.data.tokenizer import ByteTokenizer
+
     out = tempfile.mkdtemp(prefix="mf-artifact-")
     weights = os.path.join(out, registry.WEIGHTS)
     save_model(model, weights)  # dedups the tied embedding / lm_head tensor
     tok = ByteTokenizer()
-    name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
     _dump(out, "config.json", cfg.model.__dict__)
     _dump(out, "tokenizer.json", tok.spec())
     _dump(out, "manifest.json", {
-        "name": name,
         "format_version": 1,
         "family": cfg.model.family,
-        "run_id": run_name,
-        "step": tstate["state"]["step"],
-        "metrics": tstate.get("metrics", {}),
         "config": cfg.to_dict(),
         "tokenizer": tok.spec(),
         "weights_sha256": registry.sha256_file(weights),
-        "export_max_abs_logit_diff": verify_diff,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
     })
-    return registry.publish(cfg.storage.path, name, out)
+    return out
 
 
 def _dump(d: str, name: str, obj: Any) -> None:
@@ -101,4 +113,4 @@ def export_run(storage_path: str, run_name: str, *, name: str | None = None) -> 
     if found is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ck.CheckpointError(f"run {run_name!r} under {root} has no complete checkpoint{why}")
-    return export_checkpoint(found, run_name=run_name, name=name)
+    return export_checkpoint(found, run_name=run_name, name=name, storage_path=storage_path)
