@@ -87,6 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, micro, accum_loss = state["step"], 0, 0.0
     last = time.time()
     first_step_done = False
+    val_batches: list[Any] | None = None  # read once: each Ray Data pass costs seconds to start
     while step < t.max_steps:
         skip, n_batches = state["batch_in_epoch"], 0
         for i, batch in enumerate(train_shard.iter_batches(batch_size=mbs, drop_last=True,
@@ -120,11 +121,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             final = step == t.max_steps
             metrics: dict[str, Any] = {"step": step, "loss": mean_loss.item() / world}
             if (t.eval_every and step % t.eval_every == 0) or final:
-                val_loss = _evaluate(engine, val_shard, cfg)
+                if val_batches is None:
+                    val_batches = list(_eval_batches(val_shard, cfg))
+                val_loss = _evaluate(engine, val_batches)
                 metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or final:
-                verify = _probe(engine, val_shard, cfg) if final else None
+                verify = _probe(engine, val_batches) if final else None
                 _save(engine, cfg, state, metrics, rank, world, verify)
                 progress.send("checkpoint", step=step)
             last = time.time()  # eval and checkpoint time is not step time
@@ -147,12 +150,11 @@ def _eval_batches(shard: Any, cfg: Config) -> Iterator[Any]:
         yield _tokens(b)
 
 
-def _evaluate(engine: Any, shard: Any, cfg: Config) -> float:
+def _evaluate(engine: Any, batches: list[Any]) -> float:
     """Mean validation loss over every rank's first ``eval_batches`` micro-batches."""
     import torch
     import torch.distributed as dist
 
-    batches = list(_eval_batches(shard, cfg))
     # Every rank must run the same number of forwards: ZeRO-3 gathers parameters collectively.
     n = torch.tensor([len(batches)])
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
@@ -171,11 +173,11 @@ def _evaluate(engine: Any, shard: Any, cfg: Config) -> float:
     return float(total[0] / total[1])
 
 
-def _probe(engine: Any, shard: Any, cfg: Config) -> dict[str, Any]:
+def _probe(engine: Any, val_batches: list[Any]) -> dict[str, Any]:
     """Logits of the live engine on a fixed input: export checks the artifact reproduces them."""
     import torch
 
-    seq = next(iter(_eval_batches(shard, cfg)))[:2, :-1]
+    seq = val_batches[0][:2, :-1]
     engine.eval()
     with torch.no_grad():
         logits = engine(seq.to(engine.device)).float().cpu()

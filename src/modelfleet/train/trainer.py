@@ -183,6 +183,9 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     check_capacity(cfg)
     root = ck.runs_root(cfg.storage.path)
     run_dir = f"{root}/{cfg.storage.run_name}"
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line is the one to read
+    ctx.print_on_execution_start = False
     queue = Queue(maxsize=100_000)
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
     trainer = TorchTrainer(

@@ -1,0 +1,190 @@
+"""The Serve config: pydantic models validated at the trust boundary (YAML, CLI, Serve args).
+
+One ``ServeConfig`` describes a whole Serve application: the HTTP side (bind address, API key,
+body limit) and one ``ModelSpec`` per served artifact (autoscaling, queue limits, actor
+resources, batching). It is the ``serve:`` section of the root config and also the ``args`` of
+``modelfleet.serve.app:build_app``, so ``serve run``, ``serve deploy`` and a KubeRay RayService
+read the same schema. Errors name the key path, e.g. ``serve.models[0].autoscaling.min_replicas``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from modelfleet.config import ConfigError
+
+
+class _FieldError(ValueError):
+    """A cross-field check that knows which field to blame, so the error's key path ends there."""
+
+    def __init__(self, field: str, msg: str) -> None:
+        super().__init__(msg)
+        self.field = field
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors everywhere in modelfleet configs (a typo must not be ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingSpec(_Strict):
+    """Ray Serve autoscaling for one model deployment (request-based policy)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 scales to zero (requests wait for a cold start).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; defaults to min_replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before scaling up.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before scaling down.")
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Delay for the 1 -> 0 step; defaults to downscale_delay_s.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas and handles report load.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the load is averaged over; > metrics_interval_s.")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise _FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise _FieldError("initial_replicas", f"must be in [min_replicas={self.min_replicas}, "
+                              f"max_replicas={self.max_replicas}], got {self.initial_replicas}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise _FieldError("look_back_period_s", f"must be > metrics_interval_s ({self.metrics_interval_s}), "
+                              f"got {self.look_back_period_s}")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` dict (unset optionals left to Serve's defaults)."""
+        return self.model_dump(exclude_none=True)
+
+
+class ActorResources(_Strict):
+    """Resources each replica reserves (Ray ``ray_actor_options``)."""
+
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per replica; also caps torch's thread count.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions (0.25) pack replicas onto one GPU.")
+    memory: int | None = Field(None, gt=0, description="Bytes of memory to reserve per replica.")
+
+    @model_validator(mode="after")
+    def _whole_or_fraction(self) -> "ActorResources":
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise _FieldError("num_gpus", f"must be a fraction <= 1 or a whole number, got {self.num_gpus}")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class BatchingSpec(_Strict):
+    """``@serve.batch`` settings: concurrent requests share one forward pass per decoding step."""
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the first request waits for others.")
+
+
+class ModelSpec(_Strict):
+    """One served artifact = one Serve deployment."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                      description="Model id clients send as `model` (also names the deployment).")
+    artifact: str = Field(min_length=1, description="Registry `name`, `name@vN`, a local artifact dir or a pyarrow URI.")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count when `autoscaling` is not set.")
+    autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling; replaces num_replicas.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica works on at once (>= max_batch_size).")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests waiting per caller before overload errors; -1 = no limit.")
+    overload_status: Literal[503, 429] = Field(503, description="HTTP status for requests rejected by the queue limit.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds sent with overload errors.")
+    ray_actor_options: ActorResources = Field(default_factory=ActorResources, description="Per-replica resources.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Request batching.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
+    max_surge_percent: int = Field(100, ge=0, le=100,
+                                   description="Extra replicas during a rolling update; > 0 starts new replicas "
+                                               "before old ones stop (no gap in capacity).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise _FieldError("num_replicas", "cannot be set together with autoscaling; use "
+                              "autoscaling.min_replicas/max_replicas instead")
+        if self.batching.max_batch_size > self.max_ongoing_requests:
+            raise _FieldError("max_ongoing_requests", f"must be >= batching.max_batch_size "
+                              f"({self.batching.max_batch_size}) or batches never fill, got {self.max_ongoing_requests}")
+        return self
+
+
+class IngressSpec(_Strict):
+    """The FastAPI ingress deployment (cheap: it parses, authenticates and forwards)."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
+    num_cpus: float = Field(0.1, ge=0, description="Logical CPUs per ingress replica.")
+
+
+class LoggingSpec(_Strict):
+    """Serve's per-deployment logging (request ids are added to every record by Serve)."""
+
+    encoding: Literal["TEXT", "JSON"] = Field("TEXT", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Minimum level.")
+    logs_dir: str | None = Field(None, description="Directory for replica logs; default is Ray's session logs.")
+    enable_access_log: bool = Field(True, description="Log one line per request.")
+
+
+class ServeConfig(_Strict):
+    """A Serve application: HTTP settings, security limits, and the models it serves."""
+
+    app_name: str = Field("modelfleet", min_length=1, description="Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the application.")
+    host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    storage_path: str = Field("", description="Registry root for `name`/`name@vN` artifacts; empty = storage.path.")
+    models: list[ModelSpec] = Field(min_length=1, description="The artifacts to serve, one deployment each.")
+    api_key_env: str | None = Field("MODELFLEET_API_KEY", description="Env var holding the API key (read by the ingress).")
+    api_key_file: str | None = Field(None, description="File holding the API key; wins over api_key_env.")
+    require_api_key: bool = Field(False, description="Refuse to start when no API key is configured.")
+    max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body; bigger ones get 413.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment settings.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Replica logging.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServeConfig":
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise _FieldError("models", f"[{i}].name {m.name!r} is used twice; model names must be unique")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"serve.models: no model named {name!r}; served models: "
+                          f"{', '.join(m.name for m in self.models)}")
+
+
+def _key_path(loc: tuple[Any, ...], prefix: str) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out
+
+
+def parse_serve_config(data: Mapping[str, Any] | ServeConfig, *, prefix: str = "serve") -> ServeConfig:
+    """Validate a ``serve`` mapping; a bad value raises ``ConfigError`` naming its key path."""
+    if isinstance(data, ServeConfig):
+        return data
+    try:
+        return ServeConfig.model_validate(dict(data))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldError):
+            loc, msg = (*loc, cause.field), str(cause)
+        else:
+            msg = f"{err['msg'][:1].lower()}{err['msg'][1:]}"
+            if err["type"] != "missing":
+                msg += f", got {err['input']!r}"
+        more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{_key_path(loc, prefix)}: {msg}{more}") from None

@@ -1,0 +1,178 @@
+"""OpenAI-compatible HTTP schemas (requests, responses, streaming chunks, errors).
+
+Requests reject unknown fields like OpenAI's API does ("Unrecognized request argument"), but
+accept the common fields we do not implement when they carry their neutral value, so stock
+OpenAI clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The byte model has no chat tokens: turns are plain-text headers and the next header stops
+# generation, so a model trained on this format ends its answer where the next turn begins.
+CHAT_TURN = "### {role}:\n"
+CHAT_STOP = "\n### "
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="Send a last chunk with token usage before [DONE].")
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Served model id; defaults to the first model.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation (not returned).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+    stream: bool = Field(False, description="Stream Server-Sent Events ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = Field(1, description="Only one choice per request is supported.")
+    user: str | None = Field(None, description="End-user id (accepted, unused).")
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: Literal[0, 0.0] = 0.0
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("must be up to 4 non-empty strings")
+        return stops
+
+    def sampling(self) -> dict[str, Any]:
+        """The generation parameters the model deployment needs (plain data: crosses processes)."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(self.stop or []), "seed": self.seed}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(description="The text to continue.")
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+
+    def prompt(self) -> str:
+        turns = [CHAT_TURN.format(role=m.role.capitalize()) + m.content + "\n\n" for m in self.messages]
+        return "".join(turns) + CHAT_TURN.format(role="Assistant")
+
+    def sampling(self) -> dict[str, Any]:
+        s = super().sampling()
+        s["stop"] = [*s["stop"], CHAT_STOP]
+        return s
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "modelfleet"
+    artifact: str = Field(description="Registry name@version (or path) of the loaded weights.")
+    context_length: int
+    replica_pid: int = Field(description="Process id of the replica that answered (diagnostics).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def sse(payload: BaseModel | str) -> str:
+    """One Server-Sent Event line pair."""
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
+    return f"data: {data}\n\n"
