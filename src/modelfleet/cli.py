@@ -83,12 +83,67 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="registry name (default: storage.model_name or the preset)")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from modelfleet.serve.ops import serve_main
+
+    return serve_main(_load(args), detach=args.detach)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from modelfleet.serve.ops import generate_main
+
+    return generate_main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from modelfleet.serve.ops import status_main
+
+    return status_main(as_json=args.json)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from modelfleet.serve.ops import deploy_main
+
+    return deploy_main(args.app, args.name, args.artifact)
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--detach", action="store_true",
+                   help="return once deployed (needs a running cluster) instead of serving until Ctrl-C")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive (Server-Sent Events)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL")
+    p.add_argument("--model", help="served model name (default: the app's first model)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--api-key-env", default="MODELFLEET_API_KEY", help="env var holding the API key")
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_deploy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="served model name (serve.models[].name)")
+    p.add_argument("--artifact", required=True, help="vN, latest, name@vN, or an artifact path/URI")
+    p.add_argument("--app", default="modelfleet", help="Serve application name (serve.app_name)")
+
+
 # name -> (help, add arguments, run). The README's command table is tested against this.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "prepare": ("tokenize text/JSONL/Parquet into Parquet shards", _add_prepare, cmd_prepare),
     "train": ("train with Ray Train + DeepSpeed ZeRO, then export", _add_train, cmd_train),
     "export": ("consolidate a run's last complete checkpoint into an artifact", _add_export, cmd_export),
     "demo": ("the whole mission on one machine (make demo)", _config_args, cmd_demo),
+    "serve": ("deploy the serve section as a Ray Serve app (starts a local cluster if none)", _add_serve, cmd_serve),
+    "generate": ("send a prompt to a running app (OpenAI API), optionally streaming", _add_generate, cmd_generate),
+    "status": ("Serve applications, deployments and replicas with their state", _add_status, cmd_status),
+    "deploy": ("move a served model to another artifact with zero downtime", _add_deploy, cmd_deploy),
 }
 
 

@@ -189,8 +189,16 @@ class Config:
     """ZeRO sharding and offload."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Checkpoints, metrics and the artifact registry."""
+    serve: dict[str, Any] = field(default_factory=dict)
+    """Serving: a ``modelfleet.serve.ServeConfig`` mapping (models, autoscaling, HTTP, API key),
+    validated by pydantic; empty when this config only trains."""
 
     def __post_init__(self) -> None:
+        if self.serve:
+            # Pydantic owns this section (a trust boundary); its errors name serve.<key path>.
+            from modelfleet.serve.config import parse_serve_config
+
+            parse_serve_config(self.serve)
         # Cross-section checks: settings that are each valid but cannot run together.
         for k in ("offload_optimizer", "offload_params"):
             _check(not getattr(self.deepspeed, k) or self.train.use_gpu, f"deepspeed.{k}",

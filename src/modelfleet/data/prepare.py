@@ -1,0 +1,102 @@
+"""``modelfleet prepare``: documents -> byte tokens -> fixed-length rows in Parquet shards.
+
+Each row holds ``seq_len + 1`` tokens (inputs are row[:-1], targets row[1:]). Rows are shuffled
+with ``data.seed`` and split into ``train/`` and ``val/``. Output is written beside the target
+and renamed into place, so an existing dataset is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from modelfleet.config import DataConfig
+from modelfleet.data.ingest import DataError, iter_documents, resolve_sources
+
+
+def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite: bool = False) -> dict:
+    """Tokenize ``cfg.sources`` into ``cfg.path``; returns the dataset's meta.json contents."""
+    if not cfg.path:
+        raise DataError("data.path: is empty; set where the prepared dataset goes")
+    out = Path(cfg.path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"data.path '{out}' already holds data; pass --overwrite to replace it")
+    paths = resolve_sources(cfg.sources)
+    chunks, n_docs = [], 0
+    for doc in iter_documents(paths, cfg.format, cfg.text_column):
+        if not doc:
+            continue  # an empty file is not a document (and must not become a lone eos token)
+        ids = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        chunks.append(np.append(ids, np.int32(tokenizer.eos_id)))
+        n_docs += 1
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    row = seq_len + 1
+    n_rows = len(tokens) // row
+    if n_rows < 2:
+        raise DataError(f"data.sources yielded {len(tokens)} tokens, fewer than the 2*(seq_len+1) = "
+                        f"{2 * row} needed for one training and one validation sequence")
+    rows = tokens[: n_rows * row].reshape(n_rows, row)
+    rows = rows[np.random.default_rng(cfg.seed).permutation(n_rows)]
+    n_val = min(n_rows - 1, max(1, round(n_rows * cfg.val_fraction)))
+    meta = {
+        "format_version": 1, "seq_len": seq_len, "tokenizer": tokenizer.spec(),
+        "train_rows": n_rows - n_val, "val_rows": n_val, "train_tokens": (n_rows - n_val) * seq_len,
+        "num_documents": n_docs, "sources": [str(p) for p in paths], "seed": cfg.seed,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_split(staging / "val", rows[:n_val], cfg.rows_per_shard)
+        _write_split(staging / "train", rows[n_val:], cfg.rows_per_shard)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write_split(d: Path, rows: np.ndarray, per_shard: int) -> None:
+    d.mkdir(parents=True)
+    width = rows.shape[1]
+    for i, start in enumerate(range(0, len(rows), per_shard)):
+        part = rows[start:start + per_shard]
+        # fixed_size_list keeps rows rectangular: Ray Data hands each batch over as one 2-D array.
+        col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1), pa.int32()), width)
+        pq.write_table(pa.table({"tokens": col}), d / f"part-{i:05d}.parquet")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new dataset is in place
+
+
+def read_meta(path: str) -> dict:
+    """The meta of a prepared dataset, or a DataError saying what is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data.path '{p}' does not exist; run `modelfleet prepare CONFIG` first")
+    if not (p / "meta.json").is_file():
+        raise DataError(f"data.path '{p}' holds no prepared dataset (no meta.json); run "
+                        "`modelfleet prepare CONFIG` first")
+    meta = json.loads((p / "meta.json").read_text())
+    if meta.get("train_rows", 0) == 0:
+        raise DataError(f"data.path '{p}' is an empty dataset (0 training sequences)")
+    return meta
+
+
+def check_seq_len(meta: dict, block_size: int) -> None:
+    if meta["seq_len"] != block_size:
+        raise DataError(f"data.path holds sequences of {meta['seq_len']} tokens but model.block_size is "
+                        f"{block_size}; re-run `modelfleet prepare` with this config")

@@ -1,0 +1,138 @@
+"""The Serve application builder and the operations the CLI runs against a live cluster.
+
+``modelfleet.serve.app:build_app`` is the one import path that ``serve run``, a ``serve deploy``
+config (deploy/serve_config.yaml) and a KubeRay RayService point at. Its ``args`` are a
+``ServeConfig`` mapping, or ``{"config": "modelfleet.yaml"}`` to read the ``serve:`` section of
+a root config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Mapping
+
+from ray import serve
+from ray.serve import Application
+
+from modelfleet import registry
+from modelfleet.config import ConfigError
+from modelfleet.serve.config import ServeConfig, parse_serve_config
+from modelfleet.serve.ingress import Ingress
+from modelfleet.serve.model import LMServer
+
+
+def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
+    """A validated ServeConfig with an absolute ``storage_path`` (replicas do not share our cwd)."""
+    if isinstance(args, Mapping) and set(args) == {"config"}:
+        from modelfleet.config import load_config
+
+        root = load_config(args["config"])
+        if not root.serve:
+            raise ConfigError(f"config file {args['config']!r} has no serve section")
+        cfg = parse_serve_config(root.serve)
+        storage = cfg.storage_path or root.storage.path
+    else:
+        cfg = parse_serve_config(args)
+        storage = cfg.storage_path or "storage"
+    if "://" not in storage:
+        storage = os.path.abspath(os.path.expanduser(storage))
+    return cfg.model_copy(update={"storage_path": storage})
+
+
+def _logging(cfg: ServeConfig) -> dict[str, Any]:
+    return cfg.logging.model_dump(exclude_none=True)
+
+
+def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
+    """The Serve application: one ``LMServer`` deployment per model behind one FastAPI ingress."""
+    cfg = config_from_args(args)
+    handles = {}
+    for m in cfg.models:
+        opts: dict[str, Any] = dict(
+            name=f"model-{m.name}",
+            max_ongoing_requests=m.max_ongoing_requests,
+            max_queued_requests=m.max_queued_requests,
+            backpressure_config={"status_code": m.overload_status, "retry_after_s": m.retry_after_s},
+            ray_actor_options=m.ray_actor_options.to_serve(),
+            # The artifact travels as user_config: changing only it in a `serve deploy` config
+            # reloads weights in place (reconfigure) without restarting replicas.
+            user_config={"artifact": m.artifact},
+            max_surge_percent=m.max_surge_percent,
+            logging_config=_logging(cfg),
+        )
+        if m.autoscaling is not None:
+            opts["autoscaling_config"] = m.autoscaling.to_serve()
+        else:
+            opts["num_replicas"] = m.num_replicas
+        handles[m.name] = LMServer.options(**opts).bind(m.model_dump(), cfg.storage_path)
+    return Ingress.options(
+        name="ingress",
+        num_replicas=cfg.ingress.num_replicas,
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_surge_percent=100,  # a redeploy starts the new ingress before the old one stops
+        logging_config=_logging(cfg),
+    ).bind(cfg.model_dump(), handles)
+
+
+def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
+    """Start Serve's HTTP proxy on ``host:port`` if needed and (re)deploy the application; returns
+    once it is RUNNING. The caller must already be a Ray driver (``cluster.connect()``)."""
+    cfg = config_from_args(cfg)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return cfg
+
+
+def running_config(app_name: str) -> ServeConfig:
+    """The config a running application was deployed with (asked of its ingress)."""
+    if app_name not in serve.status().applications:
+        raise ConfigError(f"no Serve application named {app_name!r} is running; start one with "
+                          "`modelfleet serve CONFIG`")
+    return parse_serve_config(serve.get_app_handle(app_name).serve_config.remote().result(timeout_s=60))
+
+
+def update_model(app_name: str, model: str, artifact: str) -> str:
+    """Move one model of a running application to another artifact with no failed requests.
+
+    ``artifact`` is ``vN``/``latest`` (same registry name), ``name@vN``, or a path/URI. The new
+    weights are checked before anything changes; the redeploy is a rolling update with surge:
+    new replicas load and pass health checks before old ones drain and stop."""
+    cfg = running_config(app_name)
+    spec = cfg.model(model)
+    if re.fullmatch(r"v\d+|latest", artifact):
+        base = spec.artifact.partition("@")[0]
+        if "/" in base:
+            raise ConfigError(f"--artifact {artifact!r}: model {model!r} serves a path ({spec.artifact}), "
+                              "so give a full name@version or another path")
+        artifact = f"{base}@{artifact}"
+    ref = registry.resolve(cfg.storage_path, artifact)  # fails fast on a bad reference
+    models = [m.model_copy(update={"artifact": artifact}) if m.name == model else m for m in cfg.models]
+    serve.run(build_app(cfg.model_copy(update={"models": models})), name=app_name, route_prefix=cfg.route_prefix)
+    return f"{ref.name}@{ref.version}" if ref.name else ref.uri
+
+
+def status() -> list[dict[str, Any]]:
+    """One row per deployment: app, deployment, status, replicas by state, message."""
+    rows = []
+    for app_name, app in serve.status().applications.items():
+        for dep_name, dep in app.deployments.items():
+            states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+            rows.append({"app": app_name, "app_status": str(getattr(app.status, "value", app.status)),
+                         "deployment": dep_name, "status": str(getattr(dep.status, "value", dep.status)),
+                         "replicas": states, "running": states.get("RUNNING", 0), "message": dep.message})
+    return rows
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
+    """Poll ``predicate()`` until it returns something truthy or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)

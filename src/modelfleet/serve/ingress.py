@@ -1,0 +1,230 @@
+"""The FastAPI ingress: OpenAI-compatible routes, auth, limits, errors and HTTP metrics.
+
+It holds no weights; it validates, authenticates and forwards to one ``LMServer`` deployment per
+model through deployment handles, whose queue limit (``max_queued_requests``) turns overload
+into a fast 503/429 instead of an ever-growing queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+
+from modelfleet.serve import auth
+from modelfleet.serve import openai as oa
+from modelfleet.serve.config import parse_serve_config
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="modelfleet", docs_url=None, redoc_url=None)
+_ROUTES = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(oa.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
+                        status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # OpenAI answers bad parameters with 400 and names the parameter; so do we.
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+    msg = f"{field}: {err['msg']}"
+    if err.get("type") not in ("missing", "json_invalid") and "input" in err:
+        msg += f" (got {repr(err['input'])[:80]})"
+    return JSONResponse(oa.error_body(msg, param=field, code="invalid_value"), status_code=400)
+
+
+def _reject(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(oa.error_body(message, code=code), status_code=status, headers=headers)
+
+
+@app.middleware("http")
+async def _guard(request: Request, call_next: Any) -> Response:
+    """Auth, body limit, ingress pid header and HTTP metrics, before any route runs."""
+    st = request.app.state
+    t0 = time.perf_counter()
+    path = request.url.path
+    length = request.headers.get("content-length")
+    if path not in auth.PUBLIC_PATHS and not auth.authorized(request.headers.get("authorization"), st.api_key):
+        resp: Response = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                                 "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+    elif length is not None and (not length.isdigit() or int(length) > st.max_body):
+        resp = _reject(413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes",
+                       "body_too_large")
+    elif length is None and request.method == "POST" and len(await request.body()) > st.max_body:
+        resp = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
+    else:
+        resp = await call_next(request)
+    resp.headers["x-modelfleet-ingress-pid"] = str(os.getpid())
+    route = path if path in _ROUTES else "other"
+    tags = {"route": route, "status": str(resp.status_code)}
+    st.m_requests.inc(tags=tags)
+    st.m_latency.observe(time.perf_counter() - t0, tags={"route": route})
+    if resp.status_code >= 400:
+        st.m_errors.inc(tags=tags)
+    return resp
+
+
+# Helpers live above the deployment class: Serve pickles the class when it is decorated, so
+# module globals defined after it would be missing in the replica.
+async def _first(gen: Any) -> dict[str, Any]:
+    return await gen.__anext__()
+
+
+def _overloaded(e: BackPressureError) -> APIError:
+    retry = e.retry_after_s if e.retry_after_s is not None else 1
+    return APIError(e.status_code, f"server overloaded ({e.message}); retry after {retry:g} s",
+                    type="server_error", code="overloaded", headers={"Retry-After": str(max(1, round(retry)))})
+
+
+def _headers(r: dict[str, Any]) -> dict[str, str]:
+    return {"x-modelfleet-replica-pid": str(r["pid"]), "x-modelfleet-batch-size": str(r["batch_size"]),
+            "x-modelfleet-artifact": r["artifact"]}
+
+
+async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI chunk format: one event per token, a last chunk with finish_reason, then [DONE]."""
+    cid, created, completion = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), 0
+
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta = oa.ChatDelta(role="assistant" if role else None, content=text)
+            return oa.sse(oa.ChatCompletionChunk(id=cid, created=created, model=name,
+                                                 choices=[oa.ChatChunkChoice(delta=delta, finish_reason=finish)]))
+        return oa.sse(oa.CompletionResponse(id=cid, created=created, model=name,
+                                            choices=[oa.CompletionChoice(text=text or "", finish_reason=finish)]))
+
+    try:
+        if chat:
+            yield chunk("", None, role=True)
+        async for step in gen:
+            completion = step["completion_tokens"]
+            if step["text"] or step["finish_reason"]:
+                yield chunk(step["text"], step["finish_reason"])
+        if include_usage:
+            usage = oa.Usage.of(prompt_tokens, completion)
+            yield oa.sse((oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
+                          if chat else oa.CompletionResponse(id=cid, created=created, model=name, choices=[], usage=usage)))
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+        logger.warning("stream failed: %s", e)
+        yield oa.sse(json.dumps(oa.error_body(str(e), type="server_error")))
+    yield oa.sse("[DONE]")
+
+
+@serve.deployment(health_check_period_s=10)
+@serve.ingress(app)
+class Ingress:
+    """HTTP front door of a modelfleet Serve application."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.cfg = parse_serve_config(config)
+        self.models = models
+        app.state.api_key = auth.load_api_key(self.cfg)
+        app.state.max_body = self.cfg.max_body_bytes
+        app.state.m_requests = metrics.Counter("modelfleet_http_requests", "HTTP requests by route and status.",
+                                               tag_keys=("route", "status"))
+        app.state.m_errors = metrics.Counter("modelfleet_http_errors", "HTTP error responses by status.",
+                                             tag_keys=("route", "status"))
+        app.state.m_latency = metrics.Histogram("modelfleet_http_latency_seconds", "Time to response headers.",
+                                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                                                tag_keys=("route",))
+        # Only where the key comes from is logged, never the key.
+        logger.info("ingress up: models %s, auth %s", list(models),
+                    "on" if app.state.api_key else "off")
+
+    def serve_config(self) -> dict[str, Any]:
+        """The config this application was deployed with (``modelfleet deploy`` edits and redeploys it)."""
+        return self.cfg.model_dump()
+
+    def _handle(self, model: str | None) -> tuple[str, DeploymentHandle]:
+        name = model or self.cfg.models[0].name
+        if name not in self.models:
+            raise APIError(404, f"model {name!r} does not exist; served models: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return name, self.models[name]
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 only when every model has a replica with weights loaded."""
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.models.values())), 10)
+        except Exception as e:  # noqa: BLE001 - any failure means "not ready", with the reason
+            return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "models": {i["name"]: i["artifact"] for i in infos}})
+
+    @app.get("/v1/models")
+    async def list_models(self) -> oa.ModelList:
+        infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        now = int(time.time())
+        return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
+                                               context_length=i["context_length"], replica_pid=i["pid"])
+                                  for i in infos])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, body: oa.CompletionRequest) -> Response:
+        name, handle = self._handle(body.model)
+        if body.stream:
+            return await self._stream(handle, name, body.prompt, body, chat=False)
+        r = await self._call(handle.complete.remote(body.prompt, body.sampling()))
+        resp = oa.CompletionResponse(model=name, choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
+                                     usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
+        return JSONResponse(resp.model_dump(), headers=_headers(r))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, body: oa.ChatCompletionRequest) -> Response:
+        name, handle = self._handle(body.model)
+        if body.stream:
+            return await self._stream(handle, name, body.prompt(), body, chat=True)
+        r = await self._call(handle.complete.remote(body.prompt(), body.sampling()))
+        resp = oa.ChatCompletionResponse(model=name, choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]),
+                                                                            finish_reason=r["finish_reason"])],
+                                         usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
+        return JSONResponse(resp.model_dump(), headers=_headers(r))
+
+    async def _call(self, pending: Any) -> dict[str, Any]:
+        try:
+            r = await pending
+        except BackPressureError as e:
+            raise _overloaded(e) from None
+        except DeploymentUnavailableError as e:
+            raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
+        if "error" in r:
+            raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
+                           code="context_length_exceeded", headers={"x-modelfleet-replica-pid": str(r["pid"])})
+        return r
+
+    async def _stream(self, handle: DeploymentHandle, name: str, prompt: str, body: oa._Sampling,
+                      *, chat: bool) -> StreamingResponse:
+        gen = handle.options(stream=True).stream.remote(prompt, body.sampling())
+        first = await self._call(_first(gen))  # errors and overload surface before headers are sent
+        meta = first["meta"]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(gen, name, chat, meta["prompt_tokens"], include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache"})

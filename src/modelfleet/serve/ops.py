@@ -1,0 +1,120 @@
+"""What the serving subcommands do: ``serve``, ``generate``, ``status``, ``deploy``.
+
+Kept out of ``cli.py`` so the command table stays a table, and imported only when one of these
+commands runs (Ray Serve is slow to import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from modelfleet.config import Config, ConfigError
+
+
+def _attach(*, start_local: bool) -> bool:
+    """Join the running cluster; start a local one only if allowed. Returns True if started here."""
+    import ray
+
+    from modelfleet.cluster.connect import connect
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return False
+    except ConnectionError:
+        if not start_local:
+            raise ConfigError("no Ray cluster is running (start one with `ray start --head` or "
+                              "`modelfleet serve CONFIG`)") from None
+    connect(log_to_driver=False)
+    return True
+
+
+def serve_main(cfg: Config, *, detach: bool = False) -> int:
+    """Deploy the config's serve section; keep serving until Ctrl-C if this process owns the cluster."""
+    from modelfleet.serve.app import deploy
+
+    if not cfg.serve:
+        raise ConfigError("serve: this config has no serve section; add serve.models (see deploy/modelfleet-serve.yaml)")
+    serve_cfg = dict(cfg.serve)
+    serve_cfg.setdefault("storage_path", cfg.storage.path)
+    started = _attach(start_local=True)
+    sc = deploy(serve_cfg)
+    base = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
+    print(f"app {sc.app_name} RUNNING at {base}: models {', '.join(f'{m.name} ({m.artifact})' for m in sc.models)}")
+    print(f"try: modelfleet generate 'def main(' --url {base}")
+    if detach and not started:
+        return 0
+    if detach:
+        print("note: no cluster was running, so this process owns a local one; serving until Ctrl-C")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.delete(sc.app_name)
+    print(f"app {sc.app_name} deleted")
+    return 0
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from modelfleet.serve import client
+
+    key = client.api_key_from_env(args.api_key_env)
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    try:
+        if args.stream:
+            sys.stdout.write(args.prompt)
+            for piece in client.stream_completion(args.url, args.prompt, model=args.model, api_key=key, **params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            out = client.complete(args.url, args.prompt, model=args.model, api_key=key, **params)
+            print(args.prompt + out["choices"][0]["text"])
+            u = out["usage"]
+            print(f"[{out['model']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                  f"finish_reason={out['choices'][0]['finish_reason']}]", file=sys.stderr)
+    except (client.ServeRequestError, client.httpx.HTTPError) as e:
+        print(f"modelfleet generate: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def status_main(*, as_json: bool = False) -> int:
+    from modelfleet.serve.app import status
+
+    _attach(start_local=False)
+    rows = status()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no Serve applications are running")
+        return 0
+    print(f"{'APP':<14} {'DEPLOYMENT':<24} {'STATUS':<12} {'RUNNING':>7}  REPLICAS")
+    for r in rows:
+        states = ", ".join(f"{k}={v}" for k, v in sorted(r["replicas"].items())) or "-"
+        print(f"{r['app']:<14} {r['deployment']:<24} {r['status']:<12} {r['running']:>7}  {states}")
+        if r["message"]:
+            print(f"{'':<14} {'':<24} {r['message']}")
+    return 0
+
+
+def deploy_main(app_name: str, model: str, artifact: str) -> int:
+    from modelfleet.serve.app import update_model
+
+    _attach(start_local=False)
+    label = update_model(app_name, model, artifact)
+    print(f"app {app_name}: model {model} now serves {label}")
+    return 0
