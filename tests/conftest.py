@@ -41,3 +41,16 @@ def tiny_data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny"
     prepare_dataset(DataConfig(sources=TEST_SOURCES, path=str(path)), 128, ByteTokenizer())
     return str(path)
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``),
+    sorted; found through the OS so drills work without the dashboard's state API."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.info["pid"])
+    return sorted(pids)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, train_worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,6 @@ def test_stage3_export_matches_live_engine(stage_runs):
 def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data):
     """SIGKILL a training worker after the step-10 checkpoint: Ray Train restarts the group,
     the loop restores step 10 and finishes; the final loss matches the uninterrupted run."""
-    from ray.util.state import list_actors
-
     from modelfleet.train import train
 
     storage, runs = stage_runs
@@ -102,10 +100,9 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
             recs = _records(run_dir)
             steps = [r["step"] for r in recs if r["kind"] == "step"]
             if any(r["kind"] == "checkpoint" and r["step"] == 10 for r in recs) and steps and max(steps) >= 13:
-                workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                           ("state", "=", "ALIVE")])]
+                workers = train_worker_pids()
                 if workers:
-                    pid = sorted(w.pid for w in workers)[-1]
+                    pid = workers[-1]
                     os.kill(pid, signal.SIGKILL)
                     killed.update(pid=pid, at_step=max(steps))
                     return

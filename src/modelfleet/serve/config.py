@@ -104,7 +104,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":
-        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+        if self.autoscaling is not None and self.num_replicas != 1:
             raise _FieldError("num_replicas", "cannot be set together with autoscaling; use "
                               "autoscaling.min_replicas/max_replicas instead")
         if self.batching.max_batch_size > self.max_ongoing_requests:

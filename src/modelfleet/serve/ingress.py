@@ -69,7 +69,10 @@ async def _guard(request: Request, call_next: Any) -> Response:
     """Auth, body limit, ingress pid header and HTTP metrics, before any route runs."""
     st = request.app.state
     t0 = time.perf_counter()
-    path = request.url.path
+    # Under a route prefix the ASGI path still includes it (root_path); match routes without it.
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
     length = request.headers.get("content-length")
     if path not in auth.PUBLIC_PATHS and not auth.authorized(request.headers.get("authorization"), st.api_key):
         resp: Response = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",

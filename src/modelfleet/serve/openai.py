@@ -7,6 +7,7 @@ OpenAI clients work unchanged.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -174,5 +175,13 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 def sse(payload: BaseModel | str) -> str:
     """One Server-Sent Event line pair."""
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
-    return f"data: {data}\n\n"
+    if isinstance(payload, str):
+        return f"data: {payload}\n\n"
+    d = payload.model_dump()
+    # OpenAI omits what a chunk does not carry: usage until the last chunk, delta keys not sent.
+    if d.get("usage") is None:
+        d.pop("usage", None)
+    for c in d.get("choices", []):
+        if isinstance(c.get("delta"), dict):
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+    return f"data: {json.dumps(d)}\n\n"

@@ -48,9 +48,8 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
         tstate = json.load(f)
     cfg = Config.from_dict(tstate["config"])
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(consolidate(local, cfg.deepspeed.zero_stage), strict=False)
-    # The tied lm_head may be absent from a consolidated dict; anything else missing is an error.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    sd = _fill_tied(model, consolidate(local, cfg.deepspeed.zero_stage))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ck.CheckpointError(f"checkpoint {c.uri} does not match model config: missing {missing}, "
                                  f"unexpected {unexpected}")
@@ -74,6 +73,19 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
         "export_max_abs_logit_diff": verify_diff,
     })
     return registry.publish(storage_path or cfg.storage.path, name, out)
+
+
+def _fill_tied(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
+    """Tied parameters (embedding = lm_head) are stored once; give every alias its tensor."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for aliases in names.values():
+        present = [a for a in aliases if a in sd]
+        for a in aliases:
+            if present and a not in sd:
+                sd[a] = sd[present[0]]
+    return sd
 
 
 def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any]) -> str:

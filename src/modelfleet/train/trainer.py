@@ -82,7 +82,7 @@ def check_capacity(cfg: Config) -> None:
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPU need "
+        raise ConfigError(f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker:g} CPU need "
                           f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
     if not any(n.get("CPU", 0) >= t.cpus_per_worker for n in nodes):
         raise ConfigError(f"train.cpus_per_worker: no node has {t.cpus_per_worker:g} CPUs")
