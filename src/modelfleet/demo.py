@@ -27,8 +27,93 @@ def run_demo(cfg: Config) -> int:
         print(f"== validation loss fell {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
     print(f"== time to first step {res.timings.get('time_to_first_step_s', float('nan')):.1f} s, "
           f"total {time.time() - t0:.1f} s")
-    print(f"== artifact: {res.artifact.uri}" if res.artifact else "== no artifact exported")
+    if not res.artifact:
+        print("== no artifact exported; nothing to serve")
+        return 1
+    print(f"== artifact: {res.artifact.uri}")
+    serve_demo(cfg, f"{res.artifact.name}@{res.artifact.version}")
+    import ray
+
+    ray.shutdown()  # the local cluster train() started in this process
+    print(f"== Ray shut down; demo finished in {time.time() - t0:.1f} s")
     return 0
+
+
+# Short delays so the demo shows a scale-up and a scale-down within a minute; a production
+# config keeps Serve's longer defaults (see deploy/modelfleet-serve.yaml).
+DEMO_SERVE: dict = {
+    "app_name": "modelfleet-demo", "host": "127.0.0.1", "port": 8000,
+    "models": [{"name": "tiny", "ray_actor_options": {"num_cpus": 1},
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+                "max_ongoing_requests": 4,
+                "autoscaling": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                                "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 5,
+                                "metrics_interval_s": 0.5, "look_back_period_s": 2}}],
+}
+PROMPTS = ["def main(", "import os\n", "class Parser:", "    return ", "# Copyright", "for line in "]
+
+
+def serve_demo(cfg: Config, artifact: str, *, requests: int = 96, concurrency: int = 8) -> None:
+    """Deploy ``artifact`` with autoscaling, send a bounded burst, show replicas rising and
+    falling, print some completions, then delete the app and stop Serve."""
+    import copy
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    from modelfleet.serve.app import deploy, status, wait_for
+
+    sc = copy.deepcopy(DEMO_SERVE)
+    sc["models"][0]["artifact"] = artifact
+    sc["storage_path"] = cfg.storage.path
+    t0 = time.time()
+    served = deploy(sc)
+    url = f"http://{served.host}:{served.port}"
+    print(f"== serving {artifact} at {url}/v1/completions (OpenAI API), ready in {time.time() - t0:.1f} s")
+
+    def replicas() -> int:
+        return sum(r["running"] for r in status() if r["app"] == served.app_name and r["deployment"] == "model-tiny")
+
+    counts: list[tuple[float, int]] = [(0.0, replicas())]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            n = replicas()
+            if n != counts[-1][1]:
+                counts.append((time.time() - t_burst, n))
+                print(f"   t={counts[-1][0]:5.1f}s  model-tiny replicas: {n}")
+
+    def one(i: int) -> tuple[int, str, str]:
+        with httpx.Client(timeout=120) as c:
+            r = c.post(f"{url}/v1/completions", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 48,
+                                                      "temperature": 0.8, "seed": i})
+            return r.status_code, PROMPTS[i % len(PROMPTS)], r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+    print(f"== burst of {requests} requests at concurrency {concurrency}; replicas start at {counts[0][1]}")
+    t_burst = time.time()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    elapsed = time.time() - t_burst
+    ok = sum(1 for code, _, _ in results if code == 200)
+    print(f"== {ok}/{requests} answered in {elapsed:.1f} s ({requests / elapsed:.1f} req/s); "
+          f"peak replicas {max(n for _, n in counts)}")
+    for _, prompt, text in results[:3]:
+        print(f"   {prompt!r} -> {text[:60]!r}")
+    try:
+        wait_for(lambda: replicas() == 1, 60, "scale-down after the burst")
+    except TimeoutError as e:
+        print(f"== {e}")
+    done.set()
+    watcher.join(timeout=2)
+    print(f"== replicas back to {replicas()} after the load stopped")
+    serve.delete(served.app_name)
+    serve.shutdown()
+    print("== Serve shut down")
 
 
 def _read_metrics(run_dir: str) -> list[dict]:

@@ -1,0 +1,336 @@
+"""Serving against a real Ray Serve instance over real HTTP on 127.0.0.1 (port 8123).
+
+Artifacts come from randomly initialised tiny GPTs published to a temporary registry (no
+training run). Every load loop is bounded in count and time; waits poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelfleet.serve.client import iter_sse
+
+PORT = 8123  # not 8000: another engineer may run Serve there
+BASE = f"http://127.0.0.1:{PORT}"
+PROBE = "def main("
+KEY = "sk-test-7f3a9c1e5b"
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory):
+    """A registry with tiny@v1 and tiny@v2 (different random weights) and their greedy answers."""
+    import torch
+
+    from modelfleet import registry
+    from modelfleet.config import load_config
+    from modelfleet.data.tokenizer import ByteTokenizer
+    from modelfleet.models import build_model
+    from modelfleet.models.gpt import generate
+    from modelfleet.train.export import write_artifact_dir
+
+    storage = tmp_path_factory.mktemp("serve-storage")
+    cfg = load_config(preset="tiny", overrides=[f"storage.path={storage}"])
+    tok, answers = ByteTokenizer(), {}
+    for seed, version in ((1, "v1"), (2, "v2")):
+        torch.manual_seed(seed)
+        model = build_model(cfg.model).eval()
+        registry.publish(str(storage), "tiny", write_artifact_dir(model, cfg, {}))
+        ids = torch.tensor([tok.encode(PROBE)])
+        answers[version] = tok.decode(generate(model, ids, 8, temperature=0)[0, ids.size(1):])
+    assert answers["v1"] != answers["v2"], "the two random models must answer differently"
+    return storage, answers
+
+
+@pytest.fixture(scope="module")
+def serve_up(ray_session):
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    yield serve
+    serve.shutdown()
+
+
+def _model(name: str, artifact: str, **kw) -> dict:
+    return {"name": name, "artifact": artifact, "ray_actor_options": {"num_cpus": 0.5}, **kw}
+
+
+def _deploy(storage: Path, app: str, models: list[dict], **kw):
+    from modelfleet.serve.app import deploy
+
+    return deploy({"app_name": app, "route_prefix": f"/{app}", "port": PORT, "storage_path": str(storage),
+                   "ingress": {"num_cpus": 0.05}, "models": models, **kw})
+
+
+@pytest.fixture(scope="module")
+def main_app(serve_up, registry_dir, tmp_path_factory):
+    """Auth from a key file, a small body limit, JSON logs in a known dir, two models."""
+    storage, answers = registry_dir
+    tmp = tmp_path_factory.mktemp("main-app")
+    (tmp / "key").write_text(KEY + "\n")
+    logs = tmp / "logs"
+    batched = {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+               "max_ongoing_requests": 8, "max_queued_requests": 8, "overload_status": 503, "retry_after_s": 2}
+    _deploy(storage, "main", [_model("tiny", "tiny@v1", **batched),
+                              _model("tiny-path", str(storage / "models" / "tiny" / "v2"))],
+            api_key_file=str(tmp / "key"), max_body_bytes=4096,
+            logging={"encoding": "JSON", "logs_dir": str(logs)})
+    yield {"url": f"{BASE}/main", "answers": answers, "logs": logs}
+    serve_up.delete("main")
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _complete(client: httpx.Client, url: str, **body) -> httpx.Response:
+    return client.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, **body},
+                       headers=_auth())
+
+
+# ---------------------------------------------------------------- OpenAI formats
+
+def test_completions_chat_models_and_health_in_openai_format(main_app):
+    url = main_app["url"]
+    with httpx.Client(timeout=60) as c:
+        r = _complete(c, url, model="tiny")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+        assert body["choices"][0]["text"] == main_app["answers"]["v1"]  # served greedy == reference sampler
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len(PROBE), "completion_tokens": 8, "total_tokens": len(PROBE) + 8}
+
+        r = _complete(c, url, model="tiny-path")  # the same app serves a second artifact, by path
+        assert r.json()["choices"][0]["text"] == main_app["answers"]["v2"]
+
+        r = c.post(f"{url}/v1/chat/completions", headers=_auth(),
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "seed": 3})
+        assert r.status_code == 200, r.text
+        chat = r.json()
+        assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+        assert isinstance(chat["choices"][0]["message"]["content"], str)
+        assert chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
+
+        models = c.get(f"{url}/v1/models", headers=_auth()).json()
+        assert models["object"] == "list"
+        assert {(m["id"], m["artifact"]) for m in models["data"]} == {("tiny", "tiny@v1"), ("tiny-path", "tiny@v2")}
+        assert all(m["object"] == "model" and m["context_length"] == 128 for m in models["data"])
+
+        health = c.get(f"{url}/healthz")  # no key needed: probes carry no credentials
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+
+        r = c.post(f"{url}/v1/completions", headers={**_auth(), "x-request-id": "rid-test-42"},
+                   json={"prompt": "x", "max_tokens": 2})
+        assert r.headers["x-request-id"] == "rid-test-42"
+
+
+def test_streaming_yields_chunks_then_done(main_app):
+    url = main_app["url"]
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{url}/v1/completions", headers=_auth(),
+                   json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.text.splitlines() if ln]
+        assert lines[-1] == "data: [DONE]"
+        events = list(iter_sse(iter(lines)))
+        text_events = [e for e in events if e["choices"]]
+        assert len(text_events) >= 3
+        assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+        assert "".join(e["choices"][0]["text"] for e in text_events) == main_app["answers"]["v1"]
+        assert text_events[-1]["choices"][0]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == 8
+
+        r = c.post(f"{url}/v1/chat/completions", headers=_auth(),
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True})
+        events = list(iter_sse(iter(r.text.splitlines())))
+        assert r.text.rstrip().endswith("data: [DONE]") and len(events) >= 3
+        assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+async def _burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as c:
+        return await asyncio.gather(*(
+            c.post(f"{url}/v1/completions", headers=_auth(),
+                   json={"prompt": f"{i} {PROBE}", "max_tokens": max_tokens, "seed": i}) for i in range(n)))
+
+
+def test_concurrent_requests_are_batched(main_app):
+    responses = asyncio.run(_burst(main_app["url"], 8, 24))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    sizes = [int(r.headers["x-modelfleet-batch-size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+def test_bad_inputs_get_their_status_and_the_same_replica_then_answers(main_app):
+    url = main_app["url"]
+    with httpx.Client(timeout=60) as c:
+        ok = _complete(c, url)
+        assert ok.status_code == 200
+        replica, ingress = ok.headers["x-modelfleet-replica-pid"], ok.headers["x-modelfleet-ingress-pid"]
+        good = {"prompt": PROBE, "max_tokens": 4}
+        cases = [
+            ("no key", lambda: c.post(f"{url}/v1/completions", json=good), 401, "API key"),
+            ("wrong key", lambda: c.post(f"{url}/v1/completions", json=good, headers=_auth("sk-wrong")), 401, "API key"),
+            ("bad max_tokens", lambda: _complete(c, url, max_tokens=-3), 400, "max_tokens"),
+            ("bad temperature", lambda: _complete(c, url, temperature="hot"), 400, "temperature"),
+            ("unknown field", lambda: _complete(c, url, max_tokenz=3), 400, "max_tokenz"),
+            ("missing prompt", lambda: c.post(f"{url}/v1/completions", json={}, headers=_auth()), 400, "prompt"),
+            ("bad json", lambda: c.post(f"{url}/v1/completions", content=b"{nope", headers={**_auth(), "content-type": "application/json"}), 400, "JSON"),
+            ("body too large", lambda: _complete(c, url, prompt="x" * 5000), 413, "4096"),
+            ("prompt too long", lambda: _complete(c, url, prompt="x" * 200), 400, "context of 128"),
+            ("prompt + max_tokens too long", lambda: _complete(c, url, prompt="x" * 100, max_tokens=64), 400, "at most 28"),
+            ("unknown model", lambda: _complete(c, url, model="nope"), 404, "tiny-path"),
+        ]
+        for what, send, status, needle in cases:
+            r = send()
+            assert r.status_code == status, (what, r.status_code, r.text)
+            assert needle in r.json()["error"]["message"], (what, r.text)
+            after = _complete(c, url)
+            assert after.status_code == 200, (what, after.text)
+            assert after.headers["x-modelfleet-ingress-pid"] == ingress, what
+            assert after.headers["x-modelfleet-replica-pid"] == replica, what
+            assert after.json()["choices"][0]["text"] == main_app["answers"]["v1"], what
+
+    # Overload: 8 in flight + 8 queued per caller; the rest of a bounded burst is shed with 503.
+    responses = asyncio.run(_burst(url, 40, 100))
+    codes = [r.status_code for r in responses]
+    assert 503 in codes and 200 in codes, codes
+    shed = next(r for r in responses if r.status_code == 503)
+    assert shed.headers["retry-after"] == "2" and "overloaded" in shed.json()["error"]["message"]
+    with httpx.Client(timeout=60) as c:
+        after = _complete(c, url)
+        assert after.status_code == 200 and after.headers["x-modelfleet-replica-pid"] == replica
+
+
+def test_logs_carry_request_ids_and_never_the_key(main_app):
+    from modelfleet.serve.app import wait_for
+
+    with httpx.Client(timeout=60) as c:
+        assert c.post(f"{main_app['url']}/v1/completions", headers={**_auth(), "x-request-id": "rid-log-7"},
+                      json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+    def logged() -> bool:
+        text = "".join(p.read_text(errors="replace") for p in main_app["logs"].rglob("*.log"))
+        return any(json.loads(ln).get("request_id") == "rid-log-7" for ln in text.splitlines() if ln.startswith("{"))
+
+    wait_for(logged, 30, "the request id in the replica logs")
+    for p in main_app["logs"].rglob("*"):
+        if p.is_file():
+            assert KEY not in p.read_text(errors="replace"), p
+
+
+def test_status_command_lists_deployments(main_app, capsys):
+    from modelfleet.cli import main
+
+    assert main(["status", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    mine = {r["deployment"]: r for r in rows if r["app"] == "main"}
+    assert set(mine) == {"ingress", "model-tiny", "model-tiny-path"}
+    assert all(r["status"] == "HEALTHY" and r["running"] == 1 for r in mine.values())
+
+
+# ---------------------------------------------------------------- autoscaling
+
+def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
+    from modelfleet.serve.app import status, wait_for
+
+    storage, _ = registry_dir
+    _deploy(storage, "scale", [_model("tiny", "tiny", batching={"max_batch_size": 2}, max_ongoing_requests=2,
+                                      autoscaling={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                                                   "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                                                   "downscale_delay_s": 2, "metrics_interval_s": 0.5,
+                                                   "look_back_period_s": 2})])
+    url = f"{BASE}/scale"
+
+    def running() -> int:
+        return next(r["running"] for r in status() if r["app"] == "scale" and r["deployment"] == "model-tiny")
+
+    try:
+        assert running() == 1
+        stop, failures, sent = threading.Event(), [], [0]
+
+        def client() -> None:
+            with httpx.Client(timeout=60) as c:
+                for _ in range(300):  # bounded even if the stop signal never came
+                    if stop.is_set():
+                        return
+                    r = c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 48})
+                    sent[0] += 1
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            peak = wait_for(lambda: running() >= 2 and running(), 90, "a second replica under load")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert peak >= 2 and not failures, (peak, failures)
+        wait_for(lambda: running() == 1, 90, "scale-down to one replica after the load stopped")
+    finally:
+        serve_up.delete("scale")
+
+
+# ---------------------------------------------------------------- zero-downtime update
+
+def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
+    from modelfleet.cli import main
+
+    storage, answers = registry_dir
+    _deploy(storage, "upd", [_model("tiny", "tiny@v1")])
+    url = f"{BASE}/upd"
+    stop, results = threading.Event(), []
+
+    def client(stream: bool) -> None:
+        with httpx.Client(timeout=60) as c:
+            for _ in range(3000):  # bounded
+                if stop.is_set():
+                    return
+                try:
+                    r = c.post(f"{url}/v1/completions",
+                               json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, "stream": stream})
+                    text = ("".join(e["choices"][0]["text"] for e in iter_sse(iter(r.text.splitlines())) if e["choices"])
+                            if stream and r.status_code == 200 else r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
+                    results.append((r.status_code, text, time.monotonic()))
+                except httpx.HTTPError as e:
+                    results.append((0, repr(e), time.monotonic()))
+
+    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in (False, False, True)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(results) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert main(["deploy", "tiny", "--artifact", "v2", "--app", "upd"]) == 0
+        switched = time.monotonic()
+        print(f"deploy took {switched - t0:.1f} s; {len(results)} requests so far")
+        deadline = switched + 30
+        while sum(1 for _, _, t in results if t > switched) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        serve_up.delete("upd")
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:5]
+    texts = [t for _, t, _ in results]
+    assert set(texts) <= {answers["v1"], answers["v2"]}, set(texts)
+    assert texts[0] == answers["v1"] and answers["v2"] in texts
+    assert all(t == answers["v2"] for _, t, ts in results if ts > switched + 1), "old weights after the switch"

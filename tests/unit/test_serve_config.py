@@ -1,0 +1,125 @@
+"""Serve config, API schemas, auth and the batched generator, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from modelfleet.config import ConfigError, ModelConfig, load_config
+from modelfleet.serve import ServeConfig, parse_serve_config
+from modelfleet.serve import auth
+from modelfleet.serve import openai as oa
+from modelfleet.serve.generation import Job, generate_steps
+
+MODEL = {"name": "tiny", "artifact": "tiny@v1"}
+
+
+@pytest.mark.parametrize("models, key", [
+    ([{**MODEL, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}], "serve.models[0].autoscaling.min_replicas"),
+    ([{**MODEL, "autoscaling": {"min_replicas": 1, "initial_replicas": 5, "max_replicas": 2}}],
+     "serve.models[0].autoscaling.initial_replicas"),
+    ([MODEL, {**MODEL, "name": "b", "autoscaling": {"max_replicas": 0}}], "serve.models[1].autoscaling.max_replicas"),
+    ([{**MODEL, "batching": {"max_batch_size": 32}, "max_ongoing_requests": 8}], "serve.models[0].max_ongoing_requests"),
+    ([{**MODEL, "ray_actor_options": {"num_gpus": 1.5}}], "serve.models[0].ray_actor_options.num_gpus"),
+    ([{**MODEL, "autoscalling": {}}], "serve.models[0].autoscalling"),
+    ([{**MODEL, "name": "bad name"}], "serve.models[0].name"),
+    ([], "serve.models"),
+])
+def test_bad_values_name_their_key_path(models, key):
+    with pytest.raises(ConfigError) as e:
+        parse_serve_config({"models": models})
+    assert str(e.value).startswith(f"{key}: "), str(e.value)
+
+
+def test_valid_config_defaults_and_scale_to_zero():
+    cfg = parse_serve_config({"models": [{**MODEL, "autoscaling": {"min_replicas": 0, "max_replicas": 4},
+                                          "ray_actor_options": {"num_gpus": 0.25}}]})
+    assert cfg.host == "127.0.0.1" and cfg.models[0].autoscaling.to_serve()["min_replicas"] == 0
+    assert cfg.models[0].ray_actor_options.to_serve() == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert parse_serve_config(cfg.model_dump()) == cfg  # round-trips through the Serve args
+
+
+def test_root_config_serve_section_is_validated(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("serve:\n  models:\n    - {name: tiny, artifact: tiny, autoscaling: {min_replicas: 2, max_replicas: 1}}\n")
+    with pytest.raises(ConfigError, match=r"^serve\.models\[0\]\.autoscaling\.min_replicas: must be <= max_replicas"):
+        load_config(y)
+    y.write_text("serve:\n  port: 8123\n  models: [{name: tiny, artifact: tiny}]\n")
+    assert ServeConfig.model_validate(load_config(y).serve).port == 8123
+
+
+def test_request_schemas():
+    req = oa.CompletionRequest(prompt="hi", stop="\n")
+    assert req.sampling()["stop"] == ["\n"] and req.sampling()["max_tokens"] is None
+    with pytest.raises(ValidationError, match="max_tokenz"):
+        oa.CompletionRequest.model_validate({"prompt": "hi", "max_tokenz": 3})
+    with pytest.raises(ValidationError):
+        oa.CompletionRequest(prompt="hi", n=2)
+    chat = oa.ChatCompletionRequest(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert chat.prompt() == "### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\n"
+    assert oa.CHAT_STOP in chat.sampling()["stop"]
+
+
+def test_auth(monkeypatch, tmp_path):
+    monkeypatch.setenv("MF_TEST_KEY", "sk-1")
+    cfg = parse_serve_config({"models": [MODEL], "api_key_env": "MF_TEST_KEY"})
+    key = auth.load_api_key(cfg)
+    assert auth.authorized("Bearer sk-1", key) and not auth.authorized("Bearer sk-2", key)
+    assert not auth.authorized(None, key) and not auth.authorized("sk-1", key)
+    assert auth.authorized(None, None)  # no key configured: open
+    with pytest.raises(ConfigError, match="api_key_file"):
+        auth.load_api_key(parse_serve_config({"models": [MODEL], "api_key_file": str(tmp_path / "absent")}))
+    monkeypatch.delenv("MF_TEST_KEY")
+    with pytest.raises(ConfigError, match="require_api_key") as e:
+        auth.load_api_key(parse_serve_config({"models": [MODEL], "api_key_env": "MF_TEST_KEY", "require_api_key": True}))
+    assert "sk-1" not in str(e.value)
+
+
+def _model(block_size: int = 32):
+    from modelfleet.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)).eval()
+
+
+def _run(model, jobs):
+    texts, tokens, reasons = [""] * len(jobs), [0] * len(jobs), [None] * len(jobs)
+    for out in generate_steps(model, jobs, eos_id=256, decode=lambda ids: bytes(i for i in ids if i < 256).decode("latin-1")):
+        for i, s in enumerate(out):
+            if s is not None:
+                texts[i] += s.text
+                tokens[i] += s.tokens
+                reasons[i] = s.finish_reason or reasons[i]
+    return texts, tokens, reasons
+
+
+def test_batched_left_padded_greedy_matches_the_reference_sampler():
+    from modelfleet.models.gpt import generate
+
+    model = _model()
+    prompts = [[10, 20, 30, 40, 50], [7], [1, 2, 3]]
+    jobs = [Job(prompt_ids=p, max_tokens=6, temperature=0) for p in prompts]
+    texts, tokens, reasons = _run(model, jobs)
+    for p, text in zip(prompts, texts):
+        ref = generate(model, torch.tensor([p]), 6, temperature=0)[0, len(p):].tolist()
+        assert text == bytes(i for i in ref if i < 256).decode("latin-1")
+    assert tokens == [6, 6, 6] and reasons == ["length"] * 3
+
+
+def test_rows_that_cannot_share_a_cache_are_grouped_and_seeds_are_per_row():
+    model = _model(block_size=16)
+    long_prompt, long_budget = Job(prompt_ids=list(range(1, 13)), max_tokens=4), Job(prompt_ids=[5], max_tokens=15)
+    _, tokens, _ = _run(model, [long_prompt, long_budget])  # 12 + 15 > 16: would not fit one cache
+    assert tokens == [4, 15]
+    a = _run(model, [Job(prompt_ids=[1, 2], max_tokens=8, seed=7)])[0]
+    b = _run(model, [Job(prompt_ids=[9, 9, 9], max_tokens=5, seed=1), Job(prompt_ids=[1, 2], max_tokens=8, seed=7)])[0]
+    assert a[0] == b[1]  # the same seeded request samples the same text whatever shares its batch
+
+
+def test_stop_strings_end_the_row_and_are_not_returned():
+    model = _model()
+    full = _run(model, [Job(prompt_ids=[3, 4], max_tokens=10, temperature=0)])[0][0]
+    stop = full[4:6]
+    texts, _, reasons = _run(model, [Job(prompt_ids=[3, 4], max_tokens=10, temperature=0, stop=[stop])])
+    assert texts[0] == full[:full.index(stop)] and reasons[0] == "stop"
