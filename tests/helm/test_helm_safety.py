@@ -1,0 +1,212 @@
+"""Safe defaults and early failure: bad or contradictory values fail with a message naming the
+key; Ray's dashboard/client ports never leave the cluster; token auth, NetworkPolicy, non-root
+pods and Secret references are on by default; toggles remove exactly their objects."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from chart_objects import CHART, CI_VALUES, ROOT, cluster_specs, containers, of_kind, one, services
+
+RAY_PRIVATE_PORTS = {8265, 10001}
+
+
+@pytest.mark.parametrize("values, sets, named", [
+    ("gpu-values.yaml", ["workerGroups.gpu.replicas=one"], "workerGroups.gpu.replicas"),
+    (None, ["replicaCount=2"], "replicaCount"),
+    (None, ["workerGroups.cpu.gpus=-1"], "workerGroups.cpu.gpus"),
+    (None, ["serving.service.type=Public"], "serving.service.type"),
+    (None, ["training.config.storage.path=/elsewhere"], "path"),
+    (None, ["workerGroups.Bad_Name.cpu=1"], "Bad_Name"),
+])
+def test_unknown_or_mistyped_values_fail_naming_the_key(render_error, values, sets, named):
+    err = render_error(values, *sets)
+    assert "schema" in err and named in err, err
+
+
+def test_unknown_model_key_fails_like_serve_config_would(render_error):
+    err = render_error({"serving": {"models": [{"name": "m", "artifact": "m", "replicas": 2}]}})
+    assert "replicas" in err and "serving.models" in err, err
+
+
+@pytest.mark.parametrize("values, sets, message", [
+    (None, ["workerGroups.cpu.minReplicas=5", "workerGroups.cpu.replicas=5"],
+     "workerGroups.cpu.minReplicas (5) is greater than workerGroups.cpu.maxReplicas (4)"),
+    (None, ["workerGroups.cpu.replicas=9"], "workerGroups.cpu.replicas (9) must be between"),
+    (None, ["storage.objectStore.uri=s3://bucket/prefix"], "storage.pvc.enabled=true and storage.objectStore.uri"),
+    (None, ["storage.pvc.enabled=false"], "Ray workers need shared storage"),
+    (None, ["serving.enabled=false", "training.enabled=false"], "serving.enabled and training.enabled are both false"),
+    ({"serving": {"models": [{"name": "m", "artifact": "m", "ray_actor_options": {"num_gpus": 1}}]}}, [],
+     "serving.models need 1 GPUs at their minimum replicas"),
+    ({"serving": {"models": [{"name": "m", "artifact": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}}, [],
+     "serving.models[0].autoscaling.min_replicas (3) is greater than serving.models[0].autoscaling.max_replicas (2)"),
+    (None, ["training.shutdownAfterJobFinishes=false"], "training.ttlSecondsAfterFinished=600 needs"),
+    (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs that many GPUs"),
+])
+def test_contradictory_values_fail_with_a_message(render_error, values, sets, message):
+    err = render_error(values, *sets)
+    assert message in err, err
+
+
+@pytest.mark.parametrize("values", CI_VALUES)
+def test_dashboard_and_client_ports_stay_inside_the_cluster(ci_renders, values):
+    docs = ci_renders[values]
+    for svc in services(docs):
+        ports = {p.get("port") for p in svc["spec"]["ports"]} | {p.get("targetPort") for p in svc["spec"]["ports"]}
+        if ports & RAY_PRIVATE_PORTS:
+            assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+    for rs in of_kind(docs, "RayService"):
+        serve_ports = rs["spec"]["serveService"]["spec"]["ports"]
+        assert not {p["port"] for p in serve_ports} & RAY_PRIVATE_PORTS
+        assert not {p["targetPort"] for p in serve_ports} & RAY_PRIVATE_PORTS
+    # KubeRay's head Service carries 8265/10001: it must stay ClusterIP with no KubeRay ingress.
+    for _, spec in cluster_specs(docs):
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert not spec["headGroupSpec"].get("enableIngress")
+    serve_names = {s["metadata"]["name"] for s in services(docs)}
+    for ing in of_kind(docs, "Ingress"):
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] in serve_names and backend["port"]["number"] not in RAY_PRIVATE_PORTS
+
+
+def test_a_load_balancer_carries_only_the_serve_port(ci_renders):
+    svc = one(ci_renders["serve-only-values.yaml"], "RayService")["spec"]["serveService"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == [8000]
+
+
+def test_secure_defaults(ci_renders):
+    docs = ci_renders["defaults-values.yaml"]
+    specs = list(cluster_specs(docs))
+    assert {d["kind"] for d, _ in specs} == {"RayService", "RayJob"}
+    for owner, spec in specs:
+        assert spec["authOptions"]["mode"] == "token", f"{owner['kind']} without Ray token auth"
+    policy = one(docs, "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for owner, spec in specs:
+        for group, tpl in [("head", spec["headGroupSpec"]["template"])] + [
+                (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]:
+            labels = tpl["metadata"]["labels"]
+            assert selector.items() <= labels.items(), f"NetworkPolicy misses {owner['kind']} {group} pods"
+            assert tpl["spec"]["securityContext"]["runAsNonRoot"] is True
+            for c in tpl["spec"]["containers"]:
+                assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # The dashboard/client ports are opened only to in-namespace pods and the operator.
+    private_rules = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r.get("ports", [])} & RAY_PRIVATE_PORTS]
+    assert private_rules and all(r.get("from") for r in private_rules)
+    for peer in (p for r in private_rules for p in r["from"]):
+        assert "ipBlock" not in peer
+    # Serving replicas get the API key from a Secret, by reference.
+    serving_env = [e for d, _, c in containers(docs) if d["kind"] == "RayService" for e in c["env"]]
+    key = [e for e in serving_env if e["name"] == "MODELFLEET_API_KEY"]
+    assert key and all("secretKeyRef" in e["valueFrom"] for e in key)
+
+
+def test_token_auth_can_use_an_existing_secret(ci_renders):
+    for _, spec in cluster_specs(ci_renders["gpu-values.yaml"]):
+        assert spec["authOptions"] == {"mode": "token", "secretName": "modelfleet-ray-token"}
+
+
+SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+
+
+@pytest.mark.parametrize("values", CI_VALUES)
+def test_no_secret_values_in_manifests(ci_renders, values):
+    docs = ci_renders[values]
+    assert not of_kind(docs, "Secret"), "the chart must reference Secrets, never create them with values"
+    for d, group, c in containers(docs):
+        for e in c["env"]:
+            if SECRETISH.search(e["name"]):
+                assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), \
+                    f"{d['kind']}/{group} env {e['name']} must come from a secretKeyRef"
+
+
+def test_object_store_credentials_come_from_the_secret(ci_renders):
+    docs = ci_renders["serve-only-values.yaml"]
+    env = {e["name"]: e for _, _, c in containers(docs) for e in c["env"]}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "modelfleet-s3"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert not of_kind(docs, "PersistentVolumeClaim")
+
+
+def _identities(docs):
+    return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+def test_turning_serving_or_training_off_removes_exactly_their_objects(render):
+    on = _identities(render(None, "serving.ingress.enabled=true"))
+    no_serving = _identities(render(None, "serving.ingress.enabled=true", "serving.enabled=false"))
+    no_training = _identities(render(None, "serving.ingress.enabled=true", "training.enabled=false"))
+    assert {k for k, _ in on - no_serving} == {"RayService", "Ingress"} and no_serving < on
+    assert {k for k, _ in on - no_training} == {"RayJob", "ConfigMap"} and no_training < on
+    # The serving Service lives inside the RayService (KubeRay keeps it on the active cluster).
+    assert not {k for k, _ in on} & {"Service"}
+
+
+def test_ci_serve_only_and_train_only_have_only_their_workload(ci_renders):
+    serve_only = {d["kind"] for d in ci_renders["serve-only-values.yaml"]}
+    train_only = {d["kind"] for d in ci_renders["train-only-values.yaml"]}
+    assert "RayService" in serve_only and "RayJob" not in serve_only
+    assert "RayJob" in train_only and not train_only & {"RayService", "Ingress"}
+
+
+def test_monitoring_objects_are_optional(ci_renders):
+    defaults = {d["kind"] for d in ci_renders["defaults-values.yaml"]}
+    assert "PodMonitor" not in defaults
+    docs = ci_renders["gpu-values.yaml"]
+    monitor = one(docs, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    for _, _, c in containers(docs):
+        assert "metrics" in {p["name"] for p in c["ports"]}
+    dash = next(c for c in of_kind(docs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1")
+    shipped = (CHART / "dashboards" / "modelfleet.json").read_text()
+    assert dash["data"]["modelfleet.json"] == shipped
+    assert json.loads(shipped)["panels"]
+    assert "helm/modelfleet/dashboards/modelfleet.json" in (ROOT / "deploy" / "grafana" / "README.md").read_text()
+
+
+def test_schema_mirrors_serve_and_training_configs():
+    """values.schema.json rejects unknown model keys early, so its key lists must track the
+    pydantic ServeConfig and the presets (else valid configs would be refused)."""
+    from modelfleet.config import PRESETS
+    from modelfleet.serve.config import ActorResources, AutoscalingSpec, BatchingSpec, ModelSpec
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    model = schema["definitions"]["model"]["properties"]
+    assert set(model) == set(ModelSpec.model_fields)
+    assert set(model["autoscaling"]["properties"]) == set(AutoscalingSpec.model_fields)
+    assert set(model["ray_actor_options"]["properties"]) == set(ActorResources.model_fields)
+    assert set(model["batching"]["properties"]) == set(BatchingSpec.model_fields)
+    presets = schema["properties"]["training"]["properties"]["config"]["properties"]["preset"]["enum"]
+    assert presets == list(PRESETS)
+
+
+def test_every_value_is_documented():
+    """values.yaml is commented key by key with `# --` (a key documented as a block, such as
+    podSecurityContext, covers what is inside it)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][\w.-]*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3).split("#")[0].strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        documented = j >= 0 and lines[j].strip().startswith("# --")
+        covered = documented or any(doc for _, doc in stack)
+        if rest and not covered:
+            missing.append(key)
+        stack.append((indent, covered))
+    assert not missing, f"values.yaml keys without a `# --` comment: {missing}"

@@ -1,0 +1,149 @@
+"""What the chart runs is what modelfleet accepts: serveConfigV2 passes Ray Serve's schema and our
+ServeConfig, the RayJob's config loads with load_config and its entrypoint exists in jobs/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+
+from chart_objects import CHART, CI_VALUES, ROOT, cluster_spec, of_kind, one, pod_templates
+
+SERVING = [v for v in CI_VALUES if v != "train-only-values.yaml"]
+TRAINING = [v for v in CI_VALUES if v != "serve-only-values.yaml"]
+
+
+@pytest.mark.parametrize("values", SERVING)
+def test_serve_config_passes_ray_serve_and_modelfleet_schemas(ci_renders, values):
+    from ray.serve.schema import ServeDeploySchema
+
+    from modelfleet.serve.config import parse_serve_config
+
+    rs = one(ci_renders[values], "RayService")
+    raw = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    deploy = ServeDeploySchema.model_validate(raw)
+    (app,) = deploy.applications
+    assert app.import_path == "modelfleet.serve.app:build_app"
+    cfg = parse_serve_config(app.args)
+    assert cfg.require_api_key and cfg.api_key_env == "MODELFLEET_API_KEY"
+    # The proxy must listen beyond loopback inside the pod, on the port the Service targets.
+    assert deploy.http_options.host == "0.0.0.0"
+    svc = rs["spec"]["serveService"]["spec"]
+    assert [p["targetPort"] for p in svc["ports"]] == [deploy.http_options.port]
+    # Replicas read artifacts where training writes them.
+    mounts = {m["mountPath"] for c in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+              for m in c.get("volumeMounts", [])}
+    assert cfg.storage_path.startswith("s3://") or cfg.storage_path in mounts
+
+
+def test_serve_models_follow_values(render):
+    models = [{"name": "a", "artifact": "a@v3", "num_replicas": 2},
+              {"name": "b", "artifact": "b", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]
+    rs = one(render({"serving": {"models": models}}), "RayService")
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["models"] == models  # verbatim: the same keys as deploy/serve_config.yaml
+
+
+@pytest.mark.parametrize("values", TRAINING)
+def test_training_config_loads_and_entrypoint_exists(ci_renders, values, tmp_path):
+    from modelfleet.config import load_config
+
+    docs = ci_renders[values]
+    job = one(docs, "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    script = argv[1]
+    app_dir = yaml.safe_load((CHART / "values.yaml").read_text())["image"]["appDir"]
+    assert script.startswith(f"{app_dir}/jobs/"), script
+    assert (ROOT / "jobs" / script.rsplit("/", 1)[1]).is_file(), f"{script} is not in jobs/"
+
+    config_path = argv[argv.index("--config") + 1]
+    (cm,) = [c for c in of_kind(docs, "ConfigMap") if "config.yaml" in c.get("data", {})]
+    local = tmp_path / "config.yaml"
+    local.write_text(cm["data"]["config.yaml"])
+    cfg = load_config(local)
+    assert cfg.storage.path  # set by the chart from `storage`
+
+    # The ConfigMap is mounted where the entrypoint looks, on the head (where the driver runs).
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    volume = next(v["name"] for v in head["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"])
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["name"] == volume)
+    assert config_path == f"{mount['mountPath']}/config.yaml"
+
+
+def test_training_settings_reach_the_rayjob(render):
+    job = one(render("train-only-values.yaml"), "RayJob")["spec"]
+    assert job["entrypoint"].endswith("'--resume' 'small-nightly'")
+    assert job["shutdownAfterJobFinishes"] is True
+    assert job["activeDeadlineSeconds"] == 86400
+    assert job["submitterConfig"] == {"backoffLimit": 2}
+    assert job["backoffLimit"] == 0
+
+
+def test_training_config_gets_the_release_storage(render):
+    def config(*sets):
+        cm = next(c for c in render(None, *sets) if c["kind"] == "ConfigMap")
+        return yaml.safe_load(cm["data"]["config.yaml"])
+
+    assert config()["storage"]["path"] == "/mnt/modelfleet"
+    assert config()["data"]["path"] == "/mnt/modelfleet/data/tiny"
+    uri = config("storage.pvc.enabled=false", "storage.objectStore.uri=s3://b/p")
+    assert uri["storage"]["path"] == "s3://b/p"
+
+
+def test_one_cluster_spec_for_service_job_and_cluster(render):
+    """RayService, RayJob and RayCluster come from one template: they differ only in what their
+    role mounts (API key for serving, training config for training)."""
+    docs = render(None, "rayCluster.enabled=true")
+    specs = {d["kind"]: cluster_spec(d) for d in docs if d["kind"] in ("RayService", "RayJob", "RayCluster")}
+    assert set(specs) == {"RayService", "RayJob", "RayCluster"}
+
+    def shape(spec):
+        out = json.loads(json.dumps(spec))
+        for _, tpl in pod_templates(out):
+            tpl["metadata"]["labels"].pop("app.kubernetes.io/component")
+            pod = tpl["spec"]
+            pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "train-config"]
+            for c in pod["containers"]:
+                c["env"] = [e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY"]
+                c["ports"] = [p for p in c["ports"] if p["name"] != "serve"]
+                c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "train-config"]
+        return out
+
+    assert shape(specs["RayService"]) == shape(specs["RayJob"]) == shape(specs["RayCluster"])
+
+
+def test_head_has_no_gpus_and_worker_groups_follow_values(render):
+    spec = cluster_spec(one(render("gpu-values.yaml"), "RayService"))
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in head["template"]["spec"]["containers"])
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    gpu = groups["gpu"]
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (1, 1, 4)
+    pod = gpu["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["containers"][0]["image"].endswith("-gpu")
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] == 60
+
+
+def test_versions_agree_across_image_chart_and_package():
+    """The image's Ray, the chart's rayVersion and the package pin must be one version."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    ray_pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', pyproject).group(1)
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert values["rayVersion"] == ray_pin
+    assert re.search(rf"^ARG RAY_TAG={re.escape(ray_pin)}-py3\d+$", dockerfile, re.M), "Dockerfile base != ray pin"
+    assert "FROM rayproject/ray:${RAY_TAG}" in dockerfile
+    assert chart["appVersion"] == version
+    assert chart["apiVersion"] == "v2"
+    assert f"WORKDIR {values['image']['appDir']}" in dockerfile
