@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) bench/serve_latency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -134,6 +134,28 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app", default="modelfleet", help="Serve application name (serve.app_name)")
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from modelfleet.serve.ops import pipeline_main
+
+    return pipeline_main(_load(args))
+
+
+def _cluster(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from modelfleet.cluster import commands
+
+        return getattr(commands, f"cmd_{name}")(args)
+    return run
+
+
+def _cluster_args(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        from modelfleet.cluster import commands
+
+        getattr(commands, f"add_{name}")(p)
+    return add
+
+
 # name -> (help, add arguments, run). The README's command table is tested against this.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "prepare": ("tokenize text/JSONL/Parquet into Parquet shards", _add_prepare, cmd_prepare),
@@ -144,6 +166,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("send a prompt to a running app (OpenAI API), optionally streaming", _add_generate, cmd_generate),
     "status": ("Serve applications, deployments and replicas with their state", _add_status, cmd_status),
     "deploy": ("move a served model to another artifact with zero downtime", _add_deploy, cmd_deploy),
+    "pipeline": ("train, export and deploy the serve section in one go (jobs/pipeline.py)", _config_args, cmd_pipeline),
+    "cluster": ("simulated multi-node cluster on this machine: up, status, down, kill-node",
+                _cluster_args("cluster"), _cluster("cluster")),
+    "submit": ("submit jobs/<JOB>.py to the cluster as a Ray job", _cluster_args("submit"), _cluster("submit")),
+    "jobs": ("Ray jobs: list, status ID, logs ID [--follow], stop ID", _cluster_args("jobs"), _cluster("jobs")),
 }
 
 
@@ -161,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     from modelfleet.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
+    if args.command != "cluster":
+        from modelfleet.cluster.local import use_local_cluster_env
+
+        # Before Ray is imported: Ray reads its auth mode once, from the environment.
+        use_local_cluster_env()
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from modelfleet.cluster.jobs import JobError
     from modelfleet.config import ConfigError
     from modelfleet.data.ingest import DataError
     from modelfleet.registry import ArtifactError
     from modelfleet.train.checkpoint import CheckpointError
     from modelfleet.train.trainer import TrainingFailedError
 
-    return (ConfigError, DataError, ArtifactError, CheckpointError, TrainingFailedError)
+    return (JobError, ConfigError, DataError, ArtifactError, CheckpointError, TrainingFailedError)
 
 
 

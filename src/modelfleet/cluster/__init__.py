@@ -1,5 +1,14 @@
-"""How modelfleet reaches a Ray cluster: an existing one, or a local instance it starts."""
+"""How modelfleet reaches a Ray cluster: an existing one, a simulated local one, or a new local
+instance. Nothing here imports Ray at import time: Ray reads its auth mode from the environment
+once, so ``cluster.local`` must be able to set it first."""
 
-from modelfleet.cluster.connect import connect
+from typing import Any
+
+
+def connect(**kwargs: Any) -> str:
+    from modelfleet.cluster.connect import connect as _connect
+
+    return _connect(**kwargs)
+
 
 __all__ = ["connect"]

@@ -18,6 +18,9 @@ MIN_LOCAL_CPUS = 4
 def connect(*, num_cpus: int | None = None, log_to_driver: bool = True) -> str:
     """Make sure this process is a Ray driver; returns the cluster's GCS address."""
     if not ray.is_initialized():
+        from modelfleet.cluster.local import use_local_cluster_env
+
+        use_local_cluster_env()  # a `modelfleet cluster up` cluster: its address and auth mode
         try:
             ray.init(address="auto", log_to_driver=log_to_driver)
         except ConnectionError:

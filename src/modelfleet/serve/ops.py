@@ -118,3 +118,24 @@ def deploy_main(app_name: str, model: str, artifact: str) -> int:
     label = update_model(app_name, model, artifact)
     print(f"app {app_name}: model {model} now serves {label}")
     return 0
+
+
+def pipeline_main(cfg: Config) -> int:
+    """Train -> export -> deploy: the serve section's models that serve this run's registry name
+    (or the only model) are pointed at the new version and (re)deployed."""
+    from modelfleet.train.trainer import train
+
+    if not cfg.serve:
+        raise ConfigError("serve: the pipeline deploys the serve section, but this config has none")
+    res = train(cfg)
+    if res.artifact is None:
+        raise ConfigError("the training run left no complete checkpoint to export; nothing to deploy")
+    label = f"{res.artifact.name}@{res.artifact.version}"
+    serve_cfg = dict(cfg.serve)
+    models = [dict(m) for m in serve_cfg.get("models", [])]
+    for m in models:
+        if len(models) == 1 or str(m.get("artifact", "")).partition("@")[0] == res.artifact.name:
+            m["artifact"] = label
+    serve_cfg["models"] = models
+    print(f"trained {res.run_name}; deploying {label}")
+    return serve_main(cfg.__class__.from_dict({**cfg.to_dict(), "serve": serve_cfg}), detach=True)

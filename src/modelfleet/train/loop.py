@@ -45,9 +45,12 @@ class _Progress:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.from_dict(loop_config["config"])
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")
-    import deepspeed
     import torch
+
+    # A simulated GPU (logical, on a CPU node) computes on CPU with DeepSpeed's CPU accelerator.
+    on_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
+    import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
@@ -59,7 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     progress = _Progress(loop_config.get("progress"), rank)
-    if not cfg.train.use_gpu:
+    if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     torch.manual_seed(cfg.train.seed)

@@ -89,6 +89,46 @@ def check_capacity(cfg: Config) -> None:
     if t.use_gpu and total.get("GPU", 0) < t.num_workers:
         raise ConfigError(f"train.use_gpu: {t.num_workers} workers need {t.num_workers} GPUs but the "
                           f"cluster has {total.get('GPU', 0):g}")
+    if t.use_gpu:
+        reserved, holders = serving_reservation()
+        if total.get("GPU", 0) - reserved < t.num_workers:
+            raise ConfigError(
+                f"train.num_workers: {t.num_workers} GPU workers do not fit beside serving: the cluster has "
+                f"{total.get('GPU', 0):g} GPUs and {reserved:g} are reserved for the minimum replicas of "
+                f"{', '.join(holders)}; train with at most {int(total.get('GPU', 0) - reserved)} workers or "
+                "lower serving's min_replicas")
+
+
+def serving_reservation() -> tuple[float, list[str]]:
+    """GPUs that running Serve deployments keep for their minimum replicas (training gets the rest)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        # Serve's own instance details (what `serve status -v` and the dashboard read).
+        details = _get_global_client(raise_if_no_controller_running=False)
+        details = details.get_serve_details() if details else {}
+    except Exception:  # noqa: BLE001 - no Serve on this cluster: nothing reserved
+        return 0.0, []
+    reserved, holders = 0.0, []
+    for app_name, app in (details.get("applications") or {}).items():
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            dc = dep.get("deployment_config") or {}
+            gpus = float((dc.get("ray_actor_options") or {}).get("num_gpus") or 0)
+            auto = dc.get("autoscaling_config") or {}
+            min_replicas = int(auto.get("min_replicas", 0) if auto else dc.get("num_replicas") or 0)
+            if gpus and min_replicas:
+                reserved += gpus * min_replicas
+                holders.append(f"{app_name}/{dep_name} ({min_replicas} x {gpus:g} GPU)")
+    return reserved, holders
+
+
+def _use_gloo() -> bool:
+    """GPUs here are simulated (``modelfleet cluster up``): the group talks gloo, computes on CPU."""
+    import ray
+
+    from modelfleet.cluster.local import SIMULATED
+
+    return ray.cluster_resources().get(SIMULATED, 0) > 0
 
 
 class _ProgressSink:
@@ -169,8 +209,9 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     """Run one training job on the connected (or a new local) Ray cluster."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from modelfleet.cluster import connect
     from modelfleet.train.export import export_checkpoint
@@ -186,11 +227,14 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line is the one to read
     ctx.print_on_execution_start = False
-    queue = Queue(maxsize=100_000)
+    # On the driver's node: progress must outlive any worker node a failure takes down.
+    queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)})
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": queue},
+        torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and _use_gloo() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),

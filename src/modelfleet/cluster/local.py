@@ -1,0 +1,348 @@
+"""A simulated multi-node cluster on one machine: one ``ray start`` (its own raylet) per node.
+
+Each node advertises logical GPUs, so placement (which worker lands where, PACK/SPREAD,
+fractional GPUs, waiting for capacity) behaves as on a real cluster while the work computes on
+CPU. ``up`` records every process it starts in a state file; ``down`` and ``kill-node`` act on
+exactly those processes, never on another Ray instance of the same machine.
+
+Ports are derived from the GCS port so two nodes never contend for one: each node gets its own
+node-manager, object-manager, agent and worker-port range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelfleet.config import ConfigError
+
+# cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
+DEFAULTS: dict[str, Any] = {"nodes": 3, "cpus_per_node": 4, "gpus_per_node": 2, "dashboard_port": 8265,
+                            "serve_port": 8000, "gcs_port": 6380, "object_store_memory_mb": 512,
+                            "auth": "token"}
+_PROJECT_DEFAULTS = Path(__file__).resolve().parents[3] / "cluster" / "local.yaml"
+# Marker resource: the trainer picks the gloo backend on clusters whose GPUs are simulated.
+SIMULATED = "modelfleet_simulated_gpu_node"
+
+
+@dataclass
+class ClusterSpec:
+    nodes: int = DEFAULTS["nodes"]
+    cpus_per_node: int = DEFAULTS["cpus_per_node"]
+    gpus_per_node: int = DEFAULTS["gpus_per_node"]
+    dashboard_port: int = DEFAULTS["dashboard_port"]
+    serve_port: int = DEFAULTS["serve_port"]
+    gcs_port: int = DEFAULTS["gcs_port"]
+    object_store_memory_mb: int = DEFAULTS["object_store_memory_mb"]
+    auth: str = DEFAULTS["auth"]
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "cpus_per_node", "object_store_memory_mb"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"cluster.{key}: must be an integer >= 1, got {getattr(self, key)!r}")
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+            raise ConfigError(f"cluster.gpus_per_node: must be an integer >= 0, got {self.gpus_per_node!r}")
+        for key in ("dashboard_port", "serve_port", "gcs_port"):
+            if not isinstance(getattr(self, key), int) or not 1024 <= getattr(self, key) <= 65000:
+                raise ConfigError(f"cluster.{key}: must be a port in 1024..65000, got {getattr(self, key)!r}")
+        if self.nodes > 16:
+            raise ConfigError(f"cluster.nodes: at most 16 simulated nodes, got {self.nodes}")
+        if self.auth not in ("token", "disabled"):
+            raise ConfigError(f"cluster.auth: must be 'token' or 'disabled', got {self.auth!r}")
+
+
+def load_spec(path: str | None = None, **overrides: Any) -> ClusterSpec:
+    """Defaults, then the YAML file (cluster/local.yaml by default), then non-None overrides."""
+    values = dict(DEFAULTS)
+    src = Path(path) if path else _PROJECT_DEFAULTS
+    if path and not src.is_file():
+        raise ConfigError(f"cluster config {path!r} does not exist")
+    if src.is_file():
+        loaded = yaml.safe_load(src.read_text()) or {}
+        unknown = set(loaded) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"cluster config {src}: unknown key(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ClusterSpec(**values)
+
+
+@dataclass
+class NodeState:
+    name: str
+    node_manager_port: int
+    pids: list[int] = field(default_factory=list)
+    node_id: str | None = None
+
+
+@dataclass
+class ClusterState:
+    spec: ClusterSpec
+    temp_dir: str
+    nodes: list[NodeState]
+    started_at: float
+    node_ip: str = "127.0.0.1"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.node_ip}:{self.spec.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.dashboard_port}"
+
+    def node(self, name: str) -> NodeState:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"no simulated node named {name!r}; nodes: {', '.join(n.name for n in self.nodes)}")
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("MODELFLEET_HOME", Path.home() / ".modelfleet")) / "cluster"
+
+
+def _state_file() -> Path:
+    return state_dir() / "state.json"
+
+
+def read_state() -> ClusterState | None:
+    f = _state_file()
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    return ClusterState(spec=ClusterSpec(**d["spec"]), temp_dir=d["temp_dir"],
+                        nodes=[NodeState(**n) for n in d["nodes"]], started_at=d["started_at"],
+                        node_ip=d.get("node_ip", "127.0.0.1"))
+
+
+def _write_state(st: ClusterState) -> None:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    tmp = _state_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(st), indent=1))
+    tmp.replace(_state_file())
+
+
+def ray_env(spec: ClusterSpec | None = None) -> dict[str, str]:
+    """Environment for anything that talks to the local cluster (ray CLI, drivers, job clients)."""
+    env = dict(os.environ)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_AUTH_MODE"] = spec.auth if spec else env.get("RAY_AUTH_MODE", "token")
+    # Job entrypoints say `python ...`: on the simulated cluster that must be this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def use_local_cluster_env() -> ClusterState | None:
+    """If a simulated cluster is up, point this process's Ray client at it (address + auth mode)."""
+    st = read_state()
+    if st is not None and _alive(st.nodes[0]):
+        os.environ.setdefault("RAY_ADDRESS", st.gcs_address)
+        os.environ.setdefault("RAY_AUTH_MODE", st.spec.auth)
+    return st
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _ours(temp_dir: str, *, daemons_only: bool = False, gcs: str | None = None) -> set[int]:
+    """PIDs whose command line names our temp dir; ``daemons_only`` leaves out Ray's task and
+    actor workers, which another node's raylet may have forked meanwhile."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            # (The raylet's own command line mentions default_worker.py inside a longer flag.)
+            if daemons_only and (not cmd or cmd[0].startswith("ray::")
+                                 or any(a.endswith("default_worker.py") for a in cmd)):
+                continue
+            # Ray's client server names the GCS address but not the temp dir.
+            if any(temp_dir in a for a in cmd) or (gcs and "ray.util.client.server" in cmd
+                                                   and f"--address={gcs}" in cmd):
+                pids.add(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def _alive(node: NodeState) -> bool:
+    import psutil
+
+    return any(psutil.pid_exists(p) for p in node.pids)
+
+
+def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
+    base = spec.gcs_port
+    lo = 20000 + i * 1000  # each node its own worker-port range: raylets do not coordinate ports
+    resources = {SIMULATED: 1} if spec.gpus_per_node else {}
+    return [f"--num-cpus={spec.cpus_per_node}", f"--num-gpus={spec.gpus_per_node}",
+            f"--resources={json.dumps(resources)}",
+            f"--node-manager-port={base + 10 + i}", f"--object-manager-port={base + 30 + i}",
+            f"--dashboard-agent-listen-port={base + 50 + i}", f"--dashboard-agent-grpc-port={base + 70 + i}",
+            f"--runtime-env-agent-port={base + 90 + i}", f"--metrics-export-port={base + 110 + i}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}",
+            f"--object-store-memory={spec.object_store_memory_mb * 2**20}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+
+def _start(cmd: list[str], spec: ClusterSpec, what: str) -> None:
+    r = subprocess.run(cmd, env=ray_env(spec), capture_output=True, text=True, timeout=180)
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
+        raise ConfigError(f"starting the {what} failed (exit {r.returncode}):\n{tail}")
+
+
+def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
+    """Start a head and ``nodes - 1`` workers; start Serve's HTTP proxy; record every process."""
+    os.environ["RAY_AUTH_MODE"] = spec.auth  # before Ray is imported: it reads the mode once
+    old = read_state()
+    if old is not None and any(_alive(n) for n in old.nodes):
+        raise ConfigError(f"a simulated cluster is already up (GCS {old.gcs_address}); "
+                          "run `modelfleet cluster down` first")
+    _check_ports_free(spec)
+    temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
+    from ray._private.services import get_node_ip_address
+
+    # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.
+    st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(),
+                      node_ip=get_node_ip_address())
+    ray = _ray_bin()
+    for i in range(spec.nodes):
+        name = "head" if i == 0 else f"worker-{i}"
+        before = _ours(temp_dir, daemons_only=True, gcs=st.gcs_address)
+        t0 = time.time()
+        if i == 0:
+            cmd = [ray, "start", "--head", f"--port={spec.gcs_port}",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}",
+                   "--include-dashboard=true", "--ray-client-server-port", str(spec.gcs_port + 130)]
+        else:
+            cmd = [ray, "start", f"--address={st.gcs_address}"]
+        _start(cmd + _node_args(spec, i, temp_dir), spec, f"{name} node")
+        node = NodeState(name=name, node_manager_port=spec.gcs_port + 10 + i,
+                         pids=sorted(_ours(temp_dir, daemons_only=True, gcs=st.gcs_address) - before))
+        st.nodes.append(node)
+        _write_state(st)  # after every node: a failed `up` can still be taken `down`
+        log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_per_node} GPU) in {time.time() - t0:.1f} s")
+    _resolve_node_ids(st)
+    _write_state(st)
+    _start_serve_proxy(st)
+    return st
+
+
+def _check_ports_free(spec: ClusterSpec) -> None:
+    import socket
+
+    for port, what in ((spec.gcs_port, "gcs_port"), (spec.dashboard_port, "dashboard_port"),
+                       (spec.serve_port, "serve_port")):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise ConfigError(f"cluster.{what}: port {port} on 127.0.0.1 is already in use; "
+                                  f"choose another with --{what.replace('_', '-')}")
+
+
+def _driver(st: ClusterState) -> Any:
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = st.spec.auth
+    if not ray.is_initialized():
+        ray.init(address=st.gcs_address, log_to_driver=False, logging_level="ERROR")
+    return ray
+
+
+def _resolve_node_ids(st: ClusterState, timeout_s: float = 60) -> None:
+    ray = _driver(st)
+    deadline = time.time() + timeout_s
+    while True:
+        by_port = {n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for node in st.nodes:
+            node.node_id = by_port.get(node.node_manager_port)
+        if all(n.node_id for n in st.nodes):
+            return
+        if time.time() > deadline:
+            missing = [n.name for n in st.nodes if not n.node_id]
+            raise ConfigError(f"nodes {missing} did not register with the head within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def _start_serve_proxy(st: ClusterState) -> None:
+    from ray import serve
+
+    _driver(st)
+    # One proxy on the head: every node shares 127.0.0.1, so per-node proxies would collide.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": st.spec.serve_port})
+
+
+def status(st: ClusterState) -> list[dict[str, Any]]:
+    """One row per node: name, node id, alive, total and free resources."""
+    os.environ["RAY_AUTH_MODE"] = st.spec.auth
+    from ray.util.state import list_nodes
+
+    nodes = {n.node_id: n for n in list_nodes(address=st.dashboard_url, limit=100, raise_on_missing_output=False)}
+    ray = _driver(st)
+    free = ray._private.state.available_resources_per_node()  # noqa: SLF001 - no public per-node view
+    rows = []
+    for node in st.nodes:
+        info = nodes.get(node.node_id)
+        total = dict(getattr(info, "resources_total", {}) or {})
+        avail = free.get(node.node_id, {})
+        rows.append({"name": node.name, "node_id": node.node_id, "state": getattr(info, "state", "UNKNOWN"),
+                     "cpu": f"{avail.get('CPU', 0):g}/{total.get('CPU', 0):g}",
+                     "gpu": f"{avail.get('GPU', 0):g}/{total.get('GPU', 0):g}"})
+    return rows
+
+
+def _kill_tree(pids: list[int], sig: int) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def kill_node(st: ClusterState, name: str) -> NodeState:
+    """SIGKILL one worker node's raylet and everything under it (a failure drill)."""
+    node = st.node(name)
+    if node.name == "head":
+        raise ConfigError("kill-node head would take the whole cluster down; use `modelfleet cluster down`")
+    if not _alive(node):
+        raise ConfigError(f"node {name!r} is not running")
+    _kill_tree(node.pids, signal.SIGKILL)
+    return node
+
+
+def down(st: ClusterState) -> int:
+    """Stop every process ``up`` started (workers first, then the head); returns how many."""
+    import psutil
+
+    if os.environ.get("RAY_ADDRESS") == st.gcs_address:
+        os.environ.pop("RAY_ADDRESS")
+    pids = [p for n in reversed(st.nodes) for p in n.pids if psutil.pid_exists(p)]
+    # Processes Ray started later under our temp dir (workers, agents) belong to us too.
+    extra = sorted(_ours(st.temp_dir, gcs=st.gcs_address) - set(pids))
+    _kill_tree(pids + extra, signal.SIGTERM)
+    left = [p for p in pids + extra if psutil.pid_exists(p)]
+    _kill_tree(left, signal.SIGKILL)
+    _state_file().unlink(missing_ok=True)
+    return len(pids) + len(extra)
