@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config, train_worker_pids
+from mf_testutil import tiny_config, train_worker_pids
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from mf_testutil import tiny_config
 from modelfleet.config import ConfigError
 from modelfleet.data.ingest import DataError
 from modelfleet.train import CheckpointError, train
