@@ -6,7 +6,7 @@ from typing import Any
 
 
 def connect(**kwargs: Any) -> str:
-    from modelfleet.cluster.connect import connect as _connect
+    from modelfleet.cluster.connection import connect as _connect
 
     return _connect(**kwargs)
 

@@ -197,10 +197,11 @@ def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
 
 
-def _start(cmd: list[str], spec: ClusterSpec, what: str) -> None:
+def _start(cmd: list[str], spec: ClusterSpec, what: str, *, quiet: bool = False) -> None:
     r = subprocess.run(cmd, env=ray_env(spec), capture_output=True, text=True, timeout=180)
     if r.returncode != 0:
-        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
+        # quiet: the command's output is a secret (the auth token); never echo it.
+        tail = "" if quiet else "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
         raise ConfigError(f"starting the {what} failed (exit {r.returncode}):\n{tail}")
 
 
@@ -212,6 +213,10 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
         raise ConfigError(f"a simulated cluster is already up (GCS {old.gcs_address}); "
                           "run `modelfleet cluster down` first")
     _check_ports_free(spec)
+    if spec.auth == "token":
+        # `ray start` refuses token mode without a token; on a fresh machine make one
+        # (~/.ray/auth_token, kept if it exists) the way Ray's own CLI documents.
+        _start([_ray_bin(), "get-auth-token", "--generate"], spec, "auth token generation", quiet=True)
     temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
     from ray._private.services import get_node_ip_address
 

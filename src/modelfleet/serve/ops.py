@@ -20,7 +20,7 @@ def _attach(*, start_local: bool) -> bool:
     """Join the running cluster; start a local one only if allowed. Returns True if started here."""
     import ray
 
-    from modelfleet.cluster.connect import connect
+    from modelfleet.cluster.connection import connect
 
     if ray.is_initialized():
         return False
