@@ -60,6 +60,9 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
             # reloads weights in place (reconfigure) without restarting replicas.
             user_config={"artifact": m.artifact},
             max_surge_percent=m.max_surge_percent,
+            health_check_period_s=m.health_check_period_s,
+            health_check_timeout_s=m.health_check_timeout_s,
+            graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s,
             logging_config=_logging(cfg),
         )
         if m.autoscaling is not None:

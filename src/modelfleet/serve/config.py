@@ -101,6 +101,11 @@ class ModelSpec(_Strict):
     max_surge_percent: int = Field(100, ge=0, le=100,
                                    description="Extra replicas during a rolling update; > 0 starts new replicas "
                                                "before old ones stop (no gap in capacity).")
+    health_check_period_s: float = Field(5.0, gt=0, description="How often Serve calls each replica's health check.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A check that fails or takes longer marks the "
+                                                                  "replica unhealthy: Serve replaces it.")
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description="How long a stopping replica (scale-down, "
+                                                                       "update) may finish in-flight requests.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":

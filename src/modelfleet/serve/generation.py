@@ -85,7 +85,10 @@ def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generato
     """One token id from a row's logits ([vocab]); temperature 0 is greedy."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shift by the max and divide in float64: a tiny valid temperature (1e-45, 5e-324) would
+    # otherwise make inf - inf or 0/0 = NaN and fail the whole batch this request shares.
+    x = logits.double()
+    probs = torch.softmax((x - x.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # Drop a token when the tokens before it already reach top_p; the top token always stays.

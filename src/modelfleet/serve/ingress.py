@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import reprlib
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -18,7 +19,9 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
@@ -56,8 +59,24 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     field = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
     msg = f"{field}: {err['msg']}"
     if err.get("type") not in ("missing", "json_invalid") and "input" in err:
-        msg += f" (got {repr(err['input'])[:80]})"
+        msg += f" (got {reprlib.repr(err['input'])[:80]})"  # reprlib: bounded depth for hostile nesting
     return JSONResponse(oa.error_body(msg, param=field, code="invalid_value"), status_code=400)
+
+
+# Bodies that json.loads cannot read for reasons other than syntax reach FastAPI's bare
+# "There was an error parsing the body"; name the reason instead.
+_BODY_ERRORS = {UnicodeDecodeError: "request body is not valid UTF-8 JSON",
+                RecursionError: "request body JSON is nested too deeply to parse"}
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Every error, including FastAPI's own (404 route, 405 method, unreadable body), in OpenAI's envelope.
+    cause = type(exc.__cause__) if exc.__cause__ is not None else None
+    msg = next((m for t, m in _BODY_ERRORS.items() if cause and issubclass(cause, t)), None)
+    if msg is None:
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(oa.error_body(msg), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _reject(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -104,6 +123,15 @@ def _overloaded(e: BackPressureError) -> APIError:
     retry = e.retry_after_s if e.retry_after_s is not None else 1
     return APIError(e.status_code, f"server overloaded ({e.message}); retry after {retry:g} s",
                     type="server_error", code="overloaded", headers={"Retry-After": str(max(1, round(retry)))})
+
+
+def _replica_lost(e: RayActorError) -> APIError:
+    # The replica died or became unreachable mid-request (killed, crashed, node lost). Nothing was
+    # sent to the client yet and generation has no side effects: a retry is safe and will reach
+    # a live replica, so answer 503 with Retry-After (the client retries; a 500 would not be).
+    return APIError(503, f"the model replica handling this request stopped before answering "
+                         f"({type(e).__name__}); retry the request", type="server_error",
+                    code="replica_unavailable", headers={"Retry-After": "1"})
 
 
 def _headers(r: dict[str, Any]) -> dict[str, str]:
@@ -183,7 +211,10 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self) -> oa.ModelList:
-        infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        try:
+            infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        except RayActorError as e:
+            raise _replica_lost(e) from None
         now = int(time.time())
         return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
                                                context_length=i["context_length"], replica_pid=i["pid"])
@@ -217,6 +248,8 @@ class Ingress:
             raise _overloaded(e) from None
         except DeploymentUnavailableError as e:
             raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
+        except RayActorError as e:
+            raise _replica_lost(e) from None
         if "error" in r:
             raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
                            code="context_length_exceeded", headers={"x-modelfleet-replica-pid": str(r["pid"])})

@@ -90,6 +90,12 @@ class LMServer:
 
     def _job(self, prompt: str, sampling: dict[str, Any]) -> Job:
         lo = self._require()
+        special = getattr(lo.tokenizer, "eos_token", None)
+        if special and special in prompt:
+            # Like tiktoken's default: special tokens sent as text are refused, not silently
+            # encoded as plain bytes a caller may believe ended the document.
+            raise PromptError(f"prompt contains the special token {special!r}; special tokens cannot be "
+                              "sent as text (remove it, or end the prompt where it stands)", "prompt")
         ids = lo.tokenizer.encode(prompt) or [lo.tokenizer.eos_id]  # empty prompt = start of a document
         limit, n = lo.block_size, len(ids)
         if n >= limit:

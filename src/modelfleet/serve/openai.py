@@ -8,16 +8,31 @@ OpenAI clients work unchanged.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # The byte model has no chat tokens: turns are plain-text headers and the next header stops
 # generation, so a model trained on this format ends its answer where the next turn begins.
 CHAT_TURN = "### {role}:\n"
 CHAT_STOP = "\n### "
+_TURN_HEADER = re.compile(r"^### (System|User|Assistant):", re.MULTILINE | re.IGNORECASE)
+
+
+def _unicode(v: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"): valid JSON, not valid text. Refuse them here
+    # with a 400 instead of failing in the tokenizer.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"is not valid Unicode (a lone surrogate at character {e.start}); send UTF-8 text") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -28,7 +43,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Served model id; defaults to the first model.")
+    model: Text | None = Field(None, description="Served model id; defaults to the first model.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -37,7 +52,7 @@ class _Sampling(BaseModel):
     stream: bool = Field(False, description="Stream Server-Sent Events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
-    user: str | None = Field(None, description="End-user id (accepted, unused).")
+    user: Text | None = Field(None, description="End-user id (accepted, unused).")
     frequency_penalty: Literal[0, 0.0] = 0.0
     presence_penalty: Literal[0, 0.0] = 0.0
 
@@ -47,7 +62,7 @@ class _Sampling(BaseModel):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("must be up to 4 non-empty strings")
-        return stops
+        return [_unicode(s) for s in stops]
 
     def sampling(self) -> dict[str, Any]:
         """The generation parameters the model deployment needs (plain data: crosses processes)."""
@@ -56,7 +71,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(description="The text to continue.")
+    prompt: Text = Field(description="The text to continue.")
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
@@ -65,8 +80,19 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _no_turn_headers(cls, v: str) -> str:
+        # The prompt format marks turns with "### Role:" lines; content carrying one could forge
+        # a system or assistant turn (prompt injection), so it is refused rather than passed on.
+        m = _TURN_HEADER.search(v)
+        if m:
+            raise ValueError(f"contains the chat turn header {m.group(0)!r} at the start of a line, which "
+                             "would forge another turn; remove it or indent it")
+        return v
 
 
 class ChatCompletionRequest(_Sampling):
