@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
+BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation
 bench: $(STAMP)
-	$(PY) bench/serve_latency.py
+	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py; done
+
+bench-quick: $(STAMP)
+	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py $$( [ $$b = zero_memory ] || echo --quick); done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -134,6 +134,30 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app", default="modelfleet", help="Serve application name (serve.app_name)")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from modelfleet.train.memory import format_plan, plan, refusal
+
+    cfg = _load(args)
+    gib = args.gpu_memory_gib
+    if gib is None:
+        import torch
+
+        gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    p = plan(cfg, gpu_memory_gib=gib)
+    print(format_plan(p, cfg))
+    if not p.fits:
+        print(f"modelfleet plan: error: {refusal(p)}", file=sys.stderr)
+        return 2
+    print(f"fits: {p.total / 2**30:.1f} of {gib:g} GiB per GPU")
+    return 0
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                   help="memory of one GPU (default: this machine's GPU, else 80)")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from modelfleet.serve.ops import pipeline_main
 
@@ -166,6 +190,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("send a prompt to a running app (OpenAI API), optionally streaming", _add_generate, cmd_generate),
     "status": ("Serve applications, deployments and replicas with their state", _add_status, cmd_status),
     "deploy": ("move a served model to another artifact with zero downtime", _add_deploy, cmd_deploy),
+    "plan": ("predict per-GPU memory of a training config; refuse one that cannot fit", _add_plan, cmd_plan),
     "pipeline": ("train, export and deploy the serve section in one go (jobs/pipeline.py)", _config_args, cmd_pipeline),
     "cluster": ("simulated multi-node cluster on this machine: up, status, down, kill-node",
                 _cluster_args("cluster"), _cluster("cluster")),

@@ -12,8 +12,11 @@ def build_ds_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``deepspeed.initialize`` (one source of truth: our Config)."""
     t, ds = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    # 16-bit precision is for real GPUs: there, overlap gradient
+    # reduction with backward. On CPU (gloo) overlapping only adds copies on the same cores.
+    on_gpus = t.precision in ("bf16", "fp16")
     if ds.zero_stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=on_gpus, contiguous_gradients=True)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:

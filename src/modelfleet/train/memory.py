@@ -1,0 +1,121 @@
+"""Per-GPU memory plan for a training config, before anything launches (``modelfleet plan``).
+
+Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3): with Adam
+and mixed precision a parameter costs 2 bytes (16-bit weight) + 2 (16-bit gradient) + 12 (fp32
+master, momentum, variance); stage 1 shards the 12, stage 2 also the gradient, stage 3 all 16.
+In fp32 the weight and gradient cost 4 each and DeepSpeed keeps a separate fp32 master partition.
+Two DeepSpeed buffers the paper leaves out are added: bf16's fp32 gradient accumulator and the
+ZeRO-2 reduce bucket. Activations follow Korthikanti et al. 2022 (``34*s*b*h`` bytes per layer in
+16-bit, SDPA's fused kernels keep no ``s*s`` scores); with activation checkpointing only each
+block's input (``2*s*b*h``) stays, plus one block's full activations during its recompute.
+``docs/benchmarks.md`` compares these predictions with peaks measured on an H100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from modelfleet.config import Config
+
+GIB = 2**30
+# DeepSpeed's default ZeRO-2 reduce bucket (elements) when the config does not set one.
+REDUCE_BUCKET = 500_000_000
+# CUDA context, allocator fragmentation and NCCL buffers: a fixed allowance per GPU.
+RUNTIME_OVERHEAD = 1.5 * GIB
+
+
+@dataclass
+class MemoryPlan:
+    params: int
+    """Parameter count (each tied tensor once)."""
+    world: int
+    """Data-parallel ranks the states are sharded over."""
+    weights: float
+    grads: float
+    optimizer: float
+    buffers: float
+    activations: float
+    overhead: float
+    capacity: float
+    """Bytes of memory per GPU the plan is checked against."""
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.buffers + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+
+def model_state_bytes(params: int, stage: int, world: int, precision: str) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes per rank, ZeRO-paper accounting."""
+    half = precision in ("bf16", "fp16")
+    w, g = (2.0, 2.0) if half else (4.0, 4.0)
+    opt = 12.0  # fp32 master + Adam m + v (DeepSpeed keeps the fp32 master in fp32 training too)
+    if stage == 0:
+        opt -= 0 if half else 4.0  # plain data parallel in fp32: the weights are the master copy
+    per = {0: (w, g, opt), 1: (w, g, opt / world), 2: (w, g / world, opt / world),
+           3: (w / world, g / world, opt / world)}[stage]
+    return tuple(params * b for b in per)  # type: ignore[return-value]
+
+
+def activation_bytes(cfg: Config) -> float:
+    """Activation memory of one micro-batch per rank (forward kept for backward)."""
+    m, t = cfg.model, cfg.train
+    s, b, h, L = m.block_size, t.micro_batch_size, m.n_embd, m.n_layer
+    elem = 2 if t.precision in ("bf16", "fp16") else 4
+    per_layer = 34 * s * b * h * elem / 2  # Korthikanti's 34 counts 16-bit elements
+    # Logits in the compute dtype plus the fp32 copy cross-entropy makes, and its gradient.
+    logits = s * b * m.vocab_size * (elem + 8)
+    if t.activation_checkpointing:
+        return L * s * b * h * elem + per_layer + logits
+    return L * per_layer + logits
+
+
+def plan(cfg: Config, *, gpu_memory_gib: float, params: int | None = None) -> MemoryPlan:
+    """Predict per-GPU memory for ``cfg`` on ``cfg.train.num_workers`` GPUs of ``gpu_memory_gib``."""
+    from modelfleet.models import build_model, num_params
+
+    if params is None:
+        import torch
+
+        with torch.device("meta"):  # count without allocating: gpt-1b would need 5 GB here
+            params = num_params(build_model(cfg.model))
+    world, stage, prec = cfg.train.num_workers, cfg.deepspeed.zero_stage, cfg.train.precision
+    weights, grads, opt = model_state_bytes(params, stage, world, prec)
+    if cfg.deepspeed.offload_optimizer:
+        opt = 0.0
+    if cfg.deepspeed.offload_params:
+        weights = 0.0
+    buffers = 0.0
+    if prec == "bf16":
+        buffers += 4.0 * params / (world if stage >= 1 else 1)  # fp32 gradient accumulator
+    if stage >= 2:
+        buffers += min(REDUCE_BUCKET, params) * (2 if prec != "fp32" else 4)
+    return MemoryPlan(params=params, world=world, weights=weights, grads=grads, optimizer=opt,
+                      buffers=buffers, activations=activation_bytes(cfg), overhead=RUNTIME_OVERHEAD,
+                      capacity=gpu_memory_gib * GIB)
+
+
+def format_plan(p: MemoryPlan, cfg: Config) -> str:
+    rows = [("weights", p.weights), ("gradients", p.grads), ("optimizer states", p.optimizer),
+            ("DeepSpeed buffers", p.buffers), ("activations", p.activations),
+            ("runtime overhead", p.overhead), ("total per GPU", p.total), ("GPU memory", p.capacity)]
+    head = (f"{cfg.preset}: {p.params / 1e6:,.1f} M params, ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"{cfg.train.precision}, {p.world} GPUs, micro-batch {cfg.train.micro_batch_size} x "
+            f"{cfg.model.block_size}, activation checkpointing "
+            f"{'on' if cfg.train.activation_checkpointing else 'off'}")
+    return "\n".join([head, *(f"  {k:<18} {v / GIB:8.2f} GiB" for k, v in rows)])
+
+
+def refusal(p: MemoryPlan) -> str:
+    """One sentence saying why a plan does not fit and what would make it fit."""
+    return (f"train: the config needs about {p.total / GIB:.1f} GiB per GPU but a GPU has "
+            f"{p.capacity / GIB:.1f} GiB; lower train.micro_batch_size, turn on "
+            f"train.activation_checkpointing, raise deepspeed.zero_stage or train.num_workers, or "
+            f"offload with deepspeed.offload_optimizer")
