@@ -8,21 +8,14 @@ training's workers each hold their own logical CPUs (the reservation of the clus
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import median, save, tiny_dataset
+from common import median, save, step_times, tiny_dataset
 from serve_common import load, model_spec, publish_tiny, ray_start, ray_stop, serve_app
-
-
-def _steps(run_dir: str, cfg) -> list[float]:
-    recs = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    tps = cfg.train.micro_batch_size * cfg.train.num_workers * cfg.model.block_size
-    return [tps / r["tokens_per_s"] for r in recs if r["kind"] == "step"]
 
 
 def main() -> int:
@@ -51,7 +44,7 @@ def main() -> int:
         url = serve_app(str(work), args.port, [model_spec("tiny", "tiny")]) + "/v1/completions"
         idle_serve = load(url, 60, 1).summary()
         c = cfg("idle")
-        idle_train = median(_steps(train(c, export=False, show_progress=False).run_dir, c)[warm:])
+        idle_train = median(step_times(train(c, export=False, show_progress=False).run_dir, c)[warm:])
 
         # Serving latency while training runs: sequential requests for as long as training lasts.
         c = cfg("beside-serving")
@@ -81,7 +74,7 @@ def main() -> int:
         h = threading.Thread(target=hammer)
         h.start()
         try:
-            busy_train = median(_steps(train(c, export=False, show_progress=False).run_dir, c)[warm:])
+            busy_train = median(step_times(train(c, export=False, show_progress=False).run_dir, c)[warm:])
         finally:
             stop.set()
             h.join()

@@ -58,6 +58,14 @@ def tiny_dataset(root: Path, block_size: int = 128) -> str:
     return str(path)
 
 
+def step_times(run_dir: str, cfg: Any) -> list[float]:
+    """Seconds of each training step from a run's metrics.jsonl: each step record's tokens/s
+    covers exactly that step (eval and checkpoint time excluded)."""
+    recs = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.num_workers * cfg.model.block_size
+    return [tokens_per_step / r["tokens_per_s"] for r in recs if r["kind"] == "step"]
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import median, save, table, tiny_dataset
+from common import median, save, step_times, table, tiny_dataset
 
 
 def _ddp_rank(rank: int, world: int, data_path: str, steps: int, cfg_dict: dict, port: int, out: str) -> None:
@@ -76,10 +76,8 @@ def modelfleet_run(cfg) -> tuple[list[float], dict]:
     from modelfleet.train import train
 
     res = train(cfg, export=False, show_progress=False)
+    times = step_times(res.run_dir, cfg)
     recs = [json.loads(line) for line in Path(res.run_dir, "metrics.jsonl").read_text().splitlines()]
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.num_workers * cfg.model.block_size
-    # Each step record's tokens/s covers exactly that step (eval and checkpoint time excluded).
-    times = [tokens_per_step / r["tokens_per_s"] for r in recs if r["kind"] == "step"]
     first = next((r for r in recs if r["kind"] == "first_step"), {})
     return times, {**res.timings, "worker_init_s": first.get("init_s"), "first_step_s": first.get("first_step_s")}
 

@@ -58,7 +58,6 @@ def _engine_bytes(engine: Any) -> dict[str, int]:
 
 
 def _loop(config: dict[str, Any]) -> None:
-    import os
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
