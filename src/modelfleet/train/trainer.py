@@ -249,7 +249,7 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
-        raise TrainingFailedError(f"training run {cfg.storage.run_name!r} failed: {_root_cause(e)}") from e
+        raise TrainingFailedError(_failure_message(cfg, root, e)) from e
     finally:
         sink.stop()
         ray.kill(queue.actor)
@@ -267,6 +267,16 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
             {"run": res.run_name, "step": res.checkpoint_step, "metrics": res.metrics,
              "artifact": res.artifact.uri if res.artifact else None, "timings": res.timings}, indent=1))
     return res
+
+
+def _failure_message(cfg: Config, root: str, e: BaseException) -> str:
+    """What failed, that the restart budget is spent, and where a resubmission would resume."""
+    name, budget = cfg.storage.run_name, cfg.train.max_failures
+    found, _ = ck.latest_complete(root, name)
+    where = (f"its last complete checkpoint is step {found.step}; continue it with --resume {name} "
+             "once the cause is fixed" if found else "it left no complete checkpoint")
+    return (f"training run {name!r} failed and train.max_failures={budget} allows no more restarts: "
+            f"{_root_cause(e)}; {where}")
 
 
 def _root_cause(e: BaseException) -> str:
