@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -13,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from mf_testutil import read_records as _records
 from mf_testutil import tiny_config, train_worker_pids
 
 pytestmark = pytest.mark.slow
-
-
-def _records(run_dir: str) -> list[dict]:
-    path = Path(run_dir, "metrics.jsonl")
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")

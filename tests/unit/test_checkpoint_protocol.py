@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from modelfleet.train import checkpoint as ck
 
@@ -14,7 +15,8 @@ def _make(root: Path, run: str, step: int, world: int = 2, complete: bool = True
     for rank in range(world):
         local = root / f"local-{step}-{rank}"
         (local / ck.DS_TAG).mkdir(parents=True)
-        (local / ck.DS_TAG / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank]) * 64)
+        # A real torch.save file: validate() also reads every pickle with the restricted unpickler.
+        torch.save({"state": torch.full((16,), float(rank))}, local / ck.DS_TAG / f"zero_pp_rank_{rank}_optim_states.pt")
         ck.write_rank_marker(str(local), rank, world, step)
         for p in local.rglob("*"):  # Ray Train merges every rank's directory into one
             if p.is_file():

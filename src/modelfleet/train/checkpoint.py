@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from modelfleet.train import pickles
+
 DS_TAG = "state"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -109,6 +111,12 @@ def validate(fs: pafs.FileSystem, ckpt: str, *, verify_hashes: bool = True) -> d
                 if h.hexdigest() != meta["sha256"]:
                     raise CheckpointError(f"checkpoint {name} is corrupt: rank {rank}'s file {rel} "
                                           f"does not match its recorded sha256")
+    # Markers cannot vouch for content (whoever writes the storage can rewrite them): DeepSpeed
+    # unpickles its shards, so each pickle must hold only data before anything loads it.
+    try:
+        pickles.check_dir(fs, ckpt)
+    except pickles.UnsafePickleError as e:
+        raise CheckpointError(f"checkpoint {name} is unsafe: {e}") from None
     return info
 
 
