@@ -4,7 +4,6 @@ FastAPI + uvicorn in one process (no Ray, no proxy, no batching across requests 
     python bench/uvicorn_baseline.py ARTIFACT_DIR --port 8411
 """
 
-from __future__ import annotations
 
 import argparse
 import sys
