@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mf_testutil import publish_tiny_models
 from modelfleet.serve.client import iter_sse
 
 PORT = 8123  # not 8000: another engineer may run Serve there
@@ -28,24 +29,8 @@ KEY = "sk-test-7f3a9c1e5b"
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory):
     """A registry with tiny@v1 and tiny@v2 (different random weights) and their greedy answers."""
-    import torch
-
-    from modelfleet import registry
-    from modelfleet.config import load_config
-    from modelfleet.data.tokenizer import ByteTokenizer
-    from modelfleet.models import build_model
-    from modelfleet.models.gpt import generate
-    from modelfleet.train.export import write_artifact_dir
-
     storage = tmp_path_factory.mktemp("serve-storage")
-    cfg = load_config(preset="tiny", overrides=[f"storage.path={storage}"])
-    tok, answers = ByteTokenizer(), {}
-    for seed, version in ((1, "v1"), (2, "v2")):
-        torch.manual_seed(seed)
-        model = build_model(cfg.model).eval()
-        registry.publish(str(storage), "tiny", write_artifact_dir(model, cfg, {}))
-        ids = torch.tensor([tok.encode(PROBE)])
-        answers[version] = tok.decode(generate(model, ids, 8, temperature=0)[0, ids.size(1):])
+    answers = publish_tiny_models(storage, (1, 2), PROBE)
     assert answers["v1"] != answers["v2"], "the two random models must answer differently"
     return storage, answers
 
