@@ -17,7 +17,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (sections: model, data, train, deepspeed, storage)")
     p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the same, as an option (jobs/)")
-    p.add_argument("--preset", help="start from this preset (tiny, small, gpt2-124m, gpt-1b)")
+    p.add_argument("--preset", help="start from this preset (tiny, small, gpt2-124m, gpt-1b, digits-cnn, "
+                   "diabetes-linear, breast-cancer-linear, topics-lstm, interactions-mf)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set deepspeed.zero_stage=2 (repeatable)")
 
@@ -33,6 +34,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from modelfleet.data.tokenizer import ByteTokenizer
 
     cfg = _load(args)
+    if cfg.model.family != "gpt":
+        from modelfleet.models import get_family
+
+        meta = get_family(cfg.model.family).prepare(cfg, overwrite=args.overwrite)
+        print(f"prepared {meta['train_rows']} train / {meta['val_rows']} validation / {meta['test_rows']} "
+              f"test rows of {cfg.data.sources[0]} for family {cfg.model.family} -> {cfg.data.path}")
+        return 0
     meta = prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer(), overwrite=args.overwrite)
     print(f"prepared {meta['train_rows']} train / {meta['val_rows']} validation sequences of "
           f"{meta['seq_len']} tokens from {meta['num_documents']} documents -> {cfg.data.path}")
@@ -104,7 +112,33 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from modelfleet.serve.ops import deploy_main
 
+    if args.if_better:
+        from modelfleet.serve.gate import check
+        from modelfleet.serve.ops import _attach
+
+        _attach(start_local=False)
+        decision = check(args.app, args.name, args.artifact, args.if_better, data=args.data)
+        print(f"quality gate: {decision.explain()}")
+        if not decision.promote:
+            return 1
     return deploy_main(args.app, args.name, args.artifact)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from modelfleet.evaluate import evaluate_main
+
+    return evaluate_main(args)
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="name, name@vN, or an artifact path/URI")
+    p.add_argument("--data", required=True, help="a dataset written by `modelfleet prepare` (its raw/<split>)")
+    p.add_argument("--split", default="test", help="split to score (default: test)")
+    p.add_argument("--kfold", type=int, metavar="K", help="instead: K-fold cross-validation as K training runs "
+                   "of the artifact's config on the dataset's train+val rows")
+    p.add_argument("--storage", default="storage", help="storage root of the registry and runs")
+    p.add_argument("--out", help="report directory (default: <storage>/evaluations/<name>-<version>)")
+    p.add_argument("--concurrency", type=int, default=2, help="batch-inference actors")
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -132,6 +166,9 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="served model name (serve.models[].name)")
     p.add_argument("--artifact", required=True, help="vN, latest, name@vN, or an artifact path/URI")
     p.add_argument("--app", default="modelfleet", help="Serve application name (serve.app_name)")
+    p.add_argument("--if-better", metavar="METRIC", help="promote only if the artifact beats the served one "
+                   "on METRIC (accuracy, f1_macro, r2, mse, recall@10, perplexity, ...)")
+    p.add_argument("--data", help="dataset for --if-better (default: the candidate's training dataset)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -190,6 +227,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("send a prompt to a running app (OpenAI API), optionally streaming", _add_generate, cmd_generate),
     "status": ("Serve applications, deployments and replicas with their state", _add_status, cmd_status),
     "deploy": ("move a served model to another artifact with zero downtime", _add_deploy, cmd_deploy),
+    "evaluate": ("score an artifact on held-out data with Ray Data, or K-fold; JSON + PNG report",
+                 _add_evaluate, cmd_evaluate),
     "plan": ("predict per-GPU memory of a training config; refuse one that cannot fit", _add_plan, cmd_plan),
     "pipeline": ("train, export and deploy the serve section in one go (jobs/pipeline.py)", _config_args, cmd_pipeline),
     "cluster": ("simulated multi-node cluster on this machine: up, status, down, kill-node",

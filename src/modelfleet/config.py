@@ -29,8 +29,10 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    family: Literal["gpt"] = "gpt"
-    """Model family from the registry in ``modelfleet.models``."""
+    family: str = "gpt"
+    """Model family from the registry in ``modelfleet.models`` (``gpt``, ``hf-causal-lm``, ``cnn``,
+    ``lstm``, ``linear``, ``mf``). The fields below up to ``bias`` describe ``gpt``; other
+    families read ``params``."""
     vocab_size: int = 264
     """Embedding rows; must be >= the tokenizer's vocabulary (byte tokenizer: 257, padded to 264)."""
     n_layer: int = 2
@@ -45,8 +47,16 @@ class ModelConfig:
     """Dropout probability in attention and MLP (0 for exact export checks)."""
     bias: bool = False
     """Use bias in Linear and LayerNorm layers."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Family-specific settings, checked by the family's own config dataclass (e.g. for ``cnn``:
+    ``channels``, ``hidden``); empty for ``gpt``."""
 
     def __post_init__(self) -> None:
+        if self.family != "gpt" or self.params:
+            # Families other than gpt own their settings; importing the registry costs torch.
+            from modelfleet.models import get_family
+
+            get_family(self.family).parse_params(self.params)
         for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             _check(getattr(self, k) > 0, f"model.{k}", f"must be > 0, got {getattr(self, k)}")
         _check(self.n_embd % self.n_head == 0, "model.n_head",
@@ -71,8 +81,13 @@ class DataConfig:
     """Sequences per Parquet shard."""
     seed: int = 0
     """Seed for the deterministic shuffle and split at prepare time."""
+    test_fraction: float = 0.2
+    """Fraction held out as the test split (datasets of families other than gpt); evaluation
+    and quality gates read it, training never does."""
 
     def __post_init__(self) -> None:
+        _check(0.0 < self.test_fraction < 0.5, "data.test_fraction",
+               f"must be in (0, 0.5), got {self.test_fraction}")
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction",
                f"must be in (0, 0.5), got {self.val_fraction}")
         _check(self.rows_per_shard > 0, "data.rows_per_shard", f"must be > 0, got {self.rows_per_shard}")
@@ -265,8 +280,55 @@ def gpt_1b() -> Config:
     return c
 
 
+def _family(preset: str, family: str, source: str, *, max_steps: int, lr: float,
+            micro_batch_size: int = 32) -> Config:
+    """A small-data family preset: ZeRO-3 on 2 CPU workers, one evaluation every 25 steps, a
+    checkpoint only at the end (a run takes seconds; export needs just the last one)."""
+    from modelfleet.models import get_family
+
+    return Config(
+        preset=preset,
+        model=ModelConfig(family=family, params=get_family(family).default_params()),
+        data=DataConfig(sources=[source], path=f"storage/data/{preset}", val_fraction=0.1),
+        train=TrainConfig(micro_batch_size=micro_batch_size, max_steps=max_steps, lr=lr, warmup_steps=5,
+                          weight_decay=0.0, eval_every=25, checkpoint_every=0, eval_batches=8),
+        deepspeed=DeepSpeedConfig(zero_stage=3),
+    )
+
+
+def digits_cnn() -> Config:
+    """28x28 digit images (scikit-learn's digits, resized) -> a small CNN classifier."""
+    return _family("digits-cnn", "cnn", "sklearn:digits", max_steps=160, lr=3e-3)
+
+
+def diabetes_linear() -> Config:
+    """scikit-learn's diabetes table (missing values injected) -> linear regression."""
+    c = _family("diabetes-linear", "linear", "sklearn:diabetes", max_steps=150, lr=0.03, micro_batch_size=16)
+    c.model.params["minmax_columns"] = ["s1", "s2", "s3", "s4", "s5", "s6"]  # blood serum readings
+    return c
+
+
+def breast_cancer_linear() -> Config:
+    """scikit-learn's breast-cancer table (missing values injected) -> logistic regression."""
+    return _family("breast-cancer-linear", "linear", "sklearn:breast_cancer", max_steps=100, lr=0.03,
+                   micro_batch_size=16)
+
+
+def topics_lstm() -> Config:
+    """Seeded topic sentences (a generator with learnable structure) -> an LSTM text classifier."""
+    return _family("topics-lstm", "lstm", "synthetic:topics", max_steps=120, lr=5e-3)
+
+
+def interactions_mf() -> Config:
+    """Seeded user-item interactions from latent tastes -> a matrix-factorization recommender."""
+    return _family("interactions-mf", "mf", "synthetic:interactions", max_steps=150, lr=2e-2, micro_batch_size=64)
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": tiny, "small": small, "gpt2-124m": gpt2_124m, "gpt-1b": gpt_1b,
+    "digits-cnn": digits_cnn, "diabetes-linear": diabetes_linear,
+    "breast-cancer-linear": breast_cancer_linear, "topics-lstm": topics_lstm,
+    "interactions-mf": interactions_mf,
 }
 
 

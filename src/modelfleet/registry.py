@@ -153,12 +153,13 @@ def fetch(uri: str) -> str:
 
 
 def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, manifest) from an artifact dir; checks the weights' sha256."""
+    """(model in eval mode, preprocessor, manifest) from an artifact dir; checks the weights'
+    sha256. The preprocessor is what the family turns raw input with: the tokenizer of a
+    language model, the fitted ``Transform`` of the other families."""
     from safetensors.torch import load_model
 
     from modelfleet.config import ModelConfig
-    from modelfleet.data.tokenizer import tokenizer_from_spec
-    from modelfleet.models import build_model
+    from modelfleet.models import get_family
 
     local = fetch(uri)
     manifest = read_json(local, "manifest.json")
@@ -167,7 +168,8 @@ def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str,
         raise ArtifactError(f"artifact {uri!r} has no {WEIGHTS}")
     if sha256_file(weights) != manifest.get("weights_sha256"):
         raise ArtifactError(f"artifact {uri!r}: {WEIGHTS} does not match the sha256 in manifest.json")
-    model = build_model(ModelConfig(**read_json(local, "config.json")))
+    mcfg = ModelConfig(**read_json(local, "config.json"))
+    family = get_family(mcfg.family)
+    model = family.build_for_artifact(mcfg, local)
     load_model(model, weights, device=device)
-    tokenizer = tokenizer_from_spec(read_json(local, "tokenizer.json"))
-    return model.eval(), tokenizer, manifest
+    return model.eval(), family.load_preprocessor(local, manifest), manifest

@@ -29,8 +29,8 @@ def make_model(seed: int = 0, sharpen: bool = False, **kw) -> GPT:
 
 def test_build_model_and_unknown_family():
     assert isinstance(build_model(make_cfg()), GPT)
-    with pytest.raises(ValueError, match=r"model\.family.*'cnn'.*gpt"):
-        build_model(make_cfg(family="cnn"))
+    with pytest.raises(ValueError, match=r"model\.family.*'nope'.*gpt"):
+        build_model(make_cfg(family="nope"))
 
 
 def test_init_is_deterministic():

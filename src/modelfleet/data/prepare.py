@@ -24,6 +24,17 @@ from modelfleet.data.ingest import DataError, iter_documents, resolve_sources
 
 def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite: bool = False) -> dict:
     """Tokenize ``cfg.sources`` into ``cfg.path``; returns the dataset's meta.json contents."""
+    # Bytes are the byte tokenizer's ids: one vectorised conversion per document.
+    def encode(doc: str) -> np.ndarray:
+        return np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    return write_token_rows(cfg, seq_len, encode, tokenizer.eos_id, tokenizer.spec(), overwrite=overwrite)
+
+
+def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, tokenizer_spec: dict,
+                     *, overwrite: bool = False) -> dict:
+    """Documents -> ``encode`` -> rows of ``seq_len + 1`` token ids in train/val Parquet shards
+    (also used by ``hf-causal-lm`` with a Hugging Face tokenizer)."""
     if not cfg.path:
         raise DataError("data.path: is empty; set where the prepared dataset goes")
     out = Path(cfg.path)
@@ -34,8 +45,8 @@ def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite:
     for doc in iter_documents(paths, cfg.format, cfg.text_column):
         if not doc:
             continue  # an empty file is not a document (and must not become a lone eos token)
-        ids = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-        chunks.append(np.append(ids, np.int32(tokenizer.eos_id)))
+        ids = np.asarray(encode(doc), dtype=np.int32)
+        chunks.append(np.append(ids, np.int32(eos_id)))
         n_docs += 1
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
     row = seq_len + 1
@@ -47,7 +58,7 @@ def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite:
     rows = rows[np.random.default_rng(cfg.seed).permutation(n_rows)]
     n_val = min(n_rows - 1, max(1, round(n_rows * cfg.val_fraction)))
     meta = {
-        "format_version": 1, "seq_len": seq_len, "tokenizer": tokenizer.spec(),
+        "format_version": 1, "seq_len": seq_len, "tokenizer": tokenizer_spec,
         "train_rows": n_rows - n_val, "val_rows": n_val, "train_tokens": (n_rows - n_val) * seq_len,
         "num_documents": n_docs, "sources": [str(p) for p in paths], "seed": cfg.seed,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -21,6 +21,15 @@ from modelfleet.config import ConfigError
 from modelfleet.serve.config import ServeConfig, parse_serve_config
 from modelfleet.serve.ingress import Ingress
 from modelfleet.serve.model import LMServer
+from modelfleet.serve.predict import Predictor
+
+
+def _server_for(artifact: str, storage_path: str) -> Any:
+    """LMServer (OpenAI API) for language-model families, Predictor for the others."""
+    from modelfleet.models import get_family
+
+    manifest = registry.read_json(registry.resolve(storage_path, artifact).uri, "manifest.json")
+    return LMServer if get_family(manifest.get("family", "gpt")).serves_openai else Predictor
 
 
 def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
@@ -46,7 +55,8 @@ def _logging(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
-    """The Serve application: one ``LMServer`` deployment per model behind one FastAPI ingress."""
+    """The Serve application: one deployment per model (``LMServer`` for language models,
+    ``Predictor`` for the other families) behind one FastAPI ingress."""
     cfg = config_from_args(args)
     handles = {}
     for m in cfg.models:
@@ -69,7 +79,8 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
             opts["autoscaling_config"] = m.autoscaling.to_serve()
         else:
             opts["num_replicas"] = m.num_replicas
-        handles[m.name] = LMServer.options(**opts).bind(m.model_dump(), cfg.storage_path)
+        server = _server_for(m.artifact, cfg.storage_path)
+        handles[m.name] = server.options(**opts).bind(m.model_dump(), cfg.storage_path)
     return Ingress.options(
         name="ingress",
         num_replicas=cfg.ingress.num_replicas,

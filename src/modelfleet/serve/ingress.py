@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -104,7 +104,7 @@ async def _guard(request: Request, call_next: Any) -> Response:
     else:
         resp = await call_next(request)
     resp.headers["x-modelfleet-ingress-pid"] = str(os.getpid())
-    route = path if path in _ROUTES else "other"
+    route = path if path in _ROUTES else "predict" if path.endswith("/predict") else "other"
     tags = {"route": route, "status": str(resp.status_code)}
     st.m_requests.inc(tags=tags)
     st.m_latency.observe(time.perf_counter() - t0, tags={"route": route})
@@ -240,6 +240,30 @@ class Ingress:
                                                                             finish_reason=r["finish_reason"])],
                                          usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
         return JSONResponse(resp.model_dump(), headers=_headers(r))
+
+    @app.post("/v1/models/{name}/predict", response_model=None)
+    async def predict(self, name: str, body: Any = Body(None)) -> Response:
+        """Typed predictions of a non-LM family: the replica validates ``body`` against the family's
+        schema (it knows the artifact), so a bad field is a 422 naming it."""
+        name, handle = self._handle(name)
+        try:
+            r = await handle.predict.remote(body)
+        except BackPressureError as e:
+            raise _overloaded(e) from None
+        except DeploymentUnavailableError as e:
+            raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
+        except Exception as e:  # noqa: BLE001 - a language model has no predict method
+            if "predict" not in str(e):
+                raise
+            raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
+                           code="wrong_endpoint") from None
+        if "error" in r:
+            raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
+                           code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
+        return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")},
+                            headers={"x-modelfleet-replica-pid": str(r["pid"]),
+                                     "x-modelfleet-batch-size": str(r["batch_size"]),
+                                     "x-modelfleet-artifact": r["artifact"]})
 
     async def _call(self, pending: Any) -> dict[str, Any]:
         try:

@@ -40,7 +40,7 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
     import torch
     from safetensors.torch import load_file
 
-    from modelfleet.models import build_model
+    from modelfleet.models import build_model, get_family
 
     ck.validate(c.fs, c.uri)
     local = ck.download(c, tempfile.mkdtemp(prefix="mf-export-"))
@@ -58,15 +58,20 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
     verify_path = os.path.join(local, ck.VERIFY_FILE)
     if os.path.isfile(verify_path):
         probe = load_file(verify_path)
+        inputs = {k: v for k, v in probe.items() if k != "logits"}
         with torch.no_grad():
-            logits = model(probe["tokens"].long())
+            logits = get_family(cfg.model.family).forward(model, inputs)
         verify_diff = float((logits.float() - probe["logits"]).abs().max())
         tol = VERIFY_TOLERANCE[cfg.train.precision]
         if verify_diff > tol:
             raise ck.CheckpointError(f"export of {c.uri}: consolidated logits differ from the live "
                                      f"engine's by {verify_diff:.3g} (> {tol}); not publishing")
     name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
-    out = write_artifact_dir(model, cfg, {
+    from modelfleet.data.families import TRANSFORM_FILE
+
+    transform_path = os.path.join(local, TRANSFORM_FILE)
+    transform = json.load(open(transform_path)) if os.path.isfile(transform_path) else None
+    out = write_artifact_dir(model, cfg, transform=transform, extra={
         "run_id": run_name,
         "step": tstate["state"]["step"],
         "metrics": tstate.get("metrics", {}),
@@ -88,24 +93,27 @@ def _fill_tied(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
-def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any]) -> str:
+def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any], *,
+                       transform: dict[str, Any] | None = None) -> str:
     """A local directory in artifact layout for ``registry.publish`` (also used by tests and
-    benchmarks that need an artifact without a training run)."""
+    benchmarks that need an artifact without a training run). ``transform`` is the fitted
+    preprocessing state of families other than gpt (saved as transform.json)."""
     from safetensors.torch import save_model
 
-    from modelfleet.data.tokenizer import ByteTokenizer
+    from modelfleet.models import get_family
 
     out = tempfile.mkdtemp(prefix="mf-artifact-")
     weights = os.path.join(out, registry.WEIGHTS)
     save_model(model, weights)  # dedups the tied embedding / lm_head tensor
-    tok = ByteTokenizer()
-    _dump(out, "config.json", cfg.model.__dict__)
-    _dump(out, "tokenizer.json", tok.spec())
-    _dump(out, "manifest.json", {
+    dump_json(out, "config.json", cfg.model.__dict__)
+    family = get_family(cfg.model.family)
+    spec = family.write_preprocessor(out, cfg, transform)
+    family.write_extra(model, cfg, out)
+    dump_json(out, "manifest.json", {
         "format_version": 1,
         "family": cfg.model.family,
         "config": cfg.to_dict(),
-        "tokenizer": tok.spec(),
+        **spec,
         "weights_sha256": registry.sha256_file(weights),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
@@ -113,7 +121,7 @@ def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any]) -> str:
     return out
 
 
-def _dump(d: str, name: str, obj: Any) -> None:
+def dump_json(d: str, name: str, obj: Any) -> None:
     with open(os.path.join(d, name), "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
 

@@ -20,12 +20,8 @@ from modelfleet.config import Config
 from modelfleet.train import checkpoint as ck
 
 
-def _tokens(batch: dict[str, Any]):
-    import torch
-
-    t = batch["tokens"]
-    arr = np.stack(t) if t.dtype == object else np.asarray(t)
-    return torch.from_numpy(arr.astype(np.int64))
+def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class _Progress:
@@ -54,7 +50,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
-    from modelfleet.models import build_model
+    from modelfleet.models import build_model, get_family
     from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
     ds_logger.setLevel("WARNING")
@@ -65,6 +61,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
+    family = get_family(cfg.model.family)  # asked for collation, loss and the export probe
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -86,20 +83,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum
-    tokens_per_step = mbs * ga * world * cfg.model.block_size
+    tokens_per_step = mbs * ga * world * family.units_per_sample(cfg)
     step, micro, accum_loss = state["step"], 0, 0.0
     last = time.time()
     first_step_done = False
     val_batches: list[Any] | None = None  # read once: each Ray Data pass costs seconds to start
+    # Small-table families train for many short epochs; a Ray Data pass costs seconds to start,
+    # so they keep this worker's shard from the first pass in memory for the epochs after it.
+    cached: list[Any] | None = [] if family.cache_epochs else None
     while step < t.max_steps:
         skip, n_batches = state["batch_in_epoch"], 0
-        for i, batch in enumerate(train_shard.iter_batches(batch_size=mbs, drop_last=True,
-                                                           batch_format="numpy", prefetch_batches=2)):
+        batches = cached if cached else train_shard.iter_batches(batch_size=mbs, drop_last=True,
+                                                                 batch_format="numpy", prefetch_batches=2)
+        for i, batch in enumerate(batches):
+            if cached is not None and batches is not cached:
+                cached.append(batch)
             n_batches += 1
             if i < skip:  # resume at the same data position inside the epoch
                 continue
-            seq = _tokens(batch).to(engine.device)
-            loss = engine(seq[:, :-1], seq[:, 1:])
+            loss = family.loss(engine, _to(family.collate(batch), engine.device))
             engine.backward(loss)
             engine.step()
             accum_loss += loss.item()
@@ -125,12 +127,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics: dict[str, Any] = {"step": step, "loss": mean_loss.item() / world}
             if (t.eval_every and step % t.eval_every == 0) or final:
                 if val_batches is None:
-                    val_batches = list(_eval_batches(val_shard, cfg))
-                val_loss = _evaluate(engine, val_batches)
+                    val_batches = list(_eval_batches(val_shard, cfg, family))
+                val_loss = _evaluate(engine, val_batches, family)
                 metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or final:
-                verify = _probe(engine, val_batches) if final else None
+                verify = _probe(engine, val_batches, family) if final else None
                 _save(engine, cfg, state, metrics, rank, world, verify)
                 progress.send("checkpoint", step=step)
             last = time.time()  # eval and checkpoint time is not step time
@@ -145,15 +147,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
 
 
-def _eval_batches(shard: Any, cfg: Config) -> Iterator[Any]:
+def _eval_batches(shard: Any, cfg: Config, family: Any) -> Iterator[Any]:
     it = shard.iter_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, batch_format="numpy")
     for i, b in enumerate(it):
         if i >= cfg.train.eval_batches:
             break
-        yield _tokens(b)
+        yield family.collate(b)
 
 
-def _evaluate(engine: Any, batches: list[Any]) -> float:
+def _evaluate(engine: Any, batches: list[Any], family: Any) -> float:
     """Mean validation loss over every rank's first ``eval_batches`` micro-batches."""
     import torch
     import torch.distributed as dist
@@ -164,9 +166,8 @@ def _evaluate(engine: Any, batches: list[Any]) -> float:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for seq in batches[: int(n.item())]:
-            seq = seq.to(engine.device)
-            total[0] += engine(seq[:, :-1], seq[:, 1:]).item()
+        for b in batches[: int(n.item())]:
+            total[0] += family.loss(engine, _to(b, engine.device)).item()
             total[1] += 1
     engine.train()
     dist.all_reduce(total)
@@ -176,16 +177,16 @@ def _evaluate(engine: Any, batches: list[Any]) -> float:
     return float(total[0] / total[1])
 
 
-def _probe(engine: Any, val_batches: list[Any]) -> dict[str, Any]:
-    """Logits of the live engine on a fixed input: export checks the artifact reproduces them."""
+def _probe(engine: Any, val_batches: list[Any], family: Any) -> dict[str, Any]:
+    """Outputs of the live engine on a fixed input: export checks the artifact reproduces them."""
     import torch
 
-    seq = val_batches[0][:2, :-1]
+    inputs = family.probe(val_batches[0])
     engine.eval()
     with torch.no_grad():
-        logits = engine(seq.to(engine.device)).float().cpu()
+        logits = family.forward(engine, _to(inputs, engine.device)).float().cpu()
     engine.train()
-    return {"tokens": seq.contiguous(), "logits": logits.contiguous()}
+    return {**inputs, "logits": logits.contiguous()}
 
 
 def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world: int,
@@ -193,6 +194,8 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
     """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
     import torch.distributed as dist
     from safetensors.torch import save_file, save_model
+
+    from modelfleet.data.families import TRANSFORM_FILE
 
     step = state["step"]
     local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
@@ -211,6 +214,9 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
                 save_model(engine.module, os.path.join(local, "module.safetensors"))
             if verify is not None:
                 save_file(verify, os.path.join(local, ck.VERIFY_FILE))
+            transform = os.path.join(cfg.data.path, TRANSFORM_FILE)
+            if os.path.isfile(transform):  # the fitted preprocessing travels with the weights
+                shutil.copy(transform, os.path.join(local, TRANSFORM_FILE))
         ck.write_rank_marker(local, rank, world, step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=ck.step_dir_name(step))

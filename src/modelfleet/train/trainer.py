@@ -38,12 +38,14 @@ class TrainResult:
 
 def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
     """Checks that need no cluster. Returns the prepared dataset's meta; sets the run name."""
-    from modelfleet.data.prepare import check_seq_len, read_meta
+    from modelfleet.data.prepare import read_meta
+    from modelfleet.models import get_family
 
     if not cfg.data.path:
         raise ConfigError("data.path: is empty; set it to a directory written by `modelfleet prepare`")
     meta = read_meta(cfg.data.path)
-    check_seq_len(meta, cfg.model.block_size)
+    # The family checks the dataset fits the model and fills sizes the data decides.
+    get_family(cfg.model.family).preflight(cfg, meta)
     per_step = cfg.train.micro_batch_size * cfg.train.num_workers
     for split in ("train", "val"):
         if meta[f"{split}_rows"] < per_step:
@@ -51,9 +53,6 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
                 f"data.path: the {split} split of {cfg.data.path} has {meta[f'{split}_rows']} sequences, "
                 f"fewer than train.micro_batch_size x train.num_workers = {per_step}; add data or "
                 f"lower the batch")
-    if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
-                          f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})")
     root = ck.runs_root(cfg.storage.path)
     fs, base = pafs.FileSystem.from_uri(root)
     if resume:

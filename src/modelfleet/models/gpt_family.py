@@ -1,0 +1,90 @@
+"""The ``gpt`` family: the from-scratch byte-level GPT of ``models/gpt.py`` on prepared token rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from modelfleet.config import Config, ConfigError, ModelConfig
+from modelfleet.models.family import Family
+
+
+class GPTFamily(Family):
+    name = "gpt"
+    task = "lm"
+    primary_metric = "perplexity"
+    serves_openai = True
+    cache_epochs = False
+
+    def build(self, cfg: ModelConfig) -> Any:
+        from modelfleet.models.gpt import GPT
+
+        return GPT(cfg)
+
+    def prepare(self, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
+        from modelfleet.data.prepare import prepare_dataset
+        from modelfleet.data.tokenizer import ByteTokenizer
+
+        return prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer(), overwrite=overwrite)
+
+    def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
+        from modelfleet.data.prepare import check_seq_len
+
+        check_seq_len(meta, cfg.model.block_size)
+        if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
+                              f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})")
+
+    def write_preprocessor(self, out_dir: str, cfg: Config, transform: dict[str, Any] | None) -> dict[str, Any]:
+        from modelfleet.data.tokenizer import ByteTokenizer
+        from modelfleet.train.export import dump_json
+
+        spec = ByteTokenizer().spec()
+        dump_json(out_dir, "tokenizer.json", spec)
+        return {"tokenizer": spec}
+
+    def load_preprocessor(self, local_dir: str, manifest: dict[str, Any]) -> Any:
+        import json
+        import os
+
+        from modelfleet.data.tokenizer import tokenizer_from_spec
+
+        with open(os.path.join(local_dir, "tokenizer.json")) as f:
+            return tokenizer_from_spec(json.load(f))
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        t = batch["tokens"]
+        arr = np.stack(t) if t.dtype == object else np.asarray(t)
+        return {"tokens": torch.from_numpy(arr.astype(np.int64))}
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        seq = batch["tokens"]
+        return model(seq[:, :-1], seq[:, 1:])
+
+    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
+        return model(batch["tokens"])
+
+    def probe(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": batch["tokens"][:2, :-1].contiguous()}
+
+    def units_per_sample(self, cfg: Config) -> int:
+        return cfg.model.block_size
+
+    def predict_batch(self, model: Any, transform: Any, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return lm_predict_batch(model, raw)
+
+
+def lm_predict_batch(model: Any, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token rows -> summed next-token negative log-likelihood and token counts (perplexity)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = raw["tokens"]
+    seq = torch.from_numpy((np.stack(t) if t.dtype == object else np.asarray(t)).astype(np.int64))
+    with torch.no_grad():
+        logits = model(seq[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), seq[:, 1:], reduction="none").sum(-1)
+    return {"nll": nll.numpy(), "tokens": np.full(len(seq), seq.size(1) - 1)}

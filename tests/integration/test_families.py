@@ -1,0 +1,311 @@
+"""Model families end to end on real Ray Train + DeepSpeed ZeRO-3 (CPU, 2 workers): prepare the
+offline dataset, train, export, evaluate on the held-out test split with Ray Data, serve over
+real HTTP (port 8250), k-fold, and the quality gate.
+
+One training run per family, shared by the module (trained on first use)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PORT = 8250  # ours alone: other suites serve on 8000, 8100, 8123
+BASE = f"http://127.0.0.1:{PORT}"
+PRESETS = {"cnn": "digits-cnn", "linear": "diabetes-linear", "lstm": "topics-lstm", "mf": "interactions-mf"}
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, storage):
+    """family -> (config, TrainResult), each trained once, on first use."""
+    from modelfleet.config import load_config
+    from modelfleet.models import get_family
+    from modelfleet.train import train
+
+    done: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in done:
+            preset = PRESETS[family]
+            cfg = load_config(preset=preset, overrides=[
+                f"storage.path={storage}", f"data.path={storage / 'data' / preset}", f"storage.run_name={preset}"])
+            get_family(family).prepare(cfg)
+            done[family] = (cfg, train(cfg, show_progress=False))
+        return done[family]
+
+    return get
+
+
+def _evaluate(runs, family: str) -> dict:
+    from modelfleet.evaluate import evaluate_artifact
+
+    cfg, res = runs(family)
+    assert res.artifact is not None, "training left no artifact"
+    manifest = json.loads(Path(res.artifact.uri, "manifest.json").read_text())
+    assert manifest["family"] == family and manifest["config"]["deepspeed"]["zero_stage"] == 3
+    assert manifest["export_max_abs_logit_diff"] <= 1e-4  # the artifact reproduces the live engine
+    out = evaluate_artifact(res.artifact.uri, cfg.data.path)
+    print(family, json.dumps({k: v for k, v in out["metrics"].items() if k not in ("per_class", "confusion_matrix")}))
+    return out["metrics"]
+
+
+# ---------------------------------------------------------------- quality bars on held-out data
+
+def test_cnn_digits_accuracy_at_least_095(runs):
+    m = _evaluate(runs, "cnn")
+    assert m["n"] >= 300 and np.array(m["confusion_matrix"]).sum() == m["n"]
+    assert m["accuracy"] >= 0.95, m
+    assert m["f1_macro"] >= 0.94 and len(m["per_class"]) == 10
+
+
+def test_linear_diabetes_r2_at_least_04(runs):
+    m = _evaluate(runs, "linear")
+    assert m["r2"] >= 0.4, m
+    assert m["mae"] < 60  # the target's own units (disease progression, std ~77)
+
+
+def test_lstm_topics_accuracy_well_above_chance(runs):
+    m = _evaluate(runs, "lstm")
+    # Four topics: chance is 0.25; a third of each sentence's words carry its topic.
+    assert m["accuracy"] >= 0.8, m
+
+
+def test_mf_recall_at_10_well_above_chance(runs):
+    m = _evaluate(runs, "mf")
+    # Chance recall@10 is 10/120 = 0.083; users draw 80% of their items from one item group.
+    assert m["chance_recall@10"] < 0.1
+    assert m["recall@10"] >= 3 * m["chance_recall@10"], m
+    assert m["ndcg@10"] > m["chance_recall@10"]
+
+
+def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(runs):
+    from modelfleet import registry
+    from modelfleet.data.families import read_raw
+
+    cfg, res = runs("linear")
+    train_raw = read_raw(cfg.data.path, "train")
+    _, transform, _ = registry.load_artifact(res.artifact.uri)
+    kinds = {s["type"].rsplit(".", 1)[-1] for s in transform.state["steps"]}
+    assert {"simple_imputer", "standard_scaler", "min_max_scaler", "one_hot_encoder"} <= kinds, kinds
+    imputed = next(s["stats"] for s in transform.state["steps"] if "mean(bmi)" in s["stats"])
+    # The imputer's mean is the training split's mean (test rows never leak into it).
+    assert imputed["mean(bmi)"] == pytest.approx(train_raw["bmi"].mean())
+    full = np.concatenate([train_raw["bmi"], read_raw(cfg.data.path, "test")["bmi"]])
+    assert imputed["mean(bmi)"] != pytest.approx(np.nanmean(full), rel=1e-9)
+    # A missing value is imputed, then scaled: the row equals the row with bmi set to the mean.
+    row = train_raw.drop(columns=["target"]).iloc[[0]].copy()
+    row["bmi"] = np.nan
+    filled = row.copy()
+    filled["bmi"] = train_raw["bmi"].mean()
+    np.testing.assert_allclose(transform.features(row), transform.features(filled), rtol=1e-6, atol=1e-6)
+    assert transform.features(row).shape[1] == 11  # 9 numeric + sex one-hot (2)
+
+
+# ---------------------------------------------------------------- serving over HTTP
+
+@pytest.fixture(scope="module")
+def served(runs, storage):
+    """One Serve app (port 8250) serving the four trained artifacts by registry name."""
+    from ray import serve
+
+    from modelfleet.serve.app import deploy
+
+    models = []
+    for family in PRESETS:
+        _, res = runs(family)
+        models.append({"name": family, "artifact": f"{res.artifact.name}@{res.artifact.version}",
+                       "ray_actor_options": {"num_cpus": 0.25},
+                       "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    deploy({"app_name": "families", "route_prefix": "/families", "port": PORT, "storage_path": str(storage),
+            "ingress": {"num_cpus": 0.05}, "models": models})
+    yield f"{BASE}/families"
+    serve.shutdown()
+
+
+def _predict(client: httpx.Client, url: str, model: str, instances: list) -> httpx.Response:
+    return client.post(f"{url}/v1/models/{model}/predict", json={"instances": instances})
+
+
+def _in_process(runs, family: str, instances: list[dict]) -> list[dict]:
+    from modelfleet import registry
+    from modelfleet.models import get_family
+
+    _, res = runs(family)
+    model, transform, _ = registry.load_artifact(res.artifact.uri)
+    fam = get_family(family)
+    schema = fam.request_model(transform)
+    return fam.predict(model, transform, [schema.model_validate(i) for i in instances])
+
+
+def test_predict_endpoint_serves_every_family_over_http(runs, served):
+    from modelfleet.data.families import read_raw
+
+    cnn_cfg, _ = runs("cnn")
+    test = read_raw(cnn_cfg.data.path, "test").iloc[:16]
+    images = [{"image": np.asarray(img).reshape(28, 28).round(3).tolist()} for img in test["image"]]
+    lin_cfg, _ = runs("linear")
+    rows = read_raw(lin_cfg.data.path, "test").iloc[:4].drop(columns=["target"])
+    records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+               for r in rows.to_dict("records")]
+    records[0]["bmi"] = None  # a missing value is imputed at serving time as in training
+    with httpx.Client(timeout=120) as c:
+        r = _predict(c, served, "cnn", images)
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert len(preds) == 16 and r.json()["model"] == "cnn"
+        hits = sum(p["label"] == str(y) for p, y in zip(preds, test["label"]))
+        assert hits >= 14, (hits, [p["label"] for p in preds], test["label"].tolist())
+        assert [p["label"] for p in preds] == [p["label"] for p in _in_process(runs, "cnn", images)]
+        assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-3
+
+        r = _predict(c, served, "linear", records)
+        assert r.status_code == 200, r.text
+        served_values = [p["value"] for p in r.json()["predictions"]]
+        local = [p["value"] for p in _in_process(runs, "linear", records)]
+        np.testing.assert_allclose(served_values, local, rtol=1e-5)
+        assert all(25 <= v <= 350 for v in served_values)  # the target's own units
+
+        r = _predict(c, served, "lstm", [{"text": "the coach saw the team score a goal in the match"},
+                                         {"text": "bake the bread and add cheese to the soup"}])
+        assert r.status_code == 200, r.text
+        assert [p["label"] for p in r.json()["predictions"]] == ["sports", "food"]
+
+        mf_cfg, _ = runs("mf")
+        seen = set(json.loads(Path(mf_cfg.data.path, "transform.json").read_text())["seen"][7])
+        r = _predict(c, served, "mf", [{"user": 7, "k": 5}])
+        assert r.status_code == 200, r.text
+        items = r.json()["predictions"][0]["items"]
+        assert len(items) == 5 and not seen & set(items)
+        scores = r.json()["predictions"][0]["scores"]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_predict_validation_errors_are_422_naming_the_field(served):
+    cases = [
+        ("cnn", [{"image": [[0.0] * 28] * 27}], "instances.0.image"),
+        ("cnn", [{"image": [[0.0] * 28] * 28, "extra": 1}], "instances.0.extra"),
+        ("linear", [{"age": 50, "bmx": 1.0}], "instances.0.bmx"),
+        ("linear", [{"age": 50}, {"bmi": "heavy"}], "instances.1.bmi"),
+        ("lstm", [{"text": ""}], "instances.0.text"),
+        ("mf", [{"user": 10_000}], "instances.0.user"),
+        ("mf", [], "instances"),
+    ]
+    with httpx.Client(timeout=60) as c:
+        for model, instances, field in cases:
+            r = _predict(c, served, model, instances)
+            assert r.status_code == 422, (model, field, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["param"] == field and err["message"].startswith(field), (model, err)
+        r = c.post(f"{served}/v1/models/cnn/predict", json={"inputs": []})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
+        r = _predict(c, served, "nope", [{"user": 1}])
+        assert r.status_code == 404 and "mf" in r.json()["error"]["message"]
+        assert _predict(c, served, "mf", [{"user": 1}]).status_code == 200  # the replica still answers
+
+
+def test_concurrent_predicts_share_a_batch(served):
+    import asyncio
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(c.post(f"{served}/v1/models/lstm/predict",
+                                                 json={"instances": [{"text": f"vote in the election {i}"}]})
+                                          for i in range(8)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert all(r.json()["predictions"][0]["label"] == "politics" for r in responses)
+    assert max(int(r.headers["x-modelfleet-batch-size"]) for r in responses) > 1
+
+
+# ---------------------------------------------------------------- evaluate CLI, k-fold, quality gate
+
+def test_evaluate_command_writes_json_and_png(runs, storage, tmp_path, capsys):
+    from modelfleet.cli import main
+
+    cfg, res = runs("cnn")
+    out = tmp_path / "report"
+    assert main(["evaluate", res.artifact.uri, "--data", cfg.data.path, "--out", str(out),
+                 "--storage", str(storage)]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["metrics"]["accuracy"] >= 0.95 and report["task"] == "classification"
+    assert report["loss_curve"]["step"][-1] == 160
+    for png in ("confusion_matrix.png", "loss_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kfold_returns_k_scores(runs, storage):
+    from modelfleet import registry
+    from modelfleet.config import Config
+    from modelfleet.train.kfold import kfold
+
+    cfg, res = runs("linear")
+    kcfg = Config.from_dict(registry.read_json(res.artifact.uri, "manifest.json")["config"])
+    kcfg.train.max_steps = 40
+    kcfg.train.lr = 0.08
+    kcfg.train.micro_batch_size = 8  # a fold's validation split has 18 rows
+    out = kfold(kcfg, 2, cfg.data.path)
+    print("kfold", json.dumps(out["summary"]["r2"]))
+    assert out["k"] == 2 and len(out["scores"]) == 2 and out["primary_metric"] == "r2"
+    assert len({f["rows_held_out"] for f in out["folds"]}) <= 2
+    assert sum(f["rows_held_out"] for f in out["folds"]) == 310 + 44  # train + val, each row held out once
+    assert all(np.isfinite(s) and s > 0 for s in out["scores"]), out["scores"]
+    assert out["summary"]["r2"]["mean"] == pytest.approx(np.mean(out["scores"]))
+
+
+def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
+    import torch
+
+    from modelfleet import registry
+    from modelfleet.cli import main
+    from modelfleet.models import build_model
+    from modelfleet.train.export import write_artifact_dir
+
+    cfg, res = runs("linear")
+    manifest = registry.read_json(res.artifact.uri, "manifest.json")
+    from modelfleet.config import Config
+
+    trained_cfg = Config.from_dict(manifest["config"])
+    torch.manual_seed(0)
+    untrained = build_model(trained_cfg.model).eval()  # same shape and transform, no training
+    worse = registry.publish(str(storage), res.artifact.name, write_artifact_dir(
+        untrained, trained_cfg, {}, transform=registry.read_json(res.artifact.uri, "transform.json")))
+    assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families", "--if-better", "r2"]) == 1
+    out = capsys.readouterr().out
+    assert "refuse" in out and f"@{worse.version} r2=" in out and f"@{res.artifact.version} r2=" in out
+    with httpx.Client(timeout=60) as c:
+        models = {m["id"]: m["artifact"] for m in c.get(f"{served}/v1/models").json()["data"]}
+    assert models["linear"] == f"{res.artifact.name}@{res.artifact.version}"  # still the trained one
+    assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families", "--if-better", "nope"]) == 2
+    assert "valid metrics" in capsys.readouterr().err
+
+
+def test_breast_cancer_table_is_imputed_and_encoded_for_classification(ray_session):
+    from modelfleet.config import load_config
+    from modelfleet.models import get_family
+
+    cfg = load_config(preset="breast-cancer-linear")
+    fam = get_family("linear")
+    raw = fam.load_raw("sklearn:breast_cancer", seed=0)
+    assert raw["mean_radius"].isna().mean() > 0.05  # missing values were injected
+    splits = fam.split(raw, cfg.data)
+    t = fam.fit_transform(splits["train"], cfg.model)
+    assert fam.task_of(t) == "classification" and t.class_names == ["0", "1"]
+    ready = t.apply({k: v.to_numpy() for k, v in splits["test"].items()})
+    assert ready["x"].shape == (len(splits["test"]), 30) and np.isfinite(ready["x"]).all()
+    assert set(ready["y"].tolist()) == {0, 1}
+    # Standard scaling was fitted on the training rows: their scaled columns have mean ~0.
+    train_x = t.apply({k: v.to_numpy() for k, v in splits["train"].items()})["x"]
+    assert np.abs(train_x.mean(axis=0)).max() < 0.05
