@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick soak clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py $$( [ $$b = zero_memory ] || echo --quick); done
+
+# Reliability soak (minutes, not in CI): steady load, a random replica killed every 60 s;
+# prints success rate after retries and memory growth (see docs/reliability.md).
+SOAK_MINUTES ?= 5
+soak: $(STAMP)
+	$(PY) tests/reliability/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
