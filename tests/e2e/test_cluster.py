@@ -84,12 +84,14 @@ def _records(run_dir: Path) -> list[dict]:
 def cluster(tmp_path_factory):
     home = tmp_path_factory.mktemp("mfhome")
     env = _env(home)
-    up = _mf(env, "cluster", "up", "--nodes", "3", "--cpus-per-node", "4", "--gpus-per-node", "2",
-             "--gcs-port", str(GCS), "--dashboard-port", str(DASH), "--serve-port", str(SERVE_PORT), timeout=240)
-    assert "3 nodes" in up.stdout
     try:
+        up = _mf(env, "cluster", "up", "--nodes", "3", "--cpus-per-node", "4", "--gpus-per-node", "2",
+                 "--gcs-port", str(GCS), "--dashboard-port", str(DASH), "--serve-port", str(SERVE_PORT),
+                 timeout=480)
+        assert "3 nodes" in up.stdout
         yield env
     finally:
+        # Also after a failed or timed-out `up`: nothing of ours may outlive the module.
         _mf(env, "cluster", "down", check=False)
         leftovers = subprocess.run(["pgrep", "-f", f"/tmp/modelfleet-{GCS}"], capture_output=True, text=True).stdout
         assert not leftovers.strip(), f"cluster down left processes: {leftovers}"

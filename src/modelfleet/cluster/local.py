@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,6 +224,25 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
     # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.
     st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(),
                       node_ip=get_node_ip_address())
+    # A SIGTERM (a supervisor's timeout, `kill`) must unwind through the cleanup below too.
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
+    try:
+        _start_nodes(st, spec, log)
+        _resolve_node_ids(st)
+        _write_state(st)
+        _start_serve_proxy(st)
+    except BaseException:
+        down(st)  # a failed or interrupted `up` leaves nothing running (`_ours` finds every process)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    return st
+
+
+def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
+    temp_dir = st.temp_dir
     ray = _ray_bin()
     for i in range(spec.nodes):
         name = "head" if i == 0 else f"worker-{i}"
@@ -240,10 +260,6 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
         st.nodes.append(node)
         _write_state(st)  # after every node: a failed `up` can still be taken `down`
         log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_per_node} GPU) in {time.time() - t0:.1f} s")
-    _resolve_node_ids(st)
-    _write_state(st)
-    _start_serve_proxy(st)
-    return st
 
 
 def _check_ports_free(spec: ClusterSpec) -> None:
