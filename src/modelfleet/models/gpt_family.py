@@ -10,7 +10,28 @@ from modelfleet.config import Config, ConfigError, ModelConfig
 from modelfleet.models.family import Family
 
 
-class GPTFamily(Family):
+class TokenRows:
+    """Training on prepared token rows (next-token loss): shared by every causal-LM family."""
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        t = batch["tokens"]
+        arr = np.stack(t) if t.dtype == object else np.asarray(t)
+        return {"tokens": torch.from_numpy(arr.astype(np.int64))}
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        seq = batch["tokens"]
+        return model(seq[:, :-1], seq[:, 1:])
+
+    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
+        return model(batch["tokens"])
+
+    def probe(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": batch["tokens"][:2, :-1].contiguous()}
+
+
+class GPTFamily(TokenRows, Family):
     name = "gpt"
     task = "lm"
     primary_metric = "perplexity"
@@ -52,23 +73,6 @@ class GPTFamily(Family):
 
         with open(os.path.join(local_dir, "tokenizer.json")) as f:
             return tokenizer_from_spec(json.load(f))
-
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        t = batch["tokens"]
-        arr = np.stack(t) if t.dtype == object else np.asarray(t)
-        return {"tokens": torch.from_numpy(arr.astype(np.int64))}
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        seq = batch["tokens"]
-        return model(seq[:, :-1], seq[:, 1:])
-
-    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
-        return model(batch["tokens"])
-
-    def probe(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"tokens": batch["tokens"][:2, :-1].contiguous()}
 
     def units_per_sample(self, cfg: Config) -> int:
         return cfg.model.block_size

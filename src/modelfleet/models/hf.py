@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelfleet.config import Config, ConfigError, ModelConfig
+from modelfleet.models.gpt_family import TokenRows
 from modelfleet.models.family import Family
 
 HF_DIR = "hf"
@@ -101,7 +102,7 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-class HFCausalLMFamily(Family):
+class HFCausalLMFamily(TokenRows, Family):
     name = "hf-causal-lm"
     task = "lm"
     Params = HFParams
@@ -154,21 +155,7 @@ class HFCausalLMFamily(Family):
                               "not this model's tokenizer; re-run `modelfleet prepare` with this config")
 
     # ---------------------------------------------------------------- training
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from modelfleet.models.gpt_family import GPTFamily
-
-        return GPTFamily.collate(self, batch)  # the same token-row layout as gpt
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        seq = batch["tokens"]
-        return model(seq[:, :-1], seq[:, 1:])
-
-    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
-        return model(batch["tokens"])
-
-    def probe(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"tokens": batch["tokens"][:2, :-1].contiguous()}
-
+    # collate, loss, forward and probe: TokenRows (the same token-row layout as gpt)
     def units_per_sample(self, cfg: Config) -> int:
         return self.parse_params(cfg.model.params).block_size
 

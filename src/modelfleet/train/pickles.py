@@ -1,6 +1,6 @@
 """Refuse checkpoint pickles that would run code when loaded.
 
-DeepSpeed saves its shards with ``torch.save`` and loads them with ``torch.load(weights_only=False)``
+DeepSpeed saves its shards with ``torch.save`` and loads them with torch's unrestricted unpickler
 (its checkpoint engine and ``zero_to_fp32`` both do), so whoever can write the storage could make a
 restore or an export run any code: the sha256 markers do not help, an attacker rewrites them too.
 Before a checkpoint is used, every pickle in it is therefore read with torch's restricted
