@@ -43,7 +43,8 @@ def _replaced(app: str, old: set[int], want: int) -> bool:
 
 
 def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_registry):
-    """500 greedy requests at concurrency 8; one of the 2 replicas is SIGKILLed after 100. The
+    """500 greedy requests at concurrency 8; one of the 2 replicas is frozen (SIGSTOP) after 100
+    and SIGKILLed a second later, with requests in flight on it. The
     ingress answers the requests that were on it with 503 + Retry-After, the client retries them:
     zero failures, every answer right, and Serve has a new replica RUNNING within 30 s."""
     storage, answers = tiny_registry
@@ -60,6 +61,10 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
                 if stop_killer.is_set():
                     return
                 victim = sorted(before)[0]
+                # Freeze the victim first so the router keeps handing it requests it never answers,
+                # then kill it: the drill then always hits requests in flight, not an idle replica.
+                os.kill(victim, signal.SIGSTOP)
+                time.sleep(1.0)
                 os.kill(victim, signal.SIGKILL)
                 t_kill = time.monotonic()
                 drill.update(victim=victim, at_request=client_sent())
