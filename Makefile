@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/modelfleet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
 BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation

@@ -217,3 +217,46 @@ def test_training_survives_kill_node(cluster, storage, tiny_data):
     assert len(resumes) == 1 and resumes[0] >= killed["checkpoint"] and resumes[0] < 30, (resumes, killed)
     rows = json.loads(_mf(env, "cluster", "status", "--json").stdout)
     assert next(r for r in rows if r["name"] == killed["node"])["state"] == "DEAD"
+
+
+def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
+    """`modelfleet jobs stop` (Ray's stop_job: SIGTERM to the entrypoint, then its process group)
+    after the first complete checkpoint; the training workers go away; the run resubmitted as a
+    new job with `--resume` continues from its last complete checkpoint, not from step 1."""
+    env = cluster
+    sets = ["--set", f"storage.path={storage}", "--set", f"data.path={tiny_data}", "--set", "train.use_gpu=true",
+            "--set", "train.num_workers=2", "--set", "deepspeed.zero_stage=3", "--set", "train.max_steps=40",
+            "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20", "--set", "train.eval_batches=1",
+            "--set", "storage.run_name=stopme"]
+    _mf(env, "submit", "train", "--preset", "tiny", *sets, "--arg=--no-export", "--submission-id", "stopme-1")
+    run_dir = storage / "runs" / "stopme"
+    deadline = time.time() + 400
+    while not any(r["kind"] == "checkpoint" for r in _records(run_dir)):
+        assert _job_status(env, "stopme-1")["status"] in ("PENDING", "RUNNING"), _job_status(env, "stopme-1")
+        assert time.time() < deadline, "no checkpoint within 400 s"
+        time.sleep(0.2)
+    _mf(env, "jobs", "stop", "stopme-1")
+    t_stop = time.time()
+    s = _wait_job(env, "stopme-1", 120)
+    stop_s = time.time() - t_stop
+    assert s["status"] == "STOPPED", s
+    deadline = time.time() + 60
+    while _train_worker_nodes():  # the stopped job's training workers must not linger
+        assert time.time() < deadline, "training workers still alive 60 s after the job stopped"
+        time.sleep(1)
+    recs = _records(run_dir)
+    at_stop = max(r["step"] for r in recs if r["kind"] == "step")
+    last_ckpt = max(r["step"] for r in recs if r["kind"] == "checkpoint")
+    assert at_stop < 40, f"the job finished (step {at_stop}) before it was stopped"
+
+    _mf(env, "submit", "train", "--preset", "tiny", *sets, "--arg=--no-export", "--arg=--resume", "--arg=stopme",
+        "--submission-id", "stopme-2")
+    s = _wait_job(env, "stopme-2", 600)
+    assert s["status"] == "SUCCEEDED", s
+    after = _records(run_dir)[len(recs):]
+    resumes = [r["step"] for r in after if r["kind"] == "resume"]
+    steps = [r["step"] for r in after if r["kind"] == "step"]
+    print(f"\n[job-stop] stopped at step {at_stop} (last checkpoint {last_ckpt}); STOPPED {stop_s:.1f} s after "
+          f"`jobs stop`; resubmission resumed from {resumes}, trained steps {min(steps)}-{max(steps)}")
+    assert resumes == [last_ckpt], (resumes, last_ckpt)
+    assert min(steps) == last_ckpt + 1 and max(steps) == 40, steps

@@ -93,7 +93,7 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
             recs = _records(run_dir)
             steps = [r["step"] for r in recs if r["kind"] == "step"]
             if any(r["kind"] == "checkpoint" and r["step"] == 10 for r in recs) and steps and max(steps) >= 13:
-                workers = train_worker_pids()
+                workers = train_worker_pids(os.getpid())  # only this session's Ray
                 if workers:
                     pid = workers[-1]
                     os.kill(pid, signal.SIGKILL)
