@@ -186,7 +186,7 @@ def test_training_survives_kill_node(cluster, storage, tiny_data):
     env = cluster
     _mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={storage}",
         "--set", f"data.path={tiny_data}", "--set", "train.use_gpu=true", "--set", "train.num_workers=4",
-        "--set", "train.max_steps=30", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10",
+        "--set", "train.max_steps=80", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=40",
         "--set", "train.eval_batches=1", "--set", "train.max_failures=1", "--set", "storage.run_name=drill",
         "--submission-id", "drill")
     run_dir = storage / "runs" / "drill"
@@ -202,7 +202,11 @@ def test_training_survives_kill_node(cluster, storage, tiny_data):
                 victims = sorted(nodes[n] for n in _train_worker_nodes() if nodes.get(n, "head") != "head")
                 if victims:
                     _mf(env, "cluster", "kill-node", victims[0])
-                    killed.update(node=victims[0], checkpoint=max(done))
+                    # 80 steps leave tens of seconds after the first checkpoint; a run that had
+                    # already finished when the kill landed would make the drill vacuous.
+                    recs = _records(run_dir)
+                    killed.update(node=victims[0], checkpoint=max(done),
+                                  at_step=max(r["step"] for r in recs if r["kind"] == "step"))
                     return
             time.sleep(0.1)
 
@@ -214,7 +218,8 @@ def test_training_survives_kill_node(cluster, storage, tiny_data):
     assert s["status"] == "SUCCEEDED", s
     resumes = [r["step"] for r in _records(run_dir) if r["kind"] == "resume"]
     # Resumed from a complete checkpoint at or after the last one that existed at the kill.
-    assert len(resumes) == 1 and resumes[0] >= killed["checkpoint"] and resumes[0] < 30, (resumes, killed)
+    assert killed["at_step"] < 80, f"the run had finished before the node was killed: {killed}"
+    assert len(resumes) == 1 and resumes[0] >= killed["checkpoint"] and resumes[0] < 80, (resumes, killed)
     rows = json.loads(_mf(env, "cluster", "status", "--json").stdout)
     assert next(r for r in rows if r["name"] == killed["node"])["state"] == "DEAD"
 

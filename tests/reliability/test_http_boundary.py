@@ -165,11 +165,13 @@ def test_valid_request_batched_with_bad_ones_is_unaffected(app):
         assert rs[0].json()["choices"][0]["text"] == answer
         # Greedy in effect: a temperature too small to matter picks the argmax like temperature 0.
         assert rs[1].json()["choices"][0]["text"] == answer
-        sizes.append(int(rs[0].headers["x-modelfleet-batch-size"]))
+        # The first request to reach an idle replica may decode alone (no batch wait at low
+        # load); the two greedy ones are checked above, so either may be the one that batched.
+        sizes.append(max(int(r.headers["x-modelfleet-batch-size"]) for r in rs[:2]))
         if sizes[-1] >= 3:
             break
-    print(f"\n[batch-mates] valid request answered exactly beside bad ones; its batch sizes {sizes}")
-    assert max(sizes) >= 3, f"the valid request never shared a batch: sizes {sizes}"
+    print(f"\n[batch-mates] valid requests answered exactly beside bad ones; their batch sizes {sizes}")
+    assert max(sizes) >= 3, f"no valid greedy request shared a batch: sizes {sizes}"
 
 
 def _api_routes(routes: list, prefix: str = "") -> list[tuple[str, str]]:

@@ -83,34 +83,88 @@ def _reject(status: int, message: str, code: str, headers: dict[str, str] | None
     return JSONResponse(oa.error_body(message, code=code), status_code=status, headers=headers)
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next: Any) -> Response:
-    """Auth, body limit, ingress pid header and HTTP metrics, before any route runs."""
-    st = request.app.state
-    t0 = time.perf_counter()
-    # Under a route prefix the ASGI path still includes it (root_path); match routes without it.
-    path, root = request.url.path, request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    length = request.headers.get("content-length")
-    if path not in auth.PUBLIC_PATHS and not auth.authorized(request.headers.get("authorization"), st.api_key):
-        resp: Response = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                                 "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-    elif length is not None and (not length.isdigit() or int(length) > st.max_body):
-        resp = _reject(413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes",
-                       "body_too_large")
-    elif length is None and request.method == "POST" and len(await request.body()) > st.max_body:
-        resp = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
-    else:
-        resp = await call_next(request)
-    resp.headers["x-modelfleet-ingress-pid"] = str(os.getpid())
-    route = path if path in _ROUTES else "predict" if path.endswith("/predict") else "other"
-    tags = {"route": route, "status": str(resp.status_code)}
+class _Guard:
+    """Auth, body limit, ingress pid header and HTTP metrics, before any route runs.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs the
+    route in a task group with a memory stream per request, which cost ~0.5 ms a request here
+    (measured: 0.37 -> 0.85-1.07 ms per request in process) on the path every request takes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        st, t0 = scope["app"].state, time.perf_counter()
+        # Under a route prefix the ASGI path still includes it (root_path); match routes without it.
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        headers: dict[bytes, bytes] = {}
+        for k, v in scope["headers"]:  # the first of a repeated header counts, as in Starlette
+            if k in (b"authorization", b"content-length"):
+                headers.setdefault(k, v)
+        length = headers[b"content-length"].decode("latin-1") if b"content-length" in headers else None
+        reject: Response | None = None
+        if path not in auth.PUBLIC_PATHS and not auth.authorized(
+                headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None, st.api_key):
+            reject = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                             "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        elif length is not None and (not length.isdigit() or int(length) > st.max_body):
+            reject = _reject(413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes",
+                             "body_too_large")
+        elif length is None and scope["method"] == "POST":
+            # A chunked body has no declared size: read it (at most the limit + 1 chunk), then
+            # hand the route the bytes already read.
+            body, more = b"", True
+            while more and len(body) <= st.max_body:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return  # the client went away
+                body, more = body + msg.get("body", b""), msg.get("more_body", False)
+            if len(body) > st.max_body:
+                reject = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
+            else:
+                receive = _replay(body, receive)
+        route = path if path in _ROUTES else "predict" if path.endswith("/predict") else "other"
+        pid = str(os.getpid()).encode()
+
+        async def send_tagged(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                msg["headers"] = [*msg.get("headers", []), (b"x-modelfleet-ingress-pid", pid)]
+                _count(st, route, msg["status"], t0)
+            await send(msg)
+
+        if reject is not None:
+            await reject(scope, receive, send_tagged)
+            return
+        await self.app(scope, receive, send_tagged)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await receive()  # afterwards: the real channel (http.disconnect)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _count(st: Any, route: str, status: int, t0: float) -> None:
+    tags = {"route": route, "status": str(status)}
     st.m_requests.inc(tags=tags)
     st.m_latency.observe(time.perf_counter() - t0, tags={"route": route})
-    if resp.status_code >= 400:
+    if status >= 400:
         st.m_errors.inc(tags=tags)
-    return resp
+
+
+app.add_middleware(_Guard)
 
 
 # Helpers live above the deployment class: Serve pickles the class when it is decorated, so

@@ -52,6 +52,7 @@ class LMServer:
         self.storage_path = storage_path
         self.pid = os.getpid()
         self.loaded: _Loaded | None = None
+        self._active = 0  # requests decoding or waiting to decode on this replica
         self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
         tags = {"model": self.spec.name}
@@ -123,7 +124,7 @@ class LMServer:
             return self._error(e)
         parts: list[str] = []
         out: dict[str, Any] = {}
-        async for step in self._batched(job):
+        async for step in self._generate(job):
             parts.append(step["text"])
             out = step
         return {**out, "text": "".join(parts), "prompt_tokens": len(job.prompt_ids), "pid": self.pid}
@@ -136,11 +137,33 @@ class LMServer:
             yield self._error(e)
             return
         yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids)}}
-        async for step in self._batched(job):
+        async for step in self._generate(job):
             yield step
+
+    async def _generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        """A request alone on the replica decodes at once; one with company joins a batch.
+
+        ``@serve.batch`` holds the first request of a batch for ``batch_wait_timeout_s`` in case
+        others come; at low load none do, and every request would pay that wait (5-10 ms at
+        concurrency 1). Under load requests overlap, so they still batch."""
+        self._active += 1
+        try:
+            if self._active == 1:
+                async for out in self._decode([job]):
+                    if out[0] is not StopIteration:
+                        yield out[0]
+            else:
+                async for step in self._batched(job):
+                    yield step
+        finally:
+            self._active -= 1
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
+        async for result in self._decode(jobs):
+            yield result
+
+    async def _decode(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
         lo = self._require()  # captured once: a reconfigure mid-batch does not mix weights
         t0, n = time.perf_counter(), len(jobs)
         self.m_batch.observe(n)
