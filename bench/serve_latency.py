@@ -76,13 +76,13 @@ def in_process(model: Any, reps: int) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests, default + one variant")
+    ap.add_argument("--quick", action="store_true", help="fewer requests, default Serve only")
     ap.add_argument("--port", type=int, default=8410)
     args = ap.parse_args()
     n_seq = 60 if args.quick else 150
     per_level = 96 if args.quick else 256
     levels = [1, 4, 16, 64]
-    variants = ["default", "throughput_optimized"] if args.quick else list(VARIANTS)
+    variants = ["default"] if args.quick else list(VARIANTS)  # quick: under 10 min for all benches
 
     storage = tempfile.mkdtemp(prefix="mf-bench-serve-")
     model, ref = publish_tiny(storage)

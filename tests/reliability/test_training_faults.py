@@ -10,22 +10,18 @@
 
 The kill-a-worker-mid-run drill with its loss tolerance against an uninterrupted run is
 tests/integration/test_training.py::test_kill_worker_resumes_from_last_complete_checkpoint;
-``test_stopped_driver_resubmitted_resumes`` stops a training driver the way ``ray job stop``
-does (SIGTERM to the entrypoint) and resubmits the run.
+stopping a real Ray job (``modelfleet jobs stop``) and resubmitting it with ``--resume`` is
+tests/e2e/test_cluster.py::test_stopped_job_resubmitted_resumes.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
 from mf_testutil import read_records, tiny_config, train_worker_pids
 
 pytestmark = pytest.mark.slow
@@ -114,51 +110,3 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
           f"step {drill['budget_kill']['at_step']} -> TrainingFailedError {fail_s:.1f} s later "
           f"(whole faulty run {t_err - t0:.1f} s); resubmission resumed from step 10, finished step 30 in "
           f"{resub_s:.1f} s, final val_loss {res.metrics.get('val_loss', float('nan')):.3f}\n  error: {msg}")
-
-
-def test_stopped_driver_resubmitted_resumes(ray_session, tiny_data, tmp_path):
-    """``python jobs/train.py`` (a job's entrypoint) is stopped with SIGTERM, as ``ray job stop``
-    does, after its first checkpoint; the run resubmitted with ``--resume`` continues from its last
-    complete checkpoint instead of step 1."""
-    from modelfleet.train import checkpoint as ck
-    from modelfleet.train import train
-
-    run_dir = tmp_path / "runs" / "stopme"
-    sets = [f"storage.path={tmp_path}", f"data.path={tiny_data}", "train.max_steps=40", "train.checkpoint_every=10",
-            "train.eval_every=20", "train.eval_batches=2", "storage.run_name=stopme", "deepspeed.zero_stage=3"]
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "MODELFLEET_HOME": str(tmp_path / "home")}  # never a developer's `cluster up` cluster
-    args = [sys.executable, "jobs/train.py", "--preset", "tiny", "--no-export"]
-    for s_ in sets:
-        args += ["--set", s_]
-    t0 = time.monotonic()
-    driver = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(r["kind"] == "checkpoint" for r in read_records(run_dir)):
-            assert driver.poll() is None, f"the driver exited {driver.returncode} before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
-        driver.send_signal(signal.SIGTERM)  # what `ray job stop` sends the entrypoint first
-        t_stop = time.monotonic()
-        driver.wait(timeout=30)
-        stop_s = time.monotonic() - t_stop
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-    at_stop = max(r["step"] for r in read_records(run_dir) if r["kind"] == "step")
-    found, _ = ck.latest_complete(ck.runs_root(str(tmp_path)), "stopme")
-    assert found is not None and found.step < 40 and at_stop < 40, (found, at_stop)
-    n_before = len(read_records(run_dir))
-
-    cfg = tiny_config(tmp_path, tiny_data, [s_ for s_ in sets if not s_.startswith(("storage.path", "data.path"))])
-    res = train(cfg, resume="stopme", export=False, show_progress=False)
-    recs = read_records(run_dir)[n_before:]
-    resumes = [r["step"] for r in recs if r["kind"] == "resume"]
-    steps = _steps(recs)
-    print(f"\n[stop-resubmit] driver stopped (SIGTERM) at step {at_stop}, exited {stop_s:.1f} s later; last complete "
-          f"checkpoint step {found.step}; resubmission resumed from {resumes} and trained steps {min(steps)}-"
-          f"{max(steps)}; drill {time.monotonic() - t0:.1f} s")
-    assert resumes == [found.step] and min(steps) == found.step + 1 and res.checkpoint_step == 40, (resumes, steps[:3])

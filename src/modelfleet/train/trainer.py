@@ -226,9 +226,11 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line is the one to read
     ctx.print_on_execution_start = False
-    # On the driver's node: progress must outlive any worker node a failure takes down.
+    # On the driver's node: progress must outlive any worker node a failure takes down. Hard
+    # affinity: with soft=True Ray placed it on a worker node of the simulated cluster, and
+    # killing that node silently lost every record after it (resume included).
     queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)})
+        ray.get_runtime_context().get_node_id(), soft=False)})
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
     trainer = TorchTrainer(
         train_loop_per_worker,
