@@ -45,15 +45,24 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
     def killer() -> None:
         deadline = time.monotonic() + 300
         # 1. Mid-save: a rank's marker has reached storage but COMPLETE has not. Polled tightly:
-        #    the window is the other rank's upload plus two barriers.
+        #    the window is the other rank's upload plus two barriers, a few ms on a quiet machine.
+        #    So the 2 worker pids are found beforehand (a process scan takes longer than the
+        #    window), and at the first marker every rank is frozen at once, which holds the save
+        #    where it is while the victim is killed; then the survivor is let go.
+        pids: list[int] = []
         while time.monotonic() < deadline:
-            if any(step20.glob("rank-*.json")) and not (step20 / "COMPLETE").exists():
+            if len(pids) < 2:
                 pids = train_worker_pids(ME)
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    drill["save_kill"] = {"pid": pids[-1], "complete_at_kill": (step20 / "COMPLETE").exists(),
-                                          "files_at_kill": sorted(p.name for p in step20.iterdir())}
-                    break
+            elif any(step20.glob("rank-*.json")) and not (step20 / "COMPLETE").exists():
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                complete = (step20 / "COMPLETE").exists()
+                os.kill(pids[-1], signal.SIGKILL)
+                for pid in pids[:-1]:
+                    os.kill(pid, signal.SIGCONT)
+                drill["save_kill"] = {"pid": pids[-1], "complete_at_kill": complete,
+                                      "files_at_kill": sorted(p.name for p in step20.iterdir())}
+                break
             time.sleep(0.002)
         else:
             return
