@@ -11,7 +11,7 @@ TEST_SOURCES = ["stdlib:json/*.py", "stdlib:email/*.py"]
 
 def tiny_config(storage: Path, data_path: str, overrides: list[str] = ()):  # type: ignore[assignment]
     """The tiny preset made quick for tests: short runs, frequent eval and checkpoints."""
-    from modelfleet.config import load_config
+    from modelfleet.presets import load_config
 
     base = [f"storage.path={storage}", f"data.path={data_path}", "train.max_steps=30",
             "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2"]
@@ -62,10 +62,10 @@ def publish_tiny_models(storage: Path, seeds: tuple[int, ...] = (1, 2), probe: s
     import torch
 
     from modelfleet import registry
-    from modelfleet.config import load_config
     from modelfleet.data.tokenizer import ByteTokenizer
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
     from modelfleet.models.gpt import generate
+    from modelfleet.presets import load_config
     from modelfleet.train.export import write_artifact_dir
 
     cfg = load_config(preset="tiny", overrides=[f"storage.path={storage}"])

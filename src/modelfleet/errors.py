@@ -1,18 +1,39 @@
-"""The exception types a user can act on; the CLI prints these as one line instead of a traceback."""
+"""Every error type a user can act on. The CLI prints these as one line instead of a traceback.
+
+This module is the floor of the package: it imports nothing of ours, so any layer may raise them.
+"""
 
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from modelfleet.cluster.jobs import JobError
-    from modelfleet.config import ConfigError
-    from modelfleet.data.ingest import DataError
-    from modelfleet.registry import ArtifactError
-    from modelfleet.train.checkpoint import CheckpointError
-    from modelfleet.train.trainer import TrainingFailedError
-
-    return (JobError, ConfigError, DataError, ArtifactError, CheckpointError, TrainingFailedError)
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key and what would be valid."""
 
 
+class DataError(ValueError):
+    """A data source or prepared dataset is unusable; the message names it and what is wrong."""
 
-USER_ERRORS: tuple[type[BaseException], ...] = _user_errors()
+
+class ArtifactError(ValueError):
+    """An artifact reference or directory is invalid; the message names it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is partial, corrupt or missing; the message names it and what is wrong."""
+
+
+class TrainingFailedError(RuntimeError):
+    """A training run failed after spending its restart budget; the message says where to resume."""
+
+
+class JobError(RuntimeError):
+    """A Ray job could not be submitted, or ended in a state other than SUCCEEDED."""
+
+
+class StorageError(ValueError):
+    """A storage URI or path cannot be used; the message names it and the cause."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, ArtifactError, CheckpointError, TrainingFailedError, JobError, StorageError)
+"""What the CLI reports as one line (exit 2 for config errors, 1 otherwise)."""

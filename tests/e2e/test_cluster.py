@@ -103,8 +103,8 @@ def storage(tmp_path_factory):
     import torch
 
     from modelfleet import registry
-    from modelfleet.config import load_config
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
+    from modelfleet.presets import load_config
     from modelfleet.train.export import write_artifact_dir
 
     path = tmp_path_factory.mktemp("cluster-storage")

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import pytest
 import yaml
-
 from chart_objects import CHART, CI_VALUES, ROOT
 
 CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"

@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from chart_objects import CHART, CI_VALUES, RAY_KINDS, RAY_NAME_LIMITS, cluster_specs, pod_templates, services
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); newer ones accept more.

@@ -9,7 +9,6 @@ import shlex
 
 import pytest
 import yaml
-
 from chart_objects import CHART, CI_VALUES, ROOT, cluster_spec, of_kind, one, pod_templates
 
 SERVING = [v for v in CI_VALUES if v != "train-only-values.yaml"]
@@ -20,7 +19,7 @@ TRAINING = [v for v in CI_VALUES if v != "serve-only-values.yaml"]
 def test_serve_config_passes_ray_serve_and_modelfleet_schemas(ci_renders, values):
     from ray.serve.schema import ServeDeploySchema
 
-    from modelfleet.serve.config import parse_serve_config
+    from modelfleet.config.serve import parse_serve_config
 
     rs = one(ci_renders[values], "RayService")
     raw = yaml.safe_load(rs["spec"]["serveConfigV2"])
@@ -49,7 +48,7 @@ def test_serve_models_follow_values(render):
 
 @pytest.mark.parametrize("values", TRAINING)
 def test_training_config_loads_and_entrypoint_exists(ci_renders, values, tmp_path):
-    from modelfleet.config import load_config
+    from modelfleet.presets import load_config
 
     docs = ci_renders[values]
     job = one(docs, "RayJob")

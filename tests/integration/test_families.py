@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from modelfleet.families.artifact import load_artifact
+
 pytestmark = pytest.mark.slow
 
 PORT = 8250  # ours alone: other suites serve on 8000, 8100, 8123
@@ -28,8 +30,8 @@ def storage(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(ray_session, storage):
     """family -> (config, TrainResult), each trained once, on first use."""
-    from modelfleet.config import load_config
-    from modelfleet.models import get_family
+    from modelfleet.families import get_family
+    from modelfleet.presets import load_config
     from modelfleet.train import train
 
     done: dict[str, tuple] = {}
@@ -94,7 +96,7 @@ def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(r
 
     cfg, res = runs("linear")
     train_raw = read_raw(cfg.data.path, "train")
-    _, transform, _ = registry.load_artifact(res.artifact.uri)
+    _, transform, _ = load_artifact(res.artifact.uri)
     kinds = {s["type"].rsplit(".", 1)[-1] for s in transform.state["steps"]}
     assert {"simple_imputer", "standard_scaler", "min_max_scaler", "one_hot_encoder"} <= kinds, kinds
     imputed = next(s["stats"] for s in transform.state["steps"] if "mean(bmi)" in s["stats"])
@@ -139,10 +141,10 @@ def _predict(client: httpx.Client, url: str, model: str, instances: list) -> htt
 
 def _in_process(runs, family: str, instances: list[dict]) -> list[dict]:
     from modelfleet import registry
-    from modelfleet.models import get_family
+    from modelfleet.families import get_family
 
     _, res = runs(family)
-    model, transform, _ = registry.load_artifact(res.artifact.uri)
+    model, transform, _ = load_artifact(res.artifact.uri)
     fam = get_family(family)
     schema = fam.request_model(transform)
     return fam.predict(model, transform, [schema.model_validate(i) for i in instances])
@@ -249,7 +251,7 @@ def test_evaluate_command_writes_json_and_png(runs, storage, tmp_path, capsys):
 def test_kfold_returns_k_scores(runs, storage):
     from modelfleet import registry
     from modelfleet.config import Config
-    from modelfleet.train.kfold import kfold
+    from modelfleet.evaluate.kfold import kfold
 
     cfg, res = runs("linear")
     kcfg = Config.from_dict(registry.read_json(res.artifact.uri, "manifest.json")["config"])
@@ -270,7 +272,7 @@ def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
 
     from modelfleet import registry
     from modelfleet.cli import main
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
     from modelfleet.train.export import write_artifact_dir
 
     cfg, res = runs("linear")
@@ -293,8 +295,8 @@ def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
 
 
 def test_breast_cancer_table_is_imputed_and_encoded_for_classification(ray_session):
-    from modelfleet.config import load_config
-    from modelfleet.models import get_family
+    from modelfleet.families import get_family
+    from modelfleet.presets import load_config
 
     cfg = load_config(preset="breast-cancer-linear")
     fam = get_family("linear")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mf_testutil import TEST_SOURCES
+from modelfleet.families.artifact import load_artifact
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (the dev extra installs it)
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def _ids(path: str) -> torch.Tensor:
 def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_path):
     from modelfleet import registry
     from modelfleet.config import Config, ModelConfig, StorageConfig
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
     from modelfleet.train.export import write_artifact_dir
 
     path = hf_dirs[arch]
@@ -81,7 +82,7 @@ def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_pa
         before = ours(ids)
     assert (before - reference).abs().max().item() <= 1e-4
     ref = registry.publish(str(tmp_path), f"hf-{arch}", write_artifact_dir(ours, cfg, {}))
-    loaded, tok, manifest = registry.load_artifact(ref.uri)
+    loaded, tok, manifest = load_artifact(ref.uri)
     with torch.no_grad():
         after = loaded(ids)
     assert manifest["family"] == "hf-causal-lm" and manifest["hf_format"] == "hf"
@@ -93,8 +94,8 @@ def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_pa
 
 @pytest.fixture(scope="module")
 def finetuned(ray_session, hf_dirs, tmp_path_factory):
-    from modelfleet.config import load_config
-    from modelfleet.models import get_family
+    from modelfleet.families import get_family
+    from modelfleet.presets import load_config
     from modelfleet.train import train
 
     storage = tmp_path_factory.mktemp("hf-storage")
@@ -124,7 +125,7 @@ def test_gpt2_fine_tunes_with_zero3_and_exports_hf_format(finetuned, hf_dirs):
     for f in ("hf/model.safetensors", "hf/config.json", "hf/tokenizer.json", "model.safetensors"):
         assert (art / f).is_file(), f
     ids = _ids(hf_dirs["gpt2"])
-    model, _, _ = registry.load_artifact(res.artifact.uri)
+    model, _, _ = load_artifact(res.artifact.uri)
     with torch.no_grad():
         ours = model(ids)
     assert (_hf_logits(str(art / "hf"), ids) - ours).abs().max().item() <= 1e-4

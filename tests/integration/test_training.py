@@ -14,6 +14,7 @@ import pytest
 
 from mf_testutil import read_records as _records
 from mf_testutil import tiny_config, train_worker_pids
+from modelfleet.families.artifact import load_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_stage3_export_matches_live_engine(stage_runs):
     assert manifest["export_max_abs_logit_diff"] <= 1e-5
     # Independently: the artifact's logits against the live ZeRO-3 engine's, saved at the end.
     probe = load_file(str(Path(res.run_dir, ck.step_dir_name(30), ck.VERIFY_FILE)))
-    model, tok, _ = registry.load_artifact(art.uri)
+    model, tok, _ = load_artifact(art.uri)
     with torch.no_grad():
         logits = model(probe["tokens"].long())
     assert torch.allclose(logits, probe["logits"], atol=1e-5, rtol=0)
@@ -117,8 +118,8 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
 
 
 def test_partial_or_corrupt_checkpoint_is_never_restored(stage_runs, tiny_data):
-    from modelfleet.train import train
     from modelfleet.train import checkpoint as ck
+    from modelfleet.train import train
 
     storage, runs = stage_runs
     src = Path(runs[3][1].run_dir)

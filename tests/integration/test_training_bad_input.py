@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from mf_testutil import tiny_config
-from modelfleet.config import ConfigError
-from modelfleet.data.ingest import DataError
-from modelfleet.train import CheckpointError, train
+from modelfleet.errors import CheckpointError, ConfigError, DataError
+from modelfleet.train import train
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -24,8 +24,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: mf_testutil
 
-from mf_testutil import (deploy_app, publish_tiny_models, ray_process_pids, run_load,  # noqa: E402
-                         running_replicas, serve_replica_pids)
+from mf_testutil import (  # noqa: E402
+    deploy_app,
+    publish_tiny_models,
+    ray_process_pids,
+    run_load,
+    running_replicas,
+    serve_replica_pids,
+)
 
 PORT, APP = 8300, "soak"
 KINDS = {"proxy": "ray::ProxyActor", "controller": "ray::ServeController", "ingress": f"ray::ServeReplica:{APP}:ingress"}

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from mf_testutil import cli_env, publish_tiny_models, run_cli, wait_job
+from modelfleet.families.artifact import load_artifact
+from modelfleet.storage import StorageLayout
 
 GCS, DASH, SERVE = 6680, 8465, 8300
 DASH_URL = f"http://127.0.0.1:{DASH}"
@@ -152,17 +154,17 @@ def _tiny_run(storage: Path, run: str, step: int, marker: Path) -> Path:
     dest = storage / "runs" / run / ck.step_dir_name(step)
     dest.parent.mkdir(parents=True, exist_ok=True)
     local.rename(dest)
-    ck.write_complete(ck.runs_root(str(storage)), run, step, 1)
+    ck.write_complete(StorageLayout(str(storage)).runs(), run, step, 1)
     return dest
 
 
 def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_data):
-    from modelfleet import registry
-    from modelfleet.registry import ArtifactError
-    from modelfleet.train import CheckpointError, train
-    from modelfleet.train import checkpoint as ck
-    from modelfleet.train.export import export_run
     from mf_testutil import tiny_config
+    from modelfleet import registry
+    from modelfleet.errors import ArtifactError, CheckpointError
+    from modelfleet.train import checkpoint as ck
+    from modelfleet.train import train
+    from modelfleet.train.export import export_run
 
     marker = tmp_path / "pwned"
     ckpt = _tiny_run(tmp_path, "evil", 10, marker)
@@ -176,7 +178,7 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
                    env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, timeout=120)
     assert control.exists(), "the control payload did not run under DeepSpeed's loader: the drill proves nothing"
 
-    found, skipped = ck.latest_complete(ck.runs_root(str(tmp_path)), "evil")
+    found, skipped = ck.latest_complete(StorageLayout(str(tmp_path)).runs(), "evil")
     assert found is None and "is unsafe" in skipped[0] and "posix.system" in skipped[0], skipped
     cfg = tiny_config(tmp_path, tiny_data)
     with pytest.raises(CheckpointError, match="no complete checkpoint to resume from.*unsafe"):
@@ -193,11 +195,11 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
     manifest["weights_sha256"] = registry.sha256_file(str(bad / registry.WEIGHTS))
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception) as err:  # noqa: B017 - which parser refuses it is checked below
-        registry.load_artifact(str(bad))
+        load_artifact(str(bad))
     assert isinstance(err.value, ArtifactError) or type(err.value).__name__ == "SafetensorError", repr(err.value)
     beside = Path(registry.resolve(str(tmp_path), "tiny@v2").uri)
     torch.save({"w": Payload(marker)}, beside / "pytorch_model.bin")
-    registry.load_artifact(str(beside))  # loads the safetensors weights, ignores the pickle
+    load_artifact(str(beside))  # loads the safetensors weights, ignores the pickle
     print(f"\n[pickles] checkpoint refused: {skipped[0]}\n  artifact refused: {type(err.value).__name__}: "
           f"{str(err.value)[:120]}; control payload ran under DeepSpeed's loader, ours never did")
     assert not marker.exists(), "the malicious pickle ran"

@@ -22,6 +22,7 @@ import threading
 import time
 
 import pytest
+
 from mf_testutil import read_records, tiny_config, train_worker_pids
 
 pytestmark = pytest.mark.slow
@@ -33,8 +34,8 @@ def _steps(recs: list[dict], since: int = 0) -> list[int]:
 
 
 def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_data, tmp_path):
+    from modelfleet.errors import TrainingFailedError
     from modelfleet.train import train
-    from modelfleet.train.trainer import TrainingFailedError
 
     cfg = tiny_config(tmp_path, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=faulty",
                                             "train.max_failures=1"])

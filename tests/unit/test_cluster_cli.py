@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from modelfleet.cluster import jobs, local
-from modelfleet.config import ConfigError
+from modelfleet.errors import ConfigError
 
 
 def test_cluster_spec_defaults_and_overrides():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from modelfleet.config import PRESETS, Config, ConfigError, load_config
+from modelfleet.config import Config
+from modelfleet.errors import ConfigError
+from modelfleet.presets import PRESETS, load_config
 
 
 def test_presets_build_on_each_other_and_round_trip():

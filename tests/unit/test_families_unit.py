@@ -11,8 +11,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from modelfleet.config import ConfigError, DataConfig, ModelConfig, load_config
-from modelfleet.models import FAMILIES, Family, build_model, get_family
+from modelfleet.config import Config, DataConfig, ModelConfig
+from modelfleet.errors import ConfigError
+from modelfleet.families import FAMILIES, Family, build_model, check_config, get_family
+from modelfleet.presets import load_config
 
 
 def test_registry_names_every_family_and_refuses_unknown_ones():
@@ -27,12 +29,18 @@ def test_registry_names_every_family_and_refuses_unknown_ones():
 
 
 def test_family_params_are_checked_naming_the_key():
+    """The schema cannot know a family's params: the family checks them (load_config calls it)."""
+    def check(family, params):
+        check_config(Config(model=ModelConfig(family=family, params=params)))
+
     with pytest.raises(ConfigError, match=r"model\.params\.chanels: unknown key; valid keys here: channels"):
-        ModelConfig(family="cnn", params={"chanels": 8})
+        check("cnn", {"chanels": 8})
     with pytest.raises(ConfigError, match=r"model\.params\.hidden: must be an integer, got 'big'"):
-        ModelConfig(family="lstm", params={"hidden": "big"})
+        check("lstm", {"hidden": "big"})
     with pytest.raises(ConfigError, match=r"model\.params\.path: is empty"):
-        ModelConfig(family="hf-causal-lm", params={})
+        check("hf-causal-lm", {})
+    with pytest.raises(ConfigError, match=r"model\.params\.chanels: unknown key"):
+        load_config(preset="digits-cnn", overrides=["model.params={chanels: 8}"])
 
 
 def test_family_presets_load_and_accept_overrides():
@@ -70,7 +78,7 @@ def test_splits_are_deterministic_disjoint_and_grouped_for_recommenders():
 
 
 def test_kfold_assigns_every_row_to_exactly_one_fold():
-    from modelfleet.train.kfold import fold_ids
+    from modelfleet.evaluate.kfold import fold_ids
 
     rows = pd.DataFrame({"user": np.repeat(np.arange(6), 9)})
     ids = fold_ids(rows, 3, seed=0, group="user")
@@ -105,8 +113,8 @@ def test_text_and_image_transforms_and_schemas():
 
 
 def test_metrics_match_hand_computed_values():
-    from modelfleet.evaluate import metrics_for
-    from modelfleet.models.family import Transform
+    from modelfleet.families.base import Transform
+    from modelfleet.metrics import metrics_for
 
     t = Transform()
     t.state = {"classes": ["a", "b"]}

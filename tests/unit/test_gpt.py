@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from modelfleet.config import ModelConfig
-from modelfleet.models import GPT, build_model, flops_per_token, generate, num_params
+from modelfleet.families import build_model
+from modelfleet.models import GPT, flops_per_token, generate, num_params
 
 
 def make_cfg(**kw) -> ModelConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelfleet.cli import main
-from modelfleet.config import load_config
+from modelfleet.presets import load_config
 from modelfleet.train.memory import GIB, model_state_bytes, plan
 
 

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from modelfleet.config import DataConfig
-from modelfleet.data.ingest import DataError, resolve_sources
+from modelfleet.data.ingest import resolve_sources
 from modelfleet.data.prepare import check_seq_len, prepare_dataset, read_meta
 from modelfleet.data.tokenizer import ByteTokenizer
+from modelfleet.errors import DataError
 
 SEQ = 16
 

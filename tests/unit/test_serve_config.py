@@ -6,8 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from modelfleet.config import ConfigError, ModelConfig, load_config
-from modelfleet.serve import ServeConfig, parse_serve_config
+from modelfleet.config import ModelConfig, ServeConfig, parse_serve_config
+from modelfleet.errors import ConfigError
+from modelfleet.presets import load_config
 from modelfleet.serve import auth
 from modelfleet.serve import openai as oa
 from modelfleet.serve.generation import Job, generate_steps
@@ -77,7 +78,7 @@ def test_auth(monkeypatch, tmp_path):
 
 
 def _model(block_size: int = 32):
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
 
     torch.manual_seed(0)
     return build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)).eval()

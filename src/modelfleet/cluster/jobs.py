@@ -14,23 +14,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from modelfleet.config import ConfigError, load_config
+from modelfleet.cluster import JOBS
+from modelfleet.cluster.local import use_local_cluster_env
+from modelfleet.errors import ConfigError, JobError
+from modelfleet.presets import load_config
 
-JOBS = ("train", "export", "deploy", "pipeline")
 # Never uploaded: environments, data, outputs and VCS metadata (Ray's upload limit is 500 MiB).
 EXCLUDES = [".venv/", ".git/", "storage/", "runs/", "tools/", "bench/results/", "**/__pycache__/",
             "*.egg-info/", ".pytest_cache/"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
-class JobError(RuntimeError):
-    """A job could not be submitted or found; the message says why."""
-
 
 def address() -> str:
     """The Jobs API address: ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` when they are HTTP URLs,
     else the local simulated cluster's dashboard, else 127.0.0.1:8265."""
-    from modelfleet.cluster.local import use_local_cluster_env
 
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         v = os.environ.get(var, "")

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from modelfleet.config import ConfigError
+from modelfleet.errors import ConfigError
 
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
 DEFAULTS: dict[str, Any] = {"nodes": 3, "cpus_per_node": 4, "gpus_per_node": 2, "dashboard_port": 8265,

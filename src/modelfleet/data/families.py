@@ -4,7 +4,6 @@ Sources need no network: scikit-learn's bundled tables (``sklearn:digits`` resiz
 ``sklearn:diabetes`` and ``sklearn:breast_cancer`` with injected missing values) and seeded
 generators with learnable structure (``synthetic:topics`` sentences, ``synthetic:interactions``
 from latent user tastes). A prepared family dataset is::
-
     <data.path>/raw/{train,val,test}/   raw rows (what a client would send), Parquet
     <data.path>/{train,val}/            model-ready rows (the fitted transform applied by Ray Data)
     <data.path>/transform.json          the transform's state, fitted on raw/train only
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from modelfleet.config import DataConfig
-from modelfleet.data.ingest import DataError
+from modelfleet.errors import DataError
 
 SPLITS = ("train", "val", "test")
 TRANSFORM_FILE = "transform.json"
@@ -186,7 +185,6 @@ def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: 
     applied with Ray Data ``map_batches``), transform.json and meta.json; renamed into place."""
     import ray
 
-    from modelfleet.cluster import connect
 
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
@@ -194,7 +192,6 @@ def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: 
     transform = family.fit_transform(splits["train"], model)
     staging = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    connect()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     try:

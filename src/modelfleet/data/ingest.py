@@ -11,10 +11,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-
-class DataError(ValueError):
-    """Input data is missing, malformed or too small; the message names the input."""
-
+from modelfleet.errors import DataError
 
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 

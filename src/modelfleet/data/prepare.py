@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from modelfleet.config import DataConfig
-from modelfleet.data.ingest import DataError, iter_documents, resolve_sources
+from modelfleet.data.ingest import iter_documents, resolve_sources
+from modelfleet.errors import DataError
 
 
 def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite: bool = False) -> dict:

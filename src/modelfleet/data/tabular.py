@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modelfleet.models.family import Transform
+from modelfleet.data.transform import Transform
+from modelfleet.errors import ConfigError
 
 
 def _jsonable(obj: Any) -> Any:
@@ -51,10 +52,8 @@ class TabularTransform(Transform):
     def fit(cls, train: pd.DataFrame, *, target: str, task: str, minmax_columns: list[str] = (),
             ordinal_columns: list[str] = ()) -> "TabularTransform":
         import ray
-        from ray.data.preprocessors import (MinMaxScaler, OneHotEncoder, OrdinalEncoder, SimpleImputer,
-                                            StandardScaler)
+        from ray.data.preprocessors import MinMaxScaler, OneHotEncoder, OrdinalEncoder, SimpleImputer, StandardScaler
 
-        from modelfleet.config import ConfigError
 
         features = [c for c in train.columns if c != target]
         categorical = [c for c in features if not pd.api.types.is_numeric_dtype(train[c])]

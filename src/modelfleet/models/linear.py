@@ -6,12 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
-
-from modelfleet.config import ModelConfig
-from modelfleet.models.family import Family, Transform, classify, instances_frame
 
 
 @dataclass(kw_only=True)
@@ -35,68 +30,3 @@ class LinearModel(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return self.linear(x)
-
-
-class LinearFamily(Family):
-    name = "linear"
-    task = "regression"
-    Params = LinearParams
-    primary_metric = "r2"
-    from_data = ("in_features", "num_outputs")
-
-    def build(self, cfg: ModelConfig) -> nn.Module:
-        return LinearModel(self.parse_params(cfg.params))
-
-    def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> Transform:
-        from modelfleet.data.tabular import TabularTransform
-
-        p = self.parse_params(cfg.params)
-        task = "regression" if train_raw[p.target].dtype.kind == "f" else "classification"
-        return TabularTransform.fit(train_raw, target=p.target, task=task, minmax_columns=p.minmax_columns,
-                                    ordinal_columns=p.ordinal_columns)
-
-    def load_transform(self, state: dict[str, Any]) -> Transform:
-        from modelfleet.data.tabular import TabularTransform
-
-        return TabularTransform(state)
-
-    def task_of(self, transform: Transform) -> str:
-        return transform.state["task"]
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        import torch.nn.functional as F
-
-        out = model(batch["x"])
-        if batch["y"].dtype.is_floating_point:
-            return F.mse_loss(out.squeeze(-1), batch["y"])
-        return F.cross_entropy(out, batch["y"])
-
-    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
-        return model(batch["x"])
-
-    def request_model(self, transform: Transform) -> type[BaseModel]:
-        """One table row: every feature optional (missing values are imputed), unknown keys refused."""
-        fields: dict[str, Any] = {c: (float | None, None) for c in transform.state["numeric"]}
-        fields.update({c: (str | None, None) for c in transform.state["categorical"]})
-        return create_model("TabularRecord", __config__=ConfigDict(extra="forbid"), **fields)
-
-    def _outputs(self, model: Any, transform: Transform, x: np.ndarray) -> Any:
-        import torch
-
-        with torch.no_grad():
-            return model(torch.from_numpy(x))
-
-    def predict(self, model: Any, transform: Transform, instances: list[BaseModel]) -> list[dict[str, Any]]:
-        import pandas as pd
-
-        out = self._outputs(model, transform, transform.features(pd.DataFrame(instances_frame(instances))))
-        if transform.state["task"] == "classification":
-            return classify(out, transform.class_names)
-        return [{"value": float(v)} for v in transform.unscale(out.squeeze(-1).numpy())]
-
-    def predict_batch(self, model: Any, transform: Transform, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ready = transform.apply(raw)
-        out = self._outputs(model, transform, ready["x"])
-        if transform.state["task"] == "classification":
-            return {"y_true": ready["y"], "y_pred": out.argmax(-1).numpy()}
-        return {"y_true": transform.unscale(ready["y"]), "y_pred": transform.unscale(out.squeeze(-1).numpy())}

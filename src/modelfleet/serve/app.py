@@ -17,8 +17,10 @@ from ray import serve
 from ray.serve import Application
 
 from modelfleet import registry
-from modelfleet.config import ConfigError
-from modelfleet.serve.config import ServeConfig, parse_serve_config
+from modelfleet.config.serve import ServeConfig, parse_serve_config
+from modelfleet.errors import ConfigError
+from modelfleet.families import get_family
+from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
@@ -26,7 +28,6 @@ from modelfleet.serve.predict import Predictor
 
 def _server_for(artifact: str, storage_path: str) -> Any:
     """LMServer (OpenAI API) for language-model families, Predictor for the others."""
-    from modelfleet.models import get_family
 
     manifest = registry.read_json(registry.resolve(storage_path, artifact).uri, "manifest.json")
     return LMServer if get_family(manifest.get("family", "gpt")).serves_openai else Predictor
@@ -35,19 +36,31 @@ def _server_for(artifact: str, storage_path: str) -> Any:
 def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
     """A validated ServeConfig with an absolute ``storage_path`` (replicas do not share our cwd)."""
     if isinstance(args, Mapping) and set(args) == {"config"}:
-        from modelfleet.config import load_config
-
         root = load_config(args["config"])
-        if not root.serve:
+        if root.serve is None:
             raise ConfigError(f"config file {args['config']!r} has no serve section")
-        cfg = parse_serve_config(root.serve)
+        cfg = root.serve
         storage = cfg.storage_path or root.storage.path
     else:
         cfg = parse_serve_config(args)
         storage = cfg.storage_path or "storage"
-    if "://" not in storage:
-        storage = os.path.abspath(os.path.expanduser(storage))
-    return cfg.model_copy(update={"storage_path": storage})
+    return cfg.model_copy(update={"storage_path": resolve_storage_path(storage)})
+
+
+def resolve_storage_path(path: str) -> str:
+    """``storage_path`` as this process sees it: ``$VAR``/``${VAR}`` expanded (in a Serve config,
+    from the application's ``runtime_env.env_vars``, which the build task runs with), then ``~``,
+    then a local path made absolute against the cwd (the application's ``runtime_env.working_dir``
+    when it has one): replicas get the result and do not share our cwd."""
+    expanded = os.path.expandvars(path)
+    unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        raise ConfigError(f"serve.storage_path {path!r}: environment variable {unset.group(1)} is not set "
+                          "where the application is built; set it in the application's runtime_env.env_vars "
+                          "(or the cluster's environment), or give a path or URI")
+    if "://" in expanded:
+        return expanded
+    return os.path.abspath(os.path.expanduser(expanded))
 
 
 def _logging(cfg: ServeConfig) -> dict[str, Any]:

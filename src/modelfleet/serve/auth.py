@@ -11,8 +11,8 @@ import hmac
 import os
 from pathlib import Path
 
-from modelfleet.config import ConfigError
-from modelfleet.serve.config import ServeConfig
+from modelfleet.config.serve import ServeConfig
+from modelfleet.errors import ConfigError
 
 # Routes that answer without a key: load balancers and Kubernetes probes carry no credentials.
 PUBLIC_PATHS = frozenset({"/healthz"})

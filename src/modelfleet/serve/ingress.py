@@ -19,16 +19,16 @@ from typing import Any, AsyncIterator
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
+from starlette.exceptions import HTTPException
 
+from modelfleet.config.serve import parse_serve_config
 from modelfleet.serve import auth
 from modelfleet.serve import openai as oa
-from modelfleet.serve.config import parse_serve_config
 
 logger = logging.getLogger("ray.serve")
 

@@ -18,7 +18,8 @@ from ray import serve
 from ray.util import metrics
 
 from modelfleet import registry
-from modelfleet.serve.config import ModelSpec
+from modelfleet.config.serve import ModelSpec
+from modelfleet.families.artifact import load_artifact
 from modelfleet.serve.generation import Job, Step, generate_steps
 
 # Serve's replica logger adds the request id to every record it formats.
@@ -68,7 +69,7 @@ class LMServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
-        model, tokenizer, manifest = registry.load_artifact(ref.uri)
+        model, tokenizer, manifest = load_artifact(ref.uri)
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         self.loaded = _Loaded(model, tokenizer, label, model.cfg.block_size)
         logger.info("model %s loaded artifact %s (sha256 %s)", self.spec.name, label,

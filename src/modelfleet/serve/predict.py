@@ -19,7 +19,9 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from modelfleet import registry
-from modelfleet.serve.config import ModelSpec
+from modelfleet.config.serve import ModelSpec
+from modelfleet.families import get_family
+from modelfleet.families.artifact import load_artifact
 
 logger = logging.getLogger("ray.serve")
 MAX_INSTANCES = 256
@@ -56,11 +58,10 @@ class Predictor:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         import torch
 
-        from modelfleet.models import get_family
 
         torch.set_num_threads(max(1, int(self.spec.ray_actor_options.num_cpus or 1)))
         ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
-        model, transform, manifest = registry.load_artifact(ref.uri)
+        model, transform, manifest = load_artifact(ref.uri)
         family = get_family(manifest["family"])
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         self.loaded = _Loaded(model, transform, family, family.request_model(transform), label)

@@ -1,6 +1,6 @@
 """Training: Ray Train's TorchTrainer driving one DeepSpeed engine per worker."""
 
-from modelfleet.train.checkpoint import CheckpointError
-from modelfleet.train.trainer import TrainingFailedError, TrainResult, train
+from modelfleet.errors import CheckpointError, TrainingFailedError
+from modelfleet.train.trainer import TrainResult, train
 
 __all__ = ["CheckpointError", "TrainResult", "TrainingFailedError", "train"]

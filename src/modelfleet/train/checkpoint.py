@@ -6,7 +6,6 @@ exist and every file a marker lists is present with the recorded size and sha256
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from modelfleet.errors import CheckpointError
+from modelfleet.storage import sha256_file, sha256_stream
 from modelfleet.train import pickles
 
 DS_TAG = "state"
@@ -25,25 +26,9 @@ VERIFY_FILE = "verify.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is partial, corrupt or missing; the message names it and what is wrong."""
-
-
-def runs_root(storage_path: str) -> str:
-    """Ray Train's storage_path: every run is a directory below it."""
-    return f"{storage_path.rstrip('/')}/runs"
-
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_rank_marker(local_dir: str, rank: int, world_size: int, step: int) -> None:
@@ -52,7 +37,7 @@ def write_rank_marker(local_dir: str, rank: int, world_size: int, step: int) -> 
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.name.startswith("rank-"):
-            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     marker = {"rank": rank, "world_size": world_size, "step": step, "files": files}
     (root / f"rank-{rank:05d}.json").write_text(json.dumps(marker, indent=1))
 
@@ -104,11 +89,9 @@ def validate(fs: pafs.FileSystem, ckpt: str, *, verify_hashes: bool = True) -> d
                 raise CheckpointError(f"checkpoint {name} is corrupt: rank {rank}'s file {rel} is "
                                       f"missing or has the wrong size")
             if verify_hashes:
-                h = hashlib.sha256()
                 with fs.open_input_stream(f"{ckpt}/{rel}") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                if h.hexdigest() != meta["sha256"]:
+                    digest = sha256_stream(f)
+                if digest != meta["sha256"]:
                     raise CheckpointError(f"checkpoint {name} is corrupt: rank {rank}'s file {rel} "
                                           f"does not match its recorded sha256")
     # Markers cannot vouch for content (whoever writes the storage can rewrite them): DeepSpeed

@@ -15,6 +15,9 @@ from typing import Any
 
 from modelfleet import registry
 from modelfleet.config import Config
+from modelfleet.data.families import TRANSFORM_FILE
+from modelfleet.families import build_model, get_family
+from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
@@ -40,7 +43,6 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
     import torch
     from safetensors.torch import load_file
 
-    from modelfleet.models import build_model, get_family
 
     ck.validate(c.fs, c.uri)
     local = ck.download(c, tempfile.mkdtemp(prefix="mf-export-"))
@@ -67,7 +69,6 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
             raise ck.CheckpointError(f"export of {c.uri}: consolidated logits differ from the live "
                                      f"engine's by {verify_diff:.3g} (> {tol}); not publishing")
     name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
-    from modelfleet.data.families import TRANSFORM_FILE
 
     transform_path = os.path.join(local, TRANSFORM_FILE)
     transform = json.load(open(transform_path)) if os.path.isfile(transform_path) else None
@@ -100,7 +101,6 @@ def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any], *,
     preprocessing state of families other than gpt (saved as transform.json)."""
     from safetensors.torch import save_model
 
-    from modelfleet.models import get_family
 
     out = tempfile.mkdtemp(prefix="mf-artifact-")
     weights = os.path.join(out, registry.WEIGHTS)
@@ -128,7 +128,7 @@ def dump_json(d: str, name: str, obj: Any) -> None:
 
 def export_run(storage_path: str, run_name: str, *, name: str | None = None) -> registry.ArtifactRef:
     """``modelfleet export RUN``: the newest complete checkpoint of a run becomes an artifact."""
-    root = ck.runs_root(storage_path)
+    root = StorageLayout(storage_path).runs()
     found, skipped = ck.latest_complete(root, run_name)
     if found is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""

@@ -17,7 +17,11 @@ import numpy as np
 import ray.train
 
 from modelfleet.config import Config
+from modelfleet.data.families import TRANSFORM_FILE
+from modelfleet.families import build_model, get_family
+from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
+from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
 
 def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -50,8 +54,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
-    from modelfleet.models import build_model, get_family
-    from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
     ds_logger.setLevel("WARNING")
     t_start = time.time()
@@ -72,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_init = time.time()
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    found, skipped = ck.latest_complete(ck.runs_root(cfg.storage.path), cfg.storage.run_name)
+    found, skipped = ck.latest_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name)
     if found is not None:
         local = ck.download(found, tempfile.mkdtemp(prefix="mf-restore-"))
         engine.load_checkpoint(local, tag=ck.DS_TAG)
@@ -195,13 +197,12 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
     import torch.distributed as dist
     from safetensors.torch import save_file, save_model
 
-    from modelfleet.data.families import TRANSFORM_FILE
 
     step = state["step"]
     local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
     try:
         if rank == 0:
-            ck.remove_stale(ck.runs_root(cfg.storage.path), cfg.storage.run_name, step)
+            ck.remove_stale(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step)
         dist.barrier()
         engine.save_checkpoint(local, tag=ck.DS_TAG)
         if rank == 0:
@@ -222,7 +223,7 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
                          checkpoint_dir_name=ck.step_dir_name(step))
         dist.barrier()
         if rank == 0:
-            ck.write_complete(ck.runs_root(cfg.storage.path), cfg.storage.run_name, step, world)
+            ck.write_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step, world)
         dist.barrier()
     finally:
         shutil.rmtree(local, ignore_errors=True)

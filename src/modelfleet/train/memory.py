@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from modelfleet.config import Config
+from modelfleet.families import build_model
+from modelfleet.models import num_params
 
 GIB = 2**30
 # DeepSpeed's default ZeRO-2 reduce bucket (elements) when the config does not set one.
@@ -79,7 +81,6 @@ def activation_bytes(cfg: Config) -> float:
 
 def plan(cfg: Config, *, gpu_memory_gib: float, params: int | None = None) -> MemoryPlan:
     """Predict per-GPU memory for ``cfg`` on ``cfg.train.num_workers`` GPUs of ``gpu_memory_gib``."""
-    from modelfleet.models import build_model, num_params
 
     if params is None:
         import torch

@@ -18,12 +18,16 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from modelfleet.config import Config, ConfigError
+from modelfleet.cluster import connect
+from modelfleet.cluster.local import SIMULATED
+from modelfleet.config import Config
+from modelfleet.data.prepare import read_meta
+from modelfleet.errors import ConfigError, TrainingFailedError
+from modelfleet.families import get_family
+from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
-
-
-class TrainingFailedError(RuntimeError):
-    """Training stopped (worker errors beyond train.max_failures); the message says why."""
+from modelfleet.train.export import export_checkpoint
+from modelfleet.train.loop import train_loop_per_worker
 
 
 @dataclass
@@ -38,8 +42,6 @@ class TrainResult:
 
 def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
     """Checks that need no cluster. Returns the prepared dataset's meta; sets the run name."""
-    from modelfleet.data.prepare import read_meta
-    from modelfleet.models import get_family
 
     if not cfg.data.path:
         raise ConfigError("data.path: is empty; set it to a directory written by `modelfleet prepare`")
@@ -53,7 +55,7 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
                 f"data.path: the {split} split of {cfg.data.path} has {meta[f'{split}_rows']} sequences, "
                 f"fewer than train.micro_batch_size x train.num_workers = {per_step}; add data or "
                 f"lower the batch")
-    root = ck.runs_root(cfg.storage.path)
+    root = StorageLayout(cfg.storage.path).runs()
     fs, base = pafs.FileSystem.from_uri(root)
     if resume:
         cfg.storage.run_name = resume
@@ -125,7 +127,6 @@ def _use_gloo() -> bool:
     """GPUs here are simulated (``modelfleet cluster up``): the group talks gloo, computes on CPU."""
     import ray
 
-    from modelfleet.cluster.local import SIMULATED
 
     return ray.cluster_resources().get(SIMULATED, 0) > 0
 
@@ -212,16 +213,13 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from modelfleet.cluster import connect
-    from modelfleet.train.export import export_checkpoint
-    from modelfleet.train.loop import train_loop_per_worker
 
     t0 = time.time()
     preflight(cfg, resume=resume)
     connect()
     t_ray = time.time()
     check_capacity(cfg)
-    root = ck.runs_root(cfg.storage.path)
+    root = StorageLayout(cfg.storage.path).runs()
     run_dir = f"{root}/{cfg.storage.run_name}"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line is the one to read

@@ -1,6 +1,6 @@
 """The model-family interface: everything the trainer, exporter, evaluator and Serve app ask of a
-family. A family is one module with one ``Family`` subclass, plus one line in
-``modelfleet.models.FAMILIES``.
+family, split by concern into ``DataHooks``, ``TrainHooks`` and ``ServeHooks``. A family is one
+module with one ``Family`` subclass, plus one line in ``modelfleet.families.FAMILIES``.
 
 The data flow a family plugs into: ``prepare`` writes raw and model-ready splits and a fitted
 ``transform.json`` (fitted on the training split only); workers ``collate`` Ray Data batches and
@@ -12,12 +12,20 @@ goes through exactly the preprocessing the model was trained with.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
 
-from modelfleet.config import Config, ConfigError, ModelConfig
+from modelfleet import metrics
+from modelfleet.config import Config, ModelConfig
+from modelfleet.config.coerce import build
+from modelfleet.data import families as family_data
+from modelfleet.data.transform import Transform
+from modelfleet.errors import ConfigError
+from modelfleet.storage import dump_json
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -25,59 +33,21 @@ class NoParams:
     """A family without settings of its own."""
 
 
-class Family:
-    """Base class: the defaults fit a family whose batches are dicts of equal-length arrays."""
+class DataHooks:
+    """Preparing a dataset: sources, splits, the fitted transform, data-derived params."""
 
-    name: ClassVar[str]
-    task: ClassVar[str]
-    """``lm``, ``classification``, ``regression`` or ``recommendation`` (picks the metrics)."""
-    Params: ClassVar[type] = NoParams
-    """The kw_only dataclass that ``model.params`` must fit (a docstring under every field)."""
-    primary_metric: ClassVar[str] = "loss"
-    """The metric k-fold reports first and ``--if-better`` defaults to."""
-    serves_openai: ClassVar[bool] = False
-    """True for language models: served by the OpenAI-compatible LMServer, not by Predictor."""
-    cache_epochs: ClassVar[bool] = True
-    """Keep each worker's training shard in memory after the first pass (small tables that
-    train for many epochs); language-model corpora stream every epoch."""
-    from_data: ClassVar[tuple[str, ...]] = ()
-    """``params`` keys filled from the prepared dataset's meta when 0 (sizes the data decides)."""
-
-    # ---------------------------------------------------------------- config
-    def default_params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.Params())
-
-    def parse_params(self, params: dict[str, Any]) -> Any:
-        """The typed params; unknown keys and bad values raise ConfigError naming model.params.<key>."""
-        from modelfleet.config import _build
-
-        return _build(self.Params, params, "model.params.")
-
-    def build(self, cfg: ModelConfig) -> Any:
-        raise NotImplementedError
-
-    def build_for_artifact(self, cfg: ModelConfig, local_dir: str) -> Any:
-        """The model an artifact's weights load into (``hf-causal-lm`` reads its own config)."""
-        return self.build(cfg)
-
-    # ---------------------------------------------------------------- data
+    # data
     def prepare(self, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
         """Write the dataset (raw + model-ready splits, transform.json, meta.json) to data.path."""
-        from modelfleet.data.families import prepare_family_dataset
-
-        return prepare_family_dataset(self, cfg, overwrite=overwrite)
+        return family_data.prepare_family_dataset(self, cfg, overwrite=overwrite)
 
     def load_raw(self, source: str, seed: int) -> Any:
         """The whole raw table (pandas) for a ``data.sources`` entry."""
-        from modelfleet.data.families import load_source
-
-        return load_source(source, seed)
+        return family_data.load_source(source, seed)
 
     def split(self, raw: Any, data: Any) -> dict[str, Any]:
         """Deterministic train/val/test split of the raw table (from ``data.seed``)."""
-        from modelfleet.data.families import split_rows
-
-        return split_rows(raw, data)
+        return family_data.split_rows(raw, data)
 
     def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> "Transform":
         """Fit the preprocessing on the raw training split only."""
@@ -106,11 +76,9 @@ class Family:
                                   "set it to 0 to take it from the data")
             cfg.model.params[key] = want
 
-    # ---------------------------------------------------------------- artifacts
+    # artifacts
     def write_preprocessor(self, out_dir: str, cfg: Config, transform: dict[str, Any] | None) -> dict[str, Any]:
         """Save what turns raw input into model input beside the weights; returns manifest keys."""
-        from modelfleet.train.export import dump_json
-
         if transform is None:
             raise ConfigError(f"model.family {self.name!r}: an artifact needs the fitted transform.json of "
                               "its dataset")
@@ -119,16 +87,17 @@ class Family:
 
     def load_preprocessor(self, local_dir: str, manifest: dict[str, Any]) -> Any:
         """The inverse of ``write_preprocessor`` (a tokenizer or a fitted ``Transform``)."""
-        import json
-        import os
-
         with open(os.path.join(local_dir, "transform.json")) as f:
             return self.load_transform(json.load(f))
 
     def write_extra(self, model: Any, cfg: Config, out_dir: str) -> None:
         """Extra artifact files (``hf-causal-lm`` writes a Hugging Face copy); none by default."""
 
-    # ---------------------------------------------------------------- training
+
+class TrainHooks:
+    """The worker loop's side: batches to tensors, the loss, the export probe."""
+
+    # training
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Ray Data numpy batch -> tensors for ``loss`` / ``forward``."""
         import torch
@@ -150,7 +119,11 @@ class Family:
         """What the progress line counts per sample (tokens for LMs, 1 otherwise)."""
         return 1
 
-    # ---------------------------------------------------------------- serving and evaluation
+
+class ServeHooks:
+    """Serving and evaluation: request schemas, predictions, metrics."""
+
+    # serving and evaluation
     def request_model(self, transform: "Transform") -> type[BaseModel]:
         """The pydantic schema of one instance in ``POST /v1/models/{name}/predict``."""
         raise NotImplementedError
@@ -165,27 +138,43 @@ class Family:
 
     def metrics(self, results: dict[str, np.ndarray], transform: "Transform") -> dict[str, Any]:
         """Metrics from the collected ``predict_batch`` columns."""
-        from modelfleet import evaluate
-
-        return evaluate.metrics_for(self.task_of(transform), results, transform)
+        return metrics.metrics_for(self.task_of(transform), results, transform)
 
 
-class Transform:
-    """Preprocessing fitted on the training split; its ``state`` is JSON saved with the artifact."""
+class Family(DataHooks, TrainHooks, ServeHooks):
+    """Base class: the defaults fit a family whose batches are dicts of equal-length arrays."""
 
-    state: dict[str, Any]
+    name: ClassVar[str]
+    task: ClassVar[str]
+    """``lm``, ``classification``, ``regression`` or ``recommendation`` (picks the metrics)."""
+    Params: ClassVar[type] = NoParams
+    """The kw_only dataclass that ``model.params`` must fit (a docstring under every field)."""
+    primary_metric: ClassVar[str] = "loss"
+    """The metric k-fold reports first and ``--if-better`` defaults to."""
+    serves_openai: ClassVar[bool] = False
+    """True for language models: served by the OpenAI-compatible LMServer, not by Predictor."""
+    needs_ray_to_prepare: ClassVar[bool] = True
+    """``prepare`` applies the fitted transform with Ray Data (the caller connects first)."""
+    cache_epochs: ClassVar[bool] = True
+    """Keep each worker's training shard in memory after the first pass (small tables that
+    train for many epochs); language-model corpora stream every epoch."""
+    from_data: ClassVar[tuple[str, ...]] = ()
+    """``params`` keys filled from the prepared dataset's meta when 0 (sizes the data decides)."""
 
-    def apply(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw columns -> model-ready columns (``x``/``tokens``/... and ``y`` when labels exist)."""
+    # config
+    def default_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.Params())
+
+    def parse_params(self, params: dict[str, Any]) -> Any:
+        """The typed params; unknown keys and bad values raise ConfigError naming model.params.<key>."""
+        return build(self.Params, params, "model.params.")
+
+    def build(self, cfg: ModelConfig) -> Any:
         raise NotImplementedError
 
-    def meta(self) -> dict[str, Any]:
-        """Sizes the model takes from the data (``Family.from_data`` keys) for meta.json."""
-        return {}
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.state.get("classes", []))
+    def build_for_artifact(self, cfg: ModelConfig, local_dir: str) -> Any:
+        """The model an artifact's weights load into (``hf-causal-lm`` reads its own config)."""
+        return self.build(cfg)
 
 
 def classify(logits: Any, classes: list[str]) -> list[dict[str, Any]]:

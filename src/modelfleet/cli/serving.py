@@ -1,8 +1,4 @@
-"""What the serving subcommands do: ``serve``, ``generate``, ``status``, ``deploy``.
-
-Kept out of ``cli.py`` so the command table stays a table, and imported only when one of these
-commands runs (Ray Serve is slow to import).
-"""
+"""The bodies of the serving commands: ``serve``, ``generate``, ``status``, ``deploy``."""
 
 from __future__ import annotations
 
@@ -13,14 +9,19 @@ import sys
 import threading
 from typing import Any
 
-from modelfleet.config import Config, ConfigError
+from modelfleet.cli.commands import load_args
+from modelfleet.cluster.connect import connect
+from modelfleet.config import Config
+from modelfleet.errors import ConfigError
+from modelfleet.evaluate import gate
+from modelfleet.serve import client
+from modelfleet.serve.app import deploy, running_config, status, update_model
 
 
 def _attach(*, start_local: bool) -> bool:
     """Join the running cluster; start a local one only if allowed. Returns True if started here."""
     import ray
 
-    from modelfleet.cluster.connection import connect
 
     if ray.is_initialized():
         return False
@@ -37,12 +38,10 @@ def _attach(*, start_local: bool) -> bool:
 
 def serve_main(cfg: Config, *, detach: bool = False) -> int:
     """Deploy the config's serve section; keep serving until Ctrl-C if this process owns the cluster."""
-    from modelfleet.serve.app import deploy
 
-    if not cfg.serve:
+    if cfg.serve is None:
         raise ConfigError("serve: this config has no serve section; add serve.models (see deploy/modelfleet-serve.yaml)")
-    serve_cfg = dict(cfg.serve)
-    serve_cfg.setdefault("storage_path", cfg.storage.path)
+    serve_cfg = cfg.serve if cfg.serve.storage_path else cfg.serve.model_copy(update={"storage_path": cfg.storage.path})
     started = _attach(start_local=True)
     sc = deploy(serve_cfg)
     base = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
@@ -66,8 +65,6 @@ def serve_main(cfg: Config, *, detach: bool = False) -> int:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from modelfleet.serve import client
-
     key = client.api_key_from_env(args.api_key_env)
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
@@ -92,8 +89,6 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def status_main(*, as_json: bool = False) -> int:
-    from modelfleet.serve.app import status
-
     _attach(start_local=False)
     rows = status()
     if as_json:
@@ -112,30 +107,29 @@ def status_main(*, as_json: bool = False) -> int:
 
 
 def deploy_main(app_name: str, model: str, artifact: str) -> int:
-    from modelfleet.serve.app import update_model
-
     _attach(start_local=False)
     label = update_model(app_name, model, artifact)
     print(f"app {app_name}: model {model} now serves {label}")
     return 0
 
 
-def pipeline_main(cfg: Config) -> int:
-    """Train -> export -> deploy: the serve section's models that serve this run's registry name
-    (or the only model) are pointed at the new version and (re)deployed."""
-    from modelfleet.train.trainer import train
+def cmd_serve(args: argparse.Namespace) -> int:
+    return serve_main(load_args(args), detach=args.detach)
 
-    if not cfg.serve:
-        raise ConfigError("serve: the pipeline deploys the serve section, but this config has none")
-    res = train(cfg)
-    if res.artifact is None:
-        raise ConfigError("the training run left no complete checkpoint to export; nothing to deploy")
-    label = f"{res.artifact.name}@{res.artifact.version}"
-    serve_cfg = dict(cfg.serve)
-    models = [dict(m) for m in serve_cfg.get("models", [])]
-    for m in models:
-        if len(models) == 1 or str(m.get("artifact", "")).partition("@")[0] == res.artifact.name:
-            m["artifact"] = label
-    serve_cfg["models"] = models
-    print(f"trained {res.run_name}; deploying {label}")
-    return serve_main(cfg.__class__.from_dict({**cfg.to_dict(), "serve": serve_cfg}), detach=True)
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return generate_main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return status_main(as_json=args.json)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.if_better:
+        _attach(start_local=False)
+        decision = gate.check(running_config(args.app), args.name, args.artifact, args.if_better, data=args.data)
+        print(f"quality gate: {decision.explain()}")
+        if not decision.promote:
+            return 1
+    return deploy_main(args.app, args.name, args.artifact)

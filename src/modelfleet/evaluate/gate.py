@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet import registry
-from modelfleet.config import ConfigError
+from modelfleet.config import ServeConfig
+from modelfleet.errors import ConfigError
+from modelfleet.evaluate.batch import evaluate_artifact
+from modelfleet.metrics import LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,6 @@ class Decision:
 
     def explain(self) -> str:
         """One line saying which numbers decided."""
-        from modelfleet.evaluate import LOWER_IS_BETTER
 
         op = "<" if self.metric in LOWER_IS_BETTER else ">"
         verdict = "promote" if self.promote else "refuse"
@@ -37,12 +39,10 @@ def _label(ref: registry.ArtifactRef) -> str:
     return f"{ref.name}@{ref.version}" if ref.name else ref.uri
 
 
-def check(app_name: str, model: str, artifact: str, metric: str, *, data: str | None = None) -> Decision:
-    """Evaluate candidate and served artifacts of ``model`` on the same data; decide on ``metric``."""
-    from modelfleet.evaluate import LOWER_IS_BETTER, evaluate_artifact
-    from modelfleet.serve.app import running_config
+def check(cfg: ServeConfig, model: str, artifact: str, metric: str, *, data: str | None = None) -> Decision:
+    """Evaluate the candidate and the artifact ``cfg`` (a running app's config) serves as ``model``
+    on the same data; decide on ``metric``."""
 
-    cfg = running_config(app_name)
     spec = cfg.model(model)
     served = registry.resolve(cfg.storage_path, spec.artifact)
     if artifact in ("latest",) or (artifact.startswith("v") and artifact[1:].isdigit()):

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
+from modelfleet.cli.commands import load_args
 from modelfleet.config import Config
+from modelfleet.data.prepare import prepare_dataset
+from modelfleet.data.tokenizer import ByteTokenizer
+from modelfleet.serve.app import deploy, status, wait_for
+from modelfleet.train.trainer import train
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(load_args(args))
 
 
 def run_demo(cfg: Config) -> int:
-    from modelfleet.data.prepare import prepare_dataset
-    from modelfleet.data.tokenizer import ByteTokenizer
-    from modelfleet.train.trainer import train
-
     t0 = time.time()
     print(f"== modelfleet demo: preset {cfg.preset}, ZeRO-{cfg.deepspeed.zero_stage}, "
           f"{cfg.train.num_workers} workers, {cfg.train.max_steps} steps")
@@ -63,7 +69,6 @@ def serve_demo(cfg: Config, artifact: str, *, requests: int = 96, concurrency: i
     import httpx
     from ray import serve
 
-    from modelfleet.serve.app import deploy, status, wait_for
 
     sc = copy.deepcopy(DEMO_SERVE)
     sc["models"][0]["artifact"] = artifact

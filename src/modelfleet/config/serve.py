@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from modelfleet.config import ConfigError
+from modelfleet.errors import ConfigError
 
 
 class _FieldError(ValueError):

@@ -1,4 +1,4 @@
-"""What ``modelfleet cluster ...``, ``submit`` and ``jobs ...`` do (argument tables and actions)."""
+"""What ``modelfleet cluster ...``, ``submit`` and ``jobs ...`` do (their arguments are in ``cli/__init__``)."""
 
 from __future__ import annotations
 
@@ -6,30 +6,11 @@ import argparse
 import json
 import sys
 
-from modelfleet.config import ConfigError
-
-
-def add_cluster(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = sub.add_parser("up", help="start a simulated multi-node cluster on this machine")
-    up.add_argument("--config", dest="cluster_config", help="cluster YAML (default: cluster/local.yaml)")
-    up.add_argument("--nodes", type=int, help="nodes including the head")
-    up.add_argument("--cpus-per-node", type=int, help="logical CPUs each node advertises")
-    up.add_argument("--gpus-per-node", type=int, help="logical GPUs each node advertises")
-    up.add_argument("--dashboard-port", type=int, help="dashboard and Jobs API port on 127.0.0.1")
-    up.add_argument("--serve-port", type=int, help="Serve HTTP port on 127.0.0.1")
-    up.add_argument("--gcs-port", type=int, help="head GCS port; other ports derive from it")
-    up.add_argument("--no-auth", action="store_true", help="disable Ray token authentication (not advised)")
-    sub.add_parser("status", help="nodes with total and free resources").add_argument(
-        "--json", action="store_true", help="print JSON instead of a table")
-    sub.add_parser("down", help="stop exactly the processes `cluster up` started")
-    kill = sub.add_parser("kill-node", help="SIGKILL one simulated worker node (failure drills)")
-    kill.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
+from modelfleet.cluster import jobs, local
+from modelfleet.errors import ConfigError
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from modelfleet.cluster import local
-
     if args.action == "up":
         spec = local.load_spec(args.cluster_config, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
                                gpus_per_node=args.gpus_per_node, dashboard_port=args.dashboard_port,
@@ -64,24 +45,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_submit(p: argparse.ArgumentParser) -> None:
-    from modelfleet.cluster.jobs import JOBS
-
-    p.add_argument("job", choices=JOBS, help="jobs/<JOB>.py to run")
-    p.add_argument("config", nargs="?", help="YAML config inside the working directory")
-    p.add_argument("--preset", help="start from this preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value (repeatable)")
-    p.add_argument("--submission-id", help="job id; resubmitting an existing id is refused")
-    p.add_argument("--address", help="Jobs API URL (default: the local cluster, else 127.0.0.1:8265)")
-    p.add_argument("--wait", action="store_true", help="follow the logs and return the job's result")
-    p.add_argument("--arg", dest="args", action="append", default=[], metavar="ARG",
-                   help="extra argument for the job, e.g. --arg RUN for export (repeatable)")
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    from modelfleet.cluster import jobs
-
     job_id = jobs.submit(args.job, args.config, args.overrides, preset=args.preset,
                          submission_id=args.submission_id, extra_args=args.args, addr=args.address)
     print(f"submitted {args.job} as {job_id}")
@@ -95,20 +59,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if s["status"] == "SUCCEEDED" else 1
 
 
-def add_jobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Jobs API URL (default: the local cluster, else 127.0.0.1:8265)")
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sub.add_parser("list", help="all jobs with their status").add_argument("--json", action="store_true")
-    sub.add_parser("status", help="one job's status (and why it failed)").add_argument("id")
-    logs = sub.add_parser("logs", help="one job's logs")
-    logs.add_argument("id")
-    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-    sub.add_parser("stop", help="stop a running job").add_argument("id")
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from modelfleet.cluster import jobs
-
     if args.action == "list":
         rows = jobs.list_jobs(args.address)
         if args.json:

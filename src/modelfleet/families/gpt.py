@@ -6,8 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet.config import Config, ConfigError, ModelConfig
-from modelfleet.models.family import Family
+from modelfleet.config import Config, ModelConfig
+from modelfleet.data.prepare import check_seq_len, prepare_dataset
+from modelfleet.data.tokenizer import ByteTokenizer, tokenizer_from_spec
+from modelfleet.errors import ConfigError
+from modelfleet.families.base import Family
+from modelfleet.models.gpt import GPT
+from modelfleet.storage import dump_json
 
 
 class TokenRows:
@@ -37,30 +42,21 @@ class GPTFamily(TokenRows, Family):
     primary_metric = "perplexity"
     serves_openai = True
     cache_epochs = False
+    needs_ray_to_prepare = False
 
     def build(self, cfg: ModelConfig) -> Any:
-        from modelfleet.models.gpt import GPT
-
         return GPT(cfg)
 
     def prepare(self, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
-        from modelfleet.data.prepare import prepare_dataset
-        from modelfleet.data.tokenizer import ByteTokenizer
-
         return prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer(), overwrite=overwrite)
 
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
-        from modelfleet.data.prepare import check_seq_len
-
         check_seq_len(meta, cfg.model.block_size)
         if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
                               f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})")
 
     def write_preprocessor(self, out_dir: str, cfg: Config, transform: dict[str, Any] | None) -> dict[str, Any]:
-        from modelfleet.data.tokenizer import ByteTokenizer
-        from modelfleet.train.export import dump_json
-
         spec = ByteTokenizer().spec()
         dump_json(out_dir, "tokenizer.json", spec)
         return {"tokenizer": spec}
@@ -69,7 +65,6 @@ class GPTFamily(TokenRows, Family):
         import json
         import os
 
-        from modelfleet.data.tokenizer import tokenizer_from_spec
 
         with open(os.path.join(local_dir, "tokenizer.json")) as f:
             return tokenizer_from_spec(json.load(f))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-import ray
+from modelfleet.cluster.local import use_local_cluster_env
 
 # A local instance advertises at least this many logical CPUs: Ray Train's workers each hold
 # one, and Ray Data's read tasks need CPUs beside them or ingestion stalls on a 2-core machine.
@@ -17,9 +17,9 @@ MIN_LOCAL_CPUS = 4
 
 def connect(*, num_cpus: int | None = None, log_to_driver: bool = True) -> str:
     """Make sure this process is a Ray driver; returns the cluster's GCS address."""
-    if not ray.is_initialized():
-        from modelfleet.cluster.local import use_local_cluster_env
+    import ray  # here, not at the top: use_local_cluster_env must set Ray's auth env first
 
+    if not ray.is_initialized():
         use_local_cluster_env()  # a `modelfleet cluster up` cluster: its address and auth mode
         try:
             ray.init(address="auto", log_to_driver=log_to_driver)

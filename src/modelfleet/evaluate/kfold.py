@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modelfleet.config import Config, ConfigError
+from modelfleet.config import Config
+from modelfleet.data.families import read_raw, write_splits
+from modelfleet.errors import ConfigError
+from modelfleet.evaluate.batch import evaluate_artifact
+from modelfleet.families import get_family
+from modelfleet.storage import StorageLayout, join
+from modelfleet.train.trainer import train
 
 
 def fold_ids(rows: pd.DataFrame, k: int, seed: int, group: str | None) -> np.ndarray:
@@ -26,10 +32,6 @@ def fold_ids(rows: pd.DataFrame, k: int, seed: int, group: str | None) -> np.nda
 
 def kfold(cfg: Config, k: int, data_path: str, *, show_progress: bool = False) -> dict[str, Any]:
     """Train and score ``k`` models; returns every fold's metrics and mean +- std of each metric."""
-    from modelfleet.data.families import read_raw, write_splits
-    from modelfleet.evaluate import evaluate_artifact
-    from modelfleet.models import get_family
-    from modelfleet.train.trainer import train
 
     if k < 2:
         raise ConfigError(f"--kfold: needs K >= 2, got {k}")
@@ -48,7 +50,7 @@ def kfold(cfg: Config, k: int, data_path: str, *, show_progress: bool = False) -
         c = copy.deepcopy(cfg)
         for key in family.from_data:  # sizes come from this fold's data
             c.model.params[key] = 0
-        c.data.path = f"{cfg.storage.path}/kfold/{base}/fold-{i}"
+        c.data.path = join(StorageLayout(cfg.storage.path).kfold(), base, f"fold-{i}")
         write_splits(family, c.model, splits, c.data.path, {"fold": i, "k": k, "source": data_path},
                      overwrite=True)
         c.storage.run_name = f"{base}-fold{i}"

@@ -1,0 +1,77 @@
+"""Batch evaluation: inference with Ray Data over an actor pool, then the task's metrics.
+
+``evaluate_artifact`` reads a dataset's raw held-out rows, runs the artifact's own family code in
+``map_batches`` actors (each loads the artifact once, exactly as a Serve replica does, transform
+included) and computes the family's metrics: accuracy, precision, recall, F1 (macro and per
+class) and the confusion matrix for classifiers; MSE, MAE and R^2 for regression; perplexity for
+language models; recall@k and NDCG@k for recommenders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelfleet import registry
+from modelfleet.cluster import connect
+from modelfleet.data.families import read_rows
+from modelfleet.errors import DataError
+from modelfleet.families import get_family
+from modelfleet.families.artifact import load_artifact
+
+
+class _BatchPredictor:
+    """The map_batches UDF: one artifact load per actor, then one batched forward per batch."""
+
+    def __init__(self, uri: str) -> None:
+        import torch
+
+
+        torch.set_num_threads(1)
+        self.model, self.pre, manifest = load_artifact(uri)
+        self.family = get_family(manifest["family"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.family.predict_batch(self.model, self.pre, batch)
+
+
+def batch_predict(uri: str, rows: Any, *, concurrency: int = 2, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Prediction columns for ``rows`` (pandas) from an actor pool of ``concurrency`` actors."""
+    import ray
+
+
+    connect()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    n = max(1, min(concurrency * 2, len(rows)))
+    ds = ray.data.from_pandas([rows.iloc[i::n].reset_index(drop=True) for i in range(n)])
+    out = ds.map_batches(_BatchPredictor, fn_constructor_kwargs={"uri": uri}, batch_size=batch_size,
+                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
+    cols: dict[str, list[np.ndarray]] = {}
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in b.items():
+            cols.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def evaluate_artifact(uri: str, data_path: str, *, split: str = "test", concurrency: int = 2) -> dict[str, Any]:
+    """Metrics of the artifact at ``uri`` on ``<data_path>/raw/<split>``."""
+
+    manifest = registry.read_json(uri, "manifest.json")
+    family = get_family(manifest["family"])
+    where = Path(data_path, "raw", split)
+    if family.task == "lm":  # language-model datasets hold token rows: train/ and val/
+        where = Path(data_path, "val" if split == "test" else split)
+    if not where.is_dir():
+        raise DataError(f"--data: {data_path} has no {where.relative_to(data_path)} split; point at a "
+                        "directory written by `modelfleet prepare` for this family")
+    rows = family.eval_rows(read_rows(str(where)))
+    results = batch_predict(uri, rows, concurrency=concurrency)
+    _, pre, _ = load_artifact(uri)
+    return {"artifact": uri, "family": family.name, "task": family.task_of(pre), "data": data_path,
+            "split": split, "metrics": family.metrics(results, pre)}
+
+
+# ---------------------------------------------------------------- reports

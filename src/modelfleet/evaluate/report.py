@@ -1,0 +1,87 @@
+"""Evaluation reports: metrics as JSON, plus PNG plots (confusion matrix, predicted vs true, the
+training run's loss curve when its directory is still in storage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelfleet import registry
+from modelfleet.storage import StorageLayout, is_remote
+
+
+def loss_curve(run_dir: str) -> dict[str, list[float]]:
+    """Training and validation loss by step from a run's metrics.jsonl (empty when absent)."""
+    path = Path(run_dir, "metrics.jsonl")
+    out: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "val_loss": []}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "step":
+            out["step"].append(r["step"])
+            out["loss"].append(r["loss"])
+        elif r["kind"] == "eval":
+            out["eval_step"].append(r["step"])
+            out["val_loss"].append(r["val_loss"])
+    return out
+
+
+def write_report(result: dict[str, Any], out_dir: str, *, run_dir: str | None = None) -> list[str]:
+    """``evaluation.json`` plus PNG plots (confusion matrix, loss curves); returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = [os.path.join(out_dir, "evaluation.json")]
+    m = result["metrics"]
+    if "confusion_matrix" in m:
+        cm = np.array(m["confusion_matrix"])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(cm), 1 + 0.5 * len(cm)))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(cm)), m["classes"], rotation=45)
+        ax.set_yticks(range(len(cm)), m["classes"])
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"accuracy {m['accuracy']:.3f}")
+        files.append(_save(fig, out_dir, "confusion_matrix.png"))
+    curve = loss_curve(run_dir) if run_dir else {"step": []}
+    if curve["step"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(curve["step"], curve["loss"], label="train")
+        ax.plot(curve["eval_step"], curve["val_loss"], "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        files.append(_save(fig, out_dir, "loss_curves.png"))
+        result = {**result, "loss_curve": curve}
+    Path(files[0]).write_text(json.dumps({**result, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                         indent=1))
+    return files
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_dir_of(uri: str, storage_path: str) -> str | None:
+    """The training run an artifact came from, if its directory is still in storage."""
+
+    run = registry.read_json(uri, "manifest.json").get("run_id")
+    path = StorageLayout(storage_path).run(run) if run and not is_remote(storage_path) else None
+    return path if path and os.path.isdir(path) else None
