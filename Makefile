@@ -4,16 +4,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# CPU machines: the CPU build from this machine's disk. GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Default: torch==2.13.0 from pip's configured index. On a plain PyPI index that is the CUDA build
+# (about 2 GiB of downloads, torch plus nvidia-* wheels); this project's CPU machines serve the CPU
+# build from their own disk. Choose explicitly (README, "Installing"):
+#   CPU: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+#   GPU: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench bench-quick soak clean
+.PHONY: install demo test test-slow test-fast bench bench-quick soak clean
 
 $(STAMP): pyproject.toml Makefile
+	@echo "make: installing pinned dependencies into $(VENV) ($(TORCH_SPEC), Ray, DeepSpeed built from source; minutes, 2+ GB; see README 'Installing')"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
@@ -25,10 +30,19 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
+	@echo "make demo: prepares a corpus, trains the tiny preset with DeepSpeed ZeRO-3 on 2 Ray workers, exports and serves it (minutes; the first DeepSpeed run JIT-builds a C++ op, ~90 s on 2 cores, then cached)"
 	$(VENV)/bin/modelfleet demo
 
+# CI runs `make test`: the import-linter layer contracts (.importlinter), then every test not marked
+# slow. `make test-slow` runs the tests that need more than ~3 minutes (long drills, soaks).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=40 tests
+	@echo "make test: import-linter contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (~20 min on 2 cores; the first DeepSpeed run JIT-builds a C++ op, ~90 s, then cached)"
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q --durations=40 -m "not slow" tests
+
+test-slow: $(STAMP)
+	@echo "make test-slow: pytest -m slow, the long drills and soaks (not in CI; the first DeepSpeed run JIT-builds a C++ op, ~90 s)"
+	$(PY) -m pytest -q --durations=40 -m slow tests
 
 # Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
 BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation

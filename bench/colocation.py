@@ -25,7 +25,7 @@ def main() -> int:
     args = ap.parse_args()
     steps = 25 if args.quick else 50
 
-    from modelfleet.config import load_config
+    from modelfleet.presets import load_config
     from modelfleet.train import train
 
     work = Path(tempfile.mkdtemp(prefix="mf-bench-coloc-"))

@@ -45,8 +45,9 @@ def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: 
     import deepspeed
     import torch
 
-    from modelfleet.config import load_config
-    from modelfleet.models import build_model, flops_per_token, num_params
+    from modelfleet.families import build_model
+    from modelfleet.models import flops_per_token, num_params
+    from modelfleet.presets import load_config
     from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
     # The preset's own gradient accumulation: one optimizer step per grad_accum micro-batches,
@@ -102,8 +103,9 @@ def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: 
 def generation_latency(preset: str, batch_sizes: list[int], prompt: int = 20, new: int = 16) -> list[dict]:
     import torch
 
-    from modelfleet.config import load_config
-    from modelfleet.models import build_model, generate
+    from modelfleet.families import build_model
+    from modelfleet.models import generate
+    from modelfleet.presets import load_config
 
     cfg = load_config(preset=preset)
     model = build_model(cfg.model).to("cuda", torch.bfloat16).eval()

@@ -23,8 +23,8 @@ def publish_tiny(storage: str, name: str = "tiny", seed: int = 0) -> Any:
     import torch
 
     from modelfleet import registry
-    from modelfleet.config import load_config
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
+    from modelfleet.presets import load_config
     from modelfleet.train.export import write_artifact_dir
 
     cfg = load_config(preset="tiny", overrides=[f"storage.path={storage}"])

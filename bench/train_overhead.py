@@ -29,7 +29,7 @@ def _ddp_rank(rank: int, world: int, data_path: str, steps: int, cfg_dict: dict,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from modelfleet.config import Config
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
     from modelfleet.train.deepspeed import lr_lambda
 
     cfg = Config.from_dict(cfg_dict)
@@ -93,7 +93,7 @@ def main() -> int:
 
     import ray
 
-    from modelfleet.config import load_config
+    from modelfleet.presets import load_config
 
     work = Path(tempfile.mkdtemp(prefix="mf-bench-train-"))
     data = tiny_dataset(work)

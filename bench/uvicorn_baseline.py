@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from modelfleet.families.artifact import load_artifact
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
@@ -21,7 +23,7 @@ def build(artifact_dir: str):
     from modelfleet.serve.generation import Job, generate_steps
 
     torch.set_num_threads(1)  # a Serve replica gets one CPU: compare like with like
-    model, tok, _ = registry.load_artifact(artifact_dir)
+    model, tok, _ = load_artifact(artifact_dir)
     app = FastAPI()
 
     class Body(BaseModel):

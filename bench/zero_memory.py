@@ -66,7 +66,7 @@ def _loop(config: dict[str, Any]) -> None:
     from deepspeed.utils import logger
 
     from modelfleet.config import Config
-    from modelfleet.models import build_model
+    from modelfleet.families import build_model
     from modelfleet.train.deepspeed import build_ds_config
 
     logger.setLevel("ERROR")
@@ -120,8 +120,9 @@ def main() -> int:
 
     import ray
 
-    from modelfleet.config import load_config
-    from modelfleet.models import build_model, num_params
+    from modelfleet.families import build_model
+    from modelfleet.models import num_params
+    from modelfleet.presets import load_config
     from modelfleet.train.memory import model_state_bytes
 
     # 8 layers x 256 wide (6.4 M parameters): big enough that per-tensor padding is noise.

@@ -4,7 +4,6 @@ prepared tiny dataset built from files shipped with Python (no network)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

@@ -20,7 +20,6 @@ import httpx
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

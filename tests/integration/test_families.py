@@ -15,7 +15,6 @@ import pytest
 
 from modelfleet.families.artifact import load_artifact
 
-pytestmark = pytest.mark.slow
 
 PORT = 8250  # ours alone: other suites serve on 8000, 8100, 8123
 BASE = f"http://127.0.0.1:{PORT}"
@@ -91,7 +90,6 @@ def test_mf_recall_at_10_well_above_chance(runs):
 
 
 def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(runs):
-    from modelfleet import registry
     from modelfleet.data.families import read_raw
 
     cfg, res = runs("linear")
@@ -140,7 +138,6 @@ def _predict(client: httpx.Client, url: str, model: str, instances: list) -> htt
 
 
 def _in_process(runs, family: str, instances: list[dict]) -> list[dict]:
-    from modelfleet import registry
     from modelfleet.families import get_family
 
     _, res = runs(family)

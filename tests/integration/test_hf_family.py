@@ -17,7 +17,6 @@ from mf_testutil import TEST_SOURCES
 from modelfleet.families.artifact import load_artifact
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (the dev extra installs it)
-pytestmark = pytest.mark.slow
 
 PORT = 8250
 PROBE = "def loads(s, *, cls=None):"
@@ -111,7 +110,6 @@ def finetuned(ray_session, hf_dirs, tmp_path_factory):
 
 
 def test_gpt2_fine_tunes_with_zero3_and_exports_hf_format(finetuned, hf_dirs):
-    from modelfleet import registry
     from modelfleet.evaluate import evaluate_artifact
 
     cfg, res = finetuned

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -16,7 +15,6 @@ from mf_testutil import read_records as _records
 from mf_testutil import tiny_config, train_worker_pids
 from modelfleet.families.artifact import load_artifact
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import time
 
 import httpx
 import psutil
-import pytest
 
 from mf_testutil import deploy_app, run_load, running_replicas, serve_replica_pids
 from modelfleet.serve.app import wait_for

@@ -25,7 +25,6 @@ import pytest
 
 from mf_testutil import read_records, tiny_config, train_worker_pids
 
-pytestmark = pytest.mark.slow
 ME = os.getpid()
 
 
