@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from mf_testutil import TEST_SOURCES, tiny_config, train_worker_pids  # noqa: F401 - re-exported
+from helpers import TEST_SOURCES
 
 
 @pytest.fixture(scope="session")

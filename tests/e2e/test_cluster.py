@@ -20,7 +20,6 @@ import httpx
 import pytest
 import yaml
 
-
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DASH, SERVE_PORT, GCS = 8365, 8100, 6480

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
 from modelfleet.families.artifact import load_artifact
-
 
 PORT = 8250  # ours alone: other suites serve on 8000, 8100, 8123
 BASE = f"http://127.0.0.1:{PORT}"
@@ -28,34 +28,48 @@ def storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(ray_session, storage):
-    """family -> (config, TrainResult), each trained once, on first use."""
-    from modelfleet.families import get_family
+    """family -> (config, run), each prepared, trained and exported once, on first use, through the
+    commands a user types (`modelfleet prepare`, `train --no-export`, `export`) on the shared Ray;
+    ``data.path`` is left to the preset: ``<storage>/data/<preset>``."""
+    from modelfleet import registry
+    from modelfleet.cli import main
     from modelfleet.presets import load_config
-    from modelfleet.train import train
+    from modelfleet.storage import StorageLayout
 
     done: dict[str, tuple] = {}
 
     def get(family: str):
         if family not in done:
             preset = PRESETS[family]
-            cfg = load_config(preset=preset, overrides=[
-                f"storage.path={storage}", f"data.path={storage / 'data' / preset}", f"storage.run_name={preset}"])
-            get_family(family).prepare(cfg)
-            done[family] = (cfg, train(cfg, show_progress=False))
+            args = ["--preset", preset, "--set", f"storage.path={storage}", "--set", f"storage.run_name={preset}"]
+            assert main(["prepare", *args]) == 0
+            assert main(["train", *args, "--no-export"]) == 0
+            assert registry.versions(str(storage), preset) == []  # --no-export published nothing
+            assert main(["export", preset, *args]) == 0
+            cfg = load_config(preset=preset, overrides=args[3::2])
+            run = SimpleNamespace(run_dir=StorageLayout(str(storage)).run(preset),
+                                  artifact=registry.resolve(str(storage), preset))
+            done[family] = (cfg, run)
         return done[family]
 
     return get
 
 
+
 def _evaluate(runs, family: str) -> dict:
-    from modelfleet.evaluate import evaluate_artifact
+    from modelfleet.cli import main
+    from modelfleet.storage import StorageLayout
 
     cfg, res = runs(family)
     assert res.artifact is not None, "training left no artifact"
     manifest = json.loads(Path(res.artifact.uri, "manifest.json").read_text())
     assert manifest["family"] == family and manifest["config"]["deepspeed"]["zero_stage"] == 3
     assert manifest["export_max_abs_logit_diff"] <= 1e-4  # the artifact reproduces the live engine
-    out = evaluate_artifact(res.artifact.uri, cfg.data.path)
+    storage = str(Path(cfg.storage.path))
+    assert main(["evaluate", f"{res.artifact.name}@{res.artifact.version}", "--data", cfg.data.path,
+                 "--storage", storage]) == 0
+    label = f"{res.artifact.name}-{res.artifact.version}"
+    out = json.loads(Path(StorageLayout(storage).evaluation(label), "evaluation.json").read_text())
     print(family, json.dumps({k: v for k, v in out["metrics"].items() if k not in ("per_class", "confusion_matrix")}))
     return out["metrics"]
 
@@ -308,3 +322,31 @@ def test_breast_cancer_table_is_imputed_and_encoded_for_classification(ray_sessi
     # Standard scaling was fitted on the training rows: their scaled columns have mean ~0.
     train_x = t.apply({k: v.to_numpy() for k, v in splits["train"].items()})["x"]
     assert np.abs(train_x.mean(axis=0)).max() < 0.05
+
+
+def test_storage_tree_holds_only_what_the_layout_names(runs, storage):
+    """Every path the commands above wrote under storage.path is one StorageLayout names."""
+    import re
+
+    from modelfleet.storage import StorageLayout
+
+    for family in PRESETS:
+        runs(family)
+    layout = StorageLayout(str(storage))
+    roots = {layout.runs(), layout.models(), layout.evaluations(), layout.kfold(), str(Path(layout.data("x")).parent)}
+    seen = set()
+    for p in sorted(storage.rglob("*")):
+        rel = p.relative_to(storage).parts
+        top = str(storage / rel[0])
+        assert top in roots, f"{p} is outside the storage layout"
+        if len(rel) == 2 and top == layout.runs():
+            assert str(p) == layout.run(rel[1])
+        if top == layout.models() and len(rel) >= 3:
+            assert str(p) in (layout.latest(rel[1]), layout.model(rel[1], rel[2])) or len(rel) > 3, p
+            assert rel[2] == "LATEST" or re.fullmatch(r"v\d+", rel[2]), p
+        if top == layout.evaluations() and len(rel) == 2:
+            assert str(p) == layout.evaluation(rel[1])
+        if len(rel) == 2 and rel[0] == "data":
+            assert str(p) == layout.data(rel[1])
+        seen.add(top)
+    assert {layout.runs(), layout.models(), layout.evaluations(), str(Path(layout.data("x")).parent)} <= seen

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -93,20 +94,30 @@ def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_pa
 
 @pytest.fixture(scope="module")
 def finetuned(ray_session, hf_dirs, tmp_path_factory):
-    from modelfleet.families import get_family
+    """GPT-2 fine-tuned with ZeRO-3 through the commands a user types, from a YAML config
+    (`modelfleet prepare` printed its summary with a KeyError once for this family)."""
+    import yaml
+
+    from modelfleet import registry
+    from modelfleet.cli import main
     from modelfleet.presets import load_config
-    from modelfleet.train import train
+    from modelfleet.storage import StorageLayout
 
     storage = tmp_path_factory.mktemp("hf-storage")
-    cfg = load_config(preset="tiny", overrides=[
-        f"storage.path={storage}", f"data.path={storage / 'data'}", "storage.run_name=hf-gpt2",
-        "storage.model_name=hf-gpt2", "model.family=hf-causal-lm",
-        f"model.params={{path: '{hf_dirs['gpt2']}', block_size: 32}}", "deepspeed.zero_stage=3",
-        "train.max_steps=24", "train.eval_every=12", "train.checkpoint_every=0", "train.eval_batches=2",
-        "train.lr=0.003", "train.warmup_steps=2", "train.micro_batch_size=8"])
-    cfg.data.sources = TEST_SOURCES
-    get_family("hf-causal-lm").prepare(cfg)
-    return cfg, train(cfg, show_progress=False)
+    config = storage / "hf.yaml"
+    config.write_text(yaml.safe_dump({
+        "preset": "tiny",
+        "model": {"family": "hf-causal-lm", "params": {"path": hf_dirs["gpt2"], "block_size": 32}},
+        "data": {"sources": TEST_SOURCES},
+        "storage": {"path": str(storage), "run_name": "hf-gpt2", "model_name": "hf-gpt2"},
+        "deepspeed": {"zero_stage": 3},
+        "train": {"max_steps": 24, "eval_every": 12, "checkpoint_every": 0, "eval_batches": 2, "lr": 0.003,
+                  "warmup_steps": 2, "micro_batch_size": 8}}))
+    assert main(["prepare", str(config)]) == 0
+    assert main(["train", str(config)]) == 0
+    run = SimpleNamespace(run_dir=StorageLayout(str(storage)).run("hf-gpt2"),
+                          artifact=registry.resolve(str(storage), "hf-gpt2"))
+    return load_config(config), run
 
 
 def test_gpt2_fine_tunes_with_zero3_and_exports_hf_format(finetuned, hf_dirs):

@@ -225,6 +225,23 @@ def test_status_command_lists_deployments(main_app, capsys):
     assert all(r["status"] == "HEALTHY" and r["running"] == 1 for r in mine.values())
 
 
+def test_generate_command_completes_and_streams_greedily(main_app, capsys, monkeypatch):
+    from modelfleet.cli import main
+
+    monkeypatch.setenv("MF_TEST_GENERATE_KEY", KEY)
+    args = [PROBE, "--url", main_app["url"], "--model", "tiny", "--max-tokens", "8", "--temperature", "0",
+            "--api-key-env", "MF_TEST_GENERATE_KEY"]
+    assert main(["generate", *args]) == 0
+    out = capsys.readouterr()
+    assert out.out == PROBE + main_app["answers"]["v1"] + "\n"
+    assert "8 completion tokens, finish_reason=length" in out.err
+    assert main(["generate", *args, "--stream"]) == 0
+    assert capsys.readouterr().out == PROBE + main_app["answers"]["v1"] + "\n"  # the same text, in pieces
+    monkeypatch.setenv("MF_TEST_GENERATE_KEY", "sk-wrong")
+    assert main(["generate", *args]) == 1
+    assert "401" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- autoscaling
 
 def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):

@@ -1,12 +1,14 @@
 """Fixtures of the reliability drills: Serve on 127.0.0.1:8300 (a port no other suite uses) and a
 registry of random tiny models. Module-scoped, so each drill module starts and stops its own
-Serve instance on the session's one Ray instance."""
+Serve instance on the session's one Ray instance; ``serve_on`` waits, by condition, for the port
+to be free before it starts (test_security.py's own cluster also serves on 8300) and for Serve to
+be gone after it stops."""
 
 from __future__ import annotations
 
 import pytest
 
-from mf_testutil import publish_tiny_models
+from helpers import publish_tiny_models, serve_on
 
 PORT = 8300
 PROBE = "def main("
@@ -14,11 +16,8 @@ PROBE = "def main("
 
 @pytest.fixture(scope="module")
 def serve_8300(ray_session):
-    from ray import serve
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield serve
-    serve.shutdown()
+    with serve_on(PORT) as serve:
+        yield serve
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 
 from mf_testutil import cli_env, publish_tiny_models, run_cli, wait_job
 from modelfleet.families.artifact import load_artifact
-from modelfleet.storage import StorageLayout
+from modelfleet.storage import StorageLayout, sha256_file
 
 GCS, DASH, SERVE = 6680, 8465, 8300
 DASH_URL = f"http://127.0.0.1:{DASH}"
@@ -192,7 +192,7 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
     bad = Path(registry.resolve(str(tmp_path), "tiny@v1").uri)
     torch.save({"w": Payload(marker)}, bad / registry.WEIGHTS)
     manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["weights_sha256"] = registry.sha256_file(str(bad / registry.WEIGHTS))
+    manifest["weights_sha256"] = sha256_file(str(bad / registry.WEIGHTS))
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception) as err:  # noqa: B017 - which parser refuses it is checked below
         load_artifact(str(bad))

@@ -16,10 +16,8 @@ import threading
 import time
 
 import httpx
-import psutil
 
-from mf_testutil import deploy_app, run_load, running_replicas, serve_replica_pids
-from modelfleet.serve.app import wait_for
+from helpers import deploy_app, pid_alive, run_load, running_replicas, serve_replica_pids, wait_until
 from modelfleet.serve.client import Client, iter_sse
 
 PORT = 8300
@@ -43,35 +41,47 @@ def _replaced(app: str, old: set[int], want: int) -> bool:
 
 def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_registry):
     """500 greedy requests at concurrency 8; one of the 2 replicas is frozen (SIGSTOP) after 100
-    and SIGKILLed a second later, with requests in flight on it. The
+    and SIGKILLed once a request sent before the freeze is stuck on it while later ones are
+    answered by the other replica (requests in flight on it, by condition). The
     ingress answers the requests that were on it with 503 + Retry-After, the client retries them:
     zero failures, every answer right, and Serve has a new replica RUNNING within 30 s."""
     storage, answers = tiny_registry
     url = deploy_app(storage, PORT, "kill", [_model(num_replicas=2)])
     n, drill = 500, {}
     try:
-        before = set(wait_for(lambda: len(_replicas("kill")) == 2 and _replicas("kill"), 30, "2 replica processes"))
+        before = set(wait_until(lambda: len(_replicas("kill")) == 2 and _replicas("kill"), 30, "2 replica processes"))
 
         with Client(url, max_retries=6, backoff_s=0.2, max_backoff_s=2.0, timeout_s=60) as client:
             stop_killer = threading.Event()
 
             def killer() -> None:
-                wait_for(lambda: stop_killer.is_set() or client_sent() >= n // 5, 120, "100 requests sent")
+                wait_until(lambda: stop_killer.is_set() or progress["sent"] >= n // 5, 120, "100 requests sent")
                 if stop_killer.is_set():
                     return
                 victim = sorted(before)[0]
                 # Freeze the victim first so the router keeps handing it requests it never answers,
-                # then kill it: the drill then always hits requests in flight, not an idle replica.
+                # then kill it once one is stuck there: a request sent before the freeze is still
+                # unanswered while 8 more have been answered (by the other replica). Bounded: after
+                # 30 s it is killed anyway, and `retried >= 1` below says whether it hit a request.
                 os.kill(victim, signal.SIGSTOP)
-                time.sleep(1.0)
+                t_freeze, done0 = time.monotonic(), progress["done"]
+                try:
+                    wait_until(lambda: progress["done"] >= done0 + 8 and progress_pending_since(t_freeze), 30,
+                               "a request stuck on the frozen replica", 0.05)
+                except TimeoutError:
+                    pass
                 os.kill(victim, signal.SIGKILL)
                 t_kill = time.monotonic()
-                drill.update(victim=victim, at_request=client_sent())
-                wait_for(lambda: _replaced("kill", before, 2), 60, "a replacement replica RUNNING", 0.1)
+                drill.update(victim=victim, at_request=progress["sent"])
+                wait_until(lambda: _replaced("kill", before, 2), 60, "a replacement replica RUNNING", 0.1)
                 drill["replaced_s"] = time.monotonic() - t_kill
 
-            progress = {"sent": 0}
-            client_sent = lambda: progress["sent"]  # noqa: E731 - read by the killer thread
+            progress: dict = {"sent": 0, "done": 0, "pending": {}}  # read by the killer thread
+
+            def progress_pending_since(t: float) -> bool:
+                """A request sent before ``t`` is still unanswered."""
+                return any(t0 < t for t0 in list(progress["pending"].values()))
+
             th = threading.Thread(target=killer, daemon=True)
             th.start()
             t0 = time.monotonic()
@@ -92,12 +102,21 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
 
 
 def _load_with_progress(client: Client, n: int, concurrency: int, progress: dict, **body):
-    """run_load, counting sent requests in ``progress`` for the killer thread."""
-    real = client.complete
+    """run_load, counting sent and answered requests in ``progress`` for the killer thread, with
+    the send time of each request still in flight (``pending``)."""
+    real, lock = client.complete, threading.Lock()
 
     def counted(**kw):
-        progress["sent"] += 1
-        return real(**kw)
+        with lock:
+            progress["sent"] += 1
+            key = progress["sent"]
+            progress["pending"][key] = time.monotonic()
+        try:
+            return real(**kw)
+        finally:
+            with lock:
+                del progress["pending"][key]
+                progress["done"] += 1
 
     client.complete = counted  # type: ignore[method-assign]
     try:
@@ -115,7 +134,7 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
                                                   graceful_shutdown_timeout_s=2)])
     victim = None
     try:
-        before = set(wait_for(lambda: len(_replicas("hc")) == 2 and _replicas("hc"), 30, "2 replica processes"))
+        before = set(wait_until(lambda: len(_replicas("hc")) == 2 and _replicas("hc"), 30, "2 replica processes"))
         victim = sorted(before)[0]
         stop = threading.Event()
         with Client(url, max_retries=8, backoff_s=0.2, max_backoff_s=2.0, timeout_s=60) as client:
@@ -126,7 +145,7 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
             os.kill(victim, signal.SIGSTOP)
             t_stop = time.monotonic()
             try:
-                wait_for(lambda: _replaced("hc", before, 2) and not _alive(victim), 60,
+                wait_until(lambda: _replaced("hc", before, 2) and not pid_alive(victim), 60,
                          "the hung replica killed and a new one RUNNING", 0.1)
                 replaced_s = time.monotonic() - t_stop
             finally:
@@ -134,7 +153,7 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
                 th.join(timeout=90)
             res, retried = box["res"], client.retried
     finally:
-        if victim and _alive(victim):
+        if victim and pid_alive(victim):
             os.kill(victim, signal.SIGCONT)  # let Serve finish it off normally
         serve_8300.delete("hc")
     print(f"\n[hung-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried}; "
@@ -142,13 +161,6 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
     assert res.sent > 0 and not res.failed, res.failed[:5]
     assert set(res.texts) == {answers["v1"]}
     assert replaced_s <= 30
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
@@ -187,18 +199,18 @@ def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
                 except httpx.HTTPError as e:
                     results.append((0, "?", t0, time.monotonic(), repr(e)))
 
-    pids0 = set(wait_for(lambda: len(_replicas("drain")) == 2 and _replicas("drain"), 30, "2 replica processes"))
+    pids0 = set(wait_until(lambda: len(_replicas("drain")) == 2 and _replicas("drain"), 30, "2 replica processes"))
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
     try:
         for t in threads:
             t.start()
-        t_stopping = wait_for(lambda: running_replicas("drain").get("STOPPING", 0) and time.monotonic(), 90,
+        t_stopping = wait_until(lambda: running_replicas("drain").get("STOPPING", 0) and time.monotonic(), 90,
                               "Serve to stop one replica", 0.05)
-        wait_for(lambda: running_replicas("drain") == {"RUNNING": 1} and len(_replicas("drain")) == 1, 60,
+        wait_until(lambda: running_replicas("drain") == {"RUNNING": 1} and len(_replicas("drain")) == 1, 60,
                  "the stopped replica gone", 0.1)
         t_gone, stopped = time.monotonic(), pids0 - set(_replicas("drain"))
         n_after = len(results)
-        wait_for(lambda: len(results) >= n_after + 5, 30, "requests after the scale-down")
+        wait_until(lambda: len(results) >= n_after + 5, 30, "requests after the scale-down")
     finally:
         stop.set()
         for t in threads:
@@ -236,7 +248,7 @@ def test_backpressure_answers_429_fast_and_recovers(serve_8300, tiny_registry):
         burst = asyncio.run(_burst(url, 24, 100))
         t_end = time.monotonic()
         with httpx.Client(timeout=60) as c:
-            wait_for(lambda: c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
+            wait_until(lambda: c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
                      30, "a 200 after the burst", 0.05)
         recovered_s = time.monotonic() - t_end
         with Client(url, max_retries=10, backoff_s=0.2, max_backoff_s=2.0) as client:

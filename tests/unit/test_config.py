@@ -54,3 +54,22 @@ def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_data_path_follows_storage_path_unless_set(tmp_path, monkeypatch):
+    """README's `ray job submit ... --set storage.path=$PWD/storage` finds the shards `prepare`
+    wrote: an unset data.path is <storage.path>/data/<preset>, from any working directory."""
+    from modelfleet.presets import load_config
+    from modelfleet.storage import StorageLayout
+
+    monkeypatch.chdir(tmp_path)
+    local = load_config(preset="tiny")
+    assert local.data.path == StorageLayout(str(tmp_path / "storage")).data("tiny")
+    elsewhere = tmp_path / "uploaded-copy"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = load_config(preset="tiny", overrides=[f"storage.path={tmp_path / 'storage'}"])
+    assert job.data.path == local.data.path
+    assert load_config(preset="digits-cnn", overrides=["storage.path=s3://bucket/mf"]).data.path == \
+        "s3://bucket/mf/data/digits-cnn"
+    assert load_config(preset="tiny", overrides=["data.path=mine"]).data.path == str(elsewhere / "mine")

@@ -8,6 +8,7 @@ import torch
 from modelfleet.config import ModelConfig
 from modelfleet.families import build_model
 from modelfleet.models import GPT, flops_per_token, generate, num_params
+from modelfleet.models.sampling import sample
 
 
 def make_cfg(**kw) -> ModelConfig:
@@ -209,3 +210,20 @@ def test_generate_sampling_is_reproducible_and_stops_at_eos():
     assert out.shape == (1, 5) and out[0, -1].item() == first
     with pytest.raises(ValueError, match="block_size=32"):
         generate(model, idx, 29)
+
+
+def test_sampler_greedy_nucleus_tiny_temperatures_and_shapes():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    assert sample(logits, 0, 1.0).tolist() == [0, 2]
+    assert sample(logits[0], 0, 1.0).shape == ()  # one row in, one id out
+    # A temperature too small to matter is greedy, not NaN (float64, shifted by the max).
+    for t in (1e-45, 5e-324):
+        assert sample(logits, t, 1.0, torch.Generator().manual_seed(0)).tolist() == [0, 2]
+    # top_p=0.7 keeps {0.5, 0.3} in row 0 and {0.8} in row 1; the rest is never drawn.
+    g = torch.Generator().manual_seed(1)
+    drawn = torch.stack([sample(logits, 1.0, 0.7, g) for _ in range(300)])
+    assert set(drawn[:, 0].tolist()) == {0, 1} and set(drawn[:, 1].tolist()) == {2}
+    # Temperature 1 follows the distribution: token 2 of row 0 comes up about 20% of the time.
+    g = torch.Generator().manual_seed(2)
+    share = (torch.stack([sample(logits[0], 1.0, 1.0, g) for _ in range(2000)]) == 2).float().mean()
+    assert 0.15 < share < 0.25

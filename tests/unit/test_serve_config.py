@@ -84,9 +84,13 @@ def _model(block_size: int = 32):
     return build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)).eval()
 
 
+def _text(ids):
+    return bytes(i for i in ids if i < 256).decode("latin-1")
+
+
 def _run(model, jobs):
     texts, tokens, reasons = [""] * len(jobs), [0] * len(jobs), [None] * len(jobs)
-    for out in generate_steps(model, jobs, eos_id=256, decode=lambda ids: bytes(i for i in ids if i < 256).decode("latin-1")):
+    for out in generate_steps(model, jobs, eos_id=256, decode=_text):
         for i, s in enumerate(out):
             if s is not None:
                 texts[i] += s.text
@@ -95,17 +99,27 @@ def _run(model, jobs):
     return texts, tokens, reasons
 
 
-def test_batched_left_padded_greedy_matches_the_reference_sampler():
+@pytest.mark.parametrize("temperature, top_p", [(0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_batched_left_padded_generation_matches_each_request_alone_and_the_reference_decoder(temperature, top_p):
     from modelfleet.models.gpt import generate
 
     model = _model()
     prompts = [[10, 20, 30, 40, 50], [7], [1, 2, 3]]
-    jobs = [Job(prompt_ids=p, max_tokens=6, temperature=0) for p in prompts]
+    jobs = [Job(prompt_ids=p, max_tokens=6, temperature=temperature, top_p=top_p, seed=s)
+            for s, p in enumerate(prompts)]
     texts, tokens, reasons = _run(model, jobs)
-    for p, text in zip(prompts, texts):
-        ref = generate(model, torch.tensor([p]), 6, temperature=0)[0, len(p):].tolist()
-        assert text == bytes(i for i in ref if i < 256).decode("latin-1")
-    assert tokens == [6, 6, 6] and reasons == ["length"] * 3
+    # Left padding and company change nothing: a seeded request samples the same text alone.
+    assert texts == [_run(model, [j])[0][0] for j in jobs]
+    for j, text, n, reason in zip(jobs, texts, tokens, reasons):
+        # The reference decoder (unpadded, its own loop) draws through the same sampler with the
+        # same seed, so it produces the same tokens, up to the end of text.
+        ref = generate(model, torch.tensor([j.prompt_ids]), 6, temperature=temperature, top_p=top_p,
+                       generator=torch.Generator().manual_seed(j.seed), eos_id=256)[0, len(j.prompt_ids):].tolist()
+        ref = ref[:ref.index(256)] if 256 in ref else ref
+        assert text == _text(ref) and n == len(ref)
+        assert reason == ("stop" if len(ref) < 6 else "length")
+    greedy = _run(model, [Job(prompt_ids=j.prompt_ids, max_tokens=6, temperature=0) for j in jobs])[0]
+    assert (texts == greedy) == (temperature == 0)  # the sampled cases really sample
 
 
 def test_rows_that_cannot_share_a_cache_are_grouped_and_seeds_are_per_row():

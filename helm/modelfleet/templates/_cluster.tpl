@@ -81,7 +81,7 @@ spec:
         - {name: serve, containerPort: {{ $v.serving.port }}}
         {{- end }}
       env:
-        # Same as the CLI (modelfleet/cli.py): no usage reporting from users' clusters.
+        # Same as the CLI (modelfleet/cli/__init__.py): no usage reporting from users' clusters.
         - {name: RAY_USAGE_STATS_ENABLED, value: "0"}
         {{- if eq (int .gpus) 0 }}
         # DeepSpeed would probe for CUDA; on CPU pods name the accelerator outright.

@@ -1,7 +1,7 @@
 {{/*
 serveConfigV2 of the RayService: Ray Serve's declarative config (ray.serve.schema.ServeDeploySchema)
 with one application built by modelfleet.serve.app:build_app, whose args are a modelfleet
-ServeConfig (modelfleet.serve.config.parse_serve_config). Models pass through verbatim.
+ServeConfig (modelfleet.config.serve.parse_serve_config). Models pass through verbatim.
 */}}
 {{- define "modelfleet.serveConfig" -}}
 {{- $s := .Values.serving }}

@@ -34,7 +34,7 @@ Each message names the keys, their values and what would be valid.
 {{- if $v.serving.enabled }}
 {{- $minGpus := 0.0 }}
 {{- range $i, $m := $v.serving.models }}
-{{- /* Defaults as in modelfleet.serve.config (hasKey, because `default` treats 0 as unset). */}}
+{{- /* Defaults as in modelfleet.config.serve (hasKey, because `default` treats 0 as unset). */}}
 {{- $replicas := 1 }}{{- if hasKey $m "num_replicas" }}{{ $replicas = int $m.num_replicas }}{{ end }}
 {{- with $m.autoscaling }}
 {{- $min := 1 }}{{- if hasKey . "min_replicas" }}{{ $min = int .min_replicas }}{{ end }}

@@ -20,20 +20,7 @@ from modelfleet.serve.app import deploy, running_config, status, update_model
 
 def _attach(*, start_local: bool) -> bool:
     """Join the running cluster; start a local one only if allowed. Returns True if started here."""
-    import ray
-
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        return False
-    except ConnectionError:
-        if not start_local:
-            raise ConfigError("no Ray cluster is running (start one with `ray start --head` or "
-                              "`modelfleet serve CONFIG`)") from None
-    connect(log_to_driver=False)
-    return True
+    return connect(log_to_driver=False, start_local=start_local).started_here
 
 
 def serve_main(cfg: Config, *, detach: bool = False) -> int:

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from modelfleet.config import ModelConfig
+from modelfleet.models.sampling import sample
 
 
 class KVCache:
@@ -48,9 +49,6 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -241,11 +239,12 @@ def flops_per_token(cfg: ModelConfig) -> int:
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
              eos_id: int | None = None) -> Tensor:
-    """Reference sampler: extend ``idx`` ([B, T], unpadded) by up to ``max_new_tokens`` tokens.
+    """Reference decoder: extend ``idx`` ([B, T], unpadded) by up to ``max_new_tokens`` tokens.
 
-    One prefill then one token per step through the KV cache. ``temperature=0`` is greedy;
-    ``top_p < 1`` samples from the nucleus. Rows that emitted ``eos_id`` keep emitting it, and
-    generation stops early once every row has. Returns ``[B, T + generated]``.
+    One prefill then one token per step through the KV cache, each drawn by
+    ``models.sampling.sample`` (``temperature=0`` is greedy, ``top_p < 1`` samples the nucleus).
+    Rows that emitted ``eos_id`` keep emitting it, and generation stops early once every row has.
+    Returns ``[B, T + generated]``.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -268,7 +267,7 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
         out = [idx]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            nxt = _sample(logits.float(), temperature, top_p, generator)
+            nxt = sample(logits, temperature, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
@@ -280,15 +279,3 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
     finally:
         model.train(was_training)
 
-
-def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens before it already reach top_p; the top token always stays.
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

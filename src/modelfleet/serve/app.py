@@ -24,6 +24,7 @@ from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
+from modelfleet.storage import is_remote
 
 
 def _server_for(artifact: str, storage_path: str) -> Any:
@@ -58,7 +59,7 @@ def resolve_storage_path(path: str) -> str:
         raise ConfigError(f"serve.storage_path {path!r}: environment variable {unset.group(1)} is not set "
                           "where the application is built; set it in the application's runtime_env.env_vars "
                           "(or the cluster's environment), or give a path or URI")
-    if "://" in expanded:
+    if is_remote(expanded):
         return expanded
     return os.path.abspath(os.path.expanduser(expanded))
 

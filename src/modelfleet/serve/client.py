@@ -39,7 +39,8 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def api_key_from_env(var: str = "MODELFLEET_API_KEY") -> str | None:
+def api_key_from_env(var: str) -> str | None:
+    """The key in env var ``var`` (the server's ``serve.api_key_env``), or None when unset or empty."""
     return os.environ.get(var) or None
 
 

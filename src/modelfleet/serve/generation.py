@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+
+from modelfleet.models.sampling import sample
 
 
 @dataclass
@@ -81,22 +82,6 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
     return end
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token id from a row's logits ([vocab]); temperature 0 is greedy."""
-    if temperature == 0:
-        return int(logits.argmax())
-    # Shift by the max and divide in float64: a tiny valid temperature (1e-45, 5e-324) would
-    # otherwise make inf - inf or 0/0 = NaN and fail the whole batch this request shares.
-    x = logits.double()
-    probs = torch.softmax((x - x.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # Drop a token when the tokens before it already reach top_p; the top token always stays.
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
 class _Group:
     """Rows sharing one KV cache: left-padded to the longest prompt, decoded one token a step."""
 
@@ -125,7 +110,7 @@ class _Group:
             if r.finish_reason:
                 nxt[b] = r.eos_id  # a finished row still occupies its slot; its output is ignored
                 continue
-            tok = sample(self.logits[b], r.job.temperature, r.job.top_p, r.gen)
+            tok = int(sample(self.logits[b], r.job.temperature, r.job.top_p, r.gen))
             nxt[b] = tok
             out[i] = r.push(tok)
         self.steps += 1

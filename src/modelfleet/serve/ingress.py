@@ -1,7 +1,7 @@
 """The FastAPI ingress: OpenAI-compatible routes, auth, limits, errors and HTTP metrics.
 
-It holds no weights; it validates, authenticates and forwards to one ``LMServer`` deployment per
-model through deployment handles, whose queue limit (``max_queued_requests``) turns overload
+It holds no weights; it validates, authenticates and forwards to one model deployment per model
+(``LMServer`` or ``Predictor``) through deployment handles, whose queue limit (``max_queued_requests``) turns overload
 into a fast 503/429 instead of an ever-growing queue.
 """
 
@@ -314,10 +314,7 @@ class Ingress:
         if "error" in r:
             raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
                            code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
-        return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")},
-                            headers={"x-modelfleet-replica-pid": str(r["pid"]),
-                                     "x-modelfleet-batch-size": str(r["batch_size"]),
-                                     "x-modelfleet-artifact": r["artifact"]})
+        return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")}, headers=_headers(r))
 
     async def _call(self, pending: Any) -> dict[str, Any]:
         try:

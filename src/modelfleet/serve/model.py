@@ -1,39 +1,21 @@
-"""The model deployment: one artifact, batched KV-cache generation, metrics, health.
-
-The artifact to load arrives as ``user_config`` (``{"artifact": "name@v2"}``), so that a
-``serve deploy`` config or a RayService can move replicas to new weights in place through
-``reconfigure``; ``modelfleet deploy`` instead does a surge rolling update (see ``app.py``).
-"""
+"""The language-model deployment: batched KV-cache generation behind the OpenAI-compatible
+ingress (``complete`` / ``stream``); loading, health and ``info`` come from ``ReplicaBase``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, AsyncIterator
 
 from ray import serve
-from ray.util import metrics
 
-from modelfleet import registry
-from modelfleet.config.serve import ModelSpec
-from modelfleet.families.artifact import load_artifact
 from modelfleet.serve.generation import Job, Step, generate_steps
+from modelfleet.serve.replica import Loaded, ReplicaBase
 
 # Serve's replica logger adds the request id to every record it formats.
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    """Everything one set of weights needs; swapped as a whole so a batch never mixes versions."""
-
-    model: Any
-    tokenizer: Any
-    artifact: str
-    block_size: int
 
 
 class PromptError(ValueError):
@@ -44,62 +26,32 @@ class PromptError(ValueError):
         self.param = param
 
 
-@serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
-class LMServer:
+@serve.deployment  # every option comes from the ModelSpec, in build_app
+class LMServer(ReplicaBase):
     """Serves one language-model artifact; the ingress calls ``complete``/``stream``/``info``."""
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
-        self.spec = ModelSpec.model_validate(spec)
-        self.storage_path = storage_path
-        self.pid = os.getpid()
-        self.loaded: _Loaded | None = None
+        super().__init__(spec, storage_path)
         self._active = 0  # requests decoding or waiting to decode on this replica
-        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
-        tags = {"model": self.spec.name}
-        self.m_tokens = metrics.Counter("modelfleet_tokens_generated", "Tokens generated.", tag_keys=("model",))
-        self.m_prompt = metrics.Counter("modelfleet_prompt_tokens", "Prompt tokens processed.", tag_keys=("model",))
-        self.m_batch = metrics.Histogram("modelfleet_batch_size", "Requests decoded together per batch.",
-                                         boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("model",))
-        self.m_gen = metrics.Histogram("modelfleet_generation_seconds", "Wall time of one batch's generation.",
-                                       boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-                                       tag_keys=("model",))
-        for m in (self.m_tokens, self.m_prompt, self.m_batch, self.m_gen):
-            m.set_default_tags(tags)
+        self.m_tokens = self.counter("modelfleet_tokens_generated", "Tokens generated.")
+        self.m_prompt = self.counter("modelfleet_prompt_tokens", "Prompt tokens processed.")
+        self.m_gen = self.histogram("modelfleet_generation_seconds", "Wall time of one batch's generation.",
+                                    [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
-        model, tokenizer, manifest = load_artifact(ref.uri)
-        label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
-        self.loaded = _Loaded(model, tokenizer, label, model.cfg.block_size)
-        logger.info("model %s loaded artifact %s (sha256 %s)", self.spec.name, label,
-                    str(manifest.get("weights_sha256", ""))[:12])
-
-    def check_health(self) -> None:
-        # Serve restarts a replica whose check fails; a replica without weights cannot answer.
-        if self.loaded is None:
-            raise RuntimeError(f"model {self.spec.name} has no weights loaded")
-
-    def info(self) -> dict[str, Any]:
-        lo = self._require()
-        return {"name": self.spec.name, "artifact": lo.artifact, "context_length": lo.block_size,
-                "pid": self.pid}
-
-    def _require(self) -> _Loaded:
-        if self.loaded is None:
-            raise RuntimeError(f"model {self.spec.name} is still loading")
-        return self.loaded
+    def _describe(self, lo: Loaded) -> dict[str, Any]:
+        return {"context_length": lo.model.cfg.block_size}
 
     def _job(self, prompt: str, sampling: dict[str, Any]) -> Job:
         lo = self._require()
-        special = getattr(lo.tokenizer, "eos_token", None)
+        tokenizer, limit = lo.preprocessor, lo.model.cfg.block_size
+        special = getattr(tokenizer, "eos_token", None)
         if special and special in prompt:
             # Like tiktoken's default: special tokens sent as text are refused, not silently
             # encoded as plain bytes a caller may believe ended the document.
             raise PromptError(f"prompt contains the special token {special!r}; special tokens cannot be "
                               "sent as text (remove it, or end the prompt where it stands)", "prompt")
-        ids = lo.tokenizer.encode(prompt) or [lo.tokenizer.eos_id]  # empty prompt = start of a document
-        limit, n = lo.block_size, len(ids)
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # empty prompt = start of a document
+        n = len(ids)
         if n >= limit:
             raise PromptError(f"prompt is {n} tokens but model {self.spec.name!r} has a context of {limit} "
                               f"tokens; send at most {limit - 1} prompt tokens", "prompt")
@@ -113,16 +65,12 @@ class LMServer:
         return Job(prompt_ids=ids, max_tokens=max_tokens, temperature=sampling["temperature"],
                    top_p=sampling["top_p"], seed=sampling.get("seed"), stop=list(sampling.get("stop") or []))
 
-    def _error(self, e: PromptError) -> dict[str, Any]:
-        logger.info("rejected request: %s", e)
-        return {"error": {"status": 400, "message": str(e), "param": e.param}, "pid": self.pid}
-
     async def complete(self, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
         """The whole completion as one result (non-streaming requests)."""
         try:
             job = self._job(prompt, sampling)
         except PromptError as e:
-            return self._error(e)
+            return self._error(400, str(e), e.param)
         parts: list[str] = []
         out: dict[str, Any] = {}
         async for step in self._generate(job):
@@ -135,7 +83,7 @@ class LMServer:
         try:
             job = self._job(prompt, sampling)
         except PromptError as e:
-            yield self._error(e)
+            yield self._error(400, str(e), e.param)
             return
         yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids)}}
         async for step in self._generate(job):
@@ -159,7 +107,9 @@ class LMServer:
         finally:
             self._active -= 1
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # Sized from spec.batching in ReplicaBase.__init__. Called, not bare: bare @serve.batch
+    # refuses an async generator.
+    @serve.batch()
     async def _batched(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
         async for result in self._decode(jobs):
             yield result
@@ -169,7 +119,7 @@ class LMServer:
         t0, n = time.perf_counter(), len(jobs)
         self.m_batch.observe(n)
         self.m_prompt.inc(sum(len(j.prompt_ids) for j in jobs))
-        steps = generate_steps(lo.model, jobs, eos_id=lo.tokenizer.eos_id, decode=lo.tokenizer.decode)
+        steps = generate_steps(lo.model, jobs, eos_id=lo.preprocessor.eos_id, decode=lo.preprocessor.decode)
         produced = [0] * n
         while True:
             # Each step runs off the event loop so new requests can queue for the next batch

@@ -23,6 +23,8 @@ DS_TAG = "state"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 VERIFY_FILE = "verify.safetensors"
+ZERO0_WEIGHTS = "module.safetensors"
+"""Whole weights of a ZeRO-0 run (no partitions for zero_to_fp32 to consolidate)."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

@@ -17,7 +17,7 @@ from modelfleet import registry
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
-from modelfleet.storage import StorageLayout
+from modelfleet.storage import StorageLayout, sha256_file
 from modelfleet.train import checkpoint as ck
 
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
@@ -29,7 +29,7 @@ def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     if zero_stage == 0:
-        return load_file(os.path.join(local_ckpt, "module.safetensors"))
+        return load_file(os.path.join(local_ckpt, ck.ZERO0_WEIGHTS))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -114,7 +114,7 @@ def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any], *,
         "family": cfg.model.family,
         "config": cfg.to_dict(),
         **spec,
-        "weights_sha256": registry.sha256_file(weights),
+        "weights_sha256": sha256_file(weights),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     })

@@ -212,7 +212,7 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
             if cfg.deepspeed.zero_stage == 0:
                 # ZeRO-0 keeps whole parameters in the module: export reads them from here
                 # rather than unpickling DeepSpeed's model-states file.
-                save_model(engine.module, os.path.join(local, "module.safetensors"))
+                save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
             if verify is not None:
                 save_file(verify, os.path.join(local, ck.VERIFY_FILE))
             transform = os.path.join(cfg.data.path, TRANSFORM_FILE)

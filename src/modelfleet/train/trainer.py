@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -24,7 +23,7 @@ from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
 from modelfleet.families import get_family
-from modelfleet.storage import StorageLayout
+from modelfleet.storage import StorageLayout, dump_json, is_remote
 from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
@@ -139,7 +138,7 @@ class _ProgressSink:
         self.records: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.t0 = time.time()
-        self.local = run_dir if "://" not in run_dir else None
+        self.local = None if is_remote(run_dir) else run_dir
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
@@ -219,14 +218,13 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     connect()
     t_ray = time.time()
     check_capacity(cfg)
-    root = StorageLayout(cfg.storage.path).runs()
-    run_dir = f"{root}/{cfg.storage.run_name}"
+    layout = StorageLayout(cfg.storage.path)
+    root, run_dir = layout.runs(), layout.run(cfg.storage.run_name)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line is the one to read
     ctx.print_on_execution_start = False
-    # On the driver's node: progress must outlive any worker node a failure takes down. Hard
-    # affinity: with soft=True Ray placed it on a worker node of the simulated cluster, and
-    # killing that node silently lost every record after it (resume included).
+    # Hard affinity to the driver's node: progress must outlive any worker node a failure takes
+    # down (a soft preference may still place it on a worker node).
     queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)})
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
@@ -261,10 +259,9 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
         res.artifact = export_checkpoint(found, run_name=cfg.storage.run_name)
         res.timings["export_s"] = time.time() - t_exp
     res.timings["total_s"] = time.time() - t0
-    if "://" not in run_dir:
-        Path(run_dir, "result.json").write_text(json.dumps(
-            {"run": res.run_name, "step": res.checkpoint_step, "metrics": res.metrics,
-             "artifact": res.artifact.uri if res.artifact else None, "timings": res.timings}, indent=1))
+    dump_json(run_dir, "result.json", {"run": res.run_name, "step": res.checkpoint_step, "metrics": res.metrics,
+                                       "artifact": res.artifact.uri if res.artifact else None,
+                                       "timings": res.timings})
     return res
 
 

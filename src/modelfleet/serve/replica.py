@@ -1,0 +1,110 @@
+"""What every model replica shares: the validated spec, the artifact loaded through
+``reconfigure``, the health check, ``info``, torch's thread count, request batching sized from the
+spec, and metrics tagged with the model name.
+
+The artifact arrives as ``user_config`` (``{"artifact": "name@v2"}``), so that a ``serve deploy``
+config or a RayService can move replicas to new weights in place through ``reconfigure``;
+``modelfleet deploy`` instead does a surge rolling update (see ``app.py``). Either way a replica
+holds one ``Loaded`` at a time, built whole and swapped whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from ray.util import metrics
+
+from modelfleet import registry
+from modelfleet.config.serve import ModelSpec
+from modelfleet.families.artifact import load_artifact
+
+# Serve's replica logger adds the request id to every record it formats.
+logger = logging.getLogger("ray.serve")
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One artifact's weights; a batch reads ``self.loaded`` once, so it never mixes versions."""
+
+    model: Any
+    preprocessor: Any
+    """The tokenizer of a language model, the fitted ``Transform`` of the other families."""
+    artifact: str
+    """``name@vN`` for a registry artifact, else its path or URI (the ``x-modelfleet-artifact`` header)."""
+
+
+class ReplicaBase:
+    """Base of the LM and predict deployments (``LMServer``, ``Predictor``).
+
+    A subclass defines ``_batched``, a ``@serve.batch`` method whose batch size and wait are set
+    here from ``spec.batching``; it may extend ``_prepare`` (what to derive once per artifact) and
+    ``_describe`` (fields ``info`` adds)."""
+
+    _batched: Any
+
+    def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self.storage_path = storage_path
+        self.pid = os.getpid()
+        self.loaded: Loaded | None = None
+        # One intra-op thread per reserved CPU: more would contend with the replicas beside it.
+        torch.set_num_threads(max(1, int(self.spec.ray_actor_options.num_cpus or 1)))
+        # Serve builds the batch queue on first use, so these hold from the first request on.
+        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+        self.m_batch = self.histogram("modelfleet_batch_size", "Requests handled together per batch.",
+                                      BATCH_SIZE_BUCKETS)
+
+    def counter(self, name: str, description: str) -> metrics.Counter:
+        """A counter tagged with this model's name."""
+        m = metrics.Counter(name, description, tag_keys=("model",))
+        m.set_default_tags({"model": self.spec.name})
+        return m
+
+    def histogram(self, name: str, description: str, boundaries: Sequence[float]) -> metrics.Histogram:
+        """A histogram tagged with this model's name."""
+        m = metrics.Histogram(name, description, boundaries=list(boundaries), tag_keys=("model",))
+        m.set_default_tags({"model": self.spec.name})
+        return m
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load ``user_config["artifact"]`` and swap it in; requests in flight finish on the old one."""
+        ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
+        model, preprocessor, manifest = load_artifact(ref.uri)
+        label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
+        self.loaded = self._prepare(model, preprocessor, manifest, label)
+        logger.info("model %s loaded %s artifact %s (sha256 %s)", self.spec.name, manifest.get("family", "?"),
+                    label, str(manifest.get("weights_sha256", ""))[:12])
+
+    def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> Loaded:
+        return Loaded(model, preprocessor, artifact)
+
+    def check_health(self) -> None:
+        # Serve restarts a replica whose check fails; a replica without weights cannot answer.
+        if self.loaded is None:
+            raise RuntimeError(f"model {self.spec.name} has no weights loaded")
+
+    def info(self) -> dict[str, Any]:
+        """What ``/v1/models`` and ``/healthz`` report for this replica."""
+        lo = self._require()
+        return {"name": self.spec.name, "artifact": lo.artifact, "context_length": 0, "pid": self.pid,
+                **self._describe(lo)}
+
+    def _describe(self, lo: Any) -> dict[str, Any]:
+        return {}
+
+    def _require(self) -> Any:
+        if self.loaded is None:
+            raise RuntimeError(f"model {self.spec.name} is still loading")
+        return self.loaded
+
+    def _error(self, status: int, message: str, param: str) -> dict[str, Any]:
+        """A refused request, as the ingress turns it into an HTTP error naming ``param``."""
+        logger.info("rejected request: %s", message)
+        return {"error": {"status": status, "message": message, "param": param}, "pid": self.pid}
