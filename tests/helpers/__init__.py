@@ -43,10 +43,8 @@ process and leaves by condition, not by time:
 
 from .cli import BIN, ROOT, cli_env, job_status, mf, run_cli, wait_job
 from .cluster import SimCluster
-from .ray_procs import (pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids,
-                        wait_no_train_workers)
-from .serving import (LoadResult, deploy_app, publish_tiny_models, run_load, running_replicas, serve_gone,
-                      serve_on)
+from .ray_procs import pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids, wait_no_train_workers
+from .serving import LoadResult, deploy_app, publish_tiny_models, run_load, running_replicas, serve_gone, serve_on
 from .training import TEST_SOURCES, read_records, tiny_config
 from .waiting import port_free, wait_port_free, wait_until
 

@@ -53,7 +53,7 @@ class SimCluster:
 
     def leftover_pids(self) -> list[int]:
         """Processes of this cluster (their command lines name its temp dir)."""
-        out = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout
+        out = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True, check=False).stdout
         return [int(p) for p in out.split()]
 
     def down(self, down_timeout_s: float = 60) -> None:

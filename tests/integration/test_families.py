@@ -16,7 +16,7 @@ import pytest
 
 from modelfleet.families.artifact import load_artifact
 
-PORT = 8250  # ours alone: other suites serve on 8000, 8100, 8123
+PORT = 8250  # also test_hf_family's: serve_on waits for the port and Serve to be free
 BASE = f"http://127.0.0.1:{PORT}"
 PRESETS = {"cnn": "digits-cnn", "linear": "diabetes-linear", "lstm": "topics-lstm", "mf": "interactions-mf"}
 
@@ -130,8 +130,7 @@ def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(r
 @pytest.fixture(scope="module")
 def served(runs, storage):
     """One Serve app (port 8250) serving the four trained artifacts by registry name."""
-    from ray import serve
-
+    from helpers import serve_on
     from modelfleet.serve.app import deploy
 
     models = []
@@ -140,11 +139,10 @@ def served(runs, storage):
         models.append({"name": family, "artifact": f"{res.artifact.name}@{res.artifact.version}",
                        "ray_actor_options": {"num_cpus": 0.25},
                        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}})
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    deploy({"app_name": "families", "route_prefix": "/families", "port": PORT, "storage_path": str(storage),
-            "ingress": {"num_cpus": 0.05}, "models": models})
-    yield f"{BASE}/families"
-    serve.shutdown()
+    with serve_on(PORT):
+        deploy({"app_name": "families", "route_prefix": "/families", "port": PORT, "storage_path": str(storage),
+                "ingress": {"num_cpus": 0.05}, "models": models})
+        yield f"{BASE}/families"
 
 
 def _predict(client: httpx.Client, url: str, model: str, instances: list) -> httpx.Response:

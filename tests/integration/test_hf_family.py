@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from mf_testutil import TEST_SOURCES
+from helpers import TEST_SOURCES, serve_on
 from modelfleet.families.artifact import load_artifact
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (the dev extra installs it)
@@ -144,7 +144,6 @@ def test_gpt2_fine_tunes_with_zero3_and_exports_hf_format(finetuned, hf_dirs):
 
 
 def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned):
-    from ray import serve
 
     from modelfleet.serve.app import deploy
 
@@ -155,8 +154,7 @@ def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     expected = tok.decode(ref[0, ids.size(1):], skip_special_tokens=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    try:
+    with serve_on(PORT):
         deploy({"app_name": "hf", "route_prefix": "/hf", "port": PORT, "storage_path": cfg.storage.path,
                 "ingress": {"num_cpus": 0.05},
                 "models": [{"name": "gpt2-ft", "artifact": "hf-gpt2", "ray_actor_options": {"num_cpus": 0.5}}]})
@@ -169,5 +167,3 @@ def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned)
             assert body["usage"]["prompt_tokens"] == ids.size(1)  # counted with the model's tokenizer
             r = c.post(f"http://127.0.0.1:{PORT}/hf/v1/models/gpt2-ft/predict", json={"instances": [{}]})
             assert r.status_code == 400 and "completions" in r.json()["error"]["message"]
-    finally:
-        serve.shutdown()

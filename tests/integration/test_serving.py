@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mf_testutil import publish_tiny_models
+from helpers import publish_tiny_models, serve_on, wait_until
 from modelfleet.serve.client import iter_sse
 
 PORT = 8123  # not 8000: another engineer may run Serve there
@@ -37,11 +37,9 @@ def registry_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_up(ray_session):
-    from ray import serve
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield serve
-    serve.shutdown()
+    """Serve on PORT for this module: started once the port is free, gone (by condition) after."""
+    with serve_on(PORT) as serve:
+        yield serve
 
 
 def _model(name: str, artifact: str, **kw) -> dict:
@@ -199,8 +197,6 @@ def test_bad_inputs_get_their_status_and_the_same_replica_then_answers(main_app)
 
 
 def test_logs_carry_request_ids_and_never_the_key(main_app):
-    from modelfleet.serve.app import wait_for
-
     with httpx.Client(timeout=60) as c:
         assert c.post(f"{main_app['url']}/v1/completions", headers={**_auth(), "x-request-id": "rid-log-7"},
                       json={"prompt": "x", "max_tokens": 2}).status_code == 200
@@ -209,7 +205,7 @@ def test_logs_carry_request_ids_and_never_the_key(main_app):
         text = "".join(p.read_text(errors="replace") for p in main_app["logs"].rglob("*.log"))
         return any(json.loads(ln).get("request_id") == "rid-log-7" for ln in text.splitlines() if ln.startswith("{"))
 
-    wait_for(logged, 30, "the request id in the replica logs")
+    wait_until(logged, 120, "the request id in the replica logs", 0.5)
     for p in main_app["logs"].rglob("*"):
         if p.is_file():
             assert KEY not in p.read_text(errors="replace"), p
@@ -245,7 +241,7 @@ def test_generate_command_completes_and_streams_greedily(main_app, capsys, monke
 # ---------------------------------------------------------------- autoscaling
 
 def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
-    from modelfleet.serve.app import status, wait_for
+    from modelfleet.serve.app import status
 
     storage, _ = registry_dir
     _deploy(storage, "scale", [_model("tiny", "tiny", batching={"max_batch_size": 2}, max_ongoing_requests=2,
@@ -276,13 +272,13 @@ def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
         for t in threads:
             t.start()
         try:
-            peak = wait_for(lambda: running() >= 2 and running(), 90, "a second replica under load")
+            peak = wait_until(lambda: running() >= 2 and running(), 90, "a second replica under load")
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=60)
         assert peak >= 2 and not failures, (peak, failures)
-        wait_for(lambda: running() == 1, 90, "scale-down to one replica after the load stopped")
+        wait_until(lambda: running() == 1, 90, "scale-down to one replica after the load stopped")
     finally:
         serve_up.delete("scale")
 
@@ -315,16 +311,13 @@ def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
     try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while len(results) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(results) >= 5, 60, "5 answers from the old weights", 0.05)
         t0 = time.monotonic()
         assert main(["deploy", "tiny", "--artifact", "v2", "--app", "upd"]) == 0
         switched = time.monotonic()
         print(f"deploy took {switched - t0:.1f} s; {len(results)} requests so far")
-        deadline = switched + 30
-        while sum(1 for _, _, t in results if t > switched) < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: sum(1 for _, _, t in results if t > switched) >= 10, 60,
+                   "10 answers after the switch", 0.05)
     finally:
         stop.set()
         for t in threads:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mf_testutil import read_records as _records
-from mf_testutil import tiny_config, train_worker_pids
+from helpers import read_records as _records
+from helpers import tiny_config, train_worker_pids, wait_no_train_workers
 from modelfleet.families.artifact import load_artifact
 from modelfleet.storage import sha256_file
 
@@ -84,11 +84,11 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
     cfg = tiny_config(storage, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=killed",
                                            "train.max_failures=1"])
     run_dir = os.path.join(storage, "runs", "killed")
-    killed = {}
+    killed, stop = {}, threading.Event()
 
     def killer():
         deadline = time.time() + 240
-        while time.time() < deadline and not killed:
+        while time.time() < deadline and not killed and not stop.is_set():
             recs = _records(run_dir)
             steps = [r["step"] for r in recs if r["kind"] == "step"]
             if any(r["kind"] == "checkpoint" and r["step"] == 10 for r in recs) and steps and max(steps) >= 13:
@@ -100,10 +100,14 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
                     return
             time.sleep(0.05)
 
+    wait_no_train_workers(os.getpid())  # the killer must find this run's workers, not an earlier test's
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    res = train(cfg, show_progress=False)
-    th.join(timeout=5)
+    try:
+        res = train(cfg, show_progress=False)
+    finally:
+        stop.set()  # never a kill after the run: the next test's workers are not this drill's
+        th.join(timeout=5)
     assert killed, "the worker was never killed: the drill did not run"
     assert killed["at_step"] < 20  # killed before the step-20 checkpoint could exist
     resumes = [r for r in _records(run_dir) if r["kind"] == "resume"]
@@ -113,6 +117,7 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
     # Same seed and data, restored optimizer and LR state: only Ray Data's order after the
     # restart may differ, so the final validation loss agrees within 5%.
     assert abs(res.metrics["val_loss"] - base) <= 0.05 * base
+    wait_no_train_workers(os.getpid())  # the shared Ray left as the next test expects it
 
 
 def test_partial_or_corrupt_checkpoint_is_never_restored(stage_runs, tiny_data):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mf_testutil import tiny_config
+from helpers import tiny_config
 from modelfleet.errors import CheckpointError, ConfigError, DataError
 from modelfleet.train import train
 

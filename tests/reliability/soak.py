@@ -22,15 +22,16 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: mf_testutil
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers package
 
-from mf_testutil import (  # noqa: E402
+from helpers import (  # noqa: E402
     deploy_app,
     publish_tiny_models,
     ray_process_pids,
     run_load,
     running_replicas,
     serve_replica_pids,
+    wait_until,
 )
 
 PORT, APP = 8300, "soak"
@@ -97,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from modelfleet.serve.app import wait_for
     from modelfleet.serve.client import Client
 
     storage = Path(tempfile.mkdtemp(prefix="mf-soak-"))
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
             try:
-                wait_for(lambda: running_replicas(APP).get("RUNNING", 0) == 2
-                         and set(serve_replica_pids(APP, "model-tiny", me)) - set(before), 60, "a replacement", 0.2)
+                wait_until(lambda: running_replicas(APP).get("RUNNING", 0) == 2
+                           and set(serve_replica_pids(APP, "model-tiny", me)) - set(before), 60, "a replacement", 0.2)
                 kills.append({"pid": victim, "replaced_s": round(time.monotonic() - t0, 1)})
             except TimeoutError:
                 kills.append({"pid": victim, "replaced_s": None})

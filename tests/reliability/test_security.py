@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from mf_testutil import cli_env, publish_tiny_models, run_cli, wait_job
+from helpers import SimCluster, publish_tiny_models, run_cli, tiny_config, wait_job
 from modelfleet.families.artifact import load_artifact
 from modelfleet.storage import StorageLayout, sha256_file
 
@@ -47,41 +45,22 @@ def _token() -> str:
     return (Path.home() / ".ray" / "auth_token").read_text().strip()
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from modelfleet.serve.app import wait_for
-
-    home = tmp_path_factory.mktemp("mfhome-sec")
-    env = cli_env(home, MODELFLEET_API_KEY=API_KEY)
-    # Port 8300 is also the other drill modules' Serve port: their module fixtures release it.
-    wait_for(lambda: _port_free(SERVE), 60, f"port {SERVE} to be free")
-    t0 = time.monotonic()
+    """This module's own cluster (see tests/helpers): ``up`` waits for its ports to be free (8300 is
+    also the other drill modules' Serve port), ``down`` for its processes and ports to be gone."""
+    c = SimCluster(tmp_path_factory.mktemp("mfhome-sec"), gcs_port=GCS, dashboard_port=DASH, serve_port=SERVE,
+                   nodes=1, cpus_per_node=4, gpus_per_node=0, up_timeout_s=240, MODELFLEET_API_KEY=API_KEY)
     try:
-        up = run_cli(env, "modelfleet", "cluster", "up", "--nodes", "1", "--cpus-per-node", "4", "--gpus-per-node",
-                     "0", "--gcs-port", str(GCS), "--dashboard-port", str(DASH), "--serve-port", str(SERVE), timeout=240)
-        print(f"\n[cluster] up in {time.monotonic() - t0:.1f} s")
-        yield {"env": env, "home": home, "up": up.stdout + up.stderr}
+        c.up()
+        print(f"\n[cluster] up in {c.up_s:.1f} s")
+        yield c
     finally:
-        run_cli(env, "modelfleet", "cluster", "down", check=False)
-        left = _ours()
-        for pid in left:  # a head that failed to start is not in the state file: stop what this test began
-            os.kill(pid, 9)
-        assert not left, f"cluster down left processes: {left}"
-
-
-def _ours() -> list[int]:
-    """Processes of this module's cluster (their command lines name its temp dir)."""
-    out = subprocess.run(["pgrep", "-f", f"/tmp/modelfleet-{GCS}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+        c.down()
 
 
 def test_jobs_and_drivers_without_the_token_are_refused(cluster, tmp_path):
-    env, marker = cluster["env"], tmp_path / "ran"
+    env, marker = cluster.env, tmp_path / "ran"
     entry = f"touch {marker}"
     refused = []
     # (A token in a URL would end up in the dashboard's access log: the query case sends a wrong one.)
@@ -113,9 +92,9 @@ def test_no_secret_in_logs_manifests_or_job_metadata(cluster):
     """The Ray token and the serving API key (both in the submitting environment) appear in none
     of: `cluster up` output, the cluster state file, a submitted job's record (entrypoint, metadata,
     runtime env) and logs, the cluster's log files, and an artifact's manifest written meanwhile."""
-    env, token = cluster["env"], _token()
+    env, token = cluster.env, _token()
     wanted = {"ray token": token, "api key": API_KEY}
-    storage = cluster["home"] / "storage"
+    storage = cluster.home / "storage"
     publish_tiny_models(storage, (1,))  # a manifest written with the API key in the environment
     # A real submission through `modelfleet submit` (the job fails fast in pre-flight: no data).
     run_cli(env, "modelfleet", "submit", "train", "--preset", "tiny", "--set", f"storage.path={storage}",
@@ -123,13 +102,13 @@ def test_no_secret_in_logs_manifests_or_job_metadata(cluster):
     assert wait_job(env, "secrets-1", 300)["status"] == "FAILED"
     jobs = httpx.get(f"{DASH_URL}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
     assert "secrets-1" in {j["submission_id"] for j in jobs}
-    texts = {"cluster up output": cluster["up"], "job records": json.dumps(jobs)}
+    texts = {"cluster up output": cluster.up_output, "job records": json.dumps(jobs)}
     for j in jobs:
         if j.get("submission_id"):  # drivers that connected directly (cluster up's own) have no logs API
             texts[f"logs of {j['submission_id']}"] = run_cli(env, "modelfleet", "jobs", "logs", j["submission_id"]).stdout
     # This cluster's session only: the temp dir keeps earlier sessions' logs on a developer machine.
     session = Path(f"/tmp/modelfleet-{GCS}/session_latest").resolve()
-    files = [*cluster["home"].rglob("*"), *session.rglob("*")]
+    files = [*cluster.home.rglob("*"), *session.rglob("*")]
     files = [p for p in files if p.is_file() and not p.is_symlink() and p.stat().st_size < 50 << 20]
     assert any(p.name == "manifest.json" for p in files) and any(p.suffix == ".log" for p in files)
     leaks = [(what, name) for what, secret in wanted.items()
@@ -159,7 +138,6 @@ def _tiny_run(storage: Path, run: str, step: int, marker: Path) -> Path:
 
 
 def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_data):
-    from mf_testutil import tiny_config
     from modelfleet import registry
     from modelfleet.errors import ArtifactError, CheckpointError
     from modelfleet.train import checkpoint as ck

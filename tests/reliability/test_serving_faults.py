@@ -248,8 +248,9 @@ def test_backpressure_answers_429_fast_and_recovers(serve_8300, tiny_registry):
         burst = asyncio.run(_burst(url, 24, 100))
         t_end = time.monotonic()
         with httpx.Client(timeout=60) as c:
-            wait_until(lambda: c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
-                     30, "a 200 after the burst", 0.05)
+            wait_until(lambda: c.post(f"{url}/v1/completions",
+                                      json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
+                       30, "a 200 after the burst", 0.05)
         recovered_s = time.monotonic() - t_end
         with Client(url, max_retries=10, backoff_s=0.2, max_backoff_s=2.0) as client:
             res = run_load(client, 24, 24, deadline_s=120, prompt=PROBE, max_tokens=100)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from mf_testutil import read_records, tiny_config, train_worker_pids
+from helpers import read_records, tiny_config, train_worker_pids, wait_no_train_workers
 
 ME = os.getpid()
 
@@ -50,7 +50,7 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
         #    window), and at the first marker every rank is frozen at once, which holds the save
         #    where it is while the victim is killed; then the survivor is let go.
         pids: list[int] = []
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not drill.get("stop"):
             if len(pids) < 2:
                 pids = train_worker_pids(ME)
             elif any(step20.glob("rank-*.json")) and not (step20 / "COMPLETE").exists():
@@ -68,7 +68,7 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
             return
         # 2. After the group restarted and resumed, kill again: the budget (1 restart) is spent.
         n0 = len(read_records(run_dir))
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not drill.get("stop"):
             recs = read_records(run_dir)
             resumed = any(r["kind"] == "resume" for r in recs[n0:])
             if resumed and len(_steps(recs, n0)) >= 2:
@@ -79,13 +79,17 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
                     return
             time.sleep(0.05)
 
+    wait_no_train_workers(ME)  # the pids the killer finds must be this run's, not an earlier test's
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     t0 = time.monotonic()
-    with pytest.raises(TrainingFailedError) as err:
-        train(cfg, export=False, show_progress=False)
-    t_err = time.monotonic()
-    th.join(timeout=10)
+    try:
+        with pytest.raises(TrainingFailedError) as err:
+            train(cfg, export=False, show_progress=False)
+        t_err = time.monotonic()
+    finally:
+        drill["stop"] = True  # the killer gives up at once if training ended without its kills
+        th.join(timeout=10)
     assert "save_kill" in drill, "no rank was killed during the step-20 save: the drill did not run"
     assert not drill["save_kill"]["complete_at_kill"], drill
     assert "budget_kill" in drill, "the second kill never happened"
@@ -114,6 +118,7 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
     assert any("step_00000020 is partial" in s for s in resumed[0]["skipped"]), resumed[0]["skipped"]
     assert min(_steps(recs)) == 11 and res.checkpoint_step == 30
     assert (step20 / "COMPLETE").exists()  # step 20 saved again, cleanly, by the resubmitted run
+    wait_no_train_workers(ME)  # the shared Ray left as the next test expects it: no Train worker
     print(f"\n[train-faults] killed rank pid {drill['save_kill']['pid']} mid-save (step 20 had "
           f"{drill['save_kill']['files_at_kill']}, no COMPLETE); restart resumed from step 10; second kill at "
           f"step {drill['budget_kill']['at_step']} -> TrainingFailedError {fail_s:.1f} s later "

@@ -124,9 +124,11 @@ def test_batched_left_padded_generation_matches_each_request_alone_and_the_refer
 
 def test_rows_that_cannot_share_a_cache_are_grouped_and_seeds_are_per_row():
     model = _model(block_size=16)
-    long_prompt, long_budget = Job(prompt_ids=list(range(1, 13)), max_tokens=4), Job(prompt_ids=[5], max_tokens=15)
-    _, tokens, _ = _run(model, [long_prompt, long_budget])  # 12 + 15 > 16: would not fit one cache
-    assert tokens == [4, 15]
+    # Seeded: an unseeded row could sample the end-of-text token and stop short.
+    long_prompt = Job(prompt_ids=list(range(1, 13)), max_tokens=4, seed=0)
+    long_budget = Job(prompt_ids=[5], max_tokens=15, seed=0)
+    _, tokens, reasons = _run(model, [long_prompt, long_budget])  # 12 + 15 > 16: would not fit one cache
+    assert tokens == [4, 15] and reasons == ["length", "length"]
     a = _run(model, [Job(prompt_ids=[1, 2], max_tokens=8, seed=7)])[0]
     b = _run(model, [Job(prompt_ids=[9, 9, 9], max_tokens=5, seed=1), Job(prompt_ids=[1, 2], max_tokens=8, seed=7)])[0]
     assert a[0] == b[1]  # the same seeded request samples the same text whatever shares its batch
@@ -138,3 +140,18 @@ def test_stop_strings_end_the_row_and_are_not_returned():
     stop = full[4:6]
     texts, _, reasons = _run(model, [Job(prompt_ids=[3, 4], max_tokens=10, temperature=0, stop=[stop])])
     assert texts[0] == full[:full.index(stop)] and reasons[0] == "stop"
+
+
+@pytest.mark.parametrize("server", ["LMServer", "Predictor"])
+def test_replicas_batch_as_their_spec_says_and_are_unhealthy_without_weights(server):
+    from modelfleet.serve.model import LMServer
+    from modelfleet.serve.predict import Predictor
+
+    cls = {"LMServer": LMServer, "Predictor": Predictor}[server].func_or_class
+    spec = {**MODEL, "batching": {"max_batch_size": 3, "batch_wait_timeout_s": 0.25}, "max_ongoing_requests": 3}
+    replica = cls(spec, "/nonexistent")
+    assert replica._batched._get_max_batch_size() == 3 and replica._batched._get_batch_wait_timeout_s() == 0.25
+    with pytest.raises(RuntimeError, match="no weights loaded"):
+        replica.check_health()  # Serve replaces a replica whose check fails
+    with pytest.raises(RuntimeError, match="still loading"):
+        replica.info()
