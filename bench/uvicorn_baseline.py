@@ -19,7 +19,6 @@ def build(artifact_dir: str):
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from modelfleet import registry
     from modelfleet.serve.generation import Job, generate_steps
 
     torch.set_num_threads(1)  # a Serve replica gets one CPU: compare like with like
