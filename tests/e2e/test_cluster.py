@@ -107,6 +107,7 @@ def _all_gpus_free(env: dict) -> bool:
     return bool(rows) and all(float(r["gpu"].split("/")[0]) == float(r["gpu"].split("/")[1]) for r in rows)
 
 
+@pytest.mark.slow  # ~3 min: a job started, stopped and resubmitted on the 3-node cluster
 def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     """`modelfleet jobs stop` (Ray's stop_job: SIGTERM to the entrypoint, then its process group)
     after the first complete checkpoint; the training workers go away; the run resubmitted as a
@@ -153,6 +154,7 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
 
 
 # Last in the module: it kills a node of the shared cluster (``cluster_to_break``, tests/helpers).
+@pytest.mark.slow  # ~3 min: 80 steps across a node kill, then the cluster is rebuilt
 def test_training_survives_kill_node(cluster_to_break, storage, tiny_data):
     cluster = cluster_to_break
     env = cluster.env

@@ -25,3 +25,30 @@ def read_records(run_dir: str | Path) -> list[dict]:
         return []
     lines = path.read_text().split("\n")[:-1]  # the piece after the last newline is unfinished
     return [json.loads(x) for x in lines if x.strip()]
+
+
+SINGLE_RANK_PREAMBLE = r'''
+import json, os, socket, sys
+import torch
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  DS_ACCELERATOR="cpu")
+import deepspeed
+
+deepspeed.init_distributed(dist_backend="gloo")
+'''
+
+
+def run_single_rank(body: str, *args: str, timeout_s: float = 600) -> dict:
+    """Run ``body`` as one DeepSpeed rank (gloo, world size 1) in a fresh interpreter, so
+    torch.distributed state never leaks into the test session; ``body`` prints ``RESULT <json>``."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", SINGLE_RANK_PREAMBLE + body, *args], capture_output=True, text=True,
+                       timeout=timeout_s)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])

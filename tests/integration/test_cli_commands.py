@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 PIPELINE_PORT = 8126  # ours alone (see the other suites' ports)
@@ -46,6 +47,7 @@ def test_pipeline_command_trains_exports_and_serves(ray_session, tiny_data, tmp_
         wait_until(lambda: serve_gone(PIPELINE_PORT), 120, "Serve shut down", 0.5)
 
 
+@pytest.mark.slow  # the whole demo: train, serve, a burst until scale-up, scale-down
 def test_demo_command_trains_serves_and_reports_what_it_saw(ray_session, tmp_path):
     """`modelfleet demo` as a separate driver of the session's Ray (RAY_ADDRESS): its closing
     ray.shutdown() only disconnects that driver, and it stops the Serve instance it started."""

@@ -257,6 +257,7 @@ def test_evaluate_command_writes_json_and_png(runs, storage, tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # K full training runs
 def test_kfold_returns_k_scores(runs, storage):
     from modelfleet import registry
     from modelfleet.config import Config

@@ -32,6 +32,7 @@ def _steps(recs: list[dict], since: int = 0) -> list[int]:
     return [r["step"] for r in recs[since:] if r["kind"] == "step"]
 
 
+@pytest.mark.slow  # several training runs and a mid-save kill: a long drill
 def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_data, tmp_path):
     from modelfleet.errors import TrainingFailedError
     from modelfleet.train import train

@@ -111,6 +111,16 @@ class TrainHooks:
         """The outputs export compares between the live engine and the consolidated artifact."""
         raise NotImplementedError
 
+    def build_sharded(self, cfg: ModelConfig, ds_config: dict[str, Any]) -> Any:
+        """ZeRO-3: the model built under ``deepspeed.zero.Init``, so each rank materialises only its
+        partition of every parameter (the largest trainable model is bounded by the cluster, not by
+        one worker). Families whose initialisation writes whole tensors after construction
+        override this to run those writes gathered."""
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return self.build(cfg)
+
     def probe(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A fixed small input (2 rows) for the export check; targets are not needed."""
         return {k: v[:2].contiguous() for k, v in batch.items() if k != "y"}

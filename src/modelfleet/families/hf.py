@@ -59,6 +59,15 @@ class HFCausalLMFamily(TokenRows, Family):
         hf = _transformers().AutoModelForCausalLM.from_pretrained(p.path, dtype=torch.float32)
         return HFCausalLM(hf, p.block_size)
 
+    def build_sharded(self, cfg: ModelConfig, ds_config: dict[str, Any]) -> nn.Module:
+        """The way DeepSpeed's Hugging Face integration does it: while an ``HfDeepSpeedConfig`` of
+        ZeRO-3 is alive, ``from_pretrained`` builds under ``deepspeed.zero.Init`` and streams the
+        checkpoint's tensors into the partitions."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._zero3 = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+        return self.build(cfg)
+
     def build_for_artifact(self, cfg: ModelConfig, local_dir: str) -> nn.Module:
         """The architecture from the artifact's own Hugging Face config; weights load after."""
         t = _transformers()

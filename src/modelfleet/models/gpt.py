@@ -9,7 +9,9 @@ exactly what the same row would compute alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +119,23 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one Parameter, counted and updated once
-        self.apply(self._init_weights)
+        self.init_weights()
+
+    def init_weights(self, gather: Callable[[list[nn.Parameter]], ContextManager[Any]] | None = None) -> None:
+        """GPT-2's initialisation, in ``nn.Module.apply`` order (so a seed gives the same weights
+        however the model was built). ``gather(params)`` wraps each module's write: under ZeRO-3's
+        sharded construction the parameters are partitions, and DeepSpeed's
+        ``GatheredParameters(params, modifier_rank=0)`` makes one module's full tensors exist for
+        the write, then re-partitions them (without it the writes would silently touch nothing)."""
+        scope = gather or (lambda params: contextlib.nullcontext())
+        for m in _post_order(self):
+            with scope(list(m.parameters(recurse=False))):
+                self._init_weights(m)
         # GPT-2: scale residual-stream writes so the residual variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                with scope([p]):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -201,6 +215,11 @@ class GPT(nn.Module):
             # output is garbage nobody reads, and real queries never see padding keys.
             mask = mask & (real_key | (k_slot == q_slot)[None, None])
         return pos, mask
+
+
+def _post_order(module: nn.Module) -> list[nn.Module]:
+    """Modules in the order ``nn.Module.apply`` visits them (children first)."""
+    return [m for child in module.children() for m in _post_order(child)] + [module]
 
 
 def num_params(model: nn.Module, *, exclude_embeddings: bool = False) -> int:

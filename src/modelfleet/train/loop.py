@@ -2,6 +2,11 @@
 
 Runs inside each Ray Train worker. It reads only the Config passed in ``train_loop_config``;
 ``deepspeed`` is imported here (not at module import) so the driver never needs an accelerator.
+
+Device rule (the same code runs under gloo on CPU and NCCL on GPU): every tensor that crosses a
+collective lives on ``engine.device`` (``collectives.all_reduce`` refuses any other), and losses
+accumulate on the device (``LossMeter``) and reach the host (``collectives.to_host``) only at
+``log_every``, evaluation and checkpoints, never per micro-step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
+from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
 
@@ -51,9 +57,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     on_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     import deepspeed
-    import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
-
 
     ds_logger.setLevel("WARNING")
     t_start = time.time()
@@ -64,14 +68,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     family = get_family(cfg.model.family)  # asked for collation, loss and the export probe
+    ds_config = build_ds_config(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    sharded = cfg.deepspeed.zero_stage == 3
+    model = family.build_sharded(cfg.model, ds_config) if sharded else build_model(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    storage = param_storage(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=build_ds_config(cfg),
+        model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     t_init = time.time()
+    largest_local = all_reduce(torch.tensor([storage["local_bytes"]], dtype=torch.float64, device=engine.device),
+                               engine.device, torch.distributed.ReduceOp.MAX)
+    progress.send("built", sharded=sharded, world=world, full_bytes=storage["full_bytes"],
+                  max_local_bytes=int(to_host(largest_local)[0]), transient_bytes=storage["transient_bytes"])
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     found, skipped = ck.latest_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name)
@@ -86,7 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum
     tokens_per_step = mbs * ga * world * family.units_per_sample(cfg)
-    step, micro, accum_loss = state["step"], 0, 0.0
+    step, micro = state["step"], 0
+    meter = LossMeter(engine.device, world)
     last = time.time()
     first_step_done = False
     val_batches: list[Any] | None = None  # read once: each Ray Data pass costs seconds to start
@@ -103,37 +115,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_batches += 1
             if i < skip:  # resume at the same data position inside the epoch
                 continue
-            loss = family.loss(engine, _to(family.collate(batch), engine.device))
-            engine.backward(loss)
-            engine.step()
-            accum_loss += loss.item()
+            micro_step(engine, family, batch, meter)
             micro += 1
             state["batch_in_epoch"] = i + 1
             if micro % ga:
                 continue
             step += 1
             state["step"] = step
-            mean_loss = torch.tensor([accum_loss / ga])
-            dist.all_reduce(mean_loss)
-            accum_loss = 0.0
+            step_loss = meter.reduce()  # on the device: no host sync unless read below
             now = time.time()
-            if step % t.log_every == 0 or step == t.max_steps:
-                progress.send("step", step=step, max_steps=t.max_steps, loss=mean_loss.item() / world,
+            final = step == t.max_steps
+            loss_value = None
+            if step % t.log_every == 0 or final:
+                loss_value = to_host(step_loss)
+                progress.send("step", step=step, max_steps=t.max_steps, loss=loss_value,
                               lr=engine.get_lr()[0], tokens_per_s=tokens_per_step / (now - last),
                               elapsed_s=now - t_start, epoch=state["epoch"])
             if not first_step_done:
                 first_step_done = True
                 progress.send("first_step", init_s=t_init - t_start, first_step_s=now - t_start)
             last = now
-            final = step == t.max_steps
-            metrics: dict[str, Any] = {"step": step, "loss": mean_loss.item() / world}
-            if (t.eval_every and step % t.eval_every == 0) or final:
+            evaluate = (t.eval_every and step % t.eval_every == 0) or final
+            save = (t.checkpoint_every and step % t.checkpoint_every == 0) or final
+            if not (evaluate or save):
+                continue
+            metrics: dict[str, Any] = {"step": step, "loss": loss_value if loss_value is not None
+                                       else to_host(step_loss)}
+            if evaluate:
                 if val_batches is None:
                     val_batches = list(_eval_batches(val_shard, cfg, family))
                 val_loss = _evaluate(engine, val_batches, family)
                 metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or final:
+            if save:
                 verify = _probe(engine, val_batches, family) if final else None
                 _save(engine, cfg, state, metrics, rank, world, verify)
                 progress.send("checkpoint", step=step)
@@ -147,6 +161,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
+
+
+def param_storage(model: Any) -> dict[str, int]:
+    """Bytes of parameter storage this rank holds (ZeRO-3 partitions count their shard), of the
+    whole model, and of the largest single module's own full tensors (the transient peak of a
+    sharded build, which gathers one module at a time)."""
+    def full(p: Any) -> int:
+        return getattr(p, "ds_numel", p.numel()) * p.element_size()
+
+    unique = {id(p): p for p in model.parameters()}.values()
+    local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size() for p in unique)
+    transient = max((sum(full(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return {"local_bytes": local, "full_bytes": sum(full(p) for p in unique), "transient_bytes": transient}
+
+
+def micro_step(engine: Any, family: Any, batch: dict[str, Any], meter: LossMeter) -> None:
+    """Forward, backward and (every grad_accum micro-steps, inside DeepSpeed) the optimizer step on
+    one micro-batch; the loss joins ``meter`` on the device."""
+    loss = family.loss(engine, _to(family.collate(batch), engine.device))
+    engine.backward(loss)
+    engine.step()
+    meter.add(loss)
 
 
 def _eval_batches(shard: Any, cfg: Config, family: Any) -> Iterator[Any]:
@@ -163,20 +199,19 @@ def _evaluate(engine: Any, batches: list[Any], family: Any) -> float:
     import torch.distributed as dist
 
     # Every rank must run the same number of forwards: ZeRO-3 gathers parameters collectively.
-    n = torch.tensor([len(batches)])
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = all_reduce(torch.tensor([len(batches)], device=engine.device), engine.device, dist.ReduceOp.MIN)
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float32, device=engine.device)
     with torch.no_grad():
-        for b in batches[: int(n.item())]:
-            total[0] += family.loss(engine, _to(b, engine.device)).item()
+        for b in batches[: int(to_host(n)[0])]:
+            total[0] += family.loss(engine, _to(b, engine.device)).detach().float()
             total[1] += 1
     engine.train()
-    dist.all_reduce(total)
-    if total[1] == 0:
+    loss_sum, count = to_host(all_reduce(total, engine.device))
+    if count == 0:
         raise RuntimeError("data: the validation split has fewer rows than train.micro_batch_size "
                            "x train.num_workers; raise data.val_fraction")
-    return float(total[0] / total[1])
+    return loss_sum / count
 
 
 def _probe(engine: Any, val_batches: list[Any], family: Any) -> dict[str, Any]:
@@ -196,7 +231,6 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
     """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
     import torch.distributed as dist
     from safetensors.torch import save_file, save_model
-
 
     step = state["step"]
     local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
