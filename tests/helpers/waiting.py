@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
     """Poll ``predicate()`` every ``interval_s`` until it returns something truthy, and return that.
-    After ``timeout_s`` (checked after a last try) raise ``TimeoutError`` naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
+    After ``timeout_s`` (checked after a last try) raise ``TimeoutError`` naming ``what``. The
+    product's own poll (``serve.app.wait_for``, used by the demo and deploys) is the one loop."""
+    from modelfleet.serve.app import wait_for
+
+    return wait_for(predicate, timeout_s, what, interval_s)
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

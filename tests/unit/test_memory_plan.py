@@ -44,3 +44,34 @@ def test_checkpointing_and_more_workers_lower_the_plan():
     assert q.activations < p.activations / 5
     assert r.weights + r.grads + r.optimizer == pytest.approx((p.weights + p.grads + p.optimizer) / 8)
     assert p.total > 30 * GIB
+
+
+def test_train_refuses_a_plan_that_cannot_fit_naming_the_cheapest_fix():
+    """What `modelfleet train` checks before it launches GPU workers (train.gpu_memory_gib)."""
+    from modelfleet.errors import ConfigError
+    from modelfleet.train.memory import check_fits
+    from modelfleet.train.trainer import worker_gpu_gib
+
+    big = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32",
+                                                  "train.activation_checkpointing=false", "train.gpu_memory_gib=80"])
+    assert worker_gpu_gib(big) == 80.0  # the config's value wins; no cluster is asked
+    with pytest.raises(ConfigError, match=r"needs about \d+\.\d GiB per GPU but a GPU has 80\.0 GiB; the cheapest "
+                                          r"change that fits: --set train\.activation_checkpointing=true"):
+        check_fits(big, 80)
+    fixed = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32",
+                                                    "train.activation_checkpointing=true"])
+    assert check_fits(fixed, 80).fits
+    # When recompute is already on, the next cheapest change is named (the same global batch).
+    tight = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32"])
+    with pytest.raises(ConfigError, match=r"--set (deepspeed\.zero_stage=\d|train\.micro_batch_size=\d+ "
+                                          r"train\.grad_accum=\d+|train\.num_workers=2)"):
+        check_fits(tight, 30)
+    with pytest.raises(ConfigError, match=r"no single change fits; combine"):
+        check_fits(tight, 4)
+
+
+def test_gpu_memory_gib_must_not_be_negative():
+    from modelfleet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.gpu_memory_gib: must be >= 0"):
+        load_config(preset="tiny", overrides=["train.gpu_memory_gib=-1"])

@@ -32,6 +32,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete checkpoint")
     p.add_argument("--no-export", action="store_true", help="do not export an artifact at the end")
+    p.add_argument("--no-plan", action="store_true", help="launch GPU workers without checking the memory plan "
+                   "against their GPUs (train.gpu_memory_gib or the accelerator type)")
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from modelfleet.families import get_family
 from modelfleet.presets import load_config
 from modelfleet.storage import StorageLayout, is_remote
 from modelfleet.train.export import export_run
-from modelfleet.train.memory import format_plan, plan, refusal
+from modelfleet.train.memory import cheapest_fix, format_plan, plan, refusal
 from modelfleet.train.trainer import train
 
 
@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_args(args)
-    res = train(cfg, resume=args.resume, export=not args.no_export)
+    res = train(cfg, resume=args.resume, export=not args.no_export, check_plan=not args.no_plan)
     print(f"run {res.run_name}: step {res.checkpoint_step}, metrics {json.dumps(res.metrics)}")
     print(f"timings: {json.dumps({k: round(v, 2) for k, v in res.timings.items()})}")
     if res.artifact:
@@ -93,7 +93,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(cfg, gpu_memory_gib=gib)
     print(format_plan(p, cfg))
     if not p.fits:
-        print(f"modelfleet plan: error: {refusal(p)}", file=sys.stderr)
+        print(f"modelfleet plan: error: {refusal(p, cheapest_fix(cfg, gib, p.params))}", file=sys.stderr)
         return 2
     print(f"fits: {p.total / 2**30:.1f} of {gib:g} GiB per GPU")
     return 0

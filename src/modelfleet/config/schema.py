@@ -121,6 +121,10 @@ class TrainConfig:
     """Complete checkpoints to keep (older ones are deleted by Ray Train)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do from the last complete checkpoint."""
+    gpu_memory_gib: float = 0.0
+    """Memory of one worker GPU for the memory plan ``modelfleet train`` checks before launching GPU
+    workers; 0 takes it from the cluster's accelerator type (H100, H200, L4, ...). Simulated GPUs
+    skip the check; ``--no-plan`` skips it too."""
 
     def __post_init__(self) -> None:
         for k in ("num_workers", "micro_batch_size", "grad_accum", "max_steps", "eval_batches",
@@ -131,6 +135,8 @@ class TrainConfig:
             check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.gpu_memory_gib >= 0, "train.gpu_memory_gib", f"must be >= 0 (0 = from the accelerator type), "
+              f"got {self.gpu_memory_gib}")
         check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio",
                f"must be in [0, 1], got {self.min_lr_ratio}")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",

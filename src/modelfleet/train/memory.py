@@ -13,10 +13,12 @@ block's input (``2*s*b*h``) stays, plus one block's full activations during its 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from modelfleet.config import Config
+from modelfleet.errors import ConfigError
 from modelfleet.families import build_model
 from modelfleet.models import num_params
 
@@ -25,6 +27,10 @@ GIB = 2**30
 REDUCE_BUCKET = 500_000_000
 # CUDA context, allocator fragmentation and NCCL buffers: a fixed allowance per GPU.
 RUNTIME_OVERHEAD = 1.5 * GIB
+# Memory of one GPU by Ray's accelerator type (``accelerator_type:<T>`` node resources), for the
+# pre-launch check when the driver cannot see the workers' GPUs. The smaller variant where a type
+# comes in two sizes is not guessed: A100 is left out (set train.gpu_memory_gib).
+ACCELERATOR_GIB = {"H100": 80.0, "H200": 141.0, "B200": 180.0, "L40S": 48.0, "L4": 24.0, "A10G": 24.0, "T4": 16.0}
 
 
 @dataclass
@@ -114,9 +120,47 @@ def format_plan(p: MemoryPlan, cfg: Config) -> str:
     return "\n".join([head, *(f"  {k:<18} {v / GIB:8.2f} GiB" for k, v in rows)])
 
 
-def refusal(p: MemoryPlan) -> str:
+def refusal(p: MemoryPlan, fix: str | None = None) -> str:
     """One sentence saying why a plan does not fit and what would make it fit."""
+    levers = ("turn on train.activation_checkpointing, raise deepspeed.zero_stage or train.num_workers, lower "
+              "train.micro_batch_size, or offload with deepspeed.offload_optimizer")
+    advice = (f"the cheapest change that fits: --set {fix} (or: {levers})" if fix
+              else f"no single change fits; combine: {levers}")
     return (f"train: the config needs about {p.total / GIB:.1f} GiB per GPU but a GPU has "
-            f"{p.capacity / GIB:.1f} GiB; lower train.micro_batch_size, turn on "
-            f"train.activation_checkpointing, raise deepspeed.zero_stage or train.num_workers, or "
-            f"offload with deepspeed.offload_optimizer")
+            f"{p.capacity / GIB:.1f} GiB; {advice}")
+
+
+def _changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]:
+    """Single-setting changes in order of what they cost a run (recompute < communication <
+    smaller steps < more GPUs)."""
+    t, out = cfg.train, []
+    if not t.activation_checkpointing:
+        out.append(("train.activation_checkpointing=true", lambda c: setattr(c.train, "activation_checkpointing", True)))
+    for stage in range(cfg.deepspeed.zero_stage + 1, 4):
+        out.append((f"deepspeed.zero_stage={stage}", lambda c, s=stage: setattr(c.deepspeed, "zero_stage", s)))
+    mbs = t.micro_batch_size // 2
+    while mbs >= 1:  # the same global batch: accumulate more micro-steps
+        out.append((f"train.micro_batch_size={mbs} train.grad_accum={t.grad_accum * t.micro_batch_size // mbs}",
+                    lambda c, m=mbs: (setattr(c.train, "grad_accum", c.train.grad_accum * c.train.micro_batch_size // m),
+                                      setattr(c.train, "micro_batch_size", m))))
+        mbs //= 2
+    out.append((f"train.num_workers={2 * t.num_workers}", lambda c: setattr(c.train, "num_workers", 2 * t.num_workers)))
+    return out
+
+
+def cheapest_fix(cfg: Config, gpu_memory_gib: float, params: int) -> str | None:
+    """The first single change (in ``_changes`` order) whose plan fits, or None."""
+    for text, change in _changes(cfg):
+        c = copy.deepcopy(cfg)
+        change(c)
+        if plan(c, gpu_memory_gib=gpu_memory_gib, params=params).fits:
+            return text
+    return None
+
+
+def check_fits(cfg: Config, gpu_memory_gib: float) -> MemoryPlan:
+    """The plan, or a ConfigError with its numbers and the cheapest change that would fit."""
+    p = plan(cfg, gpu_memory_gib=gpu_memory_gib)
+    if not p.fits:
+        raise ConfigError(refusal(p, cheapest_fix(cfg, gpu_memory_gib, p.params)))
+    return p

@@ -27,6 +27,7 @@ from modelfleet.storage import StorageLayout, dump_json, is_remote
 from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
+from modelfleet.train.memory import ACCELERATOR_GIB, check_fits
 
 
 @dataclass
@@ -97,6 +98,30 @@ def check_capacity(cfg: Config) -> None:
                 f"{total.get('GPU', 0):g} GPUs and {reserved:g} are reserved for the minimum replicas of "
                 f"{', '.join(holders)}; train with at most {int(total.get('GPU', 0) - reserved)} workers or "
                 "lower serving's min_replicas")
+
+
+def worker_gpu_gib(cfg: Config) -> float | None:
+    """Memory of one worker GPU: ``train.gpu_memory_gib``, else the cluster's accelerator type."""
+    import ray
+
+    if cfg.train.gpu_memory_gib:
+        return cfg.train.gpu_memory_gib
+    types = {k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:")}
+    known = [ACCELERATOR_GIB[t] for t in types if t in ACCELERATOR_GIB]
+    return min(known) if known else None
+
+
+def check_gpu_memory(cfg: Config) -> None:
+    """Refuse, before any GPU worker starts, a config whose memory plan does not fit the workers'
+    GPUs (the driver may not see them). Simulated logical GPUs compute on CPU: no check."""
+    if not cfg.train.use_gpu or _use_gloo():
+        return
+    gib = worker_gpu_gib(cfg)
+    if gib is None:
+        print("train: the workers' GPU memory is unknown (no known accelerator type); set "
+              "train.gpu_memory_gib to check the memory plan before launch", file=sys.stderr)
+        return
+    check_fits(cfg, gib)
 
 
 def serving_reservation() -> tuple[float, list[str]]:
@@ -204,20 +229,22 @@ class _ProgressSink:
 
 
 def train(cfg: Config, *, resume: str | None = None, export: bool = True,
-          show_progress: bool = True) -> TrainResult:
-    """Run one training job on the connected (or a new local) Ray cluster."""
+          show_progress: bool = True, check_plan: bool = True) -> TrainResult:
+    """Run one training job on the connected (or a new local) Ray cluster. GPU workers start only
+    if the memory plan fits their GPUs (``check_plan=False``: ``--no-plan``)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
     t0 = time.time()
     preflight(cfg, resume=resume)
     connect()
     t_ray = time.time()
     check_capacity(cfg)
+    if check_plan:
+        check_gpu_memory(cfg)
     layout = StorageLayout(cfg.storage.path)
     root, run_dir = layout.runs(), layout.run(cfg.storage.run_name)
     ctx = ray.data.DataContext.get_current()
