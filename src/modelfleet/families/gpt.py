@@ -49,11 +49,11 @@ class GPTFamily(TokenRows, Family):
 
     def build_sharded(self, cfg: ModelConfig, ds_config: dict[str, Any]) -> Any:
         """Partitions from the start, then GPT-2's initialisation (tied ``lm_head`` included) run
-        again one module at a time on gathered parameters: the weights equal a ZeRO-2 build's."""
+        again one module at a time on gathered parameters: the weights equal a ZeRO-2 build's (the
+        constructor's own pass wrote into empty partitions)."""
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = GPT(cfg)  # its own init_weights wrote into empty partitions: nothing happened
+        model = super().build_sharded(cfg, ds_config)
         model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         return model
 

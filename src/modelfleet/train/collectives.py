@@ -29,8 +29,7 @@ def all_reduce(tensor: torch.Tensor, device: Any, op: Any = dist.ReduceOp.SUM) -
 def to_host(tensor: torch.Tensor) -> list[float] | float:
     """The one way the loop reads a tensor on the host (a device sync): a float or a list."""
     HOST_READS["count"] += 1
-    values = tensor.detach().double().cpu().tolist()
-    return values
+    return tensor.detach().double().cpu().tolist()
 
 
 class LossMeter:
