@@ -204,3 +204,17 @@ def test_every_value_is_documented():
             missing.append(key)
         stack.append((indent, covered))
     assert not missing, f"values.yaml keys without a `# --` comment: {missing}"
+
+
+def test_dashboard_panels_read_metrics_the_replicas_export():
+    """Every modelfleet metric a panel queries is one the code defines (a renamed metric would
+    leave an empty panel), and the streaming-era metrics of the LM engine have panels."""
+    import re
+
+    shipped = (CHART / "dashboards" / "modelfleet.json").read_text()
+    queried = set(re.findall(r"ray_(modelfleet_[a-z_]+?)(?:_bucket)?\{", shipped))
+    source = "".join(p.read_text() for p in (ROOT / "src" / "modelfleet" / "serve").glob("*.py"))
+    defined = set(re.findall(r'"(modelfleet_[a-z_]+)"', source))
+    assert queried and queried <= defined, queried - defined
+    assert {"modelfleet_time_to_first_token_seconds", "modelfleet_time_per_output_token_seconds",
+            "modelfleet_running_sequences", "modelfleet_waiting_sequences", "modelfleet_kv_cache_usage"} <= queried

@@ -56,6 +56,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="storage", help="storage root of the registry and runs")
     p.add_argument("--out", help="report directory (default: <storage>/evaluations/<name>-<version>)")
     p.add_argument("--concurrency", type=int, default=2, help="batch-inference actors")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per batch-inference actor (computes there)")
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:

@@ -74,7 +74,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{m}: {s['mean']:.4f} +- {s['std']:.4f}  (folds: {', '.join(f'{v:.4f}' for v in s['scores'])})")
         print(f"report: {out}/kfold.json")
         return 0
-    result = evaluate_artifact(ref.uri, data, split=args.split, concurrency=args.concurrency)
+    result = evaluate_artifact(ref.uri, data, split=args.split, concurrency=args.concurrency,
+                               num_gpus=args.num_gpus)
     files = write_report(result, out, run_dir=run_dir_of(ref.uri, storage))
     for k, v in result["metrics"].items():
         if isinstance(v, float):

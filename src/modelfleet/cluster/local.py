@@ -61,6 +61,14 @@ class ClusterSpec:
             raise ConfigError(f"cluster.auth: must be 'token' or 'disabled', got {self.auth!r}")
 
 
+def gpus_are_simulated() -> bool:
+    """The connected Ray cluster's GPUs are logical ones on CPU nodes (``modelfleet cluster up``):
+    training talks gloo and computes on CPU; replicas holding such a GPU decode on CPU."""
+    import ray
+
+    return ray.cluster_resources().get(SIMULATED, 0) > 0
+
+
 def load_spec(path: str | None = None, **overrides: Any) -> ClusterSpec:
     """Defaults, then the YAML file (cluster/local.yaml by default), then non-None overrides."""
     values = dict(DEFAULTS)

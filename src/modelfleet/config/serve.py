@@ -77,10 +77,16 @@ class ActorResources(_Strict):
 
 
 class BatchingSpec(_Strict):
-    """``@serve.batch`` settings: concurrent requests share one forward pass per decoding step."""
+    """How concurrent requests share forward passes. Language models: continuous batching (requests
+    join and leave the running batch between decode steps). Other families: ``@serve.batch``."""
 
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the first request waits for others.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together; for language models "
+                                                             "the KV-cache slots (sequences) per replica.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Predict families: how long the first "
+                                                                       "request waits for others.")
+    prefill_chunk_tokens: int = Field(64, ge=1, le=8192, description="Language models: most prompt tokens prefilled "
+                                                                     "per decode step (long prompts take several "
+                                                                     "steps, so running streams keep flowing).")
 
 
 class ModelSpec(_Strict):
@@ -97,6 +103,8 @@ class ModelSpec(_Strict):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds sent with overload errors.")
     ray_actor_options: ActorResources = Field(default_factory=ActorResources, description="Per-replica resources.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Request batching.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype on the replica: auto = bfloat16 on a GPU, float32 on CPU.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
     max_surge_percent: int = Field(100, ge=0, le=100,
                                    description="Extra replicas during a rolling update; > 0 starts new replicas "

@@ -53,6 +53,54 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SlotCache:
+    """A pool of per-sequence KV-cache slots for continuous batching:
+    ``[n_layer, num_slots, n_head, max_len, head_dim]``.
+
+    Unlike ``KVCache`` every row has its own length: a forward names the slots it runs on and each
+    slot's filled length (``prepare``), writes its new keys/values after them, and attends only to
+    its own filled prefix. A slot is reused by the next sequence without clearing (the mask hides
+    what the previous one left)."""
+
+    def __init__(self, *, n_layer: int, num_slots: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (n_layer, num_slots, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._slots = self._write = torch.zeros(0, dtype=torch.long)
+        self._end = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset(self, slot: int) -> None:
+        """Nothing to clear: lengths live with the caller and the mask hides stale entries."""
+
+    def prepare(self, slots: Tensor, starts: Tensor, T: int) -> None:
+        """Set the rows (``slots`` [B]) and their filled lengths (``starts`` [B]) of the next forward."""
+        self._slots = slots
+        self._write = starts[:, None] + torch.arange(T, device=starts.device)  # [B, T] slot positions
+        self._end = int(self._write.max()) + 1  # keys up to the longest row
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v`` ([B, H, T, D]) at each row's positions; return each row's keys/values
+        ``[B, H, end, D]`` (positions past a row's own length are masked by the caller)."""
+        rows = self._slots[:, None]
+        # Advanced indices around a slice put their [B, T] dims first: the target is [B, T, H, D].
+        self.k[layer][rows, :, self._write] = k.transpose(1, 2)
+        self.v[layer][rows, :, self._write] = v.transpose(1, 2)
+        return self.k[layer][self._slots, :, :self._end], self.v[layer][self._slots, :, :self._end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -63,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | SlotCache | None, layer: int) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -99,7 +147,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | SlotCache | None = None,
                 layer: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -153,6 +201,33 @@ class GPT(nn.Module):
         return KVCache(n_layer=self.cfg.n_layer, batch_size=batch_size, n_head=self.cfg.n_head,
                        max_len=max_len, head_dim=self.cfg.n_embd // self.cfg.n_head,
                        dtype=dtype or self.wte.weight.dtype, device=device or self.wte.weight.device)
+
+    def new_slot_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> SlotCache:
+        """A pool of ``num_slots`` sequence slots of up to ``max_len`` (<= block_size) tokens each."""
+        if not 0 < max_len <= self.cfg.block_size:
+            raise ValueError(f"slot max_len must be in [1, model.block_size={self.cfg.block_size}], got {max_len}")
+        return SlotCache(n_layer=self.cfg.n_layer, num_slots=num_slots, n_head=self.cfg.n_head, max_len=max_len,
+                         head_dim=self.cfg.n_embd // self.cfg.n_head, dtype=dtype or self.wte.weight.dtype,
+                         device=device or self.wte.weight.device)
+
+    def forward_slots(self, idx: Tensor, cache: SlotCache, slots: Tensor, starts: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` of ``idx`` ([B, T]) continuing the sequences in ``slots`` ([B]),
+        each already holding ``starts[b]`` tokens: row b's token t sits at position ``starts[b] + t``
+        and attends to its own slot's first ``starts[b] + t + 1`` entries, exactly as the sequence
+        would decode alone (continuous batching: rows of different lengths in one forward)."""
+        B, T = idx.shape
+        if int(starts.max()) + T > cache.max_len:
+            raise ValueError(f"a sequence of {int(starts.max())} + {T} tokens does not fit a slot of "
+                             f"{cache.max_len} tokens")
+        cache.prepare(slots, starts, T)
+        pos = starts[:, None] + torch.arange(T, device=idx.device)  # [B, T]
+        keys = torch.arange(cache._end, device=idx.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, end]
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        return self.lm_head(self.ln_f(x))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:

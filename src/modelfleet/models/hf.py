@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,6 +47,26 @@ class _Cache:
         self.length = 0
 
 
+class _SlotCache:
+    """Continuous-batching slots for a Hugging Face model: one ``past_key_values`` per slot.
+
+    Hugging Face caches hold one length per batch, so rows of different lengths cannot share one;
+    ``forward_slots`` runs each row against its own cache (a forward per row per step). Batching
+    those forwards needs a paged-attention kernel, which this family does not ship."""
+
+    def __init__(self, num_slots: int, max_len: int) -> None:
+        self.pkv: list[Any] = [None] * num_slots
+        self.max_len = max_len
+        self.nbytes = 0  # grows per sequence; not preallocated
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.pkv)
+
+    def reset(self, slot: int) -> None:
+        self.pkv[slot] = None
+
+
 class HFCausalLM(nn.Module):
     """A Hugging Face causal LM behind the interface of our GPT (logits, loss, KV-cache decoding),
     so the training loop, export and the batched generator use it unchanged."""
@@ -58,6 +79,20 @@ class HFCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype: Any = None, device: Any = None) -> _Cache:
         return _Cache()
+
+    def new_slot_cache(self, num_slots: int, max_len: int, dtype: Any = None, device: Any = None) -> _SlotCache:
+        return _SlotCache(num_slots, max_len)
+
+    def forward_slots(self, idx: Tensor, cache: _SlotCache, slots: Tensor, starts: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]``, each row continuing its own slot's sequence (see ``_SlotCache``)."""
+        out = []
+        for b in range(idx.size(0)):
+            slot, start = int(slots[b]), int(starts[b])
+            pos = torch.arange(start, start + idx.size(1), device=idx.device)[None]
+            o = self.hf(input_ids=idx[b:b + 1], past_key_values=cache.pkv[slot], position_ids=pos, use_cache=True)
+            cache.pkv[slot] = o.past_key_values
+            out.append(o.logits)
+        return torch.cat(out)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: _Cache | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:

@@ -271,7 +271,8 @@ class Ingress:
             raise _replica_lost(e) from None
         now = int(time.time())
         return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
-                                               context_length=i["context_length"], replica_pid=i["pid"])
+                                               context_length=i["context_length"], replica_pid=i["pid"],
+                                               device=i["device"], dtype=i["dtype"])
                                   for i in infos])
 
     @app.post("/v1/completions", response_model=None)
@@ -326,8 +327,13 @@ class Ingress:
         except RayActorError as e:
             raise _replica_lost(e) from None
         if "error" in r:
+            headers = {"x-modelfleet-replica-pid": str(r["pid"])}
+            if "retry_after" in r:  # the replica's engine queue is full: overload, retryable
+                headers["Retry-After"] = str(max(1, round(r["retry_after"])))
+                raise APIError(r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded",
+                               headers=headers)
             raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                           code="context_length_exceeded", headers={"x-modelfleet-replica-pid": str(r["pid"])})
+                           code="context_length_exceeded", headers=headers)
         return r
 
     async def _stream(self, handle: DeploymentHandle, name: str, prompt: str, body: oa._Sampling,

@@ -1,21 +1,32 @@
-"""The language-model deployment: batched KV-cache generation behind the OpenAI-compatible
-ingress (``complete`` / ``stream``); loading, health and ``info`` come from ``ReplicaBase``."""
+"""The language-model deployment: continuous batching (``serve.engine``) behind the
+OpenAI-compatible ingress (``complete`` / ``stream``); loading, health and ``info`` come from
+``ReplicaBase``.
+
+Each loaded artifact gets one ``Engine`` on one decoding thread (``EngineLoop``): requests join the
+running batch between decode steps and leave it when they finish. The thread hands every step's
+tokens to the event loop with one ``call_soon_threadsafe``; each request reads its own queue.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.util import metrics
 
-from modelfleet.serve.generation import Job, Step, generate_steps
+from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, Sequence, StepOutput
+from modelfleet.serve.generation import Job
 from modelfleet.serve.replica import Loaded, ReplicaBase
 
 # Serve's replica logger adds the request id to every record it formats.
 logger = logging.getLogger("ray.serve")
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class PromptError(ValueError):
@@ -26,17 +37,49 @@ class PromptError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class _LMLoaded(Loaded):
+    loop: EngineLoop
+    """The decoding thread of this artifact's engine (a reconfigure drains the old one)."""
+
+
 @serve.deployment  # every option comes from the ModelSpec, in build_app
 class LMServer(ReplicaBase):
     """Serves one language-model artifact; the ingress calls ``complete``/``stream``/``info``."""
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
+        self._queues: dict[int, asyncio.Queue[Any]] = {}  # id(job) -> that request's steps
+        self._aloop: asyncio.AbstractEventLoop | None = None
         super().__init__(spec, storage_path)
-        self._active = 0  # requests decoding or waiting to decode on this replica
         self.m_tokens = self.counter("modelfleet_tokens_generated", "Tokens generated.")
         self.m_prompt = self.counter("modelfleet_prompt_tokens", "Prompt tokens processed.")
-        self.m_gen = self.histogram("modelfleet_generation_seconds", "Wall time of one batch's generation.",
-                                    [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+        self.m_ttft = self.histogram("modelfleet_time_to_first_token_seconds",
+                                     "Arrival at the replica to the first generated token.", TTFT_BUCKETS)
+        self.m_tpot = self.histogram("modelfleet_time_per_output_token_seconds",
+                                     "Mean time between a request's tokens after the first.", TPOT_BUCKETS)
+        self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
+        self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
+        self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache slots in use.")
+
+    def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> _LMLoaded:
+        b = self.spec.batching
+        # Serve lets at most max_ongoing_requests in, so the engine's queue never refuses first.
+        engine = Engine(model, eos_id=preprocessor.eos_id, decode=preprocessor.decode,
+                        config=EngineConfig(max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens,
+                                            max_waiting=self.spec.max_ongoing_requests))
+        old = self.loaded
+        if isinstance(old, _LMLoaded):
+            old.loop.stop()  # finishes the requests it holds, then its thread ends
+        logger.info("engine: %d sequence slots x %d tokens, KV cache %.1f MiB, prefill chunk %d", b.max_batch_size,
+                    engine.max_len, engine.cache.nbytes / 2**20, b.prefill_chunk_tokens)
+        return _LMLoaded(model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"))
+
+    def check_health(self) -> None:
+        super().check_health()
+        lo = self.loaded
+        if isinstance(lo, _LMLoaded) and lo.loop.error is not None:
+            # The decoding thread ended on an error: Serve replaces a replica whose check fails.
+            raise RuntimeError(f"model {self.spec.name}: decoding thread failed: {lo.loop.error!r}")
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
         return {"context_length": lo.model.cfg.block_size}
@@ -65,79 +108,114 @@ class LMServer(ReplicaBase):
         return Job(prompt_ids=ids, max_tokens=max_tokens, temperature=sampling["temperature"],
                    top_p=sampling["top_p"], seed=sampling.get("seed"), stop=list(sampling.get("stop") or []))
 
-    async def complete(self, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion as one result (non-streaming requests)."""
+    def _start(self, prompt: str, sampling: dict[str, Any]) -> tuple[Job, _LMLoaded] | dict[str, Any]:
+        """The request's job on the current engine, or the error to answer instead."""
         try:
             job = self._job(prompt, sampling)
         except PromptError as e:
             return self._error(400, str(e), e.param)
+        return job, self._require()
+
+    async def complete(self, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion as one result (non-streaming requests)."""
+        started = self._start(prompt, sampling)
+        if isinstance(started, dict):
+            return started
+        job, lo = started
         parts: list[str] = []
         out: dict[str, Any] = {}
-        async for step in self._generate(job):
+        async for step in self._generate(job, lo):
+            if "error" in step:
+                return step
             parts.append(step["text"])
-            out = step
+            out = {**step, "batch_size": max(step["batch_size"], out.get("batch_size", 1))}
         return {**out, "text": "".join(parts), "prompt_tokens": len(job.prompt_ids), "pid": self.pid}
 
     async def stream(self, prompt: str, sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A first ``meta`` item (or an ``error``), then one item per generated token."""
-        try:
-            job = self._job(prompt, sampling)
-        except PromptError as e:
-            yield self._error(400, str(e), e.param)
+        started = self._start(prompt, sampling)
+        if isinstance(started, dict):
+            yield started
+            return
+        job, lo = started
+        steps = self._generate(job, lo)
+        first = await anext(steps, None)
+        if first is not None and "error" in first:
+            yield first  # overload: answered before any header is sent
             return
         yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids)}}
-        async for step in self._generate(job):
+        if first is not None:
+            yield first
+        async for step in steps:
             yield step
 
-    async def _generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
-        """A request alone on the replica decodes at once; one with company joins a batch.
-
-        ``@serve.batch`` holds the first request of a batch for ``batch_wait_timeout_s`` in case
-        others come; at low load none do, and every request would pay that wait (5-10 ms at
-        concurrency 1). Under load requests overlap, so they still batch."""
-        self._active += 1
+    async def _generate(self, job: Job, lo: _LMLoaded) -> AsyncIterator[dict[str, Any]]:
+        """This request's steps as the engine thread produces them; leaving early cancels it."""
+        self._aloop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[id(job)] = queue  # before submit: the engine thread may answer at once
+        seq: Sequence | None = None
         try:
-            if self._active == 1:
-                async for out in self._decode([job]):
-                    if out[0] is not StopIteration:
-                        yield out[0]
-            else:
-                async for step in self._batched(job):
-                    yield step
+            try:
+                seq = lo.loop.submit(job)
+            except EngineFull as e:
+                yield {**self._error(self.spec.overload_status, f"server overloaded ({e}); retry later", "model"),
+                       "retry_after": self.spec.retry_after_s}
+                return
+            self.m_prompt.inc(len(job.prompt_ids))
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"model {self.spec.name} decoding failed: {item!r}") from item
+                item["artifact"] = lo.artifact
+                yield item
+                if item["finish_reason"]:
+                    return
         finally:
-            self._active -= 1
+            self._queues.pop(id(job), None)
+            if seq is not None and not seq.finished:
+                lo.loop.cancel(seq)  # the client went away: free the slot
 
-    # Sized from spec.batching in ReplicaBase.__init__. Called, not bare: bare @serve.batch
-    # refuses an async generator.
-    @serve.batch()
-    async def _batched(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        async for result in self._decode(jobs):
-            yield result
+    def _deliver(self, result: StepOutput) -> None:
+        """Called on the engine thread once per step: reads the sequences there (the thread moves
+        them on), then wakes the event loop once."""
+        aloop = self._aloop
+        if aloop is None or aloop.is_closed():
+            return
+        now, items, ttft, tpot = time.perf_counter(), [], [], []
+        for seq, step in result.outputs:
+            if step.tokens and seq.produced == 1 and seq.first_token_at is not None:
+                ttft.append(seq.first_token_at - seq.arrived)
+            if step.finish_reason and seq.produced > 1 and seq.first_token_at is not None:
+                tpot.append((now - seq.first_token_at) / (seq.produced - 1))
+            items.append((id(seq.job), {"text": step.text, "tokens": step.tokens, "finish_reason": step.finish_reason,
+                                        "completion_tokens": seq.produced, "batch_size": len(result.outputs)}))
+        lo = self.loaded
+        error = lo.loop.error if isinstance(lo, _LMLoaded) else None
+        use = lo.loop.engine.cache_use if isinstance(lo, _LMLoaded) else 0.0
+        aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use))
 
-    async def _decode(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        lo = self._require()  # captured once: a reconfigure mid-batch does not mix weights
-        t0, n = time.perf_counter(), len(jobs)
-        self.m_batch.observe(n)
-        self.m_prompt.inc(sum(len(j.prompt_ids) for j in jobs))
-        steps = generate_steps(lo.model, jobs, eos_id=lo.preprocessor.eos_id, decode=lo.preprocessor.decode)
-        produced = [0] * n
-        while True:
-            # Each step runs off the event loop so new requests can queue for the next batch
-            # and health checks stay responsive while this batch decodes.
-            out: list[Step | None] | None = await asyncio.to_thread(next, steps, None)
-            if out is None:
-                break
-            result: list[Any] = []
-            for i, s in enumerate(out):
-                if s is None:
-                    result.append(StopIteration)  # this request has finished (Serve's sentinel)
-                    continue
-                produced[i] += s.tokens
-                result.append({**asdict(s), "completion_tokens": produced[i], "batch_size": n,
-                               "artifact": lo.artifact})
-            new_tokens = sum(s.tokens for s in out if s is not None)
-            if new_tokens:
-                self.m_tokens.inc(new_tokens)
-            yield result
-        self.m_gen.observe(time.perf_counter() - t0)
-        logger.info("batch of %d finished: %d tokens in %.3fs", n, sum(produced), time.perf_counter() - t0)
+    def _dispatch(self, items: list[tuple[int, dict[str, Any]]], error: BaseException | None,
+                  stats: tuple[StepOutput, list[float], list[float], float]) -> None:
+        """On the event loop: each request's step into its queue, then the step's metrics."""
+        if error is not None:
+            for q in self._queues.values():
+                q.put_nowait(error)
+            return
+        for key, item in items:
+            q = self._queues.get(key)
+            if q is not None:
+                q.put_nowait(item)
+        result, ttft, tpot, use = stats
+        new_tokens = sum(item["tokens"] for _, item in items)
+        if new_tokens:
+            self.m_tokens.inc(new_tokens)
+        for v in ttft:
+            self.m_ttft.observe(v)
+        for v in tpot:
+            self.m_tpot.observe(v)
+        if result.decoded:
+            self.m_batch.observe(result.decoded)
+        self.m_running.set(result.running)
+        self.m_waiting.set(result.waiting)
+        self.m_cache.set(use)

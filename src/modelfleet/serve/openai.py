@@ -186,6 +186,8 @@ class ModelCard(BaseModel):
     artifact: str = Field(description="Registry name@version (or path) of the loaded weights.")
     context_length: int
     replica_pid: int = Field(description="Process id of the replica that answered (diagnostics).")
+    device: str = Field("cpu", description="Where the replica runs the model (cpu, cuda:0).")
+    dtype: str = Field("float32", description="The weights' dtype on the replica.")
 
 
 class ModelList(BaseModel):

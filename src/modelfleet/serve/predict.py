@@ -14,10 +14,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from modelfleet.families import Family, get_family
+from modelfleet.models.placement import OnDevice
 from modelfleet.serve.replica import Loaded, ReplicaBase
 
 MAX_INSTANCES = 256
@@ -35,8 +37,16 @@ class _Loaded(Loaded):
 class Predictor(ReplicaBase):
     """Serves one artifact of a non-LM family; the ingress calls ``predict`` and ``info``."""
 
+    def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
+        super().__init__(spec, storage_path)
+        # Serve builds the batch queue on first use, so these hold from the first request on.
+        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> _Loaded:
         family = get_family(manifest["family"])
+        if self.placement.device.type != "cpu" or self.placement.dtype != torch.float32:
+            model = OnDevice(model, self.placement)  # the families feed CPU tensors and read CPU results
         return _Loaded(model, preprocessor, artifact, family, family.request_model(preprocessor))
 
     def _describe(self, lo: _Loaded) -> dict[str, Any]:
@@ -69,7 +79,7 @@ class Predictor(ReplicaBase):
         return {"model": self.spec.name, "artifact": lo.artifact, "predictions": [o for o, _ in outs],
                 "batch_size": max(n for _, n in outs), "pid": self.pid}
 
-    @serve.batch()  # sized from spec.batching in ReplicaBase.__init__
+    @serve.batch()  # sized from spec.batching in __init__
     async def _batched(self, instances: list[BaseModel]) -> list[tuple[dict[str, Any], int]]:
         lo: _Loaded = self._require()  # captured once: a reconfigure mid-batch does not mix weights
         self.m_batch.observe(len(instances))

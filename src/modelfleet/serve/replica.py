@@ -1,6 +1,5 @@
 """What every model replica shares: the validated spec, the artifact loaded through
-``reconfigure``, the health check, ``info``, torch's thread count, request batching sized from the
-spec, and metrics tagged with the model name.
+``reconfigure``, the health check, ``info``, torch's thread count and metrics tagged with the model name.
 
 The artifact arrives as ``user_config`` (``{"artifact": "name@v2"}``), so that a ``serve deploy``
 config or a RayService can move replicas to new weights in place through ``reconfigure``;
@@ -19,8 +18,10 @@ import torch
 from ray.util import metrics
 
 from modelfleet import registry
+from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.config.serve import ModelSpec
 from modelfleet.families.artifact import load_artifact
+from modelfleet.models.placement import Placement, place, placement
 
 # Serve's replica logger adds the request id to every record it formats.
 logger = logging.getLogger("ray.serve")
@@ -42,28 +43,32 @@ class Loaded:
 class ReplicaBase:
     """Base of the LM and predict deployments (``LMServer``, ``Predictor``).
 
-    A subclass defines ``_batched``, a ``@serve.batch`` method whose batch size and wait are set
-    here from ``spec.batching``; it may extend ``_prepare`` (what to derive once per artifact) and
+    A subclass may extend ``_prepare`` (what to derive once per artifact) and
     ``_describe`` (fields ``info`` adds)."""
-
-    _batched: Any
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
         self.spec = ModelSpec.model_validate(spec)
         self.storage_path = storage_path
         self.pid = os.getpid()
         self.loaded: Loaded | None = None
+        gpus = self.spec.ray_actor_options.num_gpus
+        self.placement: Placement = placement(gpus, self.spec.dtype, cuda_available=torch.cuda.is_available(),
+                                              simulated=gpus > 0 and gpus_are_simulated(),
+                                              who=f"model {self.spec.name}'s replica")
         # One intra-op thread per reserved CPU: more would contend with the replicas beside it.
         torch.set_num_threads(max(1, int(self.spec.ray_actor_options.num_cpus or 1)))
-        # Serve builds the batch queue on first use, so these hold from the first request on.
-        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
         self.m_batch = self.histogram("modelfleet_batch_size", "Requests handled together per batch.",
                                       BATCH_SIZE_BUCKETS)
 
     def counter(self, name: str, description: str) -> metrics.Counter:
         """A counter tagged with this model's name."""
         m = metrics.Counter(name, description, tag_keys=("model",))
+        m.set_default_tags({"model": self.spec.name})
+        return m
+
+    def gauge(self, name: str, description: str) -> metrics.Gauge:
+        """A gauge tagged with this model's name."""
+        m = metrics.Gauge(name, description, tag_keys=("model",))
         m.set_default_tags({"model": self.spec.name})
         return m
 
@@ -77,16 +82,20 @@ class ReplicaBase:
         """Load ``user_config["artifact"]`` and swap it in; requests in flight finish on the old one."""
         ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
         model, preprocessor, manifest = load_artifact(ref.uri)
+        model = place(model, self.placement)
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         self.loaded = self._prepare(model, preprocessor, manifest, label)
-        logger.info("model %s loaded %s artifact %s (sha256 %s)", self.spec.name, manifest.get("family", "?"),
-                    label, str(manifest.get("weights_sha256", ""))[:12])
+        logger.info("model %s loaded %s artifact %s (sha256 %s) on %s as %s", self.spec.name,
+                    manifest.get("family", "?"), label, str(manifest.get("weights_sha256", ""))[:12],
+                    self.placement.device, self.placement.dtype)
 
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> Loaded:
         return Loaded(model, preprocessor, artifact)
 
     def check_health(self) -> None:
         # Serve restarts a replica whose check fails; a replica without weights cannot answer.
+        if self.placement.problem:
+            raise RuntimeError(self.placement.problem)
         if self.loaded is None:
             raise RuntimeError(f"model {self.spec.name} has no weights loaded")
 
@@ -94,7 +103,7 @@ class ReplicaBase:
         """What ``/v1/models`` and ``/healthz`` report for this replica."""
         lo = self._require()
         return {"name": self.spec.name, "artifact": lo.artifact, "context_length": 0, "pid": self.pid,
-                **self._describe(lo)}
+                **self.placement.describe(), **self._describe(lo)}
 
     def _describe(self, lo: Any) -> dict[str, Any]:
         return {}

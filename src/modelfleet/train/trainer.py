@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from modelfleet.cluster import connect
-from modelfleet.cluster.local import SIMULATED
+from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
@@ -114,7 +114,7 @@ def worker_gpu_gib(cfg: Config) -> float | None:
 def check_gpu_memory(cfg: Config) -> None:
     """Refuse, before any GPU worker starts, a config whose memory plan does not fit the workers'
     GPUs (the driver may not see them). Simulated logical GPUs compute on CPU: no check."""
-    if not cfg.train.use_gpu or _use_gloo():
+    if not cfg.train.use_gpu or gpus_are_simulated():
         return
     gib = worker_gpu_gib(cfg)
     if gib is None:
@@ -147,12 +147,6 @@ def serving_reservation() -> tuple[float, list[str]]:
     return reserved, holders
 
 
-def _use_gloo() -> bool:
-    """GPUs here are simulated (``modelfleet cluster up``): the group talks gloo, computes on CPU."""
-    import ray
-
-
-    return ray.cluster_resources().get(SIMULATED, 0) > 0
 
 
 class _ProgressSink:
@@ -258,7 +252,7 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": queue},
-        torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and _use_gloo() else None,
+        torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and gpus_are_simulated() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),

@@ -1,0 +1,270 @@
+"""Continuous batching for the language-model families (``gpt``, ``hf-causal-lm``), with no Ray
+or HTTP in it: the replica drives it from one thread, benchmarks and tests drive it in process.
+
+The shape of vLLM's v1 scheduler (and nano-vllm's compact copy of it), at this project's scale:
+
+- a **waiting** queue (bounded: ``max_waiting``) and a **running** set of at most
+  ``max_num_seqs`` sequences, each owning one slot of a preallocated KV-cache pool
+  (``model.new_slot_cache``: ``max_num_seqs`` slots x ``max_len`` tokens);
+- every ``step()`` first admits waiting requests into free slots, prefills at most
+  ``prefill_chunk`` prompt tokens (a long prompt takes several steps, so running streams keep
+  flowing between its chunks), then decodes one token for every running sequence in one forward;
+- a sequence leaves the moment it finishes (EOS, a stop string, ``max_tokens``) and its slot
+  takes the next waiting request on the next step: nobody waits for a batch-mate.
+
+Sampling is per request through ``models.sampling.sample`` with a private generator per
+sequence, so a seeded request produces the same tokens whatever shares its batch; greedy decoding
+in a batch matches decoding alone (fp32: logits equal up to matmul rounding).
+
+``EngineLoop`` runs the engine on its own thread and hands each step's outputs to one callback
+per step, which is the only cross-thread wake-up (the replica turns it into one
+``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from modelfleet.models.sampling import sample
+from modelfleet.serve.generation import Job, Step, _Row
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is at ``max_waiting``: the caller answers overload (429/503)."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8
+    """Sequences decoded together, one KV-cache slot each."""
+    max_len: int = 0
+    """Tokens per slot (prompt + generated); 0 = the model's context."""
+    prefill_chunk: int = 64
+    """Most prompt tokens prefilled per step; longer prompts are split across steps."""
+    max_waiting: int = 64
+    """Requests queued for a slot before ``add`` refuses with ``EngineFull``."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    id: int
+    job: Job
+    row: _Row
+    arrived: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    filled: int = 0
+    """Tokens written to the slot (prompt tokens prefilled, then one per decode)."""
+    next_token: int | None = None
+    """The last sampled token, fed on the next decode step."""
+    produced: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.row.finish_reason is not None
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced: ``(sequence, step)`` pairs and the running batch size."""
+
+    outputs: list[tuple[Sequence, Step]]
+    running: int
+    waiting: int
+    decoded: int
+    """Sequences in this step's decode forward."""
+
+
+class Engine:
+    """A continuous-batching decoder over one model (see the module docstring)."""
+
+    def __init__(self, model: Any, *, eos_id: int, decode: Callable[[list[int]], str],
+                 config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.eos_id, self.decode = eos_id, decode
+        self.cfg = config or EngineConfig()
+        limit = int(model.cfg.block_size)
+        self.max_len = min(self.cfg.max_len or limit, limit)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = model.new_slot_cache(self.cfg.max_num_seqs, self.max_len, device=param.device)
+        self.free = list(range(self.cfg.max_num_seqs))[::-1]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # add/cancel come from other threads than step
+
+    # ------------------------------------------------------------------ requests
+    def add(self, job: Job) -> Sequence:
+        """Queue ``job``; thread-safe. Raises ``ValueError`` for a request no slot can hold and
+        ``EngineFull`` when ``max_waiting`` requests already wait."""
+        if not job.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if len(job.prompt_ids) + job.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_tokens}) exceeds "
+                             f"the engine's {self.max_len}-token sequence slots")
+        seq = Sequence(next(self._ids), job, _Row(job, self.eos_id, self.decode))
+        with self._lock:
+            if len(self.waiting) >= self.cfg.max_waiting:
+                raise EngineFull(f"{len(self.waiting)} requests already wait for one of "
+                                 f"{self.cfg.max_num_seqs} sequence slots")
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` (its client went away); its slot frees on the next step. Thread-safe."""
+        seq.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def cache_use(self) -> float:
+        """Fraction of KV-cache slots held by a sequence."""
+        return 1 - len(self.free) / self.cfg.max_num_seqs
+
+    # ------------------------------------------------------------------ the loop body
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        """Admit, prefill up to ``prefill_chunk`` prompt tokens, decode one token per running sequence."""
+        out: list[tuple[Sequence, Step]] = []
+        self._drop_cancelled()
+        self._admit()
+        self._prefill(out)
+        decoded = self._decode(out)
+        for s in [s for s, _ in out if s.finished]:
+            self._release(s)
+        return StepOutput(out, len(self.running) + len(self.prefilling), len(self.waiting), decoded)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.free and self.waiting:
+                seq = self.waiting.popleft()
+                seq.slot = self.free.pop()
+                self.cache.reset(seq.slot)
+                self.prefilling.append(seq)
+
+    def _prefill(self, out: list[tuple[Sequence, Step]]) -> None:
+        budget = self.cfg.prefill_chunk
+        while budget > 0 and self.prefilling:
+            seq = self.prefilling[0]
+            ids = seq.job.prompt_ids[seq.filled:seq.filled + budget]
+            logits = self._forward([seq], torch.tensor([ids], device=self.device))[:, -1]
+            seq.filled += len(ids)
+            budget -= len(ids)
+            if seq.filled < len(seq.job.prompt_ids):
+                break  # more chunks next step; decoding of the running batch goes on meanwhile
+            self.prefilling.popleft()
+            self.running.append(seq)
+            self._emit(seq, logits[0], out)
+
+    def _decode(self, out: list[tuple[Sequence, Step]]) -> int:
+        just_prefilled = _emitted(out)  # their first token came from the prefill: they decode next step
+        batch = [s for s in self.running if not s.finished and id(s) not in just_prefilled]
+        if not batch:
+            return 0
+        tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
+        logits = self._forward(batch, tokens)[:, -1]
+        for i, s in enumerate(batch):
+            s.filled += 1
+            self._emit(s, logits[i], out)
+        return len(batch)
+
+    def _forward(self, seqs: list[Sequence], idx: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of each row, on the host in float32: one device-to-host copy per
+        forward (sampling, stop strings and streaming need the tokens there anyway)."""
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        starts = torch.tensor([s.filled for s in seqs], device=self.device)
+        return self.model.forward_slots(idx, self.cache, slots, starts)[:, -1:].float().cpu()
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor, out: list[tuple[Sequence, Step]]) -> None:
+        job = seq.job
+        tok = int(sample(logits, job.temperature, job.top_p, seq.row.gen))
+        step = seq.row.push(tok)
+        seq.produced += step.tokens
+        seq.next_token = tok
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        out.append((seq, step))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self.free.append(seq.slot)
+            seq.slot = -1
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+        for s in [s for s in (*self.prefilling, *self.running) if s.cancelled]:
+            if s in self.prefilling:
+                self.prefilling.remove(s)
+            self._release(s)
+
+
+def _emitted(out: list[tuple[Sequence, Step]]) -> set[int]:
+    """Ids of the sequences that already produced a token this step."""
+    return {id(s) for s, _ in out}
+
+
+class EngineLoop:
+    """Runs an ``Engine`` on one daemon thread while it has work, sleeping on a condition otherwise.
+
+    ``deliver(step_output)`` is called from that thread once per step: it is the only cross-thread
+    wake-up per decode step. Requests enter with ``submit`` from any thread."""
+
+    def __init__(self, engine: Engine, deliver: Callable[[StepOutput], None], *, name: str = "engine") -> None:
+        self.engine = engine
+        self.deliver = deliver
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Sequence:
+        seq = self.engine.add(job)
+        with self._wake:
+            self._wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        self.engine.cancel(seq)
+
+    def stop(self) -> None:
+        """Finish the requests already submitted, then end the thread (does not wait for it)."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self.engine.has_work:
+                    self._wake.wait()
+                if not self.engine.has_work:
+                    return  # stopped and drained
+            try:
+                result = self.engine.step()
+            except BaseException as e:  # noqa: BLE001 - reported to every waiting request, then the loop ends
+                self.error = e
+                self.deliver(StepOutput([], 0, 0, 0))
+                return
+            self.deliver(result)
