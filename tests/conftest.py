@@ -17,6 +17,10 @@ from helpers import TEST_SOURCES
 def ray_session():
     import ray
 
+    from modelfleet.cluster.haproxy import apply_haproxy_env
+
+    # Serve's ingress mode is a property of the cluster: set as `modelfleet cluster up` sets it.
+    apply_haproxy_env()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

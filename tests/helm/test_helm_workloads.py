@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 import yaml
-from chart_objects import CHART, CI_VALUES, ROOT, cluster_spec, of_kind, one, pod_templates
+from chart_objects import CHART, CI_VALUES, ROOT, cluster_spec, containers, of_kind, one, pod_templates
 
 SERVING = [v for v in CI_VALUES if v != "train-only-values.yaml"]
 TRAINING = [v for v in CI_VALUES if v != "serve-only-values.yaml"]
@@ -107,12 +107,29 @@ def test_one_cluster_spec_for_service_job_and_cluster(render):
             pod = tpl["spec"]
             pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "train-config"]
             for c in pod["containers"]:
-                c["env"] = [e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY"]
+                c["env"] = [e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY"
+                            and not e["name"].startswith("RAY_SERVE_")]  # serving's ingress mode
                 c["ports"] = [p for p in c["ports"] if p["name"] != "serve"]
                 c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "train-config"]
         return out
 
     assert shape(specs["RayService"]) == shape(specs["RayJob"]) == shape(specs["RayCluster"])
+
+
+def test_serving_pods_start_serve_in_haproxy_mode_unless_switched_off(render):
+    """Serve reads its ingress mode when its processes start, so it is pod env, on every serving
+    pod (head and workers: HAProxy runs on every proxy node); training pods do not carry it."""
+
+    def envs(docs, kind):
+        return [{e["name"]: e.get("value") for e in c["env"]} for _, _, c in containers([one(docs, kind)])]
+
+    docs = render(None, "rayCluster.enabled=false")
+    serving = envs(docs, "RayService")
+    assert serving and all(e["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and e["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
+                           and "empty-response" in e["RAY_SERVE_HAPROXY_RETRY_ON"] for e in serving)
+    assert not any("RAY_SERVE_ENABLE_HA_PROXY" in e for e in envs(docs, "RayJob"))
+    off = envs(render(None, "serving.haproxy.enabled=false"), "RayService")
+    assert not any("RAY_SERVE_ENABLE_HA_PROXY" in e for e in off)
 
 
 def test_head_has_no_gpus_and_worker_groups_follow_values(render):

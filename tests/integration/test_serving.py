@@ -266,7 +266,7 @@ def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
                     r = c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 48})
                     sent[0] += 1
                     if r.status_code != 200:
-                        failures.append(r.status_code)
+                        failures.append((r.status_code, r.text[:300]))
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
         for t in threads:
@@ -329,3 +329,47 @@ def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
     assert set(texts) <= {answers["v1"], answers["v2"]}, set(texts)
     assert texts[0] == answers["v1"] and answers["v2"] in texts
     assert all(t == answers["v2"] for _, t, ts in results if ts > switched + 1), "old weights after the switch"
+
+
+# ---------------------------------------------------------------- one hop
+
+def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(serve_up, registry_dir):
+    """Client -> HAProxy -> the decoding replica: the process listening on the Serve port is the
+    HAProxy binary (not Python), the only processes connected to the answering replica's HTTP port
+    while it streams are HAProxy's, and that replica is also the app's HTTP front (ingress pid ==
+    replica pid)."""
+    import psutil
+
+    storage, answers = registry_dir
+    _deploy(storage, "hop", [_model("tiny", "tiny@v1")])
+    url = f"{BASE}/hop"
+    try:
+        with httpx.Client(timeout=60) as c:
+            r = c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == answers["v1"]
+            replica = int(r.headers["x-modelfleet-replica-pid"])
+            assert int(r.headers["x-modelfleet-ingress-pid"]) == replica  # no ingress deployment between
+            listeners = {k.pid for k in psutil.net_connections("tcp")
+                         if k.status == psutil.CONN_LISTEN and k.laddr.port == PORT}
+            assert len(listeners) == 1, listeners
+            front = psutil.Process(listeners.pop())
+            exe = Path(front.exe()).name  # the binary itself, not an interpreter running a script
+            assert front.name() == exe == "haproxy", (front.name(), front.exe(), front.cmdline()[:2])
+            replica_ports = {k.laddr.port for k in psutil.Process(replica).net_connections("tcp")
+                             if k.status == psutil.CONN_LISTEN and k.laddr.ip == "127.0.0.1"}
+            # While a stream is open, HAProxy holds a connection to a port the replica listens on.
+            with c.stream("POST", f"{url}/v1/completions",
+                          json={"prompt": PROBE, "max_tokens": 100, "stream": True}) as s:
+                assert s.status_code == 200 and int(s.headers["x-modelfleet-replica-pid"]) == replica
+                lines = s.iter_lines()
+                next(lines)
+                # Who is connected to the replica's HTTP port: only HAProxy.
+                peers = {psutil.Process(k.pid).name() for k in psutil.net_connections("tcp")
+                         if k.raddr and k.raddr.port in replica_ports and k.status == psutil.CONN_ESTABLISHED
+                         and k.pid is not None}
+                assert "data: [DONE]" in list(lines)
+        assert peers == {"haproxy"}, peers
+        print(f"\n[one-hop] client -> {front.name()} (pid {front.pid}, {front.exe()}) -> replica pid {replica} "
+              f"on 127.0.0.1:{sorted(replica_ports)}, connected to by {sorted(peers)} only")
+    finally:
+        serve_up.delete("hop")

@@ -193,10 +193,10 @@ def _api_routes(routes: list, prefix: str = "") -> list[tuple[str, str]]:
 def test_api_key_guards_every_route_but_health(app):
     """Routes come from the ingress's FastAPI app itself, so a route added later is covered too."""
     from modelfleet.serve import auth
-    from modelfleet.serve.ingress import app as fastapi_app
+    from modelfleet.serve.ingress import build_openai_app
 
     url = app["url"]
-    routes = [(m, p.replace("{", "").replace("}", "")) for m, p in _api_routes(fastapi_app.routes)]
+    routes = [(m, p.replace("{", "").replace("}", "")) for m, p in _api_routes(build_openai_app().routes)]
     assert ("POST", "/v1/completions") in routes and ("GET", "/healthz") in routes
     extra = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/metrics"), ("GET", "/v1/nope"),
              ("DELETE", "/v1/models"), ("OPTIONS", "/v1/completions"), ("HEAD", "/v1/models")]

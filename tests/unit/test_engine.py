@@ -68,15 +68,16 @@ def test_slot_forward_matches_each_sequence_alone(model):
     seqs = [PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[5]]
     with torch.inference_mode():
         for slot, p in enumerate(seqs):  # prefill all but the last token, one slot each
-            model.forward_slots(torch.tensor([p[:-1]]) if len(p) > 1 else torch.tensor([p[:1]]), cache,
-                                torch.tensor([slot]), torch.tensor([0]))
+            model.forward_slots(torch.tensor([p[:-1] or p[:1]]), cache, [slot], [0])
         idx = torch.tensor([[p[-1]] for p in seqs])
-        starts = torch.tensor([max(len(p) - 1, 0) for p in seqs])
-        starts[2] = 0  # the one-token prompt: overwrite its slot's only position
-        batched = model.forward_slots(idx, cache, torch.arange(4), starts)[:, -1]
+        starts = [max(len(p) - 1, 0) for p in seqs]  # the one-token prompt overwrites its only entry
+        batched = model.forward_slots(idx, cache, [0, 1, 2, 3], starts)[:, -1]
+        gathered = model.forward_slots(idx[[3, 1, 0, 2]], cache, [3, 1, 0, 2], [starts[i] for i in [3, 1, 0, 2]])[:, -1]
         for b, p in enumerate(seqs):
             alone = model(torch.tensor([p]))[0, -1]
             assert torch.allclose(batched[b], alone, atol=1e-5), (b, (batched[b] - alone).abs().max())
+        for row, slot in enumerate([3, 1, 0, 2]):  # non-consecutive slots: the gathered path
+            assert torch.allclose(gathered[row], batched[slot], atol=1e-5)
 
 
 def test_greedy_in_a_batch_equals_one_at_a_time(model):
@@ -193,7 +194,7 @@ def test_the_loop_thread_wakes_its_consumer_once_per_step(model):
     jobs = [Job(prompt_ids=p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]
     finished = set()
 
-    def deliver(result: StepOutput) -> None:  # on the engine thread
+    def deliver(result: StepOutput, _loop) -> None:  # on the engine thread
         calls.append(result)
         for s, st in result.outputs:
             texts[id(s.job)] = texts.get(id(s.job), "") + st.text
@@ -213,3 +214,38 @@ def test_the_loop_thread_wakes_its_consumer_once_per_step(model):
     assert len(calls) < tokens  # one wake-up per step, not per token per request
     assert all(texts[id(j)] == _alone(model, j) for j in jobs)
     assert loop.error is None
+
+
+def test_a_failed_decoding_thread_reports_once_and_refuses_new_work(model):
+    class Broken(torch.nn.Module):
+        cfg = model.cfg
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def new_slot_cache(self, n, max_len, device=None):
+            return model.new_slot_cache(n, max_len)
+
+        def forward_slots(self, *args):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    engine = Engine(Broken(), eos_id=EOS, decode=_text, config=EngineConfig(max_num_seqs=2))
+    seen, failed = [], threading.Event()
+    loop = EngineLoop(engine, lambda result, lp: (seen.append(lp.error), failed.set()))
+    loop.submit(Job(prompt_ids=[1], max_tokens=3))
+    assert failed.wait(30)
+    assert len(seen) == 1 and "device-side assert" in repr(seen[0])
+    with pytest.raises(EngineFull, match="decoding thread is down"):
+        loop.submit(Job(prompt_ids=[1], max_tokens=3))
+
+
+def test_a_burst_of_equal_prompts_prefills_in_one_step(model):
+    engine = _engine(model, max_num_seqs=4, prefill_chunk=64)
+    jobs = [Job(prompt_ids=[5 + i, 6, 7, 8, 9], max_tokens=6, temperature=0) for i in range(4)]
+    seqs = [engine.add(j) for j in jobs]
+    first = engine.step()
+    assert {id(s) for s, _ in first.outputs} == {id(s) for s in seqs}  # one step: all four prefilled
+    got = _drain(engine, seqs)
+    for j, s in zip(jobs, seqs):
+        assert first.outputs[[id(x) for x, _ in first.outputs].index(id(s))][1].text + got[id(s)][0] == _alone(model, j)

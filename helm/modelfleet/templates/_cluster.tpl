@@ -87,6 +87,13 @@ spec:
         # DeepSpeed would probe for CUDA; on CPU pods name the accelerator outright.
         - {name: DS_ACCELERATOR, value: cpu}
         {{- end }}
+        {{- if and (eq .role "serving") $v.serving.haproxy.enabled }}
+        # Serve's ingress mode is a property of the cluster, read when Serve's processes start
+        # (modelfleet.cluster.haproxy sets the same on `modelfleet cluster up`).
+        - {name: RAY_SERVE_ENABLE_HA_PROXY, value: "1"}
+        - {name: RAY_SERVE_HAPROXY_NBTHREAD, value: {{ $v.serving.haproxy.threads | quote }}}
+        - {name: RAY_SERVE_HAPROXY_RETRY_ON, value: {{ $v.serving.haproxy.retryOn | quote }}}
+        {{- end }}
         {{- if eq .role "serving" }}
         # Read by the Serve ingress replica (serveConfigV2 args.api_key_env); only a reference here.
         - name: MODELFLEET_API_KEY

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from modelfleet.cluster.haproxy import apply_haproxy_env
 from modelfleet.cluster.local import use_local_cluster_env
 from modelfleet.errors import ConfigError
 
@@ -40,6 +41,7 @@ def connect(*, num_cpus: int | None = None, log_to_driver: bool = True, start_lo
                 raise ConfigError("no Ray cluster is running (start one with `modelfleet cluster up`, "
                                   "`ray start --head` or `modelfleet serve CONFIG`)") from None
             cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+            apply_haproxy_env()  # Serve's ingress mode, before Ray starts the processes that read it
             ray.init(num_cpus=cpus, log_to_driver=log_to_driver)
             started = True
     return Connection(ray.get_runtime_context().gcs_address, started)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from modelfleet.cluster.haproxy import apply_haproxy_env
 from modelfleet.errors import ConfigError
 
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
@@ -227,6 +228,7 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
         # (~/.ray/auth_token, kept if it exists) the way Ray's own CLI documents.
         _start([_ray_bin(), "get-auth-token", "--generate"], spec, "auth token generation", quiet=True)
     temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
+    apply_haproxy_env(f"{temp_dir}/hap")  # Serve's ingress mode: every `ray start` below inherits it
     from ray._private.services import get_node_ip_address
 
     # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.

@@ -156,7 +156,10 @@ class ServeConfig(_Strict):
     api_key_file: str | None = Field(None, description="File holding the API key; wins over api_key_env.")
     require_api_key: bool = Field(False, description="Refuse to start when no API key is configured.")
     max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body; bigger ones get 413.")
-    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment settings.")
+    one_hop: bool = Field(True, description="A single-model app's replicas serve HTTP themselves (no ingress "
+                                            "deployment between); several models always go through the ingress.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment settings "
+                                                                          "(multi-model apps, or one_hop: false).")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Replica logging.")
 
     @model_validator(mode="after")

@@ -67,7 +67,8 @@ class SlotCache:
         shape = (n_layer, num_slots, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._slots = self._write = torch.zeros(0, dtype=torch.long)
+        self._rows: slice | Tensor = slice(0, 0)
+        self._index = self._write = torch.zeros(0, dtype=torch.long)
         self._end = 0
 
     @property
@@ -85,20 +86,24 @@ class SlotCache:
     def reset(self, slot: int) -> None:
         """Nothing to clear: lengths live with the caller and the mask hides stale entries."""
 
-    def prepare(self, slots: Tensor, starts: Tensor, T: int) -> None:
-        """Set the rows (``slots`` [B]) and their filled lengths (``starts`` [B]) of the next forward."""
-        self._slots = slots
-        self._write = starts[:, None] + torch.arange(T, device=starts.device)  # [B, T] slot positions
-        self._end = int(self._write.max()) + 1  # keys up to the longest row
+    def prepare(self, slots: list[int], starts: list[int], T: int, device: torch.device) -> None:
+        """Set the rows (``slots``) and their filled lengths (``starts``) of the next forward. Host
+        lists, as a scheduler has them: no device-to-host reads, and when the slots are consecutive
+        (a full batch usually is) each layer reads its keys as a view instead of a gathered copy."""
+        lo = slots[0]
+        self._rows: slice | Tensor = (slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots)))
+                                      else torch.tensor(slots, device=device))
+        self._index = torch.tensor(slots, device=device)[:, None]
+        self._write = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # [B, T]
+        self._end = max(starts) + T  # keys up to the longest row
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k``/``v`` ([B, H, T, D]) at each row's positions; return each row's keys/values
         ``[B, H, end, D]`` (positions past a row's own length are masked by the caller)."""
-        rows = self._slots[:, None]
         # Advanced indices around a slice put their [B, T] dims first: the target is [B, T, H, D].
-        self.k[layer][rows, :, self._write] = k.transpose(1, 2)
-        self.v[layer][rows, :, self._write] = v.transpose(1, 2)
-        return self.k[layer][self._slots, :, :self._end], self.v[layer][self._slots, :, :self._end]
+        self.k[layer][self._index, :, self._write] = k.transpose(1, 2)
+        self.v[layer][self._index, :, self._write] = v.transpose(1, 2)
+        return self.k[layer][self._rows, :, :self._end], self.v[layer][self._rows, :, :self._end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -211,17 +216,17 @@ class GPT(nn.Module):
                          head_dim=self.cfg.n_embd // self.cfg.n_head, dtype=dtype or self.wte.weight.dtype,
                          device=device or self.wte.weight.device)
 
-    def forward_slots(self, idx: Tensor, cache: SlotCache, slots: Tensor, starts: Tensor) -> Tensor:
-        """Logits ``[B, T, vocab]`` of ``idx`` ([B, T]) continuing the sequences in ``slots`` ([B]),
-        each already holding ``starts[b]`` tokens: row b's token t sits at position ``starts[b] + t``
-        and attends to its own slot's first ``starts[b] + t + 1`` entries, exactly as the sequence
-        would decode alone (continuous batching: rows of different lengths in one forward)."""
+    def forward_slots(self, idx: Tensor, cache: SlotCache, slots: list[int], starts: list[int]) -> Tensor:
+        """Logits ``[B, T, vocab]`` of ``idx`` ([B, T]) continuing the sequences in ``slots``, each
+        already holding ``starts[b]`` tokens: row b's token t sits at position ``starts[b] + t`` and
+        attends to its own slot's first ``starts[b] + t + 1`` entries, exactly as the sequence would
+        decode alone (continuous batching: rows of different lengths in one forward)."""
         B, T = idx.shape
-        if int(starts.max()) + T > cache.max_len:
-            raise ValueError(f"a sequence of {int(starts.max())} + {T} tokens does not fit a slot of "
+        if max(starts) + T > cache.max_len:
+            raise ValueError(f"a sequence of {max(starts)} + {T} tokens does not fit a slot of "
                              f"{cache.max_len} tokens")
-        cache.prepare(slots, starts, T)
-        pos = starts[:, None] + torch.arange(T, device=idx.device)  # [B, T]
+        cache.prepare(slots, starts, T, idx.device)
+        pos = cache._write  # [B, T] positions = the slot entries written
         keys = torch.arange(cache._end, device=idx.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, end]
         x = self.drop(self.wte(idx) + self.wpe(pos))

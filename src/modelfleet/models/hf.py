@@ -83,11 +83,11 @@ class HFCausalLM(nn.Module):
     def new_slot_cache(self, num_slots: int, max_len: int, dtype: Any = None, device: Any = None) -> _SlotCache:
         return _SlotCache(num_slots, max_len)
 
-    def forward_slots(self, idx: Tensor, cache: _SlotCache, slots: Tensor, starts: Tensor) -> Tensor:
+    def forward_slots(self, idx: Tensor, cache: _SlotCache, slots: list[int], starts: list[int]) -> Tensor:
         """Logits ``[B, T, vocab]``, each row continuing its own slot's sequence (see ``_SlotCache``)."""
         out = []
         for b in range(idx.size(0)):
-            slot, start = int(slots[b]), int(starts[b])
+            slot, start = slots[b], starts[b]
             pos = torch.arange(start, start + idx.size(1), device=idx.device)[None]
             o = self.hf(input_ids=idx[b:b + 1], past_key_values=cache.pkv[slot], position_ids=pos, use_cache=True)
             cache.pkv[slot] = o.past_key_values

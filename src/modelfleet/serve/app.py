@@ -17,21 +17,20 @@ from ray import serve
 from ray.serve import Application
 
 from modelfleet import registry
-from modelfleet.config.serve import ServeConfig, parse_serve_config
+from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ConfigError
 from modelfleet.families import get_family
 from modelfleet.presets import load_config
-from modelfleet.serve.ingress import Ingress
+from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
 from modelfleet.storage import is_remote
 
 
-def _server_for(artifact: str, storage_path: str) -> Any:
-    """LMServer (OpenAI API) for language-model families, Predictor for the others."""
-
+def _is_lm(artifact: str, storage_path: str) -> bool:
+    """Whether the artifact's family serves the OpenAI text API (else: the predict route)."""
     manifest = registry.read_json(registry.resolve(storage_path, artifact).uri, "manifest.json")
-    return LMServer if get_family(manifest.get("family", "gpt")).serves_openai else Predictor
+    return bool(get_family(manifest.get("family", "gpt")).serves_openai)
 
 
 def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
@@ -68,33 +67,50 @@ def _logging(cfg: ServeConfig) -> dict[str, Any]:
     return cfg.logging.model_dump(exclude_none=True)
 
 
+def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(
+        name=f"model-{m.name}",
+        max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests,
+        backpressure_config={"status_code": m.overload_status, "retry_after_s": m.retry_after_s},
+        ray_actor_options=m.ray_actor_options.to_serve(),
+        # The artifact travels as user_config: changing only it in a `serve deploy` config
+        # reloads weights in place (reconfigure) without restarting replicas.
+        user_config={"artifact": m.artifact},
+        max_surge_percent=m.max_surge_percent,
+        health_check_period_s=m.health_check_period_s,
+        health_check_timeout_s=m.health_check_timeout_s,
+        graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s,
+        logging_config=_logging(cfg),
+    )
+    if m.autoscaling is not None:
+        opts["autoscaling_config"] = m.autoscaling.to_serve()
+    else:
+        opts["num_replicas"] = m.num_replicas
+    return opts
+
+
 def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
-    """The Serve application: one deployment per model (``LMServer`` for language models,
-    ``Predictor`` for the other families) behind one FastAPI ingress."""
+    """The Serve application. One model (``one_hop``, the default): its replicas are the HTTP
+    ingress themselves (``LMIngress`` / ``PredictIngress``). Several models: a FastAPI ``Ingress``
+    that routes by the OpenAI ``model`` field to one deployment per model (``LMServer`` for
+    language models, ``Predictor`` for the other families)."""
     cfg = config_from_args(args)
+    if len(cfg.models) == 1 and cfg.one_hop:
+        m = cfg.models[0]
+        opts = _model_options(cfg, m)
+        if m.max_queued_requests >= 0:
+            # Overload is answered by the front's guard in OpenAI's error envelope (Serve's own
+            # direct-ingress refusal is plain text): Serve admits more than the limit, so the
+            # request past it reaches the guard at once instead of queueing unseen.
+            opts.update(max_ongoing_requests=m.max_ongoing_requests + m.max_queued_requests + 64,
+                        max_queued_requests=-1)
+        front = LMIngress if _is_lm(m.artifact, cfg.storage_path) else PredictIngress
+        return front.options(**opts).bind(cfg.model_dump(), cfg.storage_path)
     handles = {}
     for m in cfg.models:
-        opts: dict[str, Any] = dict(
-            name=f"model-{m.name}",
-            max_ongoing_requests=m.max_ongoing_requests,
-            max_queued_requests=m.max_queued_requests,
-            backpressure_config={"status_code": m.overload_status, "retry_after_s": m.retry_after_s},
-            ray_actor_options=m.ray_actor_options.to_serve(),
-            # The artifact travels as user_config: changing only it in a `serve deploy` config
-            # reloads weights in place (reconfigure) without restarting replicas.
-            user_config={"artifact": m.artifact},
-            max_surge_percent=m.max_surge_percent,
-            health_check_period_s=m.health_check_period_s,
-            health_check_timeout_s=m.health_check_timeout_s,
-            graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s,
-            logging_config=_logging(cfg),
-        )
-        if m.autoscaling is not None:
-            opts["autoscaling_config"] = m.autoscaling.to_serve()
-        else:
-            opts["num_replicas"] = m.num_replicas
-        server = _server_for(m.artifact, cfg.storage_path)
-        handles[m.name] = server.options(**opts).bind(m.model_dump(), cfg.storage_path)
+        server = LMServer if _is_lm(m.artifact, cfg.storage_path) else Predictor
+        handles[m.name] = server.options(**_model_options(cfg, m)).bind(m.model_dump(), cfg.storage_path)
     return Ingress.options(
         name="ingress",
         num_replicas=cfg.ingress.num_replicas,

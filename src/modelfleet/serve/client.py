@@ -4,9 +4,11 @@ Retries: completions change nothing on the server (no state, no side effects), s
 idempotent and the client retries them, like OpenAI's own client does. A request is retried when
 it never got an answer (connection refused or reset, timeout) or when the answer says "try
 again": 429 and 503 (overload, or the replica serving it stopped; both carry ``Retry-After``),
-502 and 504. Waits grow exponentially with jitter (``backoff_s`` doubling up to
+502 and 504, and a 500 that the HTTP proxy answered rather than the app: Ray 2.60's HAProxy turns
+its own 502/503/504 (a replica gone mid-request after its retries) into a plain 500, and every
+answer of our app carries ``x-modelfleet-ingress-pid``, so a 500 without it is the proxy's. Waits grow exponentially with jitter (``backoff_s`` doubling up to
 ``max_backoff_s``) and honour ``Retry-After`` up to the same cap; after ``max_retries`` the
-last error is raised. Other errors (400, 401, 404, 413, 500) are never retried: repeating them
+last error is raised. Other errors (400, 401, 404, 413, the app's 500) are never retried: repeating them
 cannot succeed. A stream is retried only until its first event arrives: once text has been
 shown, a retry would repeat it.
 """
@@ -24,15 +26,20 @@ import tenacity
 
 # Statuses that mean "not now" rather than "never": overload, a replica that stopped, a gateway.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+APP_HEADER = "x-modelfleet-ingress-pid"
+"""Every response of the app carries it (serve.ingress's guard tags it)."""
 
 
 class ServeRequestError(RuntimeError):
     """The server answered with an error status; the message is the server's."""
 
-    def __init__(self, message: str, *, status: int = 0, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, status: int = 0, retry_after_s: float | None = None,
+                 from_proxy: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.from_proxy = from_proxy
+        """The proxy answered, not the app (no ``x-modelfleet-ingress-pid`` header)."""
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -58,14 +65,16 @@ def _raise_for(resp: httpx.Response) -> None:
             msg = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             msg = resp.text[:200]
-        raise ServeRequestError(f"HTTP {resp.status_code} from {resp.request.url}: {msg}",
-                                status=resp.status_code, retry_after_s=_retry_after(resp))
+        proxy = APP_HEADER not in resp.headers
+        raise ServeRequestError(f"HTTP {resp.status_code} from {resp.request.url}"
+                                f"{' (the proxy, not the app)' if proxy else ''}: {msg}",
+                                status=resp.status_code, retry_after_s=_retry_after(resp), from_proxy=proxy)
 
 
 def retryable(e: BaseException) -> bool:
     """Whether a failed completion may be sent again (see the module docstring)."""
     if isinstance(e, ServeRequestError):
-        return e.status in RETRY_STATUSES
+        return e.status in RETRY_STATUSES or (e.status == 500 and e.from_proxy)
     return isinstance(e, httpx.TransportError)
 
 

@@ -66,6 +66,9 @@ class Sequence:
     next_token: int | None = None
     """The last sampled token, fed on the next decode step."""
     produced: int = 0
+    """Tokens generated (EOS not counted)."""
+    emitted: int = 0
+    """Steps that produced output for this sequence."""
     first_token_at: float | None = None
     cancelled: bool = False
 
@@ -98,7 +101,7 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.cache = model.new_slot_cache(self.cfg.max_num_seqs, self.max_len, device=param.device)
-        self.free = list(range(self.cfg.max_num_seqs))[::-1]
+        self.free = list(range(self.cfg.max_num_seqs))[::-1]  # pop() hands out low slots first
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -157,22 +160,34 @@ class Engine:
                 self.prefilling.append(seq)
 
     def _prefill(self, out: list[tuple[Sequence, Step]]) -> None:
+        """Up to ``prefill_chunk`` prompt tokens: sequences whose next chunks have the same length
+        share one forward (a burst of equal prompts prefills together); a prompt longer than the
+        budget takes one chunk per step, so the running batch keeps decoding in between."""
         budget = self.cfg.prefill_chunk
         while budget > 0 and self.prefilling:
-            seq = self.prefilling[0]
-            ids = seq.job.prompt_ids[seq.filled:seq.filled + budget]
-            logits = self._forward([seq], torch.tensor([ids], device=self.device))[:, -1]
-            seq.filled += len(ids)
-            budget -= len(ids)
-            if seq.filled < len(seq.job.prompt_ids):
-                break  # more chunks next step; decoding of the running batch goes on meanwhile
-            self.prefilling.popleft()
-            self.running.append(seq)
-            self._emit(seq, logits[0], out)
+            head = self.prefilling[0]
+            n = min(len(head.job.prompt_ids) - head.filled, budget)
+            group = [s for s in self.prefilling if len(s.job.prompt_ids) - s.filled >= n
+                     and (s is head or len(s.job.prompt_ids) - s.filled == n)][:max(1, budget // n)]
+            group.sort(key=lambda s: s.slot)
+            ids = torch.tensor([s.job.prompt_ids[s.filled:s.filled + n] for s in group], device=self.device)
+            logits = self._forward(group, ids)[:, -1]
+            budget -= n * len(group)
+            for i, seq in enumerate(group):
+                seq.filled += n
+                if seq.filled < len(seq.job.prompt_ids):
+                    continue  # more chunks next step; decoding of the running batch goes on meanwhile
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+                self._emit(seq, logits[i], out)
+            if head.filled < len(head.job.prompt_ids):
+                break
 
     def _decode(self, out: list[tuple[Sequence, Step]]) -> int:
         just_prefilled = _emitted(out)  # their first token came from the prefill: they decode next step
-        batch = [s for s in self.running if not s.finished and id(s) not in just_prefilled]
+        # In slot order: consecutive slots let the cache hand out views instead of copies.
+        batch = sorted((s for s in self.running if not s.finished and id(s) not in just_prefilled),
+                       key=lambda s: s.slot)
         if not batch:
             return 0
         tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
@@ -185,15 +200,15 @@ class Engine:
     def _forward(self, seqs: list[Sequence], idx: torch.Tensor) -> torch.Tensor:
         """Last-position logits of each row, on the host in float32: one device-to-host copy per
         forward (sampling, stop strings and streaming need the tokens there anyway)."""
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        starts = torch.tensor([s.filled for s in seqs], device=self.device)
-        return self.model.forward_slots(idx, self.cache, slots, starts)[:, -1:].float().cpu()
+        return self.model.forward_slots(idx, self.cache, [s.slot for s in seqs],
+                                        [s.filled for s in seqs])[:, -1:].float().cpu()
 
     def _emit(self, seq: Sequence, logits: torch.Tensor, out: list[tuple[Sequence, Step]]) -> None:
         job = seq.job
         tok = int(sample(logits, job.temperature, job.top_p, seq.row.gen))
         step = seq.row.push(tok)
         seq.produced += step.tokens
+        seq.emitted += 1
         seq.next_token = tok
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
@@ -223,10 +238,11 @@ def _emitted(out: list[tuple[Sequence, Step]]) -> set[int]:
 class EngineLoop:
     """Runs an ``Engine`` on one daemon thread while it has work, sleeping on a condition otherwise.
 
-    ``deliver(step_output)`` is called from that thread once per step: it is the only cross-thread
+    ``deliver(step_output, loop)`` is called from that thread once per step: it is the only cross-thread
     wake-up per decode step. Requests enter with ``submit`` from any thread."""
 
-    def __init__(self, engine: Engine, deliver: Callable[[StepOutput], None], *, name: str = "engine") -> None:
+    def __init__(self, engine: Engine, deliver: Callable[[StepOutput, "EngineLoop"], None], *,
+                 name: str = "engine") -> None:
         self.engine = engine
         self.deliver = deliver
         self._wake = threading.Condition()
@@ -236,6 +252,8 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, job: Job) -> Sequence:
+        if self.error is not None or self._stopped:
+            raise EngineFull(f"the decoding thread is {'down' if self.error else 'stopping'}; retry on another replica")
         seq = self.engine.add(job)
         with self._wake:
             self._wake.notify()
@@ -265,6 +283,6 @@ class EngineLoop:
                 result = self.engine.step()
             except BaseException as e:  # noqa: BLE001 - reported to every waiting request, then the loop ends
                 self.error = e
-                self.deliver(StepOutput([], 0, 0, 0))
+                self.deliver(StepOutput([], 0, 0, 0), self)
                 return
-            self.deliver(result)
+            self.deliver(result, self)

@@ -1,19 +1,30 @@
-"""The FastAPI ingress: OpenAI-compatible routes, auth, limits, errors and HTTP metrics.
+"""The OpenAI-compatible HTTP front: routes, auth, limits, errors and HTTP metrics.
 
-It holds no weights; it validates, authenticates and forwards to one model deployment per model
-(``LMServer`` or ``Predictor``) through deployment handles, whose queue limit (``max_queued_requests``) turns overload
-into a fast 503/429 instead of an ever-growing queue.
+Two deployments serve it (``build_openai_app`` builds the same FastAPI app in each):
+
+- **One hop** (single-model apps, the default): the model's own replicas are the ingress
+  (``LMIngress`` / ``PredictIngress``). With the cluster's HAProxy ingress on
+  (``modelfleet.cluster.haproxy``), a request goes client -> HAProxy -> the replica that decodes.
+- **Multi-model** apps: ``Ingress`` (no weights) reads the OpenAI ``model`` field and forwards to one
+  deployment per model through deployment handles, whose queue limit (``max_queued_requests``)
+  turns overload into a fast 503/429; HAProxy routes by path only, so the ``model`` field needs
+  this Python hop.
+
+Route code reaches its deployment through ``serve.get_replica_context().servable_object``; a
+one-hop replica answers the same handle-shaped calls in process (``_Local``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
 import reprlib
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Body, FastAPI, Request
@@ -26,13 +37,14 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 from starlette.exceptions import HTTPException
 
-from modelfleet.config.serve import parse_serve_config
+from modelfleet.config.serve import ServeConfig, parse_serve_config
 from modelfleet.serve import auth
 from modelfleet.serve import openai as oa
+from modelfleet.serve.model import LMReplica
+from modelfleet.serve.predict import PredictReplica
 
 logger = logging.getLogger("ray.serve")
 
-app = FastAPI(title="modelfleet", docs_url=None, redoc_url=None)
 _ROUTES = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
@@ -46,13 +58,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-@app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(oa.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
                         status_code=exc.status, headers=exc.headers)
 
 
-@app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     # OpenAI answers bad parameters with 400 and names the parameter; so do we.
     err = exc.errors()[0]
@@ -69,7 +79,6 @@ _BODY_ERRORS = {UnicodeDecodeError: "request body is not valid UTF-8 JSON",
                 RecursionError: "request body JSON is nested too deeply to parse"}
 
 
-@app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     # Every error, including FastAPI's own (404 route, 405 method, unreadable body), in OpenAI's envelope.
     cause = type(exc.__cause__) if exc.__cause__ is not None else None
@@ -97,7 +106,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        st, t0 = scope["app"].state, time.perf_counter()
+        st, t0 = _front().http, time.perf_counter()
         # Under a route prefix the ASGI path still includes it (root_path); match routes without it.
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
@@ -137,10 +146,20 @@ class _Guard:
                 _count(st, route, msg["status"], t0)
             await send(msg)
 
+        if reject is None and st.limit is not None and route not in ("/healthz", "other"):
+            if st.in_flight >= st.limit:
+                retry = st.retry_after_s
+                reject = _reject(st.overload_status, f"server overloaded ({st.in_flight} requests in flight on "
+                                 f"this replica, limit {st.limit}); retry after {retry:g} s", "overloaded",
+                                 {"Retry-After": str(max(1, round(retry)))})
         if reject is not None:
             await reject(scope, receive, send_tagged)
             return
-        await self.app(scope, receive, send_tagged)
+        st.in_flight += 1
+        try:
+            await self.app(scope, receive, send_tagged)
+        finally:
+            st.in_flight -= 1
 
 
 def _replay(body: bytes, receive: Any) -> Any:
@@ -163,8 +182,6 @@ def _count(st: Any, route: str, status: int, t0: float) -> None:
     if status >= 400:
         st.m_errors.inc(tags=tags)
 
-
-app.add_middleware(_Guard)
 
 
 # Helpers live above the deployment class: Serve pickles the class when it is decorated, so
@@ -222,126 +239,232 @@ async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usag
     yield oa.sse("[DONE]")
 
 
-@serve.deployment(health_check_period_s=10)
-@serve.ingress(app)
-class Ingress:
-    """HTTP front door of a modelfleet Serve application."""
+@dataclass
+class HttpState:
+    """What the guard and routes of one replica's HTTP front need (set up in ``_init_front``)."""
 
-    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    api_key: str | None
+    max_body: int
+    m_requests: metrics.Counter
+    m_errors: metrics.Counter
+    m_latency: metrics.Histogram
+    limit: int | None = None
+    """One-hop fronts: requests in flight on this replica before overload answers (max_ongoing +
+    max_queued); None where Serve's handle queue does it (the multi-model ingress)."""
+    overload_status: int = 503
+    retry_after_s: float = 1.0
+    in_flight: int = 0
+
+
+def _front() -> Any:
+    return serve.get_replica_context().servable_object
+
+
+class _Front:
+    """The HTTP side every front deployment shares: config, auth state, metrics, model lookup."""
+
+    cfg: ServeConfig
+    http: HttpState
+    models: dict[str, Any]
+
+    def _init_front(self, config: dict[str, Any], models: dict[str, Any], limit: int | None = None) -> None:
         self.cfg = parse_serve_config(config)
         self.models = models
-        app.state.api_key = auth.load_api_key(self.cfg)
-        app.state.max_body = self.cfg.max_body_bytes
-        app.state.m_requests = metrics.Counter("modelfleet_http_requests", "HTTP requests by route and status.",
-                                               tag_keys=("route", "status"))
-        app.state.m_errors = metrics.Counter("modelfleet_http_errors", "HTTP error responses by status.",
-                                             tag_keys=("route", "status"))
-        app.state.m_latency = metrics.Histogram("modelfleet_http_latency_seconds", "Time to response headers.",
-                                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-                                                tag_keys=("route",))
+        first = self.cfg.models[0]
+        self.http = HttpState(
+            api_key=auth.load_api_key(self.cfg), max_body=self.cfg.max_body_bytes,
+            m_requests=metrics.Counter("modelfleet_http_requests", "HTTP requests by route and status.",
+                                       tag_keys=("route", "status")),
+            m_errors=metrics.Counter("modelfleet_http_errors", "HTTP error responses by status.",
+                                     tag_keys=("route", "status")),
+            m_latency=metrics.Histogram("modelfleet_http_latency_seconds", "Time to response headers.",
+                                        boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                                        tag_keys=("route",)),
+            limit=limit, overload_status=first.overload_status, retry_after_s=first.retry_after_s)
         # Only where the key comes from is logged, never the key.
-        logger.info("ingress up: models %s, auth %s", list(models),
-                    "on" if app.state.api_key else "off")
+        logger.info("HTTP front up (pid %d): models %s, auth %s", os.getpid(), list(models),
+                    "on" if self.http.api_key else "off")
 
     def serve_config(self) -> dict[str, Any]:
         """The config this application was deployed with (``modelfleet deploy`` edits and redeploys it)."""
         return self.cfg.model_dump()
 
-    def _handle(self, model: str | None) -> tuple[str, DeploymentHandle]:
+    def _handle(self, model: str | None) -> tuple[str, Any]:
         name = model or self.cfg.models[0].name
         if name not in self.models:
             raise APIError(404, f"model {name!r} does not exist; served models: {', '.join(self.models)}",
                            param="model", code="model_not_found")
         return name, self.models[name]
 
-    @app.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """200 only when every model has a replica with weights loaded."""
-        try:
-            infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.models.values())), 10)
-        except Exception as e:  # noqa: BLE001 - any failure means "not ready", with the reason
-            return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", "models": {i["name"]: i["artifact"] for i in infos}})
 
-    @app.get("/v1/models")
-    async def list_models(self) -> oa.ModelList:
-        try:
-            infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
-        except RayActorError as e:
-            raise _replica_lost(e) from None
-        now = int(time.time())
-        return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
-                                               context_length=i["context_length"], replica_pid=i["pid"],
-                                               device=i["device"], dtype=i["dtype"])
-                                  for i in infos])
+class _LocalMethod:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(self, body: oa.CompletionRequest) -> Response:
-        name, handle = self._handle(body.model)
-        if body.stream:
-            return await self._stream(handle, name, body.prompt, body, chat=False)
-        r = await self._call(handle.complete.remote(body.prompt, body.sampling()))
-        resp = oa.CompletionResponse(model=name, choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
+    def remote(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        if inspect.isawaitable(out) or inspect.isasyncgen(out):
+            return out
+        done = asyncio.get_running_loop().create_future()  # a plain method: awaitable like a handle call
+        done.set_result(out)
+        return done
+
+
+class _Local:
+    """The call shape of a ``DeploymentHandle`` (``h.complete.remote(...)``, ``h.options(stream=True)``)
+    over this replica's own methods: a one-hop front calls its model in process."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def options(self, **_: Any) -> "_Local":
+        return self
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._target, name))
+
+
+def _one_hop_limit(cfg: ServeConfig) -> int | None:
+    m = cfg.models[0]
+    return None if m.max_queued_requests < 0 else m.max_ongoing_requests + m.max_queued_requests
+
+
+async def healthz() -> JSONResponse:
+    """200 only when every model has a replica with weights loaded."""
+    front = _front()
+    try:
+        infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in front.models.values())), 10)
+    except Exception as e:  # noqa: BLE001 - any failure means "not ready", with the reason
+        return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
+    return JSONResponse({"status": "ok", "models": {i["name"]: i["artifact"] for i in infos}})
+
+
+async def list_models() -> oa.ModelList:
+    front = _front()
+    try:
+        infos = await asyncio.gather(*(h.info.remote() for h in front.models.values()))
+    except RayActorError as e:
+        raise _replica_lost(e) from None
+    now = int(time.time())
+    return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
+                                           context_length=i["context_length"], replica_pid=i["pid"],
+                                           device=i["device"], dtype=i["dtype"])
+                              for i in infos])
+
+
+async def completions(body: oa.CompletionRequest) -> Response:
+    name, handle = _front()._handle(body.model)
+    if body.stream:
+        return await _stream(handle, name, body.prompt, body, chat=False)
+    r = await _call(handle.complete.remote(body.prompt, body.sampling()))
+    resp = oa.CompletionResponse(model=name, choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
+                                 usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
+    return JSONResponse(resp.model_dump(), headers=_headers(r))
+
+
+async def chat_completions(body: oa.ChatCompletionRequest) -> Response:
+    name, handle = _front()._handle(body.model)
+    if body.stream:
+        return await _stream(handle, name, body.prompt(), body, chat=True)
+    r = await _call(handle.complete.remote(body.prompt(), body.sampling()))
+    resp = oa.ChatCompletionResponse(model=name, choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]),
+                                                                        finish_reason=r["finish_reason"])],
                                      usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
-        return JSONResponse(resp.model_dump(), headers=_headers(r))
+    return JSONResponse(resp.model_dump(), headers=_headers(r))
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(self, body: oa.ChatCompletionRequest) -> Response:
-        name, handle = self._handle(body.model)
-        if body.stream:
-            return await self._stream(handle, name, body.prompt(), body, chat=True)
-        r = await self._call(handle.complete.remote(body.prompt(), body.sampling()))
-        resp = oa.ChatCompletionResponse(model=name, choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]),
-                                                                            finish_reason=r["finish_reason"])],
-                                         usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
-        return JSONResponse(resp.model_dump(), headers=_headers(r))
 
-    @app.post("/v1/models/{name}/predict", response_model=None)
-    async def predict(self, name: str, body: Any = Body(None)) -> Response:
-        """Typed predictions of a non-LM family: the replica validates ``body`` against the family's
-        schema (it knows the artifact), so a bad field is a 422 naming it."""
-        name, handle = self._handle(name)
-        try:
-            r = await handle.predict.remote(body)
-        except BackPressureError as e:
-            raise _overloaded(e) from None
-        except DeploymentUnavailableError as e:
-            raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
-        except Exception as e:  # noqa: BLE001 - a language model has no predict method
-            if "predict" not in str(e):
-                raise
-            raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
-                           code="wrong_endpoint") from None
-        if "error" in r:
-            raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                           code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
-        return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")}, headers=_headers(r))
+async def predict(name: str, body: Any = Body(None)) -> Response:
+    """Typed predictions of a non-LM family: the replica validates ``body`` against the family's
+    schema (it knows the artifact), so a bad field is a 422 naming it."""
+    name, handle = _front()._handle(name)
+    try:
+        r = await handle.predict.remote(body)
+    except BackPressureError as e:
+        raise _overloaded(e) from None
+    except DeploymentUnavailableError as e:
+        raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
+    except Exception as e:  # noqa: BLE001 - a language model has no predict method
+        if "predict" not in str(e):
+            raise
+        raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
+                       code="wrong_endpoint") from None
+    if "error" in r:
+        raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
+                       code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
+    return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")}, headers=_headers(r))
 
-    async def _call(self, pending: Any) -> dict[str, Any]:
-        try:
-            r = await pending
-        except BackPressureError as e:
-            raise _overloaded(e) from None
-        except DeploymentUnavailableError as e:
-            raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
-        except RayActorError as e:
-            raise _replica_lost(e) from None
-        if "error" in r:
-            headers = {"x-modelfleet-replica-pid": str(r["pid"])}
-            if "retry_after" in r:  # the replica's engine queue is full: overload, retryable
-                headers["Retry-After"] = str(max(1, round(r["retry_after"])))
-                raise APIError(r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded",
-                               headers=headers)
-            raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                           code="context_length_exceeded", headers=headers)
-        return r
 
-    async def _stream(self, handle: DeploymentHandle, name: str, prompt: str, body: oa._Sampling,
-                      *, chat: bool) -> StreamingResponse:
-        gen = handle.options(stream=True).stream.remote(prompt, body.sampling())
-        first = await self._call(_first(gen))  # errors and overload surface before headers are sent
-        meta = first["meta"]
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(gen, name, chat, meta["prompt_tokens"], include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache"})
+async def _call(pending: Any) -> dict[str, Any]:
+    try:
+        r = await pending
+    except BackPressureError as e:
+        raise _overloaded(e) from None
+    except DeploymentUnavailableError as e:
+        raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
+    except RayActorError as e:
+        raise _replica_lost(e) from None
+    if "error" in r:
+        headers = {"x-modelfleet-replica-pid": str(r["pid"])}
+        if "retry_after" in r:  # the replica's engine queue is full: overload, retryable
+            headers["Retry-After"] = str(max(1, round(r["retry_after"])))
+            raise APIError(r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded",
+                           headers=headers)
+        raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
+                       code="context_length_exceeded", headers=headers)
+    return r
+
+
+async def _stream(handle: Any, name: str, prompt: str, body: oa._Sampling, *, chat: bool) -> StreamingResponse:
+    gen = handle.options(stream=True).stream.remote(prompt, body.sampling())
+    first = await _call(_first(gen))  # errors and overload surface before headers are sent
+    meta = first["meta"]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_sse(gen, name, chat, meta["prompt_tokens"], include_usage),
+                             media_type="text/event-stream",
+                             headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache"})
+
+
+def build_openai_app() -> FastAPI:
+    """The FastAPI app of every front deployment (Serve builds it in each replica)."""
+    app = FastAPI(title="modelfleet", docs_url=None, redoc_url=None)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(_Guard)
+    app.get("/healthz")(healthz)
+    app.get("/v1/models")(list_models)
+    app.post("/v1/completions", response_model=None)(completions)
+    app.post("/v1/chat/completions", response_model=None)(chat_completions)
+    app.post("/v1/models/{name}/predict", response_model=None)(predict)
+    return app
+
+
+@serve.deployment(health_check_period_s=10)
+@serve.ingress(build_openai_app)
+class Ingress(_Front):
+    """HTTP front door of a multi-model application: forwards to each model's deployment."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self._init_front(config, models)
+
+
+@serve.deployment  # every option comes from the ModelSpec, in build_app
+@serve.ingress(build_openai_app)
+class LMIngress(_Front, LMReplica):
+    """A single language model that serves HTTP itself: no hop between the front and the decoder."""
+
+    def __init__(self, config: dict[str, Any], storage_path: str) -> None:
+        cfg = parse_serve_config(config)
+        LMReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
+        self._init_front(config, {cfg.models[0].name: _Local(self)}, _one_hop_limit(cfg))
+
+
+@serve.deployment  # every option comes from the ModelSpec, in build_app
+@serve.ingress(build_openai_app)
+class PredictIngress(_Front, PredictReplica):
+    """A single predict model that serves HTTP itself."""
+
+    def __init__(self, config: dict[str, Any], storage_path: str) -> None:
+        cfg = parse_serve_config(config)
+        PredictReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
+        self._init_front(config, {cfg.models[0].name: _Local(self)}, _one_hop_limit(cfg))

@@ -43,9 +43,8 @@ class _LMLoaded(Loaded):
     """The decoding thread of this artifact's engine (a reconfigure drains the old one)."""
 
 
-@serve.deployment  # every option comes from the ModelSpec, in build_app
-class LMServer(ReplicaBase):
-    """Serves one language-model artifact; the ingress calls ``complete``/``stream``/``info``."""
+class LMReplica(ReplicaBase):
+    """Serves one language-model artifact; the front calls ``complete``/``stream``/``info``."""
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
         self._queues: dict[int, asyncio.Queue[Any]] = {}  # id(job) -> that request's steps
@@ -63,10 +62,13 @@ class LMServer(ReplicaBase):
 
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> _LMLoaded:
         b = self.spec.batching
-        # Serve lets at most max_ongoing_requests in, so the engine's queue never refuses first.
+        # Serve (or a one-hop front's guard) bounds what reaches the replica; the engine's own
+        # bound is the same number, a backstop.
+        waiting = self.spec.max_ongoing_requests + (self.spec.max_queued_requests
+                                                    if self.spec.max_queued_requests >= 0 else 4096)
         engine = Engine(model, eos_id=preprocessor.eos_id, decode=preprocessor.decode,
                         config=EngineConfig(max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens,
-                                            max_waiting=self.spec.max_ongoing_requests))
+                                            max_waiting=waiting))
         old = self.loaded
         if isinstance(old, _LMLoaded):
             old.loop.stop()  # finishes the requests it holds, then its thread ends
@@ -176,7 +178,7 @@ class LMServer(ReplicaBase):
             if seq is not None and not seq.finished:
                 lo.loop.cancel(seq)  # the client went away: free the slot
 
-    def _deliver(self, result: StepOutput) -> None:
+    def _deliver(self, result: StepOutput, loop: EngineLoop) -> None:
         """Called on the engine thread once per step: reads the sequences there (the thread moves
         them on), then wakes the event loop once."""
         aloop = self._aloop
@@ -184,15 +186,14 @@ class LMServer(ReplicaBase):
             return
         now, items, ttft, tpot = time.perf_counter(), [], [], []
         for seq, step in result.outputs:
-            if step.tokens and seq.produced == 1 and seq.first_token_at is not None:
+            if seq.emitted == 1 and seq.first_token_at is not None:  # its first step (even a lone EOS)
                 ttft.append(seq.first_token_at - seq.arrived)
             if step.finish_reason and seq.produced > 1 and seq.first_token_at is not None:
                 tpot.append((now - seq.first_token_at) / (seq.produced - 1))
             items.append((id(seq.job), {"text": step.text, "tokens": step.tokens, "finish_reason": step.finish_reason,
                                         "completion_tokens": seq.produced, "batch_size": len(result.outputs)}))
-        lo = self.loaded
-        error = lo.loop.error if isinstance(lo, _LMLoaded) else None
-        use = lo.loop.engine.cache_use if isinstance(lo, _LMLoaded) else 0.0
+        # The loop that stepped, not self.loaded's: after a reconfigure the old one drains.
+        error, use = loop.error, loop.engine.cache_use
         aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use))
 
     def _dispatch(self, items: list[tuple[int, dict[str, Any]]], error: BaseException | None,
@@ -219,3 +220,7 @@ class LMServer(ReplicaBase):
         self.m_running.set(result.running)
         self.m_waiting.set(result.waiting)
         self.m_cache.set(use)
+
+
+LMServer = serve.deployment(LMReplica)  # every option comes from the ModelSpec, in build_app
+"""The model deployment behind the multi-model ``Ingress`` (single-model apps use ``LMIngress``)."""

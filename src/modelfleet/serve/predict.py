@@ -33,9 +33,8 @@ class _Loaded(Loaded):
     """One instance's request model, built from the artifact's transform."""
 
 
-@serve.deployment  # every option comes from the ModelSpec, in build_app
-class Predictor(ReplicaBase):
-    """Serves one artifact of a non-LM family; the ingress calls ``predict`` and ``info``."""
+class PredictReplica(ReplicaBase):
+    """Serves one artifact of a non-LM family; the front calls ``predict`` and ``info``."""
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
         super().__init__(spec, storage_path)
@@ -85,3 +84,7 @@ class Predictor(ReplicaBase):
         self.m_batch.observe(len(instances))
         out = await asyncio.to_thread(lo.family.predict, lo.model, lo.preprocessor, instances)
         return [(o, len(instances)) for o in out]
+
+
+Predictor = serve.deployment(PredictReplica)  # every option comes from the ModelSpec, in build_app
+"""The model deployment behind the multi-model ``Ingress`` (single-model apps use ``PredictIngress``)."""
