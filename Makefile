@@ -45,7 +45,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q --durations=40 -m slow tests
 
 # Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
-BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation
+BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation continuous_batching
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py; done
 

@@ -39,6 +39,10 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)
     replica_pids: list[tuple[float, str]] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    """``usage.completion_tokens`` of each 200 answer (only when ``load(..., tokens=True)``)."""
+    sent: list[tuple[int, float]] = field(default_factory=list)
+    """(index into ``bodies``, latency) of each answered request (only with ``bodies``)."""
     wall_s: float = 0.0
 
     @property
@@ -47,13 +51,17 @@ class Load:
 
     def summary(self) -> dict[str, float]:
         lat = self.latencies or [float("nan")]
-        return {"requests": len(self.latencies), "ok": self.ok, "wall_s": self.wall_s,
+        extra = {"completion_tokens": sum(self.completion_tokens),
+                 "tokens_per_s": sum(self.completion_tokens) / self.wall_s if self.wall_s else 0.0} \
+            if self.completion_tokens else {}
+        return {"requests": len(self.latencies), "ok": self.ok, "wall_s": self.wall_s, **extra,
                 "requests_per_s": len(self.latencies) / self.wall_s if self.wall_s else 0.0,
                 "p50_ms": 1e3 * median(lat), "p99_ms": 1e3 * pct(lat, 99),
                 "mean_batch_size": (sum(self.batch_sizes) / len(self.batch_sizes)) if self.batch_sizes else 0.0}
 
 
-async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmup: int) -> Load:
+async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmup: int,
+                bodies: list[dict] | None, tokens: bool) -> Load:
     import httpx
 
     out = Load()
@@ -65,17 +73,22 @@ async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmu
 
         async def worker() -> None:
             while left[0] > 0 and time.perf_counter() < deadline:
+                i = n - left[0]  # closed loop: the next request goes out when one of this worker's returns
                 left[0] -= 1
                 t = time.perf_counter()
                 try:
-                    r = await c.post(url, json=body)
+                    r = await c.post(url, json=bodies[i % len(bodies)] if bodies else body)
                     code = r.status_code
                 except httpx.HTTPError:
                     code = 0
                     r = None
                 out.latencies.append(time.perf_counter() - t)
                 out.statuses[code] = out.statuses.get(code, 0) + 1
+                if bodies:
+                    out.sent.append((i % len(bodies), out.latencies[-1]))
                 if r is not None and code == 200:
+                    if tokens:
+                        out.completion_tokens.append(r.json()["usage"]["completion_tokens"])
                     if "x-modelfleet-replica-pid" in r.headers:
                         out.replica_pids.append((time.perf_counter(), r.headers["x-modelfleet-replica-pid"]))
                     if "x-modelfleet-batch-size" in r.headers:
@@ -88,13 +101,16 @@ async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmu
 
 
 def load(url: str, n: int, conc: int, body: dict | None = None, *, timeout_s: float = 120,
-         warmup: int = 3) -> Load:
-    return asyncio.run(_load(url, n, conc, body or BODY, timeout_s, warmup))
+         warmup: int = 3, bodies: list[dict] | None = None, tokens: bool = False) -> Load:
+    """``n`` POSTs of ``body`` (or of ``bodies[i % len(bodies)]``, the i-th request sent) from
+    ``conc`` closed-loop workers, stopped after ``timeout_s``; ``tokens`` reads each answer's
+    ``usage.completion_tokens``. Warm-up requests send ``body``."""
+    return asyncio.run(_load(url, n, conc, body or BODY, timeout_s, warmup, bodies, tokens))
 
 
 class Uvicorn:
-    """bench/uvicorn_baseline.py in a subprocess: the same artifact and generation code behind
-    plain FastAPI, one process, no Ray."""
+    """bench/uvicorn_baseline.py in a subprocess: the same artifact and continuous-batching engine
+    behind plain FastAPI, one process, no Ray."""
 
     def __init__(self, artifact_dir: str, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"

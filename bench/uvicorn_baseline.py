@@ -1,28 +1,61 @@
-"""The serving baseline: the same artifact and the same batched KV-cache generator behind plain
-FastAPI + uvicorn in one process (no Ray, no proxy, no batching across requests unless --batch).
+"""The serving baseline: the same artifact and the same continuous-batching engine
+(``serve.engine``: one ``Engine`` on one ``EngineLoop`` thread) behind plain FastAPI + uvicorn in
+one process — no Ray, no proxy, no ingress. The async endpoint submits its job and awaits the
+engine thread's answer; concurrent requests join the running batch like on a Serve replica.
 
-    python bench/uvicorn_baseline.py ARTIFACT_DIR --port 8411
+    python bench/uvicorn_baseline.py ARTIFACT_DIR --port 8411 [--max-num-seqs 16]
 """
-
 
 import argparse
 import sys
 from pathlib import Path
 
-from modelfleet.families.artifact import load_artifact
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runnable from a bare checkout
 
 
-def build(artifact_dir: str):
+def build(artifact_dir: str, max_num_seqs: int = 16):
+    import asyncio
+
     import torch
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
     from pydantic import BaseModel
 
-    from modelfleet.serve.generation import Job, generate_steps
+    from modelfleet.families.artifact import load_artifact
+    from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, StepOutput
+    from modelfleet.serve.generation import Job
 
     torch.set_num_threads(1)  # a Serve replica gets one CPU: compare like with like
     model, tok, _ = load_artifact(artifact_dir)
+    engine = Engine(model, eos_id=tok.eos_id, decode=tok.decode,
+                    config=EngineConfig(max_num_seqs=max_num_seqs, max_waiting=256))
+    # id(job) -> (the request's future, its text so far); the text grows on the engine thread.
+    pending: dict[int, tuple[asyncio.Future, list[str]]] = {}
+    aloop: list[asyncio.AbstractEventLoop] = []
+
+    def finish(done: list[tuple[asyncio.Future, str, int]], error: BaseException | None) -> None:
+        if error is not None:  # the engine thread died: fail everything still waiting
+            for fut, _ in pending.values():
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"decoding failed: {error!r}"))
+            return
+        for fut, text, n in done:
+            if not fut.done():
+                fut.set_result((text, n))
+
+    def deliver(result: StepOutput, _loop: EngineLoop) -> None:
+        """Engine thread, once per step: wakes the event loop only when a request finished."""
+        done = []
+        for seq, step in result.outputs:
+            entry = pending.get(id(seq.job))
+            if entry is None:
+                continue
+            entry[1].append(step.text)
+            if step.finish_reason:
+                done.append((entry[0], "".join(entry[1]), seq.produced))
+        if (done or loop.error is not None) and aloop:
+            aloop[0].call_soon_threadsafe(finish, done, loop.error)
+
+    loop = EngineLoop(engine, deliver, name="engine-uvicorn")
     app = FastAPI()
 
     class Body(BaseModel):
@@ -32,19 +65,34 @@ def build(artifact_dir: str):
 
     @app.get("/healthz")
     def healthz() -> dict:
+        if loop.error is not None:
+            raise HTTPException(500, f"decoding thread failed: {loop.error!r}")
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    def completions(body: Body) -> dict:  # sync: FastAPI runs it in its thread pool
-        job = Job(prompt_ids=tok.encode(body.prompt), max_tokens=body.max_tokens, temperature=body.temperature)
-        text, n = [], 0
-        with torch.inference_mode():
-            for out in generate_steps(model, [job], eos_id=tok.eos_id, decode=tok.decode):
-                if out[0] is not None:
-                    text.append(out[0].text)
-                    n += out[0].tokens
-        return {"object": "text_completion", "choices": [{"index": 0, "text": "".join(text)}],
-                "usage": {"completion_tokens": n}}
+    async def completions(body: Body) -> dict:
+        if not aloop:
+            aloop.append(asyncio.get_running_loop())
+        job = Job(prompt_ids=tok.encode(body.prompt) or [tok.eos_id], max_tokens=body.max_tokens,
+                  temperature=body.temperature)
+        fut = asyncio.get_running_loop().create_future()
+        pending[id(job)] = (fut, [])  # before submit: the engine thread may answer at once
+        seq = None
+        try:
+            try:
+                seq = loop.submit(job)
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from None
+            except EngineFull as e:
+                raise HTTPException(503, str(e)) from None
+            text, n = await fut
+        finally:
+            pending.pop(id(job), None)
+            if seq is not None and not seq.finished:
+                loop.cancel(seq)  # the client went away
+        return {"object": "text_completion", "choices": [{"index": 0, "text": text}],
+                "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,
+                          "total_tokens": len(job.prompt_ids) + n}}
 
     return app
 
@@ -55,8 +103,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--port", type=int, default=8411)
+    ap.add_argument("--max-num-seqs", type=int, default=16,
+                    help="engine sequence slots (Serve: batching.max_batch_size)")
     args = ap.parse_args()
-    uvicorn.run(build(args.artifact), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(build(args.artifact, args.max_num_seqs), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False)
 
 
 if __name__ == "__main__":
