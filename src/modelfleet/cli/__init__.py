@@ -63,6 +63,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--detach", action="store_true",
                    help="return once deployed (needs a running cluster) instead of serving until Ctrl-C")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow serving without an API key on a non-loopback serve.host (refused otherwise)")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:

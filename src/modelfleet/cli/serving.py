@@ -15,7 +15,7 @@ from modelfleet.config import Config
 from modelfleet.errors import ConfigError
 from modelfleet.evaluate import gate
 from modelfleet.serve import client
-from modelfleet.serve.app import deploy, running_config, status, update_model
+from modelfleet.serve.app import deploy, running_config, status, update_model, verify_auth
 
 
 def _attach(*, start_local: bool) -> bool:
@@ -23,16 +23,23 @@ def _attach(*, start_local: bool) -> bool:
     return connect(log_to_driver=False, start_local=start_local).started_here
 
 
-def serve_main(cfg: Config, *, detach: bool = False) -> int:
+def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = False) -> int:
     """Deploy the config's serve section; keep serving until Ctrl-C if this process owns the cluster."""
 
     if cfg.serve is None:
         raise ConfigError("serve: this config has no serve section; add serve.models (see deploy/modelfleet-serve.yaml)")
     serve_cfg = cfg.serve if cfg.serve.storage_path else cfg.serve.model_copy(update={"storage_path": cfg.storage.path})
+    if insecure_no_auth:
+        serve_cfg = serve_cfg.model_copy(update={"insecure_no_auth": True})
     started = _attach(start_local=True)
     sc = deploy(serve_cfg)
     base = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
     print(f"app {sc.app_name} RUNNING at {base}: models {', '.join(f'{m.name} ({m.artifact})' for m in sc.models)}")
+    if verify_auth(sc)["auth"]:
+        print("auth: on (requests need 'Authorization: Bearer <key>')")
+    else:
+        print(f"WARNING: auth is OFF: anyone who can reach {sc.host}:{sc.port} can use these models "
+              f"(set {sc.api_key_env} where the cluster runs, or serve.api_key_file)", file=sys.stderr)
     print(f"try: modelfleet generate 'def main(' --url {base}")
     if detach and not started:
         return 0
@@ -101,7 +108,7 @@ def deploy_main(app_name: str, model: str, artifact: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve_main(load_args(args), detach=args.detach)
+    return serve_main(load_args(args), detach=args.detach, insecure_no_auth=args.insecure_no_auth)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -21,6 +21,11 @@ What the variables fix, and why:
   clusters on one machine do not collide. Ray 2.60 binds the stats and exporter ports on every
   interface (its template has no host for them): on a shared host, firewall them; the Helm chart's
   NetworkPolicy admits only the serving port.
+- Time bounds: HAProxy reads a request's headers before it picks a replica, so headers that never
+  end hold only an HAProxy connection (``maxconn``), bounded by its client idle timeout; Ray 2.60
+  has no variable for HAProxy's ``timeout http-request``, so that bound is the 310 s idle one. The
+  body is read by the replica's front within ``serve.body_timeout_s`` (408), and response headers
+  are due within ``serve.request_timeout_s`` (504) whatever ``x-request-timeout-seconds`` says.
 - ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``: how long a stopping replica keeps serving
   while HAProxy drops it (Ray's default 30 s, for external load balancers; HAProxy reloads in
   well under a second).
@@ -74,6 +79,11 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{draining_s:g}",
+        # Idle bounds (Ray's defaults: client 3600 s, server none): past ServeConfig's default
+        # request_timeout_s (300 s), which the replica enforces itself, so these only cut
+        # connections nobody is using (a stalled stream, a client that stopped reading).
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "310",
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "310",
     }
     return {k: os.environ.get(k, v) for k, v in env.items()}
 

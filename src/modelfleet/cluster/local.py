@@ -227,6 +227,9 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
         # `ray start` refuses token mode without a token; on a fresh machine make one
         # (~/.ray/auth_token, kept if it exists) the way Ray's own CLI documents.
         _start([_ray_bin(), "get-auth-token", "--generate"], spec, "auth token generation", quiet=True)
+        token = Path.home() / ".ray" / "auth_token"
+        if token.is_file():
+            token.chmod(0o600)  # Ray writes it readable by every local user; it grants the Jobs API
     temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
     apply_haproxy_env(f"{temp_dir}/hap")  # Serve's ingress mode: every `ray start` below inherits it
     from ray._private.services import get_node_ip_address

@@ -155,7 +155,14 @@ class ServeConfig(_Strict):
     api_key_env: str | None = Field("MODELFLEET_API_KEY", description="Env var holding the API key (read by the ingress).")
     api_key_file: str | None = Field(None, description="File holding the API key; wins over api_key_env.")
     require_api_key: bool = Field(False, description="Refuse to start when no API key is configured.")
+    insecure_no_auth: bool = Field(False, description="Allow serving without an API key on a non-loopback host "
+                                                      "(refused otherwise).")
     max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body; bigger ones get 413.")
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="A request body not received within this "
+                                                                "gets 408 (slow or stalled clients).")
+    request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Time to response headers before a 504; "
+                                                                     "a client header cannot lift it. Streams "
+                                                                     "are bounded by idle time instead.")
     one_hop: bool = Field(True, description="A single-model app's replicas serve HTTP themselves (no ingress "
                                             "deployment between); several models always go through the ingress.")
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment settings "

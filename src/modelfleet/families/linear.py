@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
 from modelfleet.config import ModelConfig
 from modelfleet.data.tabular import TabularTransform
 from modelfleet.families.base import Family, Transform, classify, instances_frame
 from modelfleet.models.linear import LinearModel, LinearParams
+
+MAX_ABS = 1e15
+"""Largest magnitude a numeric request field may have."""
 
 
 class LinearFamily(Family):
@@ -49,7 +52,10 @@ class LinearFamily(Family):
 
     def request_model(self, transform: Transform) -> type[BaseModel]:
         """One table row: every feature optional (missing values are imputed), unknown keys refused."""
-        fields: dict[str, Any] = {c: (float | None, None) for c in transform.state["numeric"]}
+        # Finite and of a magnitude a standardised feature can take (1e400 parses as inf, and
+        # 1e300 would overflow the model's float32 arithmetic): a 422 naming the field, not a 500.
+        number = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
+        fields: dict[str, Any] = {c: (number | None, None) for c in transform.state["numeric"]}
         fields.update({c: (str | None, None) for c in transform.state["categorical"]})
         return create_model("TabularRecord", __config__=ConfigDict(extra="forbid"), **fields)
 

@@ -87,8 +87,12 @@ class MFFamily(Family):
     def predict(self, model: Any, transform: Transform, instances: list[BaseModel]) -> list[dict[str, Any]]:
         users = np.array([i.user for i in instances])
         vals, idx = self.top_k(model, transform, users, max(i.k for i in instances), [i.exclude_seen for i in instances])
-        return [{"user": int(i.user), "items": [int(x) for x in idx[r, :i.k]],
-                 "scores": [round(float(x), 6) for x in vals[r, :i.k]]} for r, i in enumerate(instances)]
+        # k may reach the catalogue size: items excluded as seen score -inf and are left out, so
+        # a user may get fewer than k items (never a non-finite score).
+        return [{"user": int(i.user),
+                 "items": [int(x) for x, v in zip(idx[r, :i.k], vals[r, :i.k]) if np.isfinite(float(v))],
+                 "scores": [round(float(v), 6) for v in vals[r, :i.k] if np.isfinite(float(v))]}
+                for r, i in enumerate(instances)]
 
     def eval_rows(self, raw: Any) -> Any:
         grouped = raw.groupby("user")["item"].apply(lambda s: np.array(sorted(s), np.int64))

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from modelfleet import registry
+from modelfleet.serve import auth
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ConfigError
 from modelfleet.families import get_family
@@ -107,9 +108,11 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
                         max_queued_requests=-1)
         front = LMIngress if _is_lm(m.artifact, cfg.storage_path) else PredictIngress
         return front.options(**opts).bind(cfg.model_dump(), cfg.storage_path)
-    handles = {}
+    handles, lms = {}, []
     for m in cfg.models:
-        server = LMServer if _is_lm(m.artifact, cfg.storage_path) else Predictor
+        lm = _is_lm(m.artifact, cfg.storage_path)
+        lms += [m.name] if lm else []
+        server = LMServer if lm else Predictor
         handles[m.name] = server.options(**_model_options(cfg, m)).bind(m.model_dump(), cfg.storage_path)
     return Ingress.options(
         name="ingress",
@@ -118,7 +121,7 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_surge_percent=100,  # a redeploy starts the new ingress before the old one stops
         logging_config=_logging(cfg),
-    ).bind(cfg.model_dump(), handles)
+    ).bind(cfg.model_dump(), handles, lms)
 
 
 def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
@@ -126,8 +129,40 @@ def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
     once it is RUNNING. The caller must already be a Ray driver (``cluster.connect()``)."""
     cfg = config_from_args(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    try:
+        serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    except RuntimeError as e:  # Serve says only "failed to update"; the replicas' errors say why
+        raise ConfigError(f"{e} {_failure_detail(cfg.app_name)}".strip()) from None
+    verify_auth(cfg)
     return cfg
+
+
+def _failure_detail(app_name: str) -> str:
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return ""
+    # A failed constructor's message is a traceback; its last line is the error itself.
+    messages = [f"{name}: {dep.message.strip().splitlines()[-1]}" for name, dep in app.deployments.items()
+                if dep.message and dep.message.strip()]
+    return "; ".join(messages)[:2000]
+
+
+def verify_auth(cfg: ServeConfig) -> dict[str, Any]:
+    """The front reads its key where the cluster runs; a key exported only in this shell never
+    reaches it. If this shell has a key (``api_key_env``/``api_key_file``) and the running front
+    holds none or another, raise instead of reporting the app as running."""
+    state = serve.get_app_handle(cfg.app_name).auth_state.remote().result(timeout_s=60)
+    try:
+        here = auth.load_api_key(cfg.model_copy(update={"require_api_key": False}))
+    except ConfigError:
+        here = None  # e.g. an api_key_file that only exists on the cluster's nodes
+    if here is not None and auth.fingerprint(here) != state["fingerprint"]:
+        what = "no API key" if not state["auth"] else "a different API key"
+        raise ConfigError(f"app {cfg.app_name!r} is running but its HTTP front holds {what} than "
+                          f"{cfg.api_key_env!r} in this shell: the key is read where the cluster runs (its "
+                          "environment, a Kubernetes Secret, or serve.api_key_file on its nodes), not here; set "
+                          "it there and restart the cluster, or run `modelfleet serve` on a cluster this shell starts")
+    return state
 
 
 def running_config(app_name: str) -> ServeConfig:

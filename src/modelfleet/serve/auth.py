@@ -7,6 +7,7 @@ the key comes from, not the key.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -44,3 +45,20 @@ def authorized(authorization: str | None, key: str | None) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def fingerprint(key: str | None) -> str | None:
+    """A short digest that tells two keys apart without revealing either (safe to log and compare)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+
+
+def check_exposure(cfg: ServeConfig, key: str | None) -> None:
+    """Fail closed: no API key on an address other than loopback is refused unless
+    ``insecure_no_auth`` says it is meant."""
+    if key is None and cfg.host not in LOOPBACK and not cfg.insecure_no_auth:
+        raise ConfigError(f"serve.host: {cfg.host} is reachable from other machines but no API key is configured "
+                          f"(env {cfg.api_key_env!r} or serve.api_key_file, read where the cluster runs); set one, "
+                          "or pass --insecure-no-auth (serve.insecure_no_auth: true) to serve without authentication")

@@ -115,28 +115,38 @@ class _Guard:
         for k, v in scope["headers"]:  # the first of a repeated header counts, as in Starlette
             if k in (b"authorization", b"content-length"):
                 headers.setdefault(k, v)
-        length = headers[b"content-length"].decode("latin-1") if b"content-length" in headers else None
+        # RFC 9110 allows optional whitespace around a field value ("2 " is a valid length of 2).
+        length = headers[b"content-length"].decode("latin-1").strip() if b"content-length" in headers else None
         reject: Response | None = None
         if path not in auth.PUBLIC_PATHS and not auth.authorized(
                 headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None, st.api_key):
             reject = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                              "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-        elif length is not None and (not length.isdigit() or int(length) > st.max_body):
+        elif length is not None and not length.isdigit():
+            reject = _reject(400, f"Content-Length {length[:40]!r} is not a number of bytes", "invalid_value")
+        elif length is not None and int(length) > st.max_body:
             reject = _reject(413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes",
                              "body_too_large")
-        elif length is None and scope["method"] == "POST":
-            # A chunked body has no declared size: read it (at most the limit + 1 chunk), then
-            # hand the route the bytes already read.
+        elif scope["method"] == "POST":
+            # Read the whole body here, within body_timeout_s, so a client that declares a body and
+            # stops sending (or trickles it) holds a slot for that long at most; a chunked body has
+            # no declared size, so reading stops at the limit + 1 chunk. The route gets the bytes.
             body, more = b"", True
-            while more and len(body) <= st.max_body:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    return  # the client went away
-                body, more = body + msg.get("body", b""), msg.get("more_body", False)
-            if len(body) > st.max_body:
-                reject = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
+            try:
+                async with asyncio.timeout(st.body_timeout_s):
+                    while more and len(body) <= st.max_body:
+                        msg = await receive()
+                        if msg["type"] != "http.request":
+                            return  # the client went away
+                        body, more = body + msg.get("body", b""), msg.get("more_body", False)
+            except TimeoutError:
+                reject = _reject(408, f"request body not received within {st.body_timeout_s:g} s "
+                                      f"({len(body)} bytes arrived)", "request_timeout", {"Connection": "close"})
             else:
-                receive = _replay(body, receive)
+                if len(body) > st.max_body:
+                    reject = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
+                else:
+                    receive = _replay(body, receive)
         route = path if path in _ROUTES else "predict" if path.endswith("/predict") else "other"
         pid = str(os.getpid()).encode()
 
@@ -156,8 +166,23 @@ class _Guard:
             await reject(scope, receive, send_tagged)
             return
         st.in_flight += 1
+        started = False
+
+        async def send_started(msg: dict[str, Any]) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                deadline.reschedule(None)  # a stream is bounded by idle time (HAProxy), not in total
+            await send_tagged(msg)
+
         try:
-            await self.app(scope, receive, send_tagged)
+            # Our own bound on time to response headers, whatever x-request-timeout-seconds says.
+            async with asyncio.timeout(st.request_timeout_s) as deadline:
+                await self.app(scope, receive, send_started)
+        except TimeoutError:
+            if not started:
+                await _reject(504, f"no answer within {st.request_timeout_s:g} s; retry with fewer max_tokens",
+                              "timeout")(scope, receive, send_tagged)
         finally:
             st.in_flight -= 1
 
@@ -253,6 +278,8 @@ class HttpState:
     max_queued); None where Serve's handle queue does it (the multi-model ingress)."""
     overload_status: int = 503
     retry_after_s: float = 1.0
+    body_timeout_s: float = 10.0
+    request_timeout_s: float = 300.0
     in_flight: int = 0
 
 
@@ -267,12 +294,16 @@ class _Front:
     http: HttpState
     models: dict[str, Any]
 
-    def _init_front(self, config: dict[str, Any], models: dict[str, Any], limit: int | None = None) -> None:
+    def _init_front(self, config: dict[str, Any], models: dict[str, Any], lms: set[str],
+                    limit: int | None = None) -> None:
         self.cfg = parse_serve_config(config)
         self.models = models
+        self.lms = lms  # names of the language models (the others answer /predict only)
         first = self.cfg.models[0]
+        key = auth.load_api_key(self.cfg)
+        auth.check_exposure(self.cfg, key)
         self.http = HttpState(
-            api_key=auth.load_api_key(self.cfg), max_body=self.cfg.max_body_bytes,
+            api_key=key, max_body=self.cfg.max_body_bytes,
             m_requests=metrics.Counter("modelfleet_http_requests", "HTTP requests by route and status.",
                                        tag_keys=("route", "status")),
             m_errors=metrics.Counter("modelfleet_http_errors", "HTTP error responses by status.",
@@ -280,20 +311,56 @@ class _Front:
             m_latency=metrics.Histogram("modelfleet_http_latency_seconds", "Time to response headers.",
                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
                                         tag_keys=("route",)),
-            limit=limit, overload_status=first.overload_status, retry_after_s=first.retry_after_s)
+            limit=limit, overload_status=first.overload_status, retry_after_s=first.retry_after_s,
+            body_timeout_s=self.cfg.body_timeout_s, request_timeout_s=self.cfg.request_timeout_s)
         # Only where the key comes from is logged, never the key.
         logger.info("HTTP front up (pid %d): models %s, auth %s", os.getpid(), list(models),
                     "on" if self.http.api_key else "off")
+
+    _ready_at: float = float("-inf")
+    _ready_ok: bool = False
+    _ready_lock: asyncio.Lock | None = None
+    READY_TTL_S = 2.0
+    """How long a readiness answer is reused: 1,000 probes make at most one check per model per TTL."""
+
+    async def ready(self) -> bool:
+        """Whether every model answers ``info`` (has weights), asked at most once per TTL however
+        many probes arrive (one check in flight; the others reuse its answer)."""
+        if time.monotonic() - self._ready_at < self.READY_TTL_S:
+            return self._ready_ok
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if time.monotonic() - self._ready_at >= self.READY_TTL_S:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.models.values())), 10)
+                    self._ready_ok = True
+                except Exception:  # noqa: BLE001 - any failure means "not ready"
+                    self._ready_ok = False
+                self._ready_at = time.monotonic()
+        return self._ready_ok
+
+    def auth_state(self) -> dict[str, Any]:
+        """Whether this front holds an API key, and its fingerprint (never the key): ``deploy``
+        checks it against the key the caller has."""
+        return {"auth": self.http.api_key is not None, "fingerprint": auth.fingerprint(self.http.api_key)}
 
     def serve_config(self) -> dict[str, Any]:
         """The config this application was deployed with (``modelfleet deploy`` edits and redeploys it)."""
         return self.cfg.model_dump()
 
-    def _handle(self, model: str | None) -> tuple[str, Any]:
+    def _handle(self, model: str | None, *, lm: bool) -> tuple[str, Any]:
+        """The model's handle; ``lm`` says which kind the route needs (a mismatch is a 400)."""
         name = model or self.cfg.models[0].name
         if name not in self.models:
             raise APIError(404, f"model {name!r} does not exist; served models: {', '.join(self.models)}",
                            param="model", code="model_not_found")
+        if lm and name not in self.lms:
+            raise APIError(400, f"model {name!r} is not a language model; use POST /v1/models/{name}/predict",
+                           param="model", code="wrong_endpoint")
+        if not lm and name in self.lms:
+            raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
+                           code="wrong_endpoint")
         return name, self.models[name]
 
 
@@ -329,14 +396,27 @@ def _one_hop_limit(cfg: ServeConfig) -> int | None:
     return None if m.max_queued_requests < 0 else m.max_ongoing_requests + m.max_queued_requests
 
 
+MAX_BODY_DEPTH = 16
+"""Deepest JSON nesting a predict body may have (it is shipped between processes as it is)."""
+
+
+def _depth(obj: Any, level: int = 0) -> int:
+    if level > MAX_BODY_DEPTH:
+        return level  # deep enough to refuse; stop walking
+    if isinstance(obj, dict):
+        return max((_depth(v, level + 1) for v in obj.values()), default=level + 1)
+    if isinstance(obj, list):
+        return max((_depth(v, level + 1) for v in obj), default=level + 1)
+    return level
+
+
 async def healthz() -> JSONResponse:
-    """200 only when every model has a replica with weights loaded."""
-    front = _front()
-    try:
-        infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in front.models.values())), 10)
-    except Exception as e:  # noqa: BLE001 - any failure means "not ready", with the reason
-        return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
-    return JSONResponse({"status": "ok", "models": {i["name"]: i["artifact"] for i in infos}})
+    """Public readiness: ``ok`` once every model has a replica with weights, else ``loading``, and
+    nothing else (which models and artifacts are served is ``/v1/models``, behind the key). A
+    probe never enters a model's queue: it reads what the front last learned (``_Front.ready``)."""
+    if await _front().ready():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "loading"}, status_code=503)
 
 
 async def list_models() -> oa.ModelList:
@@ -353,7 +433,7 @@ async def list_models() -> oa.ModelList:
 
 
 async def completions(body: oa.CompletionRequest) -> Response:
-    name, handle = _front()._handle(body.model)
+    name, handle = _front()._handle(body.model, lm=True)
     if body.stream:
         return await _stream(handle, name, body.prompt, body, chat=False)
     r = await _call(handle.complete.remote(body.prompt, body.sampling()))
@@ -363,7 +443,7 @@ async def completions(body: oa.CompletionRequest) -> Response:
 
 
 async def chat_completions(body: oa.ChatCompletionRequest) -> Response:
-    name, handle = _front()._handle(body.model)
+    name, handle = _front()._handle(body.model, lm=True)
     if body.stream:
         return await _stream(handle, name, body.prompt(), body, chat=True)
     r = await _call(handle.complete.remote(body.prompt(), body.sampling()))
@@ -376,18 +456,18 @@ async def chat_completions(body: oa.ChatCompletionRequest) -> Response:
 async def predict(name: str, body: Any = Body(None)) -> Response:
     """Typed predictions of a non-LM family: the replica validates ``body`` against the family's
     schema (it knows the artifact), so a bad field is a 422 naming it."""
-    name, handle = _front()._handle(name)
+    name, handle = _front()._handle(name, lm=False)
+    if _depth(body) > MAX_BODY_DEPTH:
+        raise APIError(422, f"request body is nested more than {MAX_BODY_DEPTH} levels deep; the body is "
+                            '{"instances": [...]}', param="instances", code="invalid_value")
     try:
         r = await handle.predict.remote(body)
     except BackPressureError as e:
         raise _overloaded(e) from None
     except DeploymentUnavailableError as e:
         raise APIError(503, f"model unavailable: {e}", type="server_error", code="unavailable") from None
-    except Exception as e:  # noqa: BLE001 - a language model has no predict method
-        if "predict" not in str(e):
-            raise
-        raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
-                       code="wrong_endpoint") from None
+    except RayActorError as e:
+        raise _replica_lost(e) from None
     if "error" in r:
         raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
                        code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
@@ -444,8 +524,8 @@ def build_openai_app() -> FastAPI:
 class Ingress(_Front):
     """HTTP front door of a multi-model application: forwards to each model's deployment."""
 
-    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
-        self._init_front(config, models)
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle], lms: list[str]) -> None:
+        self._init_front(config, models, set(lms))
 
 
 @serve.deployment  # every option comes from the ModelSpec, in build_app
@@ -456,7 +536,7 @@ class LMIngress(_Front, LMReplica):
     def __init__(self, config: dict[str, Any], storage_path: str) -> None:
         cfg = parse_serve_config(config)
         LMReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
-        self._init_front(config, {cfg.models[0].name: _Local(self)}, _one_hop_limit(cfg))
+        self._init_front(config, {cfg.models[0].name: _Local(self)}, {cfg.models[0].name}, _one_hop_limit(cfg))
 
 
 @serve.deployment  # every option comes from the ModelSpec, in build_app
@@ -467,4 +547,4 @@ class PredictIngress(_Front, PredictReplica):
     def __init__(self, config: dict[str, Any], storage_path: str) -> None:
         cfg = parse_serve_config(config)
         PredictReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
-        self._init_front(config, {cfg.models[0].name: _Local(self)}, _one_hop_limit(cfg))
+        self._init_front(config, {cfg.models[0].name: _Local(self)}, set(), _one_hop_limit(cfg))

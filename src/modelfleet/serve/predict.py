@@ -11,6 +11,7 @@ Loading, health and ``info`` come from ``ReplicaBase``.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,17 @@ class _Loaded(Loaded):
     family: Family
     schema: type[BaseModel]
     """One instance's request model, built from the artifact's transform."""
+
+
+def _finite(obj: Any) -> bool:
+    """Every float in a JSON-able prediction is finite (JSON has no inf or NaN)."""
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_finite(v) for v in obj)
+    return True
 
 
 class PredictReplica(ReplicaBase):
@@ -75,6 +87,10 @@ class PredictReplica(ReplicaBase):
                     msg += f" (got {repr(err['input'])[:60]})"
                 return self._error(422, msg, field)
         outs = await asyncio.gather(*(self._batched(v) for v in valid))
+        for i, (o, _) in enumerate(outs):
+            if not _finite(o):
+                return self._error(422, f"instances.{i}: the model's output for this input is not a finite number "
+                                        "(a value far outside what the model was trained on)", f"instances.{i}")
         return {"model": self.spec.name, "artifact": lo.artifact, "predictions": [o for o, _ in outs],
                 "batch_size": max(n for _, n in outs), "pid": self.pid}
 
