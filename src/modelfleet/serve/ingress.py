@@ -349,6 +349,13 @@ class _Front:
         """The config this application was deployed with (``modelfleet deploy`` edits and redeploys it)."""
         return self.cfg.model_dump()
 
+    def _init_one_hop(self, config: dict[str, Any], storage_path: str, replica: type, *, lm: bool) -> None:
+        """A single model's replica that is also the front: it calls itself in process."""
+        cfg = parse_serve_config(config)
+        m = cfg.models[0]
+        replica.__init__(self, m.model_dump(), storage_path)
+        self._init_front(config, {m.name: _Local(self)}, {m.name} if lm else set(), _one_hop_limit(cfg))
+
     def _handle(self, model: str | None, *, lm: bool) -> tuple[str, Any]:
         """The model's handle; ``lm`` says which kind the route needs (a mismatch is a 400)."""
         name = model or self.cfg.models[0].name
@@ -534,9 +541,7 @@ class LMIngress(_Front, LMReplica):
     """A single language model that serves HTTP itself: no hop between the front and the decoder."""
 
     def __init__(self, config: dict[str, Any], storage_path: str) -> None:
-        cfg = parse_serve_config(config)
-        LMReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
-        self._init_front(config, {cfg.models[0].name: _Local(self)}, {cfg.models[0].name}, _one_hop_limit(cfg))
+        self._init_one_hop(config, storage_path, LMReplica, lm=True)
 
 
 @serve.deployment  # every option comes from the ModelSpec, in build_app
@@ -545,6 +550,4 @@ class PredictIngress(_Front, PredictReplica):
     """A single predict model that serves HTTP itself."""
 
     def __init__(self, config: dict[str, Any], storage_path: str) -> None:
-        cfg = parse_serve_config(config)
-        PredictReplica.__init__(self, cfg.models[0].model_dump(), storage_path)
-        self._init_front(config, {cfg.models[0].name: _Local(self)}, set(), _one_hop_limit(cfg))
+        self._init_one_hop(config, storage_path, PredictReplica, lm=False)
