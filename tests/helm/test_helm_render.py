@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -114,7 +115,7 @@ def test_core_objects_validate_strictly(ci_renders, kubernetes_validate, values)
                         f"{'.'.join(map(str, e.path))}\n{yaml.safe_dump(obj)[:2000]}")
 
 
-def test_notes_say_how_to_reach_serving_dashboard_and_jobs(helm, tmp_path):
+def render_notes(helm: str, tmp_path: Path, *sets: str) -> str:
     """`helm template` skips NOTES.txt, so render a copy of the chart where NOTES is a value."""
     chart = tmp_path / "modelfleet"
     shutil.copytree(CHART, chart)
@@ -122,10 +123,15 @@ def test_notes_say_how_to_reach_serving_dashboard_and_jobs(helm, tmp_path):
     (chart / "templates" / "NOTES.txt").unlink()
     (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}' + notes + "{{- end }}")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ include "test.notes" . | toJson }}\n')
-    proc = subprocess.run([helm, "template", "mf", str(chart), "--show-only", "templates/notes.yaml"],
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([helm, "template", "mf", str(chart), "--show-only", "templates/notes.yaml", *args],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    text = yaml.safe_load(proc.stdout)["notes"]
+    return yaml.safe_load(proc.stdout)["notes"]
+
+
+def test_notes_say_how_to_reach_serving_dashboard_and_jobs(helm, tmp_path):
+    text = render_notes(helm, tmp_path)
     for expected in ("port-forward svc/mf-modelfleet-http 8000:8000",   # the serving Service
                      "create secret generic mf-modelfleet-api-key",     # the API key it needs
                      "port-forward svc/mf-modelfleet-serve-head-svc 8265:8265",
@@ -133,3 +139,16 @@ def test_notes_say_how_to_reach_serving_dashboard_and_jobs(helm, tmp_path):
                      "ray job submit --address http://127.0.0.1:8265",
                      "RAY_AUTH_TOKEN"):
         assert expected in text, f"NOTES.txt lacks {expected!r}:\n{text}"
+    assert "WARNING" not in text
+
+
+def test_notes_warn_about_every_acknowledged_insecure_setting(helm, tmp_path):
+    text = render_notes(helm, tmp_path, "rayAuth.enabled=false", "insecure.allowNoRayAuth=true",
+                        "networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true",
+                        "serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true")
+    warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 3, text
+    assert any("token authentication is OFF" in w for w in warnings)
+    assert any("NetworkPolicy is OFF" in w for w in warnings)
+    assert any("Ingress has no TLS" in w for w in warnings)
+    assert "RAY_AUTH_TOKEN" not in text  # no token to export when auth is off

@@ -62,6 +62,13 @@ def test_unknown_model_key_fails_like_serve_config_would(render_error):
      "serving.models[0].autoscaling.min_replicas (3) is greater than serving.models[0].autoscaling.max_replicas (2)"),
     (None, ["training.shutdownAfterJobFinishes=false"], "training.ttlSecondsAfterFinished=600 needs"),
     (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs that many GPUs"),
+    # Fail closed: what opens the release up needs an explicit acknowledgement.
+    (None, ["rayAuth.enabled=false"], "rayAuth.enabled=false leaves Ray's dashboard"),
+    (None, ["networkPolicy.enabled=false"], "networkPolicy.enabled=false lets every pod"),
+    (None, ["serving.ingress.enabled=true"], "serving.ingress.enabled=true without serving.ingress.tlsSecretName"),
+    (None, ["serving.ingress.enabled=true", "serving.ingress.host=a.example.com"], "insecure.allowIngressWithoutTls"),
+    (None, ["networkPolicy.egress.objectStore.cidrs={10.0.0.1}"], "networkPolicy.egress.objectStore.cidrs"),
+    (None, ["networkPolicy.egress.kubernetesApi.ports={70000}"], "networkPolicy.egress.kubernetesApi.ports"),
 ])
 def test_contradictory_values_fail_with_a_message(render_error, values, sets, message):
     err = render_error(values, *sets)
@@ -157,9 +164,10 @@ def _identities(docs):
 
 
 def test_turning_serving_or_training_off_removes_exactly_their_objects(render):
-    on = _identities(render(None, "serving.ingress.enabled=true"))
-    no_serving = _identities(render(None, "serving.ingress.enabled=true", "serving.enabled=false"))
-    no_training = _identities(render(None, "serving.ingress.enabled=true", "training.enabled=false"))
+    ing = ("serving.ingress.enabled=true", "serving.ingress.host=a.example.com", "serving.ingress.tlsSecretName=a-tls")
+    on = _identities(render(None, *ing))
+    no_serving = _identities(render(None, *ing, "serving.enabled=false"))
+    no_training = _identities(render(None, *ing, "training.enabled=false"))
     assert {k for k, _ in on - no_serving} == {"RayService", "Ingress"} and no_serving < on
     assert {k for k, _ in on - no_training} == {"RayJob", "ConfigMap"} and no_training < on
     # The serving Service lives inside the RayService (KubeRay keeps it on the active cluster).
@@ -236,3 +244,59 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
     assert queried and queried <= defined, queried - defined
     assert {"modelfleet_time_to_first_token_seconds", "modelfleet_time_per_output_token_seconds",
             "modelfleet_running_sequences", "modelfleet_waiting_sequences", "modelfleet_kv_cache_usage"} <= queried
+
+
+@pytest.mark.parametrize("sets, kinds", [
+    (["rayAuth.enabled=false", "insecure.allowNoRayAuth=true"], {"RayService", "RayJob"}),
+    (["networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true"], {"RayService", "RayJob"}),
+    (["serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true"], {"RayService", "RayJob", "Ingress"}),
+])
+def test_acknowledged_insecure_settings_render(render, sets, kinds):
+    docs = render(None, *sets)
+    assert kinds <= {d["kind"] for d in docs}
+    if "rayAuth.enabled=false" in sets:
+        assert all("authOptions" not in spec for _, spec in cluster_specs(docs))
+    if "networkPolicy.enabled=false" in sets:
+        assert not of_kind(docs, "NetworkPolicy")
+    for ing in of_kind(docs, "Ingress"):
+        assert "tls" not in ing["spec"]
+
+
+def _egress(docs):
+    return one(docs, "NetworkPolicy")["spec"]["egress"]
+
+
+def _ports(rule):
+    return {(p["port"], p.get("protocol", "TCP")) for p in rule.get("ports", [])}
+
+
+def test_egress_allows_only_release_pods_dns_api_server_and_object_store(render, ci_renders):
+    policy = one(ci_renders["defaults-values.yaml"], "NetworkPolicy")
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    rules = policy["spec"]["egress"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    # No rule is open to every destination on every port.
+    assert all(r.get("to") or r.get("ports") for r in rules), rules
+    release = [r for r in rules if not r.get("ports")]
+    assert release == [{"to": [{"podSelector": {"matchLabels": selector}}]}]
+    dns = [r for r in rules if _ports(r) == {(53, "UDP"), (53, "TCP")}]
+    assert dns and dns[0]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    # Autoscaler on (the default): the API server's ports; PVC storage: no object-store rule.
+    assert {r2 for r in rules for r2 in _ports(r)} == {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")}
+
+    no_autoscaler = _egress(render(None, "autoscaling.enabled=false"))
+    assert {p for r in no_autoscaler for p in _ports(r)} == {(53, "UDP"), (53, "TCP")}
+
+    # Object store with CIDRs: 443 to those addresses only.
+    store = _egress(render("serve-only-values.yaml", "autoscaling.enabled=false",
+                           "networkPolicy.egress.objectStore.cidrs={10.1.2.0/24}"))
+    s3 = [r for r in store if _ports(r) == {(443, "TCP")}]
+    assert s3 == [{"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}]}]
+
+
+def test_service_account_tokens_only_where_the_autoscaler_runs(render, ci_renders):
+    for autoscaling, docs in ((True, ci_renders["defaults-values.yaml"]), (False, render(None, "autoscaling.enabled=false"))):
+        for owner, spec in cluster_specs(docs):
+            assert spec["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is autoscaling
+            for g in spec["workerGroupSpecs"]:
+                assert g["template"]["spec"]["automountServiceAccountToken"] is False, (owner["kind"], g["groupName"])

@@ -37,6 +37,7 @@ from helpers import (  # noqa: E402
 )
 
 PORT, APP = 8300, "soak"
+WARMUP_MIN = 5
 # A single-model app is one hop: HAProxy (the binary, and Ray's actor that manages it) in front of
 # the replicas, no ingress deployment. The haproxy binary's command line starts with its path.
 KINDS = {"proxy": "ray::ProxyActor", "controller": "ray::ServeController", "haproxy_manager": "ray::HAProxyManager",
@@ -56,23 +57,30 @@ def _rss_mib(pids: list[int]) -> dict[int, float]:
 
 
 class Sampler(threading.Thread):
-    """RSS of every watched process every ``interval_s``: first and last value per process."""
+    """RSS of every watched process every ``interval_s``: first and last value per process, and once
+    a minute the total per kind (``series``), so growth after warm-up can be read off."""
 
     def __init__(self, interval_s: float) -> None:
         super().__init__(daemon=True)
         self.interval_s, self.stop = interval_s, threading.Event()
         self.first: dict[tuple[str, int], float] = {}
         self.last: dict[tuple[str, int], float] = {}
+        self.t0, self.series = time.monotonic(), []
 
     def sample(self) -> None:
         me = os.getpid()
         groups = {k: ray_process_pids(t, me) for k, t in KINDS.items()}
         groups["replica"] = serve_replica_pids(APP, "model-tiny", me)
         groups["client"] = [me]
+        now: dict[str, float] = {}
         for kind, pids in groups.items():
             for pid, mib in _rss_mib(pids).items():
                 self.first.setdefault((kind, pid), mib)
                 self.last[(kind, pid)] = mib
+                now[kind] = now.get(kind, 0.0) + mib
+        minute = int((time.monotonic() - self.t0) // 60)
+        if not self.series or minute > self.series[-1]["minute"]:
+            self.series.append({"minute": minute, **{k: round(v, 1) for k, v in now.items()}})
 
     def run(self) -> None:
         while not self.stop.wait(self.interval_s):
@@ -87,6 +95,12 @@ class Sampler(threading.Thread):
             start, end = sum(self.first[k] for k in keys), sum(self.last[k] for k in keys)
             out[kind] = {"processes": len(keys), "start_mib": round(start, 1), "end_mib": round(end, 1),
                          "growth_mib": round(end - start, 1), "growth_pct": round(100 * (end - start) / start, 1)}
+            # Growth after warm-up: from the sample at WARMUP_MIN (or the first) to the last one.
+            # Replicas are replaced by the killer, so for them this compares fresh processes.
+            pts = [r[kind] for r in self.series if kind in r]
+            base = next((r[kind] for r in self.series if r["minute"] >= WARMUP_MIN and kind in r), pts[0] if pts else None)
+            if pts and base:
+                out[kind]["after_warmup_growth_mib"] = round(pts[-1] - base, 1)
         return out
 
 
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "success_rate_after_retries": round(res.ok / max(1, res.sent), 6),
         "wrong_answers": sum(n for t, n in res.texts.items() if t != answers["v1"]),
         "requests_per_s": round(res.sent / res.duration_s, 1), "kills": kills,
-        "memory": sampler.report(), "failures": res.failed[:10],
+        "memory": sampler.report(), "rss_per_minute_mib": sampler.series, "failures": res.failed[:10],
     }
     print(json.dumps(report, indent=1))
     if args.json:

@@ -53,6 +53,8 @@ metadata:
     {{- include "modelfleet.selectorLabels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ .role }}
 spec:
+  {{- /* Only the head's in-tree autoscaler talks to the Kubernetes API; no other pod gets a token. */}}
+  automountServiceAccountToken: {{ and .head $v.autoscaling.enabled | ternary true false }}
   securityContext: {{- toYaml $v.podSecurityContext | nindent 4 }}
   {{- with $v.image.pullSecrets }}
   imagePullSecrets:

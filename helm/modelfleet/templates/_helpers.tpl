@@ -81,3 +81,17 @@ app.kubernetes.io/part-of: modelfleet
 
 {{/* The training config file as the job sees it (mounted from the ConfigMap). */}}
 {{- define "modelfleet.trainConfigDir" -}}/etc/modelfleet/train{{- end }}
+
+{{/* One NetworkPolicy egress rule from {cidrs, ports}: no cidrs = any address on those ports. */}}
+{{- define "modelfleet.egressTo" -}}
+- ports:
+    {{- range .ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+  {{- with .cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock: {cidr: {{ . | quote }}}
+    {{- end }}
+  {{- end }}
+{{- end }}

@@ -11,6 +11,17 @@ Each message names the keys, their values and what would be valid.
 {{- fail (printf "release name %q: KubeRay object names must start with a lowercase letter; rename the release or set fullnameOverride" (include "modelfleet.fullname" .)) }}
 {{- end }}
 
+{{- /* Fail closed: settings that open the release up need an explicit acknowledgement. */}}
+{{- if and (not $v.rayAuth.enabled) (not $v.insecure.allowNoRayAuth) }}
+{{- fail "rayAuth.enabled=false leaves Ray's dashboard, Jobs API and GCS without authentication (anyone who reaches them runs code on the cluster); keep it on, or set insecure.allowNoRayAuth=true to accept that" }}
+{{- end }}
+{{- if and (not $v.networkPolicy.enabled) (not $v.insecure.allowNoNetworkPolicy) }}
+{{- fail "networkPolicy.enabled=false lets every pod in the cluster reach Ray's ports; keep it on, or set insecure.allowNoNetworkPolicy=true to accept that" }}
+{{- end }}
+{{- if and $v.serving.enabled $v.serving.ingress.enabled (not $v.serving.ingress.tlsSecretName) (not $v.insecure.allowIngressWithoutTls) }}
+{{- fail "serving.ingress.enabled=true without serving.ingress.tlsSecretName would carry API keys and prompts in clear text; give a TLS Secret (and serving.ingress.host), or set insecure.allowIngressWithoutTls=true to accept that" }}
+{{- end }}
+
 {{- /* Storage: exactly one of PVC and object store, so checkpoints have one home. */}}
 {{- if and $v.storage.pvc.enabled $v.storage.objectStore.uri }}
 {{- fail (printf "storage.pvc.enabled=true and storage.objectStore.uri=%q are both set: checkpoints and artifacts need one home; set storage.pvc.enabled=false or storage.objectStore.uri=\"\"" $v.storage.objectStore.uri) }}
