@@ -157,6 +157,17 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
                     f"TorchCheckpointEngine as E; E().load({str(tmp_path / 'control.pt')!r})"],
                    env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, timeout=120)
     assert control.exists(), "the control payload did not run under DeepSpeed's loader: the drill proves nothing"
+    # A file swapped in after the scan: DeepSpeed's loader inside weights_only_loads (as the workers
+    # and export call it) refuses the same payload, naming the global.
+    control.unlink()
+    swapped = subprocess.run(
+        [sys.executable, "-c", "from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import "
+         "TorchCheckpointEngine as E\nfrom modelfleet.train.pickles import weights_only_loads\n"
+         f"with weights_only_loads('swapped.pt'): E().load({str(tmp_path / 'control.pt')!r})"],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert swapped.returncode != 0 and not control.exists(), swapped.stderr[-2000:]
+    assert "UnsafePickleError: swapped.pt could run code" in swapped.stderr and "posix.system" in swapped.stderr, \
+        swapped.stderr[-2000:]
 
     found, skipped = ck.latest_complete(StorageLayout(str(tmp_path)).runs(), "evil")
     assert found is None and "is unsafe" in skipped[0] and "posix.system" in skipped[0], skipped

@@ -19,6 +19,7 @@ from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
 from modelfleet.storage import StorageLayout, sha256_file
 from modelfleet.train import checkpoint as ck
+from modelfleet.train import pickles
 
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
@@ -33,7 +34,8 @@ def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG)
+    with pickles.weights_only_loads(f"checkpoint {local_ckpt}"):  # files may change after the scan
+        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG)
     return {k: v.to(torch.float32) for k, v in sd.items()}
 
 

@@ -26,6 +26,7 @@ from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
+from modelfleet.train import pickles
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
@@ -88,7 +89,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     found, skipped = ck.latest_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name)
     if found is not None:
         local = ck.download(found, tempfile.mkdtemp(prefix="mf-restore-"))
-        engine.load_checkpoint(local, tag=ck.DS_TAG)
+        with pickles.weights_only_loads(f"checkpoint {found.uri}"):  # files may change after the scan
+            engine.load_checkpoint(local, tag=ck.DS_TAG)
         with open(os.path.join(local, ck.TRAINER_STATE)) as f:
             state = json.load(f)["state"]
         progress.send("resume", step=state["step"], skipped=skipped)
