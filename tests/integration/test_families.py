@@ -261,6 +261,81 @@ def test_non_finite_huge_and_edge_inputs_are_4xx_and_the_replicas_survive(runs, 
             assert after.status_code == 200 and after.headers["x-modelfleet-replica-pid"] == pids[m]
 
 
+def _bytes_waiting_from(receiver: int, sender: int) -> int:
+    """Bytes the (frozen) process ``receiver`` has not read on its TCP connections from ``sender``
+    (Recv-Q in ``ss``): nonzero once a request was dispatched to it."""
+    import re
+    import subprocess
+
+    rows = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True,
+                          timeout=30).stdout.splitlines()
+    socks = []  # (recv_q, local, peer, pid)
+    for row in rows:
+        f, pid = row.split(), re.search(r"pid=(\d+)", row)
+        if len(f) >= 4 and pid:
+            socks.append((int(f[0]), f[2], f[3], int(pid.group(1))))
+    from_sender = {local for _, local, _, pid in socks if pid == sender}
+    return sum(q for q, _, peer, pid in socks if pid == receiver and peer in from_sender)
+
+
+def test_predict_replica_death_is_never_a_500(runs, served, storage):
+    """A predict replica that dies holding a request answers like the LM path: 503, Retry-After,
+    code replica_unavailable, or (when Serve re-routes a request the replica had not yet accepted)
+    the replacement's answer; never a 500. Its own two-model app (the Python ingress), the linear
+    replica with a 10 s batching window, so an accepted request waits inside it: the replica is
+    frozen (SIGSTOP), the request sent, resumed once the request's bytes wait in its socket, and
+    killed once it has read them (both by condition). The other model's replica is untouched."""
+    import os
+    import signal
+    import threading
+
+    from helpers import pid_alive, wait_until
+    from modelfleet.serve.app import deploy
+
+    models = [{"name": f, "artifact": f"{runs(f)[1].artifact.name}@{runs(f)[1].artifact.version}",
+               "ray_actor_options": {"num_cpus": 0.25},
+               "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 10 if f == "linear" else 0.01}}
+              for f in ("linear", "mf")]
+    deploy({"app_name": "death", "route_prefix": "/death", "port": PORT, "storage_path": str(storage),
+            "ingress": {"num_cpus": 0.05}, "models": models})
+    url = f"{BASE}/death"
+    try:
+        with httpx.Client(timeout=90) as c:
+            warm = _predict(c, url, "linear", [{"age": 50}])  # also refreshes the router's queue-length cache
+            victim, ingress = (int(warm.headers[h]) for h in ("x-modelfleet-replica-pid", "x-modelfleet-ingress-pid"))
+            other = _predict(c, url, "mf", [{"user": 1}]).headers["x-modelfleet-replica-pid"]
+            out: dict = {}
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                th = threading.Thread(target=lambda: out.update(r=_predict(c, url, "linear", [{"age": 60}])))
+                th.start()
+                wait_until(lambda: _bytes_waiting_from(victim, ingress) > 0, 30,
+                           "the request's bytes waiting at the frozen replica", 0.05)
+                os.kill(victim, signal.SIGCONT)
+                wait_until(lambda: _bytes_waiting_from(victim, ingress) == 0, 30, "the replica reading them", 0.02)
+            finally:
+                os.kill(victim, signal.SIGKILL)
+            th.join(timeout=90)
+            r = out["r"]
+            assert r.status_code in (200, 503), (r.status_code, r.text)
+            assert "x-modelfleet-ingress-pid" in r.headers  # our answer, not the proxy's
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "replica_unavailable", r.text
+            else:
+                assert int(r.headers["x-modelfleet-replica-pid"]) != victim
+            wait_until(lambda: not pid_alive(victim), 30, "the killed replica gone")
+            after = wait_until(lambda: (x := _predict(c, url, "linear", [{"age": 60}])).status_code == 200 and x,
+                               120, "the replacement replica answering", 0.5)
+            assert int(after.headers["x-modelfleet-replica-pid"]) != victim
+            assert _predict(c, url, "mf", [{"user": 1}]).headers["x-modelfleet-replica-pid"] == other
+    finally:
+        from ray import serve
+
+        serve.delete("death")
+    print(f"\n[predict-death] request held by the killed replica: {r.status_code} "
+          f"{r.headers.get('retry-after', '')}; replacement pid {after.headers['x-modelfleet-replica-pid']}")
+
+
 def test_concurrent_predicts_share_a_batch(served):
     import asyncio
 
