@@ -14,7 +14,19 @@ from helpers import TEST_SOURCES
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the whole session, its endpoint and key in os.environ
+    (started before Ray, whose workers inherit the environment as a cluster's nodes would)."""
+    from helpers import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start()
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
     import ray
 
     from modelfleet.cluster.haproxy import apply_haproxy_env

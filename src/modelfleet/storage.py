@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,14 +96,19 @@ def sha256_file(path: str | os.PathLike) -> str:
 def write_text(uri: str, text: str) -> None:
     """Write a whole small file atomically: readers see the old or the new text, never a part.
     Local files go through a temp file and ``os.replace``; object-store PUTs are atomic already."""
+    write_bytes(uri, text.encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """``write_text`` for bytes (atomic the same way)."""
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        Path(tmp).write_text(text)
+        Path(tmp).write_bytes(data)
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:
-            f.write(text.encode())
+            f.write(data)
 
 
 def read_text(uri: str) -> str:
@@ -118,3 +124,141 @@ def dump_json(directory: str, name: str, obj: Any) -> None:
 
 def read_json(directory: str, name: str) -> Any:
     return json.loads(read_text(join(directory, name)))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def has_files(uri: str) -> bool:
+    """True when ``uri`` is a directory (or object-store prefix) holding at least one file."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    return any(fi.type == pafs.FileType.File
+               for fi in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)))
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a directory (or every object under a prefix); nothing when it does not exist."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str, uri: str, *, last: tuple[str, ...] = ()) -> None:
+    """Copy a local directory tree to ``uri``; the files named in ``last`` (relative paths) go
+    after all the others, so a reader that waits for them (``meta.json``) sees a complete tree:
+    an object store has no rename that would publish the tree at once."""
+    fs, path = filesystem(uri)
+    held = set(last)
+    for dirpath, _, files in sorted(os.walk(local_dir)):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(dirpath, name), local_dir)
+            if rel not in held:
+                _put(fs, os.path.join(dirpath, name), f"{path}/{rel}")
+    for rel in last:
+        _put(fs, os.path.join(local_dir, rel), f"{path}/{rel}")
+
+
+def _put(fs: pafs.FileSystem, local: str, path: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+
+
+def download_file(uri: str, local: str) -> str:
+    fs, path = filesystem(uri)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+    return local
+
+
+class StorageUnavailableError(RuntimeError):
+    """The storage root cannot be written; the message names the URI and the cause."""
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a probe object under ``uri``, so a missing bucket, refused credentials or
+    an unreachable endpoint fail here, naming the URI and the cause, instead of in every worker.
+    Credentials and endpoint come from the environment (AWS_*, GOOGLE_*) as pyarrow reads them;
+    nothing of them is in the message."""
+    if not is_remote(uri):
+        return
+    probe = join(uri, f".modelfleet-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs, path = _probing_filesystem(probe)
+        with fs.open_output_stream(path) as f:
+            f.write(b"ok")
+        fs.delete_file(path)
+    except (OSError, ValueError) as e:
+        raise StorageUnavailableError(f"storage {uri} cannot be written: {describe_error(str(e))}") from None
+
+
+def _probing_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Like ``filesystem`` but with short timeouts and few retries for S3 (pyarrow's defaults
+    retry an unreachable endpoint for minutes)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        # from_uri reads the endpoint from AWS_ENDPOINT_URL(_S3); the constructor does not.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint, connect_timeout=3, request_timeout=10,
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+    return fs, path
+
+
+def describe_error(msg: str) -> str:
+    """An object-store error message with its cause first (bucket, credentials, endpoint)."""
+    low = msg.lower()
+    if "nosuchbucket" in low or "bucket" in low and ("not found" in low or "does not exist" in low):
+        return f"the bucket does not exist ({msg.splitlines()[0][:200]})"
+    if any(s in low for s in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid",
+                              "invalid_access_key", "signaturedoesnotmatch", "signature_does_not_match", "forbidden")):
+        return f"the credentials were refused ({msg.splitlines()[0][:200]})"
+    if any(s in low for s in ("curl", "connect", "timed out", "timeout", "resolve host", "unreachable")):
+        return f"the endpoint cannot be reached ({msg.splitlines()[0][:200]})"
+    return msg.splitlines()[0][:300]
+
+
+def makedirs(uri: str) -> None:
+    """Create a directory and its parents (a no-op for object-store prefixes)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def begin_tree(dest: str, *, overwrite: bool) -> str:
+    """Where to write a new directory tree that replaces ``dest`` (a prepared dataset): beside it
+    for a local path (``commit_tree`` renames it into place, so readers never see half of it);
+    ``dest`` itself on an object store, which has no rename: the old tree is removed first and
+    the writer puts its marker file (``meta.json``) last, so a reader sees no dataset until
+    the whole new one is there. Raises ``FileExistsError`` when ``dest`` holds files and
+    ``overwrite`` is false."""
+    if has_files(dest) and not overwrite:
+        raise FileExistsError(dest)
+    if is_remote(dest):
+        delete_dir(dest)
+        return dest
+    staging = f"{os.path.abspath(dest)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def commit_tree(staging: str, dest: str) -> None:
+    if is_remote(dest):
+        return
+    old = f"{os.path.abspath(dest)}.old-{os.getpid()}"
+    if os.path.exists(dest):
+        os.rename(dest, old)
+    os.rename(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new tree is in place
+
+
+def abort_tree(staging: str, dest: str) -> None:
+    """Drop a tree that failed half-way (local staging only: on an object store it lacks its marker)."""
+    if not is_remote(dest):
+        shutil.rmtree(staging, ignore_errors=True)

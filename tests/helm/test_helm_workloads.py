@@ -82,7 +82,7 @@ def test_training_settings_reach_the_rayjob(render):
     assert job["backoffLimit"] == 0
 
 
-def test_training_config_gets_the_release_storage(render):
+def test_training_config_gets_the_release_storage(render, tmp_path):
     def config(*sets):
         cm = next(c for c in render(None, *sets) if c["kind"] == "ConfigMap")
         return yaml.safe_load(cm["data"]["config.yaml"])
@@ -91,6 +91,13 @@ def test_training_config_gets_the_release_storage(render):
     assert config()["data"]["path"] == "/mnt/modelfleet/data/tiny"
     uri = config("storage.pvc.enabled=false", "storage.objectStore.uri=s3://b/p")
     assert uri["storage"]["path"] == "s3://b/p"
+    # Object-store mode trains: the job's config reads its prepared data from the same store
+    # (tests/integration/test_object_storage.py trains, resumes, serves and evaluates on S3).
+    from modelfleet.presets import load_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(uri))
+    cfg = load_config(tmp_path / "config.yaml")  # what jobs/train.py reads on the head pod
+    assert (cfg.storage.path, cfg.data.path) == ("s3://b/p", "s3://b/p/data/tiny")
 
 
 def test_one_cluster_spec_for_service_job_and_cluster(render):

@@ -12,6 +12,7 @@ run as a plain script, puts it there itself.)
   stopped by condition), ``deploy_app``, ``running_replicas``, ``run_load`` (bounded load).
 - ``cli``: ``cli_env``, ``run_cli``, ``mf``, ``job_status``, ``wait_job``.
 - ``cluster``: ``SimCluster`` (``modelfleet cluster up``/``down``, Ray's state API).
+- ``s3``: ``MotoS3``, moto's S3 server on 127.0.0.1 with IAM auth (the ``s3`` session fixture).
 
 Clusters. By default a test shares one Ray instance per session (``ray_session``, tests/conftest.py;
 integration and reliability tests; each module's Serve comes and goes on it through ``serve_on``)
@@ -43,13 +44,14 @@ process and leaves by condition, not by time:
 
 from .cli import BIN, ROOT, cli_env, job_status, mf, run_cli, wait_job
 from .cluster import SimCluster
+from .s3 import MotoS3
 from .ray_procs import pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids, wait_no_train_workers
 from .serving import LoadResult, deploy_app, publish_tiny_models, run_load, running_replicas, serve_gone, serve_on
 from .training import TEST_SOURCES, read_records, run_single_rank, tiny_config
 from .waiting import port_free, wait_port_free, wait_until
 
 __all__ = [
-    "BIN", "ROOT", "TEST_SOURCES", "LoadResult", "SimCluster", "cli_env", "deploy_app", "job_status", "mf",
+    "BIN", "ROOT", "TEST_SOURCES", "LoadResult", "MotoS3", "SimCluster", "cli_env", "deploy_app", "job_status", "mf",
     "pid_alive", "port_free", "publish_tiny_models", "ray_process_pids", "read_records", "run_cli", "run_load",
     "run_single_rank", "running_replicas", "serve_gone", "serve_on", "serve_replica_pids", "tiny_config", "train_worker_pids",
     "wait_job", "wait_no_train_workers", "wait_port_free", "wait_until",

@@ -20,10 +20,12 @@ def tiny_config(storage: Path, data_path: str, overrides: list[str] = ()):  # ty
 def read_records(run_dir: str | Path) -> list[dict]:
     """The run's ``metrics.jsonl`` records (step, eval, checkpoint, resume), [] before the first.
     Safe to call while the driver appends: a last line without its newline is not complete yet."""
-    path = Path(run_dir, "metrics.jsonl")
-    if not path.exists():
+    from modelfleet import storage
+
+    path = storage.join(str(run_dir), "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    lines = path.read_text().split("\n")[:-1]  # the piece after the last newline is unfinished
+    lines = storage.read_text(path).split("\n")[:-1]  # the piece after the last newline is unfinished
     return [json.loads(x) for x in lines if x.strip()]
 
 

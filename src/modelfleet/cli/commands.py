@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from modelfleet import registry
 from modelfleet.cluster import connect
@@ -16,6 +15,7 @@ from modelfleet.evaluate import evaluate_artifact, run_dir_of, write_report
 from modelfleet.evaluate.kfold import kfold
 from modelfleet.families import get_family
 from modelfleet.presets import load_config
+from modelfleet import storage as storage_io
 from modelfleet.storage import StorageLayout, is_remote
 from modelfleet.train.export import export_run
 from modelfleet.train.memory import cheapest_fix, format_plan, plan, refusal
@@ -61,15 +61,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics (or K-fold scores) printed, saved as JSON and PNG plots under the storage layout."""
     storage = args.storage if is_remote(args.storage) else os.path.abspath(args.storage)
     ref = registry.resolve(storage, args.artifact)
-    data = os.path.abspath(args.data)
+    data = args.data if is_remote(args.data) else os.path.abspath(args.data)
     label = f"{ref.name or 'artifact'}-{ref.version or 'path'}" + (f"-kfold{args.kfold}" if args.kfold else "")
     out = args.out or StorageLayout(storage).evaluation(label)
     if args.kfold:
         cfg = Config.from_dict(registry.read_json(ref.uri, "manifest.json")["config"])
         cfg.storage.path = storage
         res = kfold(cfg, args.kfold, data)
-        os.makedirs(out, exist_ok=True)
-        Path(out, "kfold.json").write_text(json.dumps(res, indent=1))
+        storage_io.makedirs(out)
+        storage_io.write_text(storage_io.join(out, "kfold.json"), json.dumps(res, indent=1))
         for m, s in res["summary"].items():
             print(f"{m}: {s['mean']:.4f} +- {s['std']:.4f}  (folds: {', '.join(f'{v:.4f}' for v in s['scores'])})")
         print(f"report: {out}/kfold.json")

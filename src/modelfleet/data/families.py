@@ -13,10 +13,7 @@ from latent user tastes). A prepared family dataset is::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modelfleet import storage
 from modelfleet.config import DataConfig
+from modelfleet.data.prepare import check_destination
 from modelfleet.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -186,35 +185,28 @@ def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: 
     import ray
 
 
-    dest = Path(out)
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise DataError(f"data.path '{dest}' already holds data; pass --overwrite to replace it")
+    check_destination(out, overwrite)
     transform = family.fit_transform(splits["train"], model)
-    staging = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = storage.begin_tree(out, overwrite=overwrite)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     try:
         for s, df in splits.items():
-            (staging / "raw" / s).mkdir(parents=True)
-            pq.write_table(_to_table(df), staging / "raw" / s / "part-00000.parquet")
+            storage.makedirs(storage.join(staging, "raw", s))
+            pq.write_table(_to_table(df), storage.join(staging, "raw", s, "part-00000.parquet"))
         for s in ("train", "val"):
-            (ray.data.read_parquet(str(staging / "raw" / s))
+            (ray.data.read_parquet(storage.join(staging, "raw", s))
              .map_batches(transform.apply, batch_format="numpy", batch_size=1024)
-             .write_parquet(str(staging / s)))
+             .write_parquet(storage.join(staging, s)))
         meta = {"format_version": 1, "family": family.name,
                 **{f"{s}_rows": len(df) for s, df in splits.items()},
                 **transform.meta(), **extra_meta,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (staging / TRANSFORM_FILE).write_text(json.dumps(transform.state, indent=1))
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        old = dest.parent / f"{dest.name}.old-{os.getpid()}"
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        storage.write_text(storage.join(staging, TRANSFORM_FILE), json.dumps(transform.state, indent=1))
+        storage.write_text(storage.join(staging, "meta.json"), json.dumps(meta, indent=1))  # last: the marker
+        storage.commit_tree(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.abort_tree(staging, out)
     return meta
 
 

@@ -8,16 +8,14 @@ and renamed into place, so an existing dataset is never half-overwritten.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modelfleet import storage
 from modelfleet.config import DataConfig
 from modelfleet.data.ingest import iter_documents, resolve_sources
 from modelfleet.errors import DataError
@@ -38,9 +36,8 @@ def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, to
     (also used by ``hf-causal-lm`` with a Hugging Face tokenizer)."""
     if not cfg.path:
         raise DataError("data.path: is empty; set where the prepared dataset goes")
-    out = Path(cfg.path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"data.path '{out}' already holds data; pass --overwrite to replace it")
+    out = cfg.path
+    check_destination(out, overwrite)
     paths = resolve_sources(cfg.sources)
     chunks, n_docs = [], 0
     for doc in iter_documents(paths, cfg.format, cfg.text_column):
@@ -64,47 +61,48 @@ def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, to
         "num_documents": n_docs, "sources": [str(p) for p in paths], "seed": cfg.seed,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = storage.begin_tree(out, overwrite=overwrite)
     try:
-        _write_split(staging / "val", rows[:n_val], cfg.rows_per_shard)
-        _write_split(staging / "train", rows[n_val:], cfg.rows_per_shard)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        _swap_in(staging, out)
+        _write_split(storage.join(staging, "val"), rows[:n_val], cfg.rows_per_shard)
+        _write_split(storage.join(staging, "train"), rows[n_val:], cfg.rows_per_shard)
+        storage.write_text(storage.join(staging, "meta.json"), json.dumps(meta, indent=1))  # last: the marker
+        storage.commit_tree(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.abort_tree(staging, out)
     return meta
 
 
-def _write_split(d: Path, rows: np.ndarray, per_shard: int) -> None:
-    d.mkdir(parents=True)
+def check_destination(path: str, overwrite: bool) -> None:
+    """Before any work: the destination can be written (object stores: bucket, credentials,
+    endpoint) and holds no dataset unless ``overwrite``."""
+    try:
+        storage.check_writable(path)
+    except storage.StorageUnavailableError as e:
+        raise DataError(f"data.path: {e}") from None
+    if storage.has_files(path) and not overwrite:
+        raise DataError(f"data.path '{path}' already holds data; pass --overwrite to replace it")
+
+
+def _write_split(d: str, rows: np.ndarray, per_shard: int) -> None:
+    storage.makedirs(d)
     width = rows.shape[1]
     for i, start in enumerate(range(0, len(rows), per_shard)):
         part = rows[start:start + per_shard]
         # fixed_size_list keeps rows rectangular: Ray Data hands each batch over as one 2-D array.
         col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1), pa.int32()), width)
-        pq.write_table(pa.table({"tokens": col}), d / f"part-{i:05d}.parquet")
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)  # only once the new dataset is in place
+        pq.write_table(pa.table({"tokens": col}), storage.join(d, f"part-{i:05d}.parquet"))
 
 
 def read_meta(path: str) -> dict:
-    """The meta of a prepared dataset, or a DataError saying what is missing."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data.path '{p}' does not exist; run `modelfleet prepare CONFIG` first")
-    if not (p / "meta.json").is_file():
-        raise DataError(f"data.path '{p}' holds no prepared dataset (no meta.json); run "
+    """The meta of a prepared dataset (a local path or a URI), or a DataError saying what is missing."""
+    if not storage.exists(path):
+        raise DataError(f"data.path '{path}' does not exist; run `modelfleet prepare CONFIG` first")
+    if not storage.exists(storage.join(path, "meta.json")):
+        raise DataError(f"data.path '{path}' holds no prepared dataset (no meta.json); run "
                         "`modelfleet prepare CONFIG` first")
-    meta = json.loads((p / "meta.json").read_text())
+    meta = storage.read_json(path, "meta.json")
     if meta.get("train_rows", 0) == 0:
-        raise DataError(f"data.path '{p}' is an empty dataset (0 training sequences)")
+        raise DataError(f"data.path '{path}' is an empty dataset (0 training sequences)")
     return meta
 
 

@@ -9,12 +9,11 @@ language models; recall@k and NDCG@k for recommenders.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelfleet import registry
+from modelfleet import registry, storage
 from modelfleet.cluster import connect
 from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.data.families import read_rows
@@ -74,13 +73,12 @@ def evaluate_artifact(uri: str, data_path: str, *, split: str = "test", concurre
 
     manifest = registry.read_json(uri, "manifest.json")
     family = get_family(manifest["family"])
-    where = Path(data_path, "raw", split)
-    if family.task == "lm":  # language-model datasets hold token rows: train/ and val/
-        where = Path(data_path, "val" if split == "test" else split)
-    if not where.is_dir():
-        raise DataError(f"--data: {data_path} has no {where.relative_to(data_path)} split; point at a "
+    rel = ("val" if split == "test" else split) if family.task == "lm" else f"raw/{split}"
+    where = storage.join(data_path, rel)  # language-model datasets hold token rows: train/ and val/
+    if not storage.has_files(where):
+        raise DataError(f"--data: {data_path} has no {rel} split; point at a "
                         "directory written by `modelfleet prepare` for this family")
-    rows = family.eval_rows(read_rows(str(where)))
+    rows = family.eval_rows(read_rows(where))
     results = batch_predict(uri, rows, concurrency=concurrency, num_gpus=num_gpus)
     _, pre, _ = load_artifact(uri)
     return {"artifact": uri, "family": family.name, "task": family.task_of(pre), "data": data_path,

@@ -3,25 +3,24 @@ training run's loss curve when its directory is still in storage)."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelfleet import registry
-from modelfleet.storage import StorageLayout, is_remote
+from modelfleet import registry, storage
+from modelfleet.storage import StorageLayout
 
 
 def loss_curve(run_dir: str) -> dict[str, list[float]]:
     """Training and validation loss by step from a run's metrics.jsonl (empty when absent)."""
-    path = Path(run_dir, "metrics.jsonl")
+    path = storage.join(run_dir, "metrics.jsonl")
     out: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "val_loss": []}
-    if not path.is_file():
+    if not storage.exists(path):
         return out
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         r = json.loads(line)
         if r["kind"] == "step":
             out["step"].append(r["step"])
@@ -33,14 +32,15 @@ def loss_curve(run_dir: str) -> dict[str, list[float]]:
 
 
 def write_report(result: dict[str, Any], out_dir: str, *, run_dir: str | None = None) -> list[str]:
-    """``evaluation.json`` plus PNG plots (confusion matrix, loss curves); returns the files."""
+    """``evaluation.json`` plus PNG plots (confusion matrix, loss curves) in ``out_dir`` (a local
+    path or a URI); returns the files. The JSON goes last: it says the report is complete."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    files = [os.path.join(out_dir, "evaluation.json")]
+    storage.makedirs(out_dir)
+    files = [storage.join(out_dir, "evaluation.json")]
     m = result["metrics"]
     if "confusion_matrix" in m:
         cm = np.array(m["confusion_matrix"])
@@ -64,18 +64,20 @@ def write_report(result: dict[str, Any], out_dir: str, *, run_dir: str | None = 
         ax.legend()
         files.append(_save(fig, out_dir, "loss_curves.png"))
         result = {**result, "loss_curve": curve}
-    Path(files[0]).write_text(json.dumps({**result, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                         indent=1))
+    storage.write_text(files[0], json.dumps({**result, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                  time.gmtime())}, indent=1))
     return files
 
 
 def _save(fig: Any, out_dir: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
-    path = os.path.join(out_dir, name)
+    path = storage.join(out_dir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
     return path
 
 
@@ -83,5 +85,5 @@ def run_dir_of(uri: str, storage_path: str) -> str | None:
     """The training run an artifact came from, if its directory is still in storage."""
 
     run = registry.read_json(uri, "manifest.json").get("run_id")
-    path = StorageLayout(storage_path).run(run) if run and not is_remote(storage_path) else None
-    return path if path and os.path.isdir(path) else None
+    path = StorageLayout(storage_path).run(run) if run else None
+    return path if path and storage.exists(path) else None

@@ -24,6 +24,7 @@ import ray.train
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
+from modelfleet import storage
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
@@ -251,9 +252,9 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
                 save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
             if verify is not None:
                 save_file(verify, os.path.join(local, ck.VERIFY_FILE))
-            transform = os.path.join(cfg.data.path, TRANSFORM_FILE)
-            if os.path.isfile(transform):  # the fitted preprocessing travels with the weights
-                shutil.copy(transform, os.path.join(local, TRANSFORM_FILE))
+            transform = storage.join(cfg.data.path, TRANSFORM_FILE)
+            if storage.exists(transform):  # the fitted preprocessing travels with the weights
+                storage.download_file(transform, os.path.join(local, TRANSFORM_FILE))
         ck.write_rank_marker(local, rank, world, step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=ck.step_dir_name(step))

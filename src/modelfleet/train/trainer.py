@@ -23,7 +23,8 @@ from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
 from modelfleet.families import get_family
-from modelfleet.storage import StorageLayout, dump_json, is_remote
+from modelfleet.storage import (StorageLayout, StorageUnavailableError, check_writable, describe_error,
+                                dump_json, exists, is_remote, read_text, write_text)
 from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
@@ -45,7 +46,16 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
 
     if not cfg.data.path:
         raise ConfigError("data.path: is empty; set it to a directory written by `modelfleet prepare`")
-    meta = read_meta(cfg.data.path)
+    # Object stores: a missing bucket, refused credentials or an unreachable endpoint fail here,
+    # naming the URI and the cause, not in every worker after the cluster has started them.
+    try:
+        check_writable(cfg.storage.path)
+    except StorageUnavailableError as e:
+        raise ConfigError(f"storage.path: {e}") from None
+    try:
+        meta = read_meta(cfg.data.path)
+    except OSError as e:
+        raise ConfigError(f"data.path: {cfg.data.path} cannot be read: {describe_error(str(e))}") from None
     # The family checks the dataset fits the model and fills sizes the data decides.
     get_family(cfg.model.family).preflight(cfg, meta)
     per_step = cfg.train.micro_batch_size * cfg.train.num_workers
@@ -150,7 +160,14 @@ def serving_reservation() -> tuple[float, list[str]]:
 
 
 class _ProgressSink:
-    """Driver side of the metrics queue: a live progress line and ``metrics.jsonl`` in the run dir."""
+    """Driver side of the metrics queue: a live progress line and ``metrics.jsonl`` in the run dir.
+
+    A local file is appended to, a line per record. An object has no append: the driver keeps
+    the run's lines (those of earlier attempts read back first) and PUTs the whole object again
+    at most every ``ROLL_S`` seconds and when the run ends (a PUT is atomic: readers see the old or
+    the new object). A driver that dies loses at most the last ``ROLL_S`` seconds of records."""
+
+    ROLL_S = 5.0
 
     def __init__(self, queue: Any, cfg: Config, run_dir: str, show: bool) -> None:
         self.queue, self.cfg, self.show = queue, cfg, show
@@ -158,6 +175,10 @@ class _ProgressSink:
         self.timings: dict[str, float] = {}
         self.t0 = time.time()
         self.local = None if is_remote(run_dir) else run_dir
+        self.remote = f"{run_dir}/metrics.jsonl" if is_remote(run_dir) else None
+        self._lines = read_text(self.remote).splitlines(keepends=True) if self.remote and exists(self.remote) else []
+        self._rolled = len(self._lines)
+        self._rolled_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
@@ -169,12 +190,22 @@ class _ProgressSink:
         self._stop.set()
         self._thread.join(timeout=10)
         self._drain()
+        self._roll(force=True)
         if self._bar is not None:
             self._bar.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain(timeout=0.5)
+            self._roll()
+
+    def _roll(self, force: bool = False) -> None:
+        if not self.remote or len(self._lines) == self._rolled:
+            return
+        if force or time.time() - self._rolled_at >= self.ROLL_S:
+            n = len(self._lines)
+            write_text(self.remote, "".join(self._lines[:n]))
+            self._rolled, self._rolled_at = n, time.time()
 
     def _drain(self, timeout: float | None = None) -> None:
         from ray.util.queue import Empty
@@ -195,6 +226,8 @@ class _ProgressSink:
             os.makedirs(self.local, exist_ok=True)
             with open(os.path.join(self.local, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(item) + "\n")
+        elif self.remote:
+            self._lines.append(json.dumps(item) + "\n")
         kind = item["kind"]
         if kind == "first_step":
             self.timings["time_to_first_step_s"] = item["time"] - self.t0
