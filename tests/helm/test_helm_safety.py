@@ -61,7 +61,11 @@ def test_unknown_model_key_fails_like_serve_config_would(render_error):
     ({"serving": {"models": [{"name": "m", "artifact": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}}, [],
      "serving.models[0].autoscaling.min_replicas (3) is greater than serving.models[0].autoscaling.max_replicas (2)"),
     (None, ["training.shutdownAfterJobFinishes=false"], "training.ttlSecondsAfterFinished=600 needs"),
-    (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs that many GPUs"),
+    (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs 2 GPUs at least"),
+    ({"training": {"config": {"train": {"use_gpu": True, "num_workers": [9, 16]}}}}, [],
+     "num_workers=[9 16] with use_gpu=true needs 9 GPUs at least"),
+    ({"training": {"config": {"train": {"num_workers": [4, 2]}}}}, [], "num_workers=[4 2]: min is greater than max"),
+    ({"training": {"config": {"train": {"num_workers": [1, 2, 3]}}}}, [], "must be a worker count or [min, max]"),
     # Fail closed: what opens the release up needs an explicit acknowledgement.
     (None, ["rayAuth.enabled=false"], "rayAuth.enabled=false leaves Ray's dashboard"),
     (None, ["networkPolicy.enabled=false"], "networkPolicy.enabled=false lets every pod"),

@@ -72,8 +72,21 @@ Each message names the keys, their values and what would be valid.
 {{- fail (printf "training.ttlSecondsAfterFinished=%d needs training.shutdownAfterJobFinishes=true (KubeRay rejects a TTL on a cluster it does not shut down); set it to 0 or enable shutdown" (int $v.training.ttlSecondsAfterFinished)) }}
 {{- end }}
 {{- $train := default dict $v.training.config.train }}
-{{- if and $train.use_gpu $train.num_workers (gt (int $train.num_workers) $maxGpus) }}
-{{- fail (printf "training.config.train.num_workers=%d with use_gpu=true needs that many GPUs but workerGroups offer at most %d (maxReplicas x gpus)" (int $train.num_workers) $maxGpus) }}
+{{- /* num_workers is a count or [min, max] (elastic): the minimum must fit. */}}
+{{- $minWorkers := 0 }}
+{{- if kindIs "slice" $train.num_workers }}
+{{- if ne (len $train.num_workers) 2 }}
+{{- fail (printf "training.config.train.num_workers=%v must be a worker count or [min, max]" $train.num_workers) }}
+{{- end }}
+{{- $minWorkers = int (index $train.num_workers 0) }}
+{{- if gt $minWorkers (int (index $train.num_workers 1)) }}
+{{- fail (printf "training.config.train.num_workers=%v: min is greater than max" $train.num_workers) }}
+{{- end }}
+{{- else if $train.num_workers }}
+{{- $minWorkers = int $train.num_workers }}
+{{- end }}
+{{- if and $train.use_gpu $minWorkers (gt $minWorkers $maxGpus) }}
+{{- fail (printf "training.config.train.num_workers=%v with use_gpu=true needs %d GPUs at least but workerGroups offer at most %d (maxReplicas x gpus)" $train.num_workers $minWorkers $maxGpus) }}
 {{- end }}
 {{- end }}
 {{- end }}

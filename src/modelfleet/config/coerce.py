@@ -43,7 +43,13 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if v is None:
             return None
-        return _coerce(args[0], v, key)
+        errors = []
+        for a in args:  # the first member type the value fits (``int | list[int]``)
+            try:
+                return _coerce(a, v, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: {' or '.join(errors)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         check(isinstance(v, (list, tuple)), key, f"must be a list, got {v!r}")

@@ -79,8 +79,18 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each)."""
+    num_workers: int | list[int] = 2
+    """Ray Train workers (one DeepSpeed rank each); ``[min, max]`` trains elastically: it starts
+    with what the cluster has between min and max, continues from the last complete checkpoint
+    with fewer workers when a node is lost and grows back when capacity returns (each resize
+    re-partitions the ZeRO checkpoint and is a ``resize`` record in metrics.jsonl)."""
+    elastic_batch: Literal["keep", "scale"] = "keep"
+    """Elastic runs: ``keep`` the global batch of ``max`` workers (``micro_batch_size x grad_accum x
+    max``) by recomputing grad_accum as ceil(global / (micro_batch_size x workers)), so with
+    workers that do not divide it the batch rounds up (4 -> 3 workers, grad_accum 1: 2 micro-steps,
+    6/4 of the batch); ``scale``: grad_accum stays and the global batch follows the workers."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for capacity to grow back into."""
     use_gpu: bool = False
     """Give each worker a GPU (logical GPUs on a simulated cluster)."""
     cpus_per_worker: float = 1.0
@@ -126,10 +136,35 @@ class TrainConfig:
     workers; 0 takes it from the cluster's accelerator type (H100, H200, L4, ...). Simulated GPUs
     skip the check; ``--no-plan`` skips it too."""
 
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def grad_accum_at(self, world: int) -> int:
+        """Micro-steps per optimizer step with ``world`` workers (see ``elastic_batch``)."""
+        if not self.elastic or self.elastic_batch == "scale":
+            return self.grad_accum
+        return -(-self.grad_accum * self.max_workers // world)  # ceil: the batch rounds up, never down
+
     def __post_init__(self) -> None:
-        for k in ("num_workers", "micro_batch_size", "grad_accum", "max_steps", "eval_batches",
+        if isinstance(self.num_workers, list):
+            check(len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
+                  "train.num_workers", f"must be a worker count or [min, max] with 1 <= min <= max, "
+                  f"got {self.num_workers}")
+        check(self.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s",
+              f"must be > 0, got {self.elastic_resize_interval_s}")
+        for k in ("micro_batch_size", "grad_accum", "max_steps", "eval_batches",
                   "log_every", "keep_checkpoints"):
             check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
+        check(self.min_workers > 0, "train.num_workers", f"must be > 0, got {self.num_workers}")
         for k in ("warmup_steps", "eval_every", "checkpoint_every", "max_failures", "grad_clip",
                   "weight_decay"):
             check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")

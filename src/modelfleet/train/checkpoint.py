@@ -139,3 +139,32 @@ def download(c: CheckpointInfo, local_dir: str) -> str:
     pafs.copy_files(c.uri, local_dir, source_filesystem=c.fs,
                     destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def saved_world(c: CheckpointInfo) -> int:
+    """How many ranks wrote the checkpoint (its trainer_state.json)."""
+    with c.fs.open_input_stream(f"{c.uri}/{TRAINER_STATE}") as f:
+        return int(json.loads(f.read())["world_size"])
+
+
+UNIVERSAL_TAG = "universal"
+
+
+def to_universal(local_ckpt: str, out_dir: str) -> str:
+    """Convert a local ZeRO (1-3) checkpoint to DeepSpeed's universal format under ``out_dir``
+    (tag ``UNIVERSAL_TAG``), which loads on any number of ranks with the optimizer state
+    re-partitioned (``"checkpoint": {"load_universal": true}``); returns ``out_dir``. Run it inside
+    ``pickles.weights_only_loads``: it unpickles the shards."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    os.makedirs(out_dir, exist_ok=True)
+    args = argparse.Namespace(input_folder=os.path.join(local_ckpt, DS_TAG),
+                              output_folder=os.path.join(out_dir, UNIVERSAL_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # ZeRO-1/2 checkpoints lack the version record the converter wants; we have no
+                              # tensor or pipeline parallelism to declare in it.
+                              inject_missing_state=True)
+    ds_to_universal.main(args)
+    return out_dir

@@ -8,8 +8,9 @@ from typing import Any, Callable
 from modelfleet.config import Config
 
 
-def build_ds_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``deepspeed.initialize`` (one source of truth: our Config)."""
+def build_ds_config(cfg: Config, world: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``deepspeed.initialize`` (one source of truth: our Config);
+    ``world``: the workers this attempt has (an elastic run recomputes grad_accum for it)."""
     t, ds = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     # 16-bit precision is for real GPUs: there, overlap gradient
@@ -27,7 +28,7 @@ def build_ds_config(cfg: Config) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum_at(world) if world else t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "optimizer": {

@@ -70,7 +70,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     family = get_family(cfg.model.family)  # asked for collation, loss and the export probe
-    ds_config = build_ds_config(cfg)
+    found, skipped = ck.latest_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name)
+    # A checkpoint written by another number of ranks (an elastic resize, or a resume with another
+    # train.num_workers) is re-partitioned through DeepSpeed's universal format (ZeRO-0 holds whole
+    # states and loads as it is).
+    resized_from = ck.saved_world(found) if found is not None else world
+    convert = resized_from != world and cfg.deepspeed.zero_stage >= 1
+    ds_config = build_ds_config(cfg, world)
+    if convert:
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(cfg.train.seed)
     sharded = cfg.deepspeed.zero_stage == 3
     model = family.build_sharded(cfg.model, ds_config) if sharded else build_model(cfg.model)
@@ -86,19 +94,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress.send("built", sharded=sharded, world=world, full_bytes=storage["full_bytes"],
                   max_local_bytes=int(to_host(largest_local)[0]), transient_bytes=storage["transient_bytes"])
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    found, skipped = ck.latest_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_in_epoch": 0}
     if found is not None:
+        t_load = time.time()
         local = ck.download(found, tempfile.mkdtemp(prefix="mf-restore-"))
         with pickles.weights_only_loads(f"checkpoint {found.uri}"):  # files may change after the scan
-            engine.load_checkpoint(local, tag=ck.DS_TAG)
+            if convert:
+                universal = ck.to_universal(local, tempfile.mkdtemp(prefix="mf-universal-"))
+                engine.load_checkpoint(universal, tag=ck.UNIVERSAL_TAG)
+            else:
+                engine.load_checkpoint(local, tag=ck.DS_TAG)
         with open(os.path.join(local, ck.TRAINER_STATE)) as f:
-            state = json.load(f)["state"]
+            state = {"samples_in_epoch": 0, **json.load(f)["state"]}
         progress.send("resume", step=state["step"], skipped=skipped)
+        if resized_from != world:
+            check = _restored_logit_diff(engine, family, local)
+            progress.send("resize", step=state["step"], from_workers=resized_from, to_workers=world,
+                          grad_accum=cfg.train.grad_accum_at(world), restore_s=round(time.time() - t_load, 3),
+                          **({} if check is None else {"max_abs_logit_diff": check}))
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum
+    t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum_at(world)
     tokens_per_step = mbs * ga * world * family.units_per_sample(cfg)
     step, micro = state["step"], 0
     meter = LossMeter(engine.device, world)
@@ -109,7 +126,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # so they keep this worker's shard from the first pass in memory for the epochs after it.
     cached: list[Any] | None = [] if family.cache_epochs else None
     while step < t.max_steps:
-        skip, n_batches = state["batch_in_epoch"], 0
+        # The data position is global (samples of this epoch seen by all ranks), so it survives a
+        # change in the number of ranks; a checkpoint from before it had only the per-rank count.
+        seen = state["samples_in_epoch"] or state["batch_in_epoch"] * mbs * resized_from
+        skip, n_batches = seen // (mbs * world), 0
         batches = cached if cached else train_shard.iter_batches(batch_size=mbs, drop_last=True,
                                                                  batch_format="numpy", prefetch_batches=2)
         for i, batch in enumerate(batches):
@@ -121,6 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             micro_step(engine, family, batch, meter)
             micro += 1
             state["batch_in_epoch"] = i + 1
+            state["samples_in_epoch"] = (i + 1) * mbs * world
             if micro % ga:
                 continue
             step += 1
@@ -162,7 +183,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                "rows than train.micro_batch_size x train.num_workers")
         if step < t.max_steps:
             state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+            state["batch_in_epoch"] = state["samples_in_epoch"] = 0
+            resized_from = world
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
 
 
@@ -227,6 +249,24 @@ def _probe(engine: Any, val_batches: list[Any], family: Any) -> dict[str, Any]:
         logits = family.forward(engine, _to(inputs, engine.device)).float().cpu()
     engine.train()
     return {**inputs, "logits": logits.contiguous()}
+
+
+def _restored_logit_diff(engine: Any, family: Any, local: str) -> float | None:
+    """After a resize: the restored engine's logits on the probe the checkpoint saved (its final
+    step only) against the logits saved with it; None when the checkpoint has no probe."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = os.path.join(local, ck.VERIFY_FILE)
+    if not os.path.isfile(path):
+        return None
+    saved = load_file(path)
+    logits = saved.pop("logits")
+    engine.eval()
+    with torch.no_grad():
+        now = family.forward(engine, _to(saved, engine.device)).float().cpu()
+    engine.train()
+    return float((now - logits).abs().max())
 
 
 def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world: int,

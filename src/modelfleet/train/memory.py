@@ -86,14 +86,15 @@ def activation_bytes(cfg: Config) -> float:
 
 
 def plan(cfg: Config, *, gpu_memory_gib: float, params: int | None = None) -> MemoryPlan:
-    """Predict per-GPU memory for ``cfg`` on ``cfg.train.num_workers`` GPUs of ``gpu_memory_gib``."""
+    """Predict per-GPU memory for ``cfg`` on ``cfg.train.num_workers`` GPUs of ``gpu_memory_gib``
+    (an elastic run at its minimum: the fewest ranks hold the largest shards)."""
 
     if params is None:
         import torch
 
         with torch.device("meta"):  # count without allocating: gpt-1b would need 5 GB here
             params = num_params(build_model(cfg.model))
-    world, stage, prec = cfg.train.num_workers, cfg.deepspeed.zero_stage, cfg.train.precision
+    world, stage, prec = cfg.train.min_workers, cfg.deepspeed.zero_stage, cfg.train.precision
     weights, grads, opt = model_state_bytes(params, stage, world, prec)
     if cfg.deepspeed.offload_optimizer:
         opt = 0.0
@@ -144,7 +145,7 @@ def _changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]:
                     lambda c, m=mbs: (setattr(c.train, "grad_accum", c.train.grad_accum * c.train.micro_batch_size // m),
                                       setattr(c.train, "micro_batch_size", m))))
         mbs //= 2
-    out.append((f"train.num_workers={2 * t.num_workers}", lambda c: setattr(c.train, "num_workers", 2 * t.num_workers)))
+    out.append((f"train.num_workers={2 * t.min_workers}", lambda c: setattr(c.train, "num_workers", 2 * t.min_workers)))
     return out
 
 

@@ -58,7 +58,7 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"data.path: {cfg.data.path} cannot be read: {describe_error(str(e))}") from None
     # The family checks the dataset fits the model and fills sizes the data decides.
     get_family(cfg.model.family).preflight(cfg, meta)
-    per_step = cfg.train.micro_batch_size * cfg.train.num_workers
+    per_step = cfg.train.micro_batch_size * cfg.train.max_workers
     for split in ("train", "val"):
         if meta[f"{split}_rows"] < per_step:
             raise ConfigError(
@@ -89,22 +89,24 @@ def check_capacity(cfg: Config) -> None:
     import ray
 
     t = cfg.train
-    need_cpu = t.num_workers * t.cpus_per_worker
+    # An elastic run needs its minimum: it starts with what there is between min and max.
+    n, what = t.min_workers, f"{t.min_workers}{' (the minimum of ' + str(t.num_workers) + ')' if t.elastic else ''}"
+    need_cpu = n * t.cpus_per_worker
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker:g} CPU need "
+        raise ConfigError(f"train.num_workers: {what} workers x {t.cpus_per_worker:g} CPU need "
                           f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
     if not any(n.get("CPU", 0) >= t.cpus_per_worker for n in nodes):
         raise ConfigError(f"train.cpus_per_worker: no node has {t.cpus_per_worker:g} CPUs")
-    if t.use_gpu and total.get("GPU", 0) < t.num_workers:
-        raise ConfigError(f"train.use_gpu: {t.num_workers} workers need {t.num_workers} GPUs but the "
+    if t.use_gpu and total.get("GPU", 0) < n:
+        raise ConfigError(f"train.use_gpu: {what} workers need {n} GPUs but the "
                           f"cluster has {total.get('GPU', 0):g}")
     if t.use_gpu:
         reserved, holders = serving_reservation()
-        if total.get("GPU", 0) - reserved < t.num_workers:
+        if total.get("GPU", 0) - reserved < n:
             raise ConfigError(
-                f"train.num_workers: {t.num_workers} GPU workers do not fit beside serving: the cluster has "
+                f"train.num_workers: {what} GPU workers do not fit beside serving: the cluster has "
                 f"{total.get('GPU', 0):g} GPUs and {reserved:g} are reserved for the minimum replicas of "
                 f"{', '.join(holders)}; train with at most {int(total.get('GPU', 0) - reserved)} workers or "
                 "lower serving's min_replicas")
@@ -250,6 +252,9 @@ class _ProgressSink:
                 "checkpoint": lambda: f"step {item['step']}: checkpoint saved",
                 "resume": lambda: f"resumed from the checkpoint at step {item['step']}"
                                   + (f" (skipped: {'; '.join(item['skipped'])})" if item["skipped"] else ""),
+                "resize": lambda: f"step {item['step']}: {item['from_workers']} -> {item['to_workers']} workers "
+                                  f"(grad_accum {item['grad_accum']}; checkpoint re-partitioned in "
+                                  f"{item['restore_s']:.1f} s)",
             }.get(kind)
             if msg:
                 (self._bar.write if self._bar is not None else print)(msg())
@@ -287,7 +292,8 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
         train_loop_config={"config": cfg.to_dict(), "progress": queue},
         torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and gpus_are_simulated() else None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            num_workers=tuple(cfg.train.num_workers) if cfg.train.elastic else cfg.train.num_workers,
+            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.storage.run_name, storage_path=root,
