@@ -19,10 +19,12 @@ class SimCluster:
     ``down_timeout_s`` otherwise) and until its ports are free again. ``down()`` is idempotent."""
 
     def __init__(self, home: Path, *, gcs_port: int, dashboard_port: int, serve_port: int, nodes: int,
-                 cpus_per_node: int, gpus_per_node: int, up_timeout_s: float = 480, **env: str) -> None:
+                 cpus_per_node: int, gpus_per_node: int, up_timeout_s: float = 480, head_gpus: int | None = None,
+                 **env: str) -> None:
         self.home, self.nodes = home, nodes
         self.gcs_port, self.dashboard_port, self.serve_port = gcs_port, dashboard_port, serve_port
         self.cpus_per_node, self.gpus_per_node, self.up_timeout_s = cpus_per_node, gpus_per_node, up_timeout_s
+        self.head_gpus = head_gpus
         self.env = cli_env(home, **env)
         self.is_up, self.up_output, self.up_s = False, "", 0.0
         self.spoiled = False  # a drill broke it (killed a node): the next user gets a fresh one
@@ -43,6 +45,7 @@ class SimCluster:
             r = mf(self.env, "cluster", "up", "--nodes", str(self.nodes), "--cpus-per-node", str(self.cpus_per_node),
                    "--gpus-per-node", str(self.gpus_per_node), "--gcs-port", str(self.gcs_port),
                    "--dashboard-port", str(self.dashboard_port), "--serve-port", str(self.serve_port),
+                   *(["--head-gpus", str(self.head_gpus)] if self.head_gpus is not None else []),
                    timeout=self.up_timeout_s)
         except BaseException:
             self.down()  # also after a failed or timed-out `up`: nothing of ours may outlive it

@@ -42,6 +42,10 @@ def test_yaml_then_overrides(tmp_path):
     ("preset: huge\n", [], "preset: unknown preset 'huge'; valid presets: tiny, small, gpt2-124m, gpt-1b"),
     ("- a\n- b\n", [], "must hold a mapping"),
     ("", ["novalue"], "override 'novalue' must look like section.key=value"),
+    ("", ["train.num_workers=[3, 2]"], "train.num_workers: must be a worker count or [min, max] with 1 <= min <= max"),
+    ("", ["train.num_workers=[2]"], "train.num_workers: must be a worker count or [min, max]"),
+    ("", ["train.num_workers=many"], "train.num_workers: must be an integer, got 'many' or must be a list"),
+    ("", ["train.elastic_batch=grow"], "train.elastic_batch: must be one of 'keep', 'scale'"),
 ])
 def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
     p = tmp_path / "c.yaml"
@@ -73,3 +77,20 @@ def test_data_path_follows_storage_path_unless_set(tmp_path, monkeypatch):
     assert load_config(preset="digits-cnn", overrides=["storage.path=s3://bucket/mf"]).data.path == \
         "s3://bucket/mf/data/digits-cnn"
     assert load_config(preset="tiny", overrides=["data.path=mine"]).data.path == str(elsewhere / "mine")
+
+
+def test_elastic_workers_keep_the_global_batch_rounding_up():
+    """[min, max]: the global batch of max workers is kept by recomputing grad_accum (ceil, so a
+    count that does not divide rounds the batch up, never down); ``scale`` keeps grad_accum."""
+    from modelfleet.train.deepspeed import build_ds_config
+
+    cfg = load_config(preset="tiny", overrides=["train.num_workers=[2, 4]", "train.grad_accum=1"])
+    t = cfg.train
+    assert (t.elastic, t.min_workers, t.max_workers) == (True, 2, 4)
+    assert [t.grad_accum_at(w) for w in (2, 3, 4)] == [2, 2, 1]  # 3 workers: 6 micro-batches for 4
+    assert build_ds_config(cfg, 3)["gradient_accumulation_steps"] == 2
+    scaled = load_config(preset="tiny", overrides=["train.num_workers=[2, 4]", "train.elastic_batch=scale"])
+    assert [scaled.train.grad_accum_at(w) for w in (2, 3, 4)] == [1, 1, 1]
+    fixed = load_config(preset="tiny", overrides=["train.num_workers=3", "train.grad_accum=2"])
+    assert (fixed.train.elastic, fixed.train.grad_accum_at(3)) == (False, 2)
+    assert Config.from_dict(cfg.to_dict()) == cfg

@@ -75,3 +75,10 @@ def test_gpu_memory_gib_must_not_be_negative():
 
     with pytest.raises(ConfigError, match=r"train\.gpu_memory_gib: must be >= 0"):
         load_config(preset="tiny", overrides=["train.gpu_memory_gib=-1"])
+
+
+def test_an_elastic_run_is_planned_at_its_minimum():
+    """The fewest ranks hold the largest ZeRO shards: [min, max] is planned (and refused) at min."""
+    elastic = load_config(preset="gpt-1b", overrides=["train.num_workers=[2, 8]"])
+    at_min = load_config(preset="gpt-1b", overrides=["train.num_workers=2"])
+    assert plan(elastic, gpu_memory_gib=80).total == plan(at_min, gpu_memory_gib=80).total

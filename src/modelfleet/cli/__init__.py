@@ -104,6 +104,7 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     up.add_argument("--nodes", type=int, help="nodes including the head")
     up.add_argument("--cpus-per-node", type=int, help="logical CPUs each node advertises")
     up.add_argument("--gpus-per-node", type=int, help="logical GPUs each node advertises")
+    up.add_argument("--head-gpus", type=int, help="logical GPUs of the head (default: --gpus-per-node)")
     up.add_argument("--dashboard-port", type=int, help="dashboard and Jobs API port on 127.0.0.1")
     up.add_argument("--serve-port", type=int, help="Serve HTTP port on 127.0.0.1")
     up.add_argument("--gcs-port", type=int, help="head GCS port; other ports derive from it")
@@ -113,6 +114,8 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     sub.add_parser("down", help="stop exactly the processes `cluster up` started")
     kill = sub.add_parser("kill-node", help="SIGKILL one simulated worker node (failure drills)")
     kill.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
+    restart = sub.add_parser("restart-node", help="start a killed simulated worker node again (capacity returns)")
+    restart.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
@@ -160,7 +163,7 @@ COMMANDS: dict[str, tuple[str, Adder, str]] = {
              "commands:cmd_plan"),
     "pipeline": ("train, export and deploy the serve section in one go (jobs/pipeline.py)", _config_args,
                  "pipeline:cmd_pipeline"),
-    "cluster": ("simulated multi-node cluster on this machine: up, status, down, kill-node", _add_cluster,
+    "cluster": ("simulated multi-node cluster on this machine: up, status, down, kill-node, restart-node", _add_cluster,
                 "cluster:cmd_cluster"),
     "submit": ("submit jobs/<JOB>.py to the cluster as a Ray job", _add_submit, "cluster:cmd_submit"),
     "jobs": ("Ray jobs: list, status ID, logs ID [--follow], stop ID", _add_jobs, "cluster:cmd_jobs"),

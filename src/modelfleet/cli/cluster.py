@@ -13,7 +13,8 @@ from modelfleet.errors import ConfigError
 def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
         spec = local.load_spec(args.cluster_config, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                               gpus_per_node=args.gpus_per_node, dashboard_port=args.dashboard_port,
+                               gpus_per_node=args.gpus_per_node, head_gpus=args.head_gpus,
+                               dashboard_port=args.dashboard_port,
                                serve_port=args.serve_port, gcs_port=args.gcs_port,
                                auth="disabled" if args.no_auth else None)
         st = local.up(spec)
@@ -39,6 +40,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "kill-node":
         node = local.kill_node(st, args.node)
         print(f"killed node {node.name} ({node.node_id})")
+        return 0
+    if args.action == "restart-node":
+        node = local.restart_node(st, args.node)
+        print(f"restarted node {node.name} ({node.node_id})")
         return 0
     n = local.down(st)
     print(f"cluster down: stopped {n} processes")

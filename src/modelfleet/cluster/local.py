@@ -30,7 +30,7 @@ from modelfleet.errors import ConfigError
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
 DEFAULTS: dict[str, Any] = {"nodes": 3, "cpus_per_node": 4, "gpus_per_node": 2, "dashboard_port": 8265,
                             "serve_port": 8000, "gcs_port": 6380, "object_store_memory_mb": 512,
-                            "auth": "token"}
+                            "auth": "token", "head_gpus": None}
 _PROJECT_DEFAULTS = Path(__file__).resolve().parents[3] / "cluster" / "local.yaml"
 # Marker resource: the trainer picks the gloo backend on clusters whose GPUs are simulated.
 SIMULATED = "modelfleet_simulated_gpu_node"
@@ -46,6 +46,12 @@ class ClusterSpec:
     gcs_port: int = DEFAULTS["gcs_port"]
     object_store_memory_mb: int = DEFAULTS["object_store_memory_mb"]
     auth: str = DEFAULTS["auth"]
+    head_gpus: int | None = DEFAULTS["head_gpus"]
+    """GPUs of the head node; None: ``gpus_per_node`` like the others (a real cluster's head often
+    has none: then GPU workers live on worker nodes only, and losing one loses its GPUs)."""
+
+    def gpus_of(self, i: int) -> int:
+        return self.head_gpus if i == 0 and self.head_gpus is not None else self.gpus_per_node
 
     def __post_init__(self) -> None:
         for key in ("nodes", "cpus_per_node", "object_store_memory_mb"):
@@ -53,6 +59,8 @@ class ClusterSpec:
                 raise ConfigError(f"cluster.{key}: must be an integer >= 1, got {getattr(self, key)!r}")
         if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
             raise ConfigError(f"cluster.gpus_per_node: must be an integer >= 0, got {self.gpus_per_node!r}")
+        if self.head_gpus is not None and (not isinstance(self.head_gpus, int) or self.head_gpus < 0):
+            raise ConfigError(f"cluster.head_gpus: must be an integer >= 0, got {self.head_gpus!r}")
         for key in ("dashboard_port", "serve_port", "gcs_port"):
             if not isinstance(getattr(self, key), int) or not 1024 <= getattr(self, key) <= 65000:
                 raise ConfigError(f"cluster.{key}: must be a port in 1024..65000, got {getattr(self, key)!r}")
@@ -196,8 +204,8 @@ def _alive(node: NodeState) -> bool:
 def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
     base = spec.gcs_port
     lo = 20000 + i * 1000  # each node its own worker-port range: raylets do not coordinate ports
-    resources = {SIMULATED: 1} if spec.gpus_per_node else {}
-    return [f"--num-cpus={spec.cpus_per_node}", f"--num-gpus={spec.gpus_per_node}",
+    resources = {SIMULATED: 1} if spec.gpus_per_node or spec.gpus_of(0) else {}
+    return [f"--num-cpus={spec.cpus_per_node}", f"--num-gpus={spec.gpus_of(i)}",
             f"--resources={json.dumps(resources)}",
             f"--node-manager-port={base + 10 + i}", f"--object-manager-port={base + 30 + i}",
             f"--dashboard-agent-listen-port={base + 50 + i}", f"--dashboard-agent-grpc-port={base + 70 + i}",
@@ -272,7 +280,7 @@ def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
                          pids=sorted(_ours(temp_dir, daemons_only=True, gcs=st.gcs_address) - before))
         st.nodes.append(node)
         _write_state(st)  # after every node: a failed `up` can still be taken `down`
-        log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_per_node} GPU) in {time.time() - t0:.1f} s")
+        log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_of(i)} GPU) in {time.time() - t0:.1f} s")
 
 
 def _check_ports_free(spec: ClusterSpec) -> None:
@@ -363,6 +371,27 @@ def kill_node(st: ClusterState, name: str) -> NodeState:
     if not _alive(node):
         raise ConfigError(f"node {name!r} is not running")
     _kill_tree(node.pids, signal.SIGKILL)
+    return node
+
+
+def restart_node(st: ClusterState, name: str) -> NodeState:
+    """Start a killed worker node again: same name, ports and resources, a new Ray node id (the
+    capacity an elastic training run grows back into)."""
+    node = st.node(name)
+    if node.name == "head":
+        raise ConfigError("restart-node head: the head cannot be restarted alone; use `cluster down` and `up`")
+    if _alive(node):
+        raise ConfigError(f"node {name!r} is running; kill it first (`modelfleet cluster kill-node {name}`)")
+    i = st.nodes.index(node)
+    before = _ours(st.temp_dir, daemons_only=True, gcs=st.gcs_address)
+    os.environ["RAY_AUTH_MODE"] = st.spec.auth
+    apply_haproxy_env(f"{st.temp_dir}/hap")  # as `up` started it
+    _start([_ray_bin(), "start", f"--address={st.gcs_address}", *_node_args(st.spec, i, st.temp_dir)],
+           st.spec, f"{name} node")
+    node.pids = sorted(_ours(st.temp_dir, daemons_only=True, gcs=st.gcs_address) - before)
+    node.node_id = None
+    _resolve_node_ids(st)
+    _write_state(st)
     return node
 
 
