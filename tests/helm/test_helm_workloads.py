@@ -170,3 +170,30 @@ def test_versions_agree_across_image_chart_and_package():
     assert chart["appVersion"] == version
     assert chart["apiVersion"] == "v2"
     assert f"WORKDIR {values['image']['appDir']}" in dockerfile
+
+
+def test_object_store_mode_trains_and_serves_from_one_store(ci_renders, tmp_path):
+    """RayJob and RayService read and write the same s3:// storage, credentials from one Secret
+    by reference, no PVC; the job's config resolves its data to the same store."""
+    from modelfleet.presets import load_config
+
+    docs = ci_renders["object-store-values.yaml"]
+    assert not of_kind(docs, "PersistentVolumeClaim")
+    uri = "s3://modelfleet-runs/prod"
+    cm = next(c for c in of_kind(docs, "ConfigMap") if "config.yaml" in c["data"])
+    (tmp_path / "config.yaml").write_text(cm["data"]["config.yaml"])
+    cfg = load_config(tmp_path / "config.yaml")
+    assert (cfg.storage.path, cfg.data.path, cfg.train.num_workers) == (uri, f"{uri}/data/tiny", [1, 2])
+    serve_cfg = one(docs, "RayService")["spec"]["serveConfigV2"]
+    assert f"storage_path: {uri}" in serve_cfg
+    kinds = set()
+    for d, _, c in containers(docs):
+        env = {e["name"]: e for e in c["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "modelfleet-s3", (d["kind"], name)
+        assert env["AWS_ENDPOINT_URL"]["value"] == "https://s3.internal.example.com"
+        assert not any(m["name"] == "storage" for m in c["volumeMounts"])
+        kinds.add(d["kind"])
+    assert {"RayJob", "RayService"} <= kinds
+    egress = one(docs, "NetworkPolicy")["spec"]["egress"]
+    assert {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]} in egress
