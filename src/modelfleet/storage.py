@@ -147,28 +147,6 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
-def upload_dir(local_dir: str, uri: str, *, last: tuple[str, ...] = ()) -> None:
-    """Copy a local directory tree to ``uri``; the files named in ``last`` (relative paths) go
-    after all the others, so a reader that waits for them (``meta.json``) sees a complete tree:
-    an object store has no rename that would publish the tree at once."""
-    fs, path = filesystem(uri)
-    held = set(last)
-    for dirpath, _, files in sorted(os.walk(local_dir)):
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(dirpath, name), local_dir)
-            if rel not in held:
-                _put(fs, os.path.join(dirpath, name), f"{path}/{rel}")
-    for rel in last:
-        _put(fs, os.path.join(local_dir, rel), f"{path}/{rel}")
-
-
-def _put(fs: pafs.FileSystem, local: str, path: str) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-        while chunk := src.read(8 << 20):
-            dst.write(chunk)
-
-
 def download_file(uri: str, local: str) -> str:
     fs, path = filesystem(uri)
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)

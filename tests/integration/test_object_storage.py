@@ -148,3 +148,14 @@ def test_bad_bucket_credentials_or_endpoint_fail_before_any_worker(prepared, mon
     assert "wrong" not in str(err.value) and os.environ["AWS_ACCESS_KEY_ID"] not in str(err.value)
     assert not train_worker_pids(os.getpid())
     print(f"\n[s3-fail-fast] {cause}: refused in {took:.2f} s")
+
+
+def test_export_and_evaluate_on_a_missing_bucket_fail_naming_it(prepared, capsys):
+    from modelfleet.cli import main
+
+    assert main(["export", "--preset", "tiny", "--set", "storage.path=s3://no-such-bucket/x", "some-run"]) == 2
+    assert "storage.path: storage s3://no-such-bucket/x cannot be written: the bucket does not exist" \
+        in capsys.readouterr().err
+    assert main(["evaluate", "tiny", "--storage", "s3://no-such-bucket/x", "--data", prepared]) == 2
+    assert "--storage: storage s3://no-such-bucket/x cannot be written: the bucket does not exist" \
+        in capsys.readouterr().err

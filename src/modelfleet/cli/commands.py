@@ -9,13 +9,14 @@ import os
 import sys
 
 from modelfleet import registry
+from modelfleet import storage as storage_io
 from modelfleet.cluster import connect
 from modelfleet.config import Config
 from modelfleet.evaluate import evaluate_artifact, run_dir_of, write_report
 from modelfleet.evaluate.kfold import kfold
 from modelfleet.families import get_family
+from modelfleet.errors import StorageError
 from modelfleet.presets import load_config
-from modelfleet import storage as storage_io
 from modelfleet.storage import StorageLayout, is_remote
 from modelfleet.train.export import export_run
 from modelfleet.train.memory import cheapest_fix, format_plan, plan, refusal
@@ -50,8 +51,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writable(uri: str, key: str) -> None:
+    """Object stores: fail at once, naming the URI and the cause, before any work."""
+    try:
+        storage_io.check_writable(uri)
+    except storage_io.StorageUnavailableError as e:
+        raise StorageError(f"{key}: {e}") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_args(args)
+    _writable(cfg.storage.path, "storage.path")
     ref = export_run(cfg.storage.path, args.run, name=args.name)
     print(f"artifact {ref.name}@{ref.version}: {ref.uri}")
     return 0
@@ -60,6 +70,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics (or K-fold scores) printed, saved as JSON and PNG plots under the storage layout."""
     storage = args.storage if is_remote(args.storage) else os.path.abspath(args.storage)
+    _writable(storage, "--storage")
     ref = registry.resolve(storage, args.artifact)
     data = args.data if is_remote(args.data) else os.path.abspath(args.data)
     label = f"{ref.name or 'artifact'}-{ref.version or 'path'}" + (f"-kfold{args.kfold}" if args.kfold else "")

@@ -24,7 +24,7 @@ import ray.train
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
-from modelfleet import storage
+from modelfleet import storage as storage_io
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
@@ -102,6 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if convert:
                 universal = ck.to_universal(local, tempfile.mkdtemp(prefix="mf-universal-"))
                 engine.load_checkpoint(universal, tag=ck.UNIVERSAL_TAG)
+                shutil.rmtree(universal, ignore_errors=True)
             else:
                 engine.load_checkpoint(local, tag=ck.DS_TAG)
         with open(os.path.join(local, ck.TRAINER_STATE)) as f:
@@ -112,6 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress.send("resize", step=state["step"], from_workers=resized_from, to_workers=world,
                           grad_accum=cfg.train.grad_accum_at(world), restore_s=round(time.time() - t_load, 3),
                           **({} if check is None else {"max_abs_logit_diff": check}))
+        if local != found.uri:  # a downloaded copy (object stores), not the checkpoint itself
+            shutil.rmtree(local, ignore_errors=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -292,9 +295,9 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
                 save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
             if verify is not None:
                 save_file(verify, os.path.join(local, ck.VERIFY_FILE))
-            transform = storage.join(cfg.data.path, TRANSFORM_FILE)
-            if storage.exists(transform):  # the fitted preprocessing travels with the weights
-                storage.download_file(transform, os.path.join(local, TRANSFORM_FILE))
+            transform = storage_io.join(cfg.data.path, TRANSFORM_FILE)
+            if storage_io.exists(transform):  # the fitted preprocessing travels with the weights
+                storage_io.download_file(transform, os.path.join(local, TRANSFORM_FILE))
         ck.write_rank_marker(local, rank, world, step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=ck.step_dir_name(step))

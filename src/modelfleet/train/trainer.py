@@ -90,8 +90,8 @@ def check_capacity(cfg: Config) -> None:
 
     t = cfg.train
     # An elastic run needs its minimum: it starts with what there is between min and max.
-    n, what = t.min_workers, f"{t.min_workers}{' (the minimum of ' + str(t.num_workers) + ')' if t.elastic else ''}"
-    need_cpu = n * t.cpus_per_worker
+    need, what = t.min_workers, f"{t.min_workers}{' (the minimum of ' + str(t.num_workers) + ')' if t.elastic else ''}"
+    need_cpu = need * t.cpus_per_worker
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if total.get("CPU", 0) < need_cpu:
@@ -99,12 +99,12 @@ def check_capacity(cfg: Config) -> None:
                           f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
     if not any(n.get("CPU", 0) >= t.cpus_per_worker for n in nodes):
         raise ConfigError(f"train.cpus_per_worker: no node has {t.cpus_per_worker:g} CPUs")
-    if t.use_gpu and total.get("GPU", 0) < n:
-        raise ConfigError(f"train.use_gpu: {what} workers need {n} GPUs but the "
+    if t.use_gpu and total.get("GPU", 0) < need:
+        raise ConfigError(f"train.use_gpu: {what} workers need {need} GPUs but the "
                           f"cluster has {total.get('GPU', 0):g}")
     if t.use_gpu:
         reserved, holders = serving_reservation()
-        if total.get("GPU", 0) - reserved < n:
+        if total.get("GPU", 0) - reserved < need:
             raise ConfigError(
                 f"train.num_workers: {what} GPU workers do not fit beside serving: the cluster has "
                 f"{total.get('GPU', 0):g} GPUs and {reserved:g} are reserved for the minimum replicas of "
