@@ -36,9 +36,11 @@ def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_da
     down = leg(2, 6)
     up = leg(4, 8)
     recs = read_records(first.run_dir)
-    resizes = [r for r in recs if r["kind"] == "resize"]
+    resizes = [r for r in recs if r["kind"] == "resize"]  # the driver's: the worker group changed size
     assert [(r["step"], r["from_workers"], r["to_workers"]) for r in resizes] == [(4, 4, 2), (6, 2, 4)], resizes
-    for r in resizes:
+    reshards = [r for r in recs if r["kind"] == "reshard"]  # the loop's: a checkpoint re-partitioned
+    assert [(r["step"], r["from_workers"], r["to_workers"]) for r in reshards] == [(4, 4, 2), (6, 2, 4)], reshards
+    for r in reshards:
         assert r["max_abs_logit_diff"] <= 1e-5, r
     assert down.checkpoint_step == 6 and up.checkpoint_step == 8
     steps = [r["step"] for r in recs if r["kind"] == "step"]
@@ -47,5 +49,5 @@ def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_da
     assert built == [4, 2, 4]
     print(f"\n[resize ZeRO-{stage}] " + "; ".join(
         f"{r['from_workers']}->{r['to_workers']} at step {r['step']}: logits max diff {r['max_abs_logit_diff']:.2e}, "
-        f"restore {r['restore_s']:.2f} s" for r in resizes))
+        f"restore {r['restore_s']:.2f} s" for r in reshards))
     wait_no_train_workers(os.getpid())

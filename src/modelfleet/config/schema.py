@@ -83,7 +83,8 @@ class TrainConfig:
     """Ray Train workers (one DeepSpeed rank each); ``[min, max]`` trains elastically: it starts
     with what the cluster has between min and max, continues from the last complete checkpoint
     with fewer workers when a node is lost and grows back when capacity returns (each resize
-    re-partitions the ZeRO checkpoint and is a ``resize`` record in metrics.jsonl)."""
+    is a ``resize`` record in metrics.jsonl; a checkpoint of another number of ranks is
+    re-partitioned, a ``reshard`` record)."""
     elastic_batch: Literal["keep", "scale"] = "keep"
     """Elastic runs: ``keep`` the global batch of ``max`` workers (``micro_batch_size x grad_accum x
     max``) by recomputing grad_accum as ceil(global / (micro_batch_size x workers)), so with

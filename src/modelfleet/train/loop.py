@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         progress.send("resume", step=state["step"], skipped=skipped)
         if resized_from != world:
             check = _restored_logit_diff(engine, family, local)
-            progress.send("resize", step=state["step"], from_workers=resized_from, to_workers=world,
+            progress.send("reshard", step=state["step"], from_workers=resized_from, to_workers=world,
                           grad_accum=cfg.train.grad_accum_at(world), restore_s=round(time.time() - t_load, 3),
                           **({} if check is None else {"max_abs_logit_diff": check}))
         if local != found.uri:  # a downloaded copy (object stores), not the checkpoint itself

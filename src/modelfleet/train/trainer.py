@@ -161,6 +161,13 @@ def serving_reservation() -> tuple[float, list[str]]:
 
 
 
+def _local_lines(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return f.readlines()
+
+
 class _ProgressSink:
     """Driver side of the metrics queue: a live progress line and ``metrics.jsonl`` in the run dir.
 
@@ -180,6 +187,13 @@ class _ProgressSink:
         self.remote = f"{run_dir}/metrics.jsonl" if is_remote(run_dir) else None
         self._lines = read_text(self.remote).splitlines(keepends=True) if self.remote and exists(self.remote) else []
         self._rolled = len(self._lines)
+        # Worker-group size across attempts (and earlier runs of a resumed one): a change is a resize.
+        earlier = self._lines if self.remote else _local_lines(os.path.join(run_dir, "metrics.jsonl"))
+        built = [json.loads(x) for x in earlier if '"kind": "built"' in x]
+        steps = [json.loads(x) for x in earlier if '"kind": "step"' in x]
+        self._world = built[-1]["world"] if built else None
+        self._last_step = steps[-1] if steps else None
+        self._resized: dict[str, Any] | None = None
         self._rolled_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -223,6 +237,29 @@ class _ProgressSink:
             timeout = None
 
     def _handle(self, item: dict[str, Any]) -> None:
+        self._track_resize(item)
+        self._write(item)
+
+    def _track_resize(self, item: dict[str, Any]) -> None:
+        """A worker group of another size than the previous one is a ``resize`` record, written
+        when its first step is done: ``took_s`` is the training time lost, from the previous
+        group's last step to the new group's first (failure detection, restart, restore)."""
+        kind = item["kind"]
+        if kind == "built":
+            if self._world is not None and item["world"] != self._world:
+                self._resized = {"from_workers": self._world, "to_workers": item["world"]}
+            self._world = item["world"]
+        elif kind == "resume" and self._resized is not None:
+            self._resized["step"] = item["step"]
+        elif kind == "step":
+            if self._resized is not None:
+                took = item["time"] - self._last_step["time"] if self._last_step else None
+                self._write({"kind": "resize", "time": item["time"], "step": self._resized.get("step", 0),
+                             **self._resized, "took_s": None if took is None else round(took, 1)})
+                self._resized = None
+            self._last_step = item
+
+    def _write(self, item: dict[str, Any]) -> None:
         self.records.append(item)
         if self.local:
             os.makedirs(self.local, exist_ok=True)
@@ -253,8 +290,9 @@ class _ProgressSink:
                 "resume": lambda: f"resumed from the checkpoint at step {item['step']}"
                                   + (f" (skipped: {'; '.join(item['skipped'])})" if item["skipped"] else ""),
                 "resize": lambda: f"step {item['step']}: {item['from_workers']} -> {item['to_workers']} workers "
-                                  f"(grad_accum {item['grad_accum']}; checkpoint re-partitioned in "
-                                  f"{item['restore_s']:.1f} s)",
+                                  f"({item['took_s']} s of training lost)",
+                "reshard": lambda: f"step {item['step']}: checkpoint of {item['from_workers']} ranks re-partitioned "
+                                   f"for {item['to_workers']} in {item['restore_s']:.1f} s (grad_accum {item['grad_accum']})",
             }.get(kind)
             if msg:
                 (self._bar.write if self._bar is not None else print)(msg())
