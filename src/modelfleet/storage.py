@@ -177,6 +177,21 @@ def check_writable(uri: str) -> None:
         raise StorageUnavailableError(f"storage {uri} cannot be written: {describe_error(str(e))}") from None
 
 
+def check_readable(uri: str) -> None:
+    """List ``uri`` (an object-store prefix) with short timeouts: for a reader (Serve replicas
+    loading artifacts), the same fail-fast causes as ``check_writable`` without needing write access."""
+    if not is_remote(uri):
+        return
+    try:
+        fs, path = _probing_filesystem(uri)
+        fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+        missing = fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound  # listing it says nothing
+    except (OSError, ValueError) as e:
+        raise StorageUnavailableError(f"storage {uri} cannot be read: {describe_error(str(e))}") from None
+    if missing:
+        raise StorageUnavailableError(f"storage {uri} cannot be read: the bucket does not exist")
+
+
 def _probing_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Like ``filesystem`` but with short timeouts and few retries for S3 (pyarrow's defaults
     retry an unreachable endpoint for minutes)."""

@@ -159,3 +159,13 @@ def test_export_and_evaluate_on_a_missing_bucket_fail_naming_it(prepared, capsys
     assert main(["evaluate", "tiny", "--storage", "s3://no-such-bucket/x", "--data", prepared]) == 2
     assert "--storage: storage s3://no-such-bucket/x cannot be written: the bucket does not exist" \
         in capsys.readouterr().err
+
+
+
+def test_serving_from_a_missing_bucket_fails_before_serve_is_touched(s3):
+    from modelfleet.serve.app import deploy
+
+    with pytest.raises(ConfigError, match=r"serve.storage_path: storage s3://no-such-bucket/x cannot be read: "
+                                          r"the bucket does not exist"):
+        deploy({"app_name": "nope", "port": PORT, "storage_path": "s3://no-such-bucket/x",
+                "models": [{"name": "tiny", "artifact": "tiny"}]})

@@ -25,6 +25,7 @@ from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
+from modelfleet import storage as storage_io
 from modelfleet.storage import is_remote
 
 
@@ -128,6 +129,10 @@ def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
     """Start Serve's HTTP proxy on ``host:port`` if needed and (re)deploy the application; returns
     once it is RUNNING. The caller must already be a Ray driver (``cluster.connect()``)."""
     cfg = config_from_args(cfg)
+    try:  # an object store the replicas could not read fails here, not in every replica
+        storage_io.check_readable(cfg.storage_path)
+    except storage_io.StorageUnavailableError as e:
+        raise ConfigError(f"serve.storage_path: {e}") from None
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
