@@ -6,13 +6,10 @@ idle nodes). A drill that kills a node asks for ``cluster_to_break`` instead (se
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from helpers import SimCluster
 
-HERE = Path(__file__).parent
 GCS, DASH, SERVE_PORT = 6480, 8365, 8100
 _clusters: list[SimCluster] = []  # what the early teardown below takes down
 _failed_up: list[str] = []
@@ -58,9 +55,10 @@ def cluster_to_break(cluster: SimCluster):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the last e2e test (the next test is elsewhere, or none), take the cluster down."""
+    """After the last test that uses the shared cluster (the next one is elsewhere, owns its
+    cluster, or there is none), take it down: two clusters must not share 2 cores."""
     result = yield
-    if nextitem is None or not nextitem.path.is_relative_to(HERE):
+    if nextitem is None or "sim_cluster" not in nextitem.fixturenames:
         for c in _clusters:
             if c.is_up:
                 c.down()

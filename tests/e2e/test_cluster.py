@@ -107,41 +107,6 @@ def _all_gpus_free(env: dict) -> bool:
     return bool(rows) and all(float(r["gpu"].split("/")[0]) == float(r["gpu"].split("/")[1]) for r in rows)
 
 
-def test_object_store_train_serve_evaluate_on_the_cluster(cluster, s3, tmp_path):
-    """The S3 variant on the simulated cluster: `prepare` writes shards to the bucket, a training
-    job's workers read them and write checkpoints, metrics and the artifact there, Serve's
-    replicas load it from there, and `evaluate` writes its report there; nothing under a local
-    path. Credentials reach the nodes through their environment only."""
-    env, root = cluster.env, "s3://modelfleet/e2e"
-    mf(env, "prepare", "--preset", "tiny", "--set", f"storage.path={root}", timeout=300)
-    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={root}", "--set", "train.use_gpu=true",
-       "--set", "train.num_workers=2", "--set", "train.max_steps=20", "--set", "train.eval_every=20",
-       "--set", "train.checkpoint_every=10", "--set", "train.eval_batches=1", "--set", "storage.run_name=s3",
-       "--submission-id", "s3-train")
-    s = wait_job(env, "s3-train", 600, interval_s=2)
-    assert s["status"] == "SUCCEEDED", s
-    assert f"artifact tiny@v1: {root}/models/tiny/v1" in mf(env, "jobs", "logs", "s3-train").stdout
-    keys = set(s3.keys("modelfleet", "e2e/"))
-    assert {"e2e/runs/s3/metrics.jsonl", "e2e/runs/s3/result.json", "e2e/runs/s3/step_00000020/COMPLETE",
-            "e2e/models/tiny/LATEST", "e2e/models/tiny/v1/model.safetensors", "e2e/data/tiny/meta.json"} <= keys
-
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"preset": "tiny", "storage": {"path": root}, "serve": {
-        "app_name": "s3", "port": cluster.serve_port, "models": [{
-            "name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5}}]}}))
-    mf(env, "serve", str(cfg), "--detach", timeout=240)
-    try:
-        r = httpx.post(f"http://127.0.0.1:{cluster.serve_port}/v1/completions", timeout=60,
-                       json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
-        assert r.status_code == 200 and r.headers["x-modelfleet-artifact"] == "tiny@v1", r.text
-    finally:
-        run_cli(env, "serve", "shutdown", "-y", "--address", cluster.dashboard_url, check=False)
-    out = mf(env, "evaluate", "tiny", "--storage", root, "--data", f"{root}/data/tiny", timeout=300).stdout
-    assert f"{root}/evaluations/tiny-v1/evaluation.json" in out
-    assert "e2e/evaluations/tiny-v1/evaluation.json" in s3.keys("modelfleet", "e2e/evaluations/")
-    wait_until(lambda: _all_gpus_free(env), 180, "every GPU free after `serve shutdown`", 2)
-
-
 @pytest.mark.slow  # ~3 min: a job started, stopped and resubmitted on the 3-node cluster
 def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     """`modelfleet jobs stop` (Ray's stop_job: SIGTERM to the entrypoint, then its process group)

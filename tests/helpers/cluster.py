@@ -20,11 +20,11 @@ class SimCluster:
 
     def __init__(self, home: Path, *, gcs_port: int, dashboard_port: int, serve_port: int, nodes: int,
                  cpus_per_node: int, gpus_per_node: int, up_timeout_s: float = 480, head_gpus: int | None = None,
-                 **env: str) -> None:
+                 isolated: bool = False, **env: str) -> None:
         self.home, self.nodes = home, nodes
         self.gcs_port, self.dashboard_port, self.serve_port = gcs_port, dashboard_port, serve_port
         self.cpus_per_node, self.gpus_per_node, self.up_timeout_s = cpus_per_node, gpus_per_node, up_timeout_s
-        self.head_gpus = head_gpus
+        self.head_gpus, self.isolated = head_gpus, isolated
         self.env = cli_env(home, **env)
         self.is_up, self.up_output, self.up_s = False, "", 0.0
         self.spoiled = False  # a drill broke it (killed a node): the next user gets a fresh one
@@ -46,6 +46,7 @@ class SimCluster:
                    "--gpus-per-node", str(self.gpus_per_node), "--gcs-port", str(self.gcs_port),
                    "--dashboard-port", str(self.dashboard_port), "--serve-port", str(self.serve_port),
                    *(["--head-gpus", str(self.head_gpus)] if self.head_gpus is not None else []),
+                   *(["--isolated"] if self.isolated else []),
                    timeout=self.up_timeout_s)
         except BaseException:
             self.down()  # also after a failed or timed-out `up`: nothing of ours may outlive it

@@ -105,6 +105,8 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     up.add_argument("--cpus-per-node", type=int, help="logical CPUs each node advertises")
     up.add_argument("--gpus-per-node", type=int, help="logical GPUs each node advertises")
     up.add_argument("--head-gpus", type=int, help="logical GPUs of the head (default: --gpus-per-node)")
+    up.add_argument("--isolated", action="store_true", default=None,
+                    help="each worker node gets its own /tmp (a private mount namespace): share-nothing nodes")
     up.add_argument("--dashboard-port", type=int, help="dashboard and Jobs API port on 127.0.0.1")
     up.add_argument("--serve-port", type=int, help="Serve HTTP port on 127.0.0.1")
     up.add_argument("--gcs-port", type=int, help="head GCS port; other ports derive from it")

@@ -30,7 +30,7 @@ from modelfleet.errors import ConfigError
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
 DEFAULTS: dict[str, Any] = {"nodes": 3, "cpus_per_node": 4, "gpus_per_node": 2, "dashboard_port": 8265,
                             "serve_port": 8000, "gcs_port": 6380, "object_store_memory_mb": 512,
-                            "auth": "token", "head_gpus": None}
+                            "auth": "token", "head_gpus": None, "isolated": False}
 _PROJECT_DEFAULTS = Path(__file__).resolve().parents[3] / "cluster" / "local.yaml"
 # Marker resource: the trainer picks the gloo backend on clusters whose GPUs are simulated.
 SIMULATED = "modelfleet_simulated_gpu_node"
@@ -50,6 +50,11 @@ class ClusterSpec:
     """GPUs of the head node; None: ``gpus_per_node`` like the others (a real cluster's head often
     has none: then GPU workers live on worker nodes only, and losing one loses its GPUs)."""
 
+    isolated: bool = DEFAULTS["isolated"]
+    """Each worker node in its own mount namespace with a private /tmp, so a file one node writes
+    under /tmp is invisible to the others, as on separate machines (the head, where drivers and the
+    CLI run, keeps the host's view). Needs ``unshare`` (util-linux) and root or user namespaces."""
+
     def gpus_of(self, i: int) -> int:
         return self.head_gpus if i == 0 and self.head_gpus is not None else self.gpus_per_node
 
@@ -66,6 +71,8 @@ class ClusterSpec:
                 raise ConfigError(f"cluster.{key}: must be a port in 1024..65000, got {getattr(self, key)!r}")
         if self.nodes > 16:
             raise ConfigError(f"cluster.nodes: at most 16 simulated nodes, got {self.nodes}")
+        if not isinstance(self.isolated, bool):
+            raise ConfigError(f"cluster.isolated: must be true or false, got {self.isolated!r}")
         if self.auth not in ("token", "disabled"):
             raise ConfigError(f"cluster.auth: must be 'token' or 'disabled', got {self.auth!r}")
 
@@ -215,6 +222,25 @@ def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
 
 
+def _isolate(cmd: list[str]) -> list[str]:
+    """``cmd`` in a new mount namespace whose /tmp is an empty tmpfs: the node's processes (its
+    raylet and every worker it starts) see only their own /tmp. Not root: a user namespace too."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise ConfigError("cluster.isolated: needs the `unshare` command (util-linux) to give each node its own /tmp")
+    userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [unshare, *userns, "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount -t tmpfs -o mode=1777 modelfleet-node /tmp && exec "$@"', "sh", *cmd]
+
+
+def _node_cmd(st: ClusterState, i: int) -> list[str]:
+    """``ray start`` of worker node ``i`` (isolated when the spec says so)."""
+    cmd = [_ray_bin(), "start", f"--address={st.gcs_address}", *_node_args(st.spec, i, st.temp_dir)]
+    return _isolate(cmd) if st.spec.isolated else cmd
+
+
 def _start(cmd: list[str], spec: ClusterSpec, what: str, *, quiet: bool = False) -> None:
     r = subprocess.run(cmd, env=ray_env(spec), capture_output=True, text=True, timeout=180)
     if r.returncode != 0:
@@ -272,10 +298,11 @@ def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
         if i == 0:
             cmd = [ray, "start", "--head", f"--port={spec.gcs_port}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}",
-                   "--include-dashboard=true", "--ray-client-server-port", str(spec.gcs_port + 130)]
+                   "--include-dashboard=true", "--ray-client-server-port", str(spec.gcs_port + 130),
+                   *_node_args(spec, i, temp_dir)]
         else:
-            cmd = [ray, "start", f"--address={st.gcs_address}"]
-        _start(cmd + _node_args(spec, i, temp_dir), spec, f"{name} node")
+            cmd = _node_cmd(st, i)
+        _start(cmd, spec, f"{name} node")
         node = NodeState(name=name, node_manager_port=spec.gcs_port + 10 + i,
                          pids=sorted(_ours(temp_dir, daemons_only=True, gcs=st.gcs_address) - before))
         st.nodes.append(node)
@@ -386,8 +413,7 @@ def restart_node(st: ClusterState, name: str) -> NodeState:
     before = _ours(st.temp_dir, daemons_only=True, gcs=st.gcs_address)
     os.environ["RAY_AUTH_MODE"] = st.spec.auth
     apply_haproxy_env(f"{st.temp_dir}/hap")  # as `up` started it
-    _start([_ray_bin(), "start", f"--address={st.gcs_address}", *_node_args(st.spec, i, st.temp_dir)],
-           st.spec, f"{name} node")
+    _start(_node_cmd(st, i), st.spec, f"{name} node")
     node.pids = sorted(_ours(st.temp_dir, daemons_only=True, gcs=st.gcs_address) - before)
     node.node_id = None
     _resolve_node_ids(st)

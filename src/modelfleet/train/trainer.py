@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from modelfleet.cluster import connect
 from modelfleet.cluster.local import gpus_are_simulated
+from modelfleet.cluster.visibility import check_visible_everywhere
 from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
@@ -313,6 +314,9 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     connect()
     t_ray = time.time()
     check_capacity(cfg)
+    # Before any worker: storage and data a worker on another node could not see fail here.
+    check_visible_everywhere(cfg.storage.path, "storage.path")
+    check_visible_everywhere(cfg.data.path, "data.path")
     if check_plan:
         check_gpu_memory(cfg)
     layout = StorageLayout(cfg.storage.path)

@@ -1,0 +1,84 @@
+"""Share-nothing nodes: `modelfleet cluster up --isolated` gives each worker node its own /tmp (a
+private mount namespace), so what one node writes there the others cannot see, as on separate
+machines; the head (where the CLI and job drivers run) keeps the host's view. GPU workers and
+replicas land on the isolated worker nodes (the head has no GPUs).
+
+- A training run whose storage is local to the head fails, saying to use shared storage.
+- The S3 variant of prepare -> train job -> serve -> evaluate runs on these nodes, every file in
+  the bucket (moto's S3 server on 127.0.0.1; the nodes inherit its endpoint and key).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import yaml
+
+from helpers import SimCluster, mf, run_cli, wait_job
+
+GCS, DASH, SERVE = 6880, 8665, 8500
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    c = SimCluster(tmp_path_factory.mktemp("mfhome-isolated"), gcs_port=GCS, dashboard_port=DASH, serve_port=SERVE,
+                   nodes=3, cpus_per_node=3, gpus_per_node=2, head_gpus=0, isolated=True, up_timeout_s=480)
+    try:
+        c.up()
+        assert "worker nodes isolated" in c.up_output, c.up_output[-2000:]
+        yield c
+    finally:
+        c.down()
+
+
+def test_storage_local_to_the_head_fails_saying_to_use_shared_storage(cluster, tmp_path, tiny_data):
+    env = cluster.env
+    local = tmp_path / "head-only-storage"  # under /tmp: the worker nodes cannot see it
+    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={local}", "--set", f"data.path={tiny_data}",
+       "--set", "train.use_gpu=true", "--set", "train.num_workers=2", "--set", "train.max_steps=4",
+       "--submission-id", "head-local")
+    s = wait_job(env, "head-local", 600, interval_s=2)
+    logs = mf(env, "jobs", "logs", "head-local").stdout
+    print(f"\n[isolated] head-local storage: {s['status']}; {s.get('reason', '')[-600:]}")
+    assert s["status"] == "FAILED", s
+    assert "is not visible on 2 of 3 nodes" in logs and "use shared storage" in logs, (s, logs[-3000:])
+
+
+def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_path):
+    """The S3 variant on share-nothing nodes: `prepare` writes shards to the bucket, a training
+    job's workers (on the isolated GPU nodes) read them and write checkpoints, metrics and the
+    artifact there, Serve's replicas load it from there, `evaluate` writes its report there."""
+    env, root = cluster.env, "s3://modelfleet/isolated"
+    mf(env, "prepare", "--preset", "tiny", "--set", f"storage.path={root}", timeout=300)
+    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={root}", "--set", "train.use_gpu=true",
+       "--set", "train.num_workers=2", "--set", "train.max_steps=20", "--set", "train.eval_every=20",
+       "--set", "train.checkpoint_every=10", "--set", "train.eval_batches=1", "--set", "storage.run_name=s3",
+       "--submission-id", "s3-train")
+    s = wait_job(env, "s3-train", 600, interval_s=2)
+    assert s["status"] == "SUCCEEDED", s
+    assert f"artifact tiny@v1: {root}/models/tiny/v1" in mf(env, "jobs", "logs", "s3-train").stdout
+    keys = set(s3.keys("modelfleet", "isolated/"))
+    assert {"isolated/runs/s3/metrics.jsonl", "isolated/runs/s3/result.json", "isolated/runs/s3/step_00000020/COMPLETE",
+            "isolated/models/tiny/LATEST", "isolated/models/tiny/v1/model.safetensors",
+            "isolated/data/tiny/meta.json"} <= keys
+
+    cfg = tmp_path / "serve.yaml"  # read by the CLI on the head
+    cfg.write_text(yaml.safe_dump({"preset": "tiny", "storage": {"path": root}, "serve": {
+        "app_name": "s3", "port": cluster.serve_port, "models": [{
+            "name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5}}]}}))
+    mf(env, "serve", str(cfg), "--detach", timeout=240)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{cluster.serve_port}/v1/completions", timeout=60,
+                       json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.headers["x-modelfleet-artifact"] == "tiny@v1", r.text
+        replicas = [a for a in cluster.state_api("/api/v0/actors?limit=1000")
+                    if a.get("class_name", "").startswith("ServeReplica") and a.get("state") == "ALIVE"]
+        nodes = {n["node_id"]: n["name"] for n in json.loads(mf(env, "cluster", "status", "--json").stdout)}
+        assert replicas and all(nodes.get(a["node_id"]) != "head" for a in replicas), replicas
+    finally:
+        run_cli(env, "serve", "shutdown", "-y", "--address", cluster.dashboard_url, check=False)
+    out = mf(env, "evaluate", "tiny", "--storage", root, "--data", f"{root}/data/tiny", timeout=300).stdout
+    assert f"{root}/evaluations/tiny-v1/evaluation.json" in out
+    assert "isolated/evaluations/tiny-v1/evaluation.json" in s3.keys("modelfleet", "isolated/evaluations/")
