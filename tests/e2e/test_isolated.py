@@ -11,12 +11,14 @@ replicas land on the isolated worker nodes (the head has no GPUs).
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
 import yaml
 
-from helpers import SimCluster, mf, run_cli, wait_job
+from helpers import SimCluster, mf, read_records, run_cli, wait_job, wait_until
 
 GCS, DASH, SERVE = 6880, 8665, 8500
 
@@ -49,20 +51,56 @@ def test_storage_local_to_the_head_fails_saying_to_use_shared_storage(cluster, t
 def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_path):
     """The S3 variant on share-nothing nodes: `prepare` writes shards to the bucket, a training
     job's workers (on the isolated GPU nodes) read them and write checkpoints, metrics and the
-    artifact there, Serve's replicas load it from there, `evaluate` writes its report there."""
+    artifact there; the node holding its workers is killed after the step-10 checkpoint and the
+    run resumes from the bucket on the other node; Serve's replicas load the artifact from the
+    bucket, `evaluate` writes its report there."""
     env, root = cluster.env, "s3://modelfleet/isolated"
     mf(env, "prepare", "--preset", "tiny", "--set", f"storage.path={root}", timeout=300)
     mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={root}", "--set", "train.use_gpu=true",
-       "--set", "train.num_workers=2", "--set", "train.max_steps=20", "--set", "train.eval_every=20",
-       "--set", "train.checkpoint_every=10", "--set", "train.eval_batches=1", "--set", "storage.run_name=s3",
-       "--submission-id", "s3-train")
-    s = wait_job(env, "s3-train", 600, interval_s=2)
+       "--set", "train.num_workers=2", "--set", "train.max_steps=40", "--set", "train.eval_every=40",
+       "--set", "train.checkpoint_every=10", "--set", "train.eval_batches=1", "--set", "train.max_failures=1",
+       "--set", "storage.run_name=s3", "--submission-id", "s3-train")
+    names = {r["node_id"]: r["name"] for r in json.loads(mf(env, "cluster", "status", "--json").stdout)}
+    killed: dict = {}
+    stop = threading.Event()
+
+    def killer() -> None:
+        # By condition: step 10's COMPLETE object is in the bucket; then the node holding a worker goes.
+        try:
+            wait_until(lambda: stop.is_set() or "isolated/runs/s3/step_00000010/COMPLETE"
+                       in s3.keys("modelfleet", "isolated/runs/s3/step_00000010/"), 600, "the step-10 checkpoint", 0.2)
+            victims = sorted(names[n] for n in cluster.train_worker_nodes() if names.get(n, "head") != "head")
+            if stop.is_set() or not victims:
+                return
+            mf(env, "cluster", "kill-node", victims[0])
+            killed["node"] = victims[0]
+            # What was complete when its workers died: the resume must come from the newest of these.
+            done = [k for k in s3.keys("modelfleet", "isolated/runs/s3/") if k.endswith("/COMPLETE")]
+            killed["complete"] = sorted(int(k.split("/")[-2].split("_")[1]) for k in done)
+        except Exception as e:  # noqa: BLE001 - reported below
+            killed["error"] = repr(e)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        s = wait_job(env, "s3-train", 900, interval_s=2)
+    finally:
+        stop.set()
+        th.join(timeout=120)
     assert s["status"] == "SUCCEEDED", s
+    assert killed.get("node"), killed
+    resumes = [r["step"] for r in read_records(f"{root}/runs/s3") if r["kind"] == "resume"]
+    # Restored from the bucket on the surviving node, from the newest checkpoint complete at the kill.
+    assert killed["complete"] and killed["complete"][-1] < 40, killed  # the kill hit a run in progress
+    assert resumes == [killed["complete"][-1]], (resumes, killed)
     assert f"artifact tiny@v1: {root}/models/tiny/v1" in mf(env, "jobs", "logs", "s3-train").stdout
     keys = set(s3.keys("modelfleet", "isolated/"))
-    assert {"isolated/runs/s3/metrics.jsonl", "isolated/runs/s3/result.json", "isolated/runs/s3/step_00000020/COMPLETE",
+    assert {"isolated/runs/s3/metrics.jsonl", "isolated/runs/s3/result.json", "isolated/runs/s3/step_00000040/COMPLETE",
             "isolated/models/tiny/LATEST", "isolated/models/tiny/v1/model.safetensors",
             "isolated/data/tiny/meta.json"} <= keys
+    mf(env, "cluster", "restart-node", killed["node"])  # capacity back for serving
+    print(f"\n[isolated-s3] killed {killed['node']} with checkpoints {killed['complete']} complete; "
+          f"resumed from {resumes} on the other node")
 
     cfg = tmp_path / "serve.yaml"  # read by the CLI on the head
     cfg.write_text(yaml.safe_dump({"preset": "tiny", "storage": {"path": root}, "serve": {
