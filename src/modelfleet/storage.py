@@ -223,15 +223,13 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
-def begin_tree(dest: str, *, overwrite: bool) -> str:
+def begin_tree(dest: str) -> str:
     """Where to write a new directory tree that replaces ``dest`` (a prepared dataset): beside it
     for a local path (``commit_tree`` renames it into place, so readers never see half of it);
     ``dest`` itself on an object store, which has no rename: the old tree is removed first and
     the writer puts its marker file (``meta.json``) last, so a reader sees no dataset until
-    the whole new one is there. Raises ``FileExistsError`` when ``dest`` holds files and
-    ``overwrite`` is false."""
-    if has_files(dest) and not overwrite:
-        raise FileExistsError(dest)
+    the whole new one is there. The caller has checked ``dest`` may be replaced
+    (``data.prepare.check_destination``)."""
     if is_remote(dest):
         delete_dir(dest)
         return dest

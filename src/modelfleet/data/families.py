@@ -187,7 +187,7 @@ def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: 
 
     check_destination(out, overwrite)
     transform = family.fit_transform(splits["train"], model)
-    staging = storage.begin_tree(out, overwrite=overwrite)
+    staging = storage.begin_tree(out)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     try:

@@ -61,7 +61,7 @@ def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, to
         "num_documents": n_docs, "sources": [str(p) for p in paths], "seed": cfg.seed,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    staging = storage.begin_tree(out, overwrite=overwrite)
+    staging = storage.begin_tree(out)
     try:
         _write_split(storage.join(staging, "val"), rows[:n_val], cfg.rows_per_shard)
         _write_split(storage.join(staging, "train"), rows[n_val:], cfg.rows_per_shard)
