@@ -126,3 +126,38 @@ def run_load(client, n: int, concurrency: int, *, deadline_s: float, stop=None, 
         t.join(timeout=deadline_s + 180)  # a request in flight at the deadline may still finish
     res.duration_s = time.monotonic() - t0
     return res
+
+
+def publish_adapters(storage: Path, base: str, names: tuple[str, ...], probe: str = "def main(") -> dict[str, dict]:
+    """Publish one LoRA adapter per name over the registry artifact ``base`` (random, non-zero
+    low-rank weights: no training run) as ``<name>@v1``; returns, per name, its reference and its
+    greedy 8-token answer to ``probe`` (what a pool must reproduce for a request naming it)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from modelfleet import registry
+    from modelfleet.config import Config
+    from modelfleet.data.tokenizer import ByteTokenizer
+    from modelfleet.families.artifact import load_artifact
+    from modelfleet.families.lora import write_adapter_dir
+    from modelfleet.models.gpt import generate
+
+    ref = registry.resolve(str(storage), base)
+    manifest = registry.read_json(ref.uri, "manifest.json")
+    cfg = Config.from_dict(manifest["config"])
+    tok, out = ByteTokenizer(), {}
+    for i, name in enumerate(names):
+        torch.manual_seed(100 + i)
+        model, _, _ = load_artifact(ref.uri)
+        # init_lora_weights=False: random A and B, so every adapter answers differently.
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                      init_lora_weights=False)).eval()
+        cfg.model.params = {"lora": {"base": ref.uri, "base_ref": f"{ref.name}@{ref.version}",
+                                     "base_sha256": manifest["weights_sha256"], "r": 4, "alpha": 8.0,
+                                     "target_modules": ["c_attn", "c_fc"]}}
+        published = registry.publish(str(storage), name, write_adapter_dir(peft_model, cfg, {}))
+        ids = torch.tensor([tok.encode(probe)])
+        with torch.no_grad():
+            answer = tok.decode(generate(peft_model, ids, 8, temperature=0)[0, ids.size(1):])
+        out[name] = {"ref": f"{published.name}@{published.version}", "answer": answer}
+    return out

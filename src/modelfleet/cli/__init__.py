@@ -45,6 +45,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id under <storage>/runs/")
     _config_args(p)
     p.add_argument("--name", help="registry name (default: storage.model_name or the preset)")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: publish the base with the adapter merged "
+                   "in (a full model) instead of the adapter artifact")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -83,8 +85,11 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 
 
 def _add_deploy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="served model name (serve.models[].name)")
-    p.add_argument("--artifact", required=True, help="vN, latest, name@vN, or an artifact path/URI")
+    p.add_argument("name", help="served model name (serve.models[].name); with --add/--remove, a pool's name")
+    p.add_argument("--artifact", help="vN, latest, name@vN, or an artifact path/URI (with --add: the adapter)")
+    p.add_argument("--add", metavar="VARIANT", help="pools: add a variant serving the LoRA adapter --artifact, in "
+                   "place (no replica restarts)")
+    p.add_argument("--remove", metavar="VARIANT", help="pools: remove a variant, in place")
     p.add_argument("--app", default="modelfleet", help="Serve application name (serve.app_name)")
     p.add_argument("--if-better", metavar="METRIC", help="promote only if the artifact beats the served one "
                    "on METRIC (accuracy, f1_macro, r2, mse, recall@10, perplexity, ...)")

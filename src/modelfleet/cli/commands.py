@@ -62,7 +62,7 @@ def _writable(uri: str, key: str) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_args(args)
     _writable(cfg.storage.path, "storage.path")
-    ref = export_run(cfg.storage.path, args.run, name=args.name)
+    ref = export_run(cfg.storage.path, args.run, name=args.name, merge=args.merge)
     print(f"artifact {ref.name}@{ref.version}: {ref.uri}")
     return 0
 

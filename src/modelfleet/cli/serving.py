@@ -15,7 +15,7 @@ from modelfleet.config import Config
 from modelfleet.errors import ConfigError
 from modelfleet.evaluate import gate
 from modelfleet.serve import client
-from modelfleet.serve.app import deploy, running_config, status, update_model, verify_auth
+from modelfleet.serve.app import deploy, running_config, status, update_model, update_pool, verify_auth
 
 
 def _attach(*, start_local: bool) -> bool:
@@ -120,6 +120,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.add or args.remove:
+        if args.add and args.remove:
+            raise ConfigError("--add and --remove: give one change at a time")
+        if args.add and not args.artifact:
+            raise ConfigError("--add: name the adapter with --artifact (name@vN or a path/URI)")
+        _attach(start_local=False)
+        print(f"app {args.app}: pool {args.name}: "
+              f"{update_pool(args.app, args.name, add=(args.add, args.artifact) if args.add else None, remove=args.remove)}")
+        return 0
+    if not args.artifact:
+        raise ConfigError("--artifact: required (vN, latest, name@vN, or an artifact path/URI)")
     if args.if_better:
         _attach(start_local=False)
         decision = gate.check(running_config(args.app), args.name, args.artifact, args.if_better, data=args.data)

@@ -9,6 +9,7 @@ read the same schema. Errors name the key path, e.g. ``serve.models[0].autoscali
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +23,9 @@ class _FieldError(ValueError):
     def __init__(self, field: str, msg: str) -> None:
         super().__init__(msg)
         self.field = field
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class _Strict(BaseModel):
@@ -114,9 +118,20 @@ class ModelSpec(_Strict):
                                                                   "replica unhealthy: Serve replaces it.")
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description="How long a stopping replica (scale-down, "
                                                                        "update) may finish in-flight requests.")
+    variants: dict[str, str] | None = Field(
+        None, description="Makes this model a pool: variant name -> LoRA adapter artifact trained over `artifact` "
+                          "(the base). A request's `model` picks a variant; replicas hold the base once and an LRU "
+                          "of variants, and Serve routes each request to a replica holding its variant. Set {} for "
+                          "a pool with no variants yet (`modelfleet deploy POOL --add`).")
+    max_models_per_replica: int = Field(8, ge=1, le=1024, description="Pools: most variants one replica holds at "
+                                                                      "once; the least recently used leaves first.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":
+        for v in self.variants or {}:
+            if not _NAME.fullmatch(v):
+                raise _FieldError("variants", f"name {v!r} is invalid: use 1-63 letters, digits, '.', '_' or '-' "
+                                  "starting with a letter or digit")
         if self.autoscaling is not None and self.num_replicas != 1:
             raise _FieldError("num_replicas", "cannot be set together with autoscaling; use "
                               "autoscaling.min_replicas/max_replicas instead")
@@ -176,7 +191,21 @@ class ServeConfig(_Strict):
             if m.name in seen:
                 raise _FieldError("models", f"[{i}].name {m.name!r} is used twice; model names must be unique")
             seen.add(m.name)
+        for i, m in enumerate(self.models):  # a request's `model` must name one thing
+            for v in m.variants or {}:
+                if v in seen:
+                    raise _FieldError("models", f"[{i}].variants: {v!r} is already the name of a model or of "
+                                      "another variant; names must be unique across the application")
+                seen.add(v)
         return self
+
+    @property
+    def has_pools(self) -> bool:
+        return any(m.variants is not None for m in self.models)
+
+    def pool_of(self, name: str) -> ModelSpec | None:
+        """The pool that serves variant ``name``, if any."""
+        return next((m for m in self.models if name in (m.variants or {})), None)
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

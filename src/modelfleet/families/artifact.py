@@ -1,6 +1,8 @@
 """Loading an artifact: the family named in its config builds the model, the weights come from
 safetensors checked against the manifest's sha256 (loading never unpickles), and the family
-loads the preprocessor saved beside them."""
+loads the preprocessor saved beside them. An adapter artifact (``kind: adapter``) loads its base
+artifact first, checks the base's sha256 is the one the adapter was trained over, and puts the
+adapter on it with peft."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from modelfleet.config import ModelConfig
 from modelfleet.errors import ArtifactError
 from modelfleet.families import get_family
+from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter
 from modelfleet.registry import WEIGHTS, fetch
 from modelfleet.storage import read_json, sha256_file
 
@@ -22,6 +25,8 @@ def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str,
 
     local = fetch(uri)
     manifest = read_json(local, "manifest.json")
+    if manifest.get("kind") == KIND_ADAPTER:
+        return _load_adapter(uri, local, manifest, device)
     weights = os.path.join(local, WEIGHTS)
     if not os.path.isfile(weights):
         raise ArtifactError(f"artifact {uri!r} has no {WEIGHTS}")
@@ -32,3 +37,23 @@ def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str,
     model = family.build_for_artifact(mcfg, local)
     load_model(model, weights, device=device)
     return model.eval(), family.load_preprocessor(local, manifest), manifest
+
+
+def _load_adapter(uri: str, local: str, manifest: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, Any]]:
+    from peft import PeftModel
+
+    check_adapter(local, uri, manifest)
+    base = adapter_base(manifest, uri)
+    model, _, base_manifest = load_artifact(base["uri"], device=device)
+    check_base(base_manifest, base, uri)
+    family = get_family(manifest["family"])
+    model = family.set_peft_root(model, PeftModel.from_pretrained(family.peft_root(model), local))
+    return model.eval(), family.load_preprocessor(local, manifest), manifest
+
+
+def check_base(base_manifest: dict[str, Any], base: dict[str, Any], uri: str) -> None:
+    """The base an adapter is put on must be the weights it was trained over."""
+    want = base.get("weights_sha256")
+    if want and base_manifest.get("weights_sha256") != want:
+        raise ArtifactError(f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
+                            f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}...")

@@ -129,6 +129,10 @@ class TrainHooks:
         """What the progress line counts per sample (tokens for LMs, 1 otherwise)."""
         return 1
 
+    def lora_params(self, cfg: ModelConfig) -> Any:
+        """``model.params.lora`` when the run trains a LoRA adapter only (LM families)."""
+        return None
+
 
 class ServeHooks:
     """Serving and evaluation: request schemas, predictions, metrics."""

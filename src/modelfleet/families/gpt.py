@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import numpy as np
@@ -9,10 +11,22 @@ import numpy as np
 from modelfleet.config import Config, ModelConfig
 from modelfleet.data.prepare import check_seq_len, prepare_dataset
 from modelfleet.data.tokenizer import ByteTokenizer, tokenizer_from_spec
-from modelfleet.errors import ConfigError
+from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families.base import Family
+from modelfleet.families.lora import LoraHooks
 from modelfleet.models.gpt import GPT
-from modelfleet.storage import dump_json
+from modelfleet.models.lora import LoraParams
+from modelfleet.registry import WEIGHTS, fetch
+from modelfleet.storage import dump_json, read_json, sha256_file
+
+ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")
+"""``model.*`` fields a LoRA run must share with its base artifact."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class GPTParams:
+    lora: LoraParams | None = None
+    """LoRA fine-tuning over a base artifact instead of training every weight (see models/lora.py)."""
 
 
 class TokenRows:
@@ -36,31 +50,68 @@ class TokenRows:
         return {"tokens": batch["tokens"][:2, :-1].contiguous()}
 
 
-class GPTFamily(TokenRows, Family):
+class GPTFamily(TokenRows, LoraHooks, Family):
     name = "gpt"
     task = "lm"
+    Params = GPTParams
     primary_metric = "perplexity"
     serves_openai = True
     cache_epochs = False
     needs_ray_to_prepare = False
+    lora_targets = ["c_attn", "c_proj", "c_fc"]
 
     def build(self, cfg: ModelConfig) -> Any:
-        return GPT(cfg)
+        p = self.lora_params(cfg)
+        if p is None:
+            return GPT(cfg)
+        return self.with_lora(self.build_base(cfg, fetch(p.base)), p)
+
+    def build_base(self, cfg: ModelConfig, base_dir: str) -> Any:
+        from safetensors.torch import load_model
+
+        model = GPT(cfg)
+        load_model(model, _base_weights(base_dir))
+        return model
 
     def build_sharded(self, cfg: ModelConfig, ds_config: dict[str, Any]) -> Any:
         """Partitions from the start, then GPT-2's initialisation (tied ``lm_head`` included) run
         again one module at a time on gathered parameters: the weights equal a ZeRO-2 build's (the
-        constructor's own pass wrote into empty partitions)."""
+        constructor's own pass wrote into empty partitions). With LoRA the frozen base's weights
+        are written the same way, one module at a time, then the adapter wraps the sharded base."""
         import deepspeed
 
-        model = super().build_sharded(cfg, ds_config)
-        model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
-        return model
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = GPT(cfg)
+        gather = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)  # noqa: E731
+        p = self.lora_params(cfg)
+        if p is None:
+            model.init_weights(gather=gather)
+            return model
+        from safetensors.torch import load_file
+
+        weights = load_file(_base_weights(fetch(p.base)))
+        names: dict[int, list[str]] = {}  # tied tensors are saved under one of their names
+        for n, t in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(t), []).append(n)
+        for m in model.modules():
+            own = list(m.parameters(recurse=False))
+            if own:
+                with gather(own):
+                    for t in own:
+                        t.data.copy_(weights[next(k for k in names[id(t)] if k in weights)])
+        return self.with_lora(model, p)
 
     def prepare(self, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
         return prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer(), overwrite=overwrite)
 
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
+        self.resolve_lora_base(cfg)
+        if self.lora_params(cfg.model) is not None:
+            base = read_json(fetch(cfg.model.params["lora"]["base"]), "config.json")
+            for k in ARCH_KEYS:
+                if base.get(k) != getattr(cfg.model, k):
+                    raise ConfigError(f"model.{k}: {getattr(cfg.model, k)} does not match the LoRA base artifact's "
+                                      f"{base.get(k)}; an adapter trains over the base's own architecture")
         check_seq_len(meta, cfg.model.block_size)
         if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
@@ -97,3 +148,11 @@ def lm_predict_batch(model: Any, raw: dict[str, np.ndarray]) -> dict[str, np.nda
         logits = model(seq[:, :-1])
         nll = F.cross_entropy(logits.float().transpose(1, 2), seq[:, 1:], reduction="none").sum(-1)
     return {"nll": nll.numpy(), "tokens": np.full(len(seq), seq.size(1) - 1)}
+
+
+def _base_weights(base_dir: str) -> str:
+    """The base artifact's weights, checked against its manifest's sha256."""
+    weights = os.path.join(base_dir, WEIGHTS)
+    if sha256_file(weights) != read_json(base_dir, "manifest.json").get("weights_sha256"):
+        raise ArtifactError(f"LoRA base {base_dir!r}: {WEIGHTS} does not match the sha256 in manifest.json")
+    return weights

@@ -14,6 +14,8 @@ from modelfleet.data.prepare import write_token_rows
 from modelfleet.errors import ConfigError
 from modelfleet.families.base import Family
 from modelfleet.families.gpt import TokenRows, lm_predict_batch
+from modelfleet.families.lora import LoraHooks
+from modelfleet.registry import fetch
 from modelfleet.models.hf import HF_DIR, HFCausalLM, HFParams, _transformers
 
 
@@ -36,7 +38,7 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-class HFCausalLMFamily(TokenRows, Family):
+class HFCausalLMFamily(TokenRows, LoraHooks, Family):
     name = "hf-causal-lm"
     task = "lm"
     Params = HFParams
@@ -52,12 +54,26 @@ class HFCausalLMFamily(TokenRows, Family):
         return p
 
     def build(self, cfg: ModelConfig) -> nn.Module:
-        """The pretrained weights from ``params.path`` (fp32)."""
+        """The pretrained weights from ``params.path`` (fp32); with LoRA, the base artifact's
+        Hugging Face copy wrapped with a fresh adapter."""
         p = self.parse_params(cfg.params)
+        if p.lora is not None:
+            return self.with_lora(self.build_base(cfg, fetch(p.lora.base)), p.lora)
         if not os.path.isfile(os.path.join(p.path, "config.json")):
             raise ConfigError(f"model.params.path: {p.path!r} holds no Hugging Face model (no config.json)")
         hf = _transformers().AutoModelForCausalLM.from_pretrained(p.path, dtype=torch.float32)
         return HFCausalLM(hf, p.block_size)
+
+    def build_base(self, cfg: ModelConfig, base_dir: str) -> nn.Module:
+        hf = _transformers().AutoModelForCausalLM.from_pretrained(os.path.join(base_dir, HF_DIR), dtype=torch.float32)
+        return HFCausalLM(hf, self.parse_params(cfg.params).block_size)
+
+    def peft_root(self, model: nn.Module) -> nn.Module:
+        return model.hf  # adapter tensor names as peft + transformers name them for this model
+
+    def set_peft_root(self, model: nn.Module, root: nn.Module) -> nn.Module:
+        model.hf = root
+        return model
 
     def build_sharded(self, cfg: ModelConfig, ds_config: dict[str, Any]) -> nn.Module:
         """The way DeepSpeed's Hugging Face integration does it: while an ``HfDeepSpeedConfig`` of
@@ -89,6 +105,7 @@ class HFCausalLMFamily(TokenRows, Family):
                                 overwrite=overwrite)
 
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
+        self.resolve_lora_base(cfg)
         p = self.parse_params(cfg.model.params)
         if meta.get("seq_len") != p.block_size:
             raise ConfigError(f"model.params.block_size: {p.block_size} does not match the dataset's "

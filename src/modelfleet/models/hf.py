@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelfleet.errors import ConfigError
+from modelfleet.models.lora import LoraParams, adapter_rows, current_rows
 
 HF_DIR = "hf"
 """Artifact subdirectory holding the Hugging Face copy (``from_pretrained`` loads it)."""
@@ -37,6 +38,9 @@ class HFParams:
     """Local directory with a Hugging Face causal LM and its tokenizer (``save_pretrained`` layout)."""
     block_size: int = 64
     """Training sequence length in tokens (at most the model's maximum positions)."""
+    lora: LoraParams | None = None
+    """LoRA fine-tuning over a base artifact of this family instead of training every weight
+    (``path`` then only names the tokenizer's origin; the weights come from ``lora.base``)."""
 
 
 class _Cache:
@@ -85,11 +89,13 @@ class HFCausalLM(nn.Module):
 
     def forward_slots(self, idx: Tensor, cache: _SlotCache, slots: list[int], starts: list[int]) -> Tensor:
         """Logits ``[B, T, vocab]``, each row continuing its own slot's sequence (see ``_SlotCache``)."""
-        out = []
+        out, rows = [], current_rows()
         for b in range(idx.size(0)):
             slot, start = slots[b], starts[b]
             pos = torch.arange(start, start + idx.size(1), device=idx.device)[None]
-            o = self.hf(input_ids=idx[b:b + 1], past_key_values=cache.pkv[slot], position_ids=pos, use_cache=True)
+            with adapter_rows(None if rows is None else [rows[b]]):  # this row's adapter (pools)
+                o = self.hf(input_ids=idx[b:b + 1], past_key_values=cache.pkv[slot], position_ids=pos,
+                            use_cache=True)
             cache.pkv[slot] = o.past_key_values
             out.append(o.logits)
         return torch.cat(out)

@@ -8,9 +8,13 @@ a root config file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 from ray import serve
@@ -19,8 +23,10 @@ from ray.serve import Application
 from modelfleet import registry
 from modelfleet.serve import auth
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
-from modelfleet.errors import ConfigError
+from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
+from modelfleet.families.artifact import check_base
+from modelfleet.families.lora import KIND_ADAPTER, adapter_base
 from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
@@ -69,6 +75,34 @@ def _logging(cfg: ServeConfig) -> dict[str, Any]:
     return cfg.logging.model_dump(exclude_none=True)
 
 
+@lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """This installation's code (our package and Ray's version): a new release is a new version."""
+    import ray
+
+    h = hashlib.sha256(ray.__version__.encode())
+    for f in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def stable_version(*parts: Any) -> str:
+    """A deployment version that changes only with the code and ``parts`` (init args, resources).
+
+    ``serve.run`` gives a deployment without one a random version, so every redeploy restarts its
+    replicas; with this one, a redeploy that changes only ``user_config`` (a pool's variant list)
+    reconfigures the running replicas in place, as a ``serve deploy`` config does."""
+    h = hashlib.sha256(_code_fingerprint().encode())
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _init_spec(m: ModelSpec) -> dict[str, Any]:
+    """A model's constructor argument: a pool's variants travel in user_config, not here."""
+    return m.model_dump() if m.variants is None else m.model_copy(update={"variants": {}}).model_dump()
+
+
 def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
     opts: dict[str, Any] = dict(
         name=f"model-{m.name}",
@@ -89,6 +123,10 @@ def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
         opts["autoscaling_config"] = m.autoscaling.to_serve()
     else:
         opts["num_replicas"] = m.num_replicas
+    if m.variants is not None:
+        opts["user_config"] = {"artifact": m.artifact, "variants": dict(m.variants)}
+        opts.update(_internal=True, version=stable_version("pool", _init_spec(m), cfg.storage_path,
+                                                            m.ray_actor_options.to_serve()))
     return opts
 
 
@@ -98,7 +136,7 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
     that routes by the OpenAI ``model`` field to one deployment per model (``LMServer`` for
     language models, ``Predictor`` for the other families)."""
     cfg = config_from_args(args)
-    if len(cfg.models) == 1 and cfg.one_hop:
+    if len(cfg.models) == 1 and cfg.one_hop and not cfg.has_pools:
         m = cfg.models[0]
         opts = _model_options(cfg, m)
         if m.max_queued_requests >= 0:
@@ -112,9 +150,18 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
     handles, lms = {}, []
     for m in cfg.models:
         lm = _is_lm(m.artifact, cfg.storage_path)
+        if m.variants is not None and not lm:
+            raise ConfigError(f"serve.models: {m.name!r} has variants, but its artifact {m.artifact!r} is not a "
+                              "language model; pools serve LoRA adapters of gpt and hf-causal-lm bases")
         lms += [m.name] if lm else []
         server = LMServer if lm else Predictor
-        handles[m.name] = server.options(**_model_options(cfg, m)).bind(m.model_dump(), cfg.storage_path)
+        handles[m.name] = server.options(**_model_options(cfg, m)).bind(_init_spec(m), cfg.storage_path)
+    # The ingress learns the pools' variants from user_config too: adding one reconfigures it in place.
+    front = cfg.model_copy(update={"models": [ModelSpec.model_validate(_init_spec(m)) for m in cfg.models]})
+    opts: dict[str, Any] = {}
+    if cfg.has_pools:
+        opts = dict(user_config={"variants": {m.name: dict(m.variants) for m in cfg.models if m.variants is not None}},
+                    _internal=True, version=stable_version("ingress", front.model_dump(), sorted(handles), lms))
     return Ingress.options(
         name="ingress",
         num_replicas=cfg.ingress.num_replicas,
@@ -122,7 +169,8 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_surge_percent=100,  # a redeploy starts the new ingress before the old one stops
         logging_config=_logging(cfg),
-    ).bind(cfg.model_dump(), handles, lms)
+        **opts,
+    ).bind(front.model_dump(), handles, lms)
 
 
 def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
@@ -196,6 +244,51 @@ def update_model(app_name: str, model: str, artifact: str) -> str:
     models = [m.model_copy(update={"artifact": artifact}) if m.name == model else m for m in cfg.models]
     serve.run(build_app(cfg.model_copy(update={"models": models})), name=app_name, route_prefix=cfg.route_prefix)
     return f"{ref.name}@{ref.version}" if ref.name else ref.uri
+
+
+def update_pool(app_name: str, pool: str, *, add: tuple[str, str] | None = None,
+                remove: str | None = None) -> str:
+    """Add (``add=(name, artifact)``) or remove a variant of a running pool. The adapter is checked
+    first (an adapter of the pool's base weights); then only the pool's and the ingress's
+    ``user_config`` change, so their replicas reconfigure in place: no restart, no failed request."""
+    cfg = running_config(app_name)
+    spec = cfg.model(pool)
+    if spec.variants is None:
+        raise ConfigError(f"model {pool!r} is not a pool; give it `variants: {{}}` in the serve config to make it one")
+    variants = dict(spec.variants)
+    if add is not None:
+        name, artifact = add
+        if name in variants or any(name == m.name or name in (m.variants or {}) for m in cfg.models):
+            raise ConfigError(f"--add {name!r}: the application already serves a model or variant of that name; "
+                              "--remove it first, or pick another name")
+        ref = registry.resolve(cfg.storage_path, artifact)  # fails fast on a bad reference
+        _check_variant(cfg, spec, ref.uri, artifact)
+        variants[name] = f"{ref.name}@{ref.version}" if ref.name else ref.uri
+        what = f"added variant {name} ({variants[name]})"
+    elif remove is not None:
+        if remove not in variants:
+            raise ConfigError(f"--remove {remove!r}: pool {pool!r} has no such variant; its variants: "
+                              f"{', '.join(sorted(variants)) or 'none'}")
+        del variants[remove]
+        what = f"removed variant {remove}"
+    else:
+        raise ConfigError("give --add NAME --artifact ARTIFACT or --remove NAME")
+    models = [m.model_copy(update={"variants": variants}) if m.name == pool else m for m in cfg.models]
+    new = parse_serve_config(cfg.model_copy(update={"models": models}).model_dump())
+    serve.run(build_app(new), name=app_name, route_prefix=cfg.route_prefix)
+    return what
+
+
+def _check_variant(cfg: ServeConfig, pool: ModelSpec, uri: str, artifact: str) -> None:
+    """A variant must be a LoRA adapter trained over exactly the pool's base weights."""
+    manifest = registry.read_json(uri, "manifest.json")
+    if manifest.get("kind") != KIND_ADAPTER:
+        raise ConfigError(f"--artifact {artifact!r} is a full model, not a LoRA adapter; serve it as its own model")
+    base = registry.read_json(registry.resolve(cfg.storage_path, pool.artifact).uri, "manifest.json")
+    try:
+        check_base(base, adapter_base(manifest, uri), artifact)
+    except ArtifactError as e:
+        raise ConfigError(f"--artifact: {e}; pool {pool.name!r} serves {pool.artifact!r}") from None
 
 
 def status() -> list[dict[str, Any]]:

@@ -24,6 +24,8 @@ per step, which is the only cross-thread wake-up (the replica turns it into one
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import itertools
 import threading
 import time
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from modelfleet.models.lora import BASE_ROW, adapter_rows
 from modelfleet.models.sampling import sample
 from modelfleet.serve.generation import Job, Step, _Row
 
@@ -92,8 +95,11 @@ class Engine:
     """A continuous-batching decoder over one model (see the module docstring)."""
 
     def __init__(self, model: Any, *, eos_id: int, decode: Callable[[list[int]], str],
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, adapters: Any = None) -> None:
         self.model = model
+        self.adapters = adapters
+        """Pools: the ``AdapterPool`` whose adapters rows select (``Job.adapter``); each forward
+        runs every row with its own adapter (peft's mixed batch), so variants share steps."""
         self.eos_id, self.decode = eos_id, decode
         self.cfg = config or EngineConfig()
         limit = int(model.cfg.block_size)
@@ -149,6 +155,8 @@ class Engine:
         decoded = self._decode(out)
         for s in [s for s, _ in out if s.finished]:
             self._release(s)
+        if self.adapters is not None:  # evicted adapters go once no sequence uses them
+            self.adapters.collect(self.adapters_in_use())
         return StepOutput(out, len(self.running) + len(self.prefilling), len(self.waiting), decoded)
 
     def _admit(self) -> None:
@@ -200,8 +208,17 @@ class Engine:
     def _forward(self, seqs: list[Sequence], idx: torch.Tensor) -> torch.Tensor:
         """Last-position logits of each row, on the host in float32: one device-to-host copy per
         forward (sampling, stop strings and streaming need the tokens there anyway)."""
-        return self.model.forward_slots(idx, self.cache, [s.slot for s in seqs],
-                                        [s.filled for s in seqs])[:, -1:].float().cpu()
+        rows = (adapter_rows([s.job.adapter or BASE_ROW for s in seqs]) if self.adapters is not None
+                else contextlib.nullcontext())
+        with rows:
+            return self.model.forward_slots(idx, self.cache, [s.slot for s in seqs],
+                                            [s.filled for s in seqs])[:, -1:].float().cpu()
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters that a waiting, prefilling or running sequence needs."""
+        with self._lock:
+            waiting = list(self.waiting)
+        return {s.job.adapter for s in (*waiting, *self.prefilling, *self.running) if s.job.adapter}
 
     def _emit(self, seq: Sequence, logits: torch.Tensor, out: list[tuple[Sequence, Step]]) -> None:
         job = seq.job
@@ -247,6 +264,7 @@ class EngineLoop:
         self.deliver = deliver
         self._wake = threading.Condition()
         self._stopped = False
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -262,6 +280,26 @@ class EngineLoop:
     def cancel(self, seq: Sequence) -> None:
         self.engine.cancel(seq)
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the decoding thread between two steps (changing the model's modules, as
+        loading an adapter does, must not race a forward); the future holds its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if not self._thread.is_alive():
+                fut.set_exception(RuntimeError("the decoding thread has ended"))
+                return fut
+            self._calls.append((fn, fut))
+            self._wake.notify()
+        return fut
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
     def stop(self) -> None:
         """Finish the requests already submitted, then end the thread (does not wait for it)."""
         with self._wake:
@@ -275,10 +313,13 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self.engine.has_work:
+                while not self._stopped and not self.engine.has_work and not self._calls:
                     self._wake.wait()
-                if not self.engine.has_work:
+                if not self.engine.has_work and not self._calls:
                     return  # stopped and drained
+            self._run_calls()
+            if not self.engine.has_work:
+                continue
             try:
                 result = self.engine.step()
             except BaseException as e:  # noqa: BLE001 - reported to every waiting request, then the loop ends

@@ -27,6 +27,8 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    adapter: str | None = None
+    """Pools: the LoRA adapter this request's rows run with (None: the base alone)."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ from modelfleet.config.serve import ServeConfig, parse_serve_config
 from modelfleet.serve import auth
 from modelfleet.serve import openai as oa
 from modelfleet.serve.model import LMReplica
+from modelfleet.serve.pool import variant_id
 from modelfleet.serve.predict import PredictReplica
 
 logger = logging.getLogger("ray.serve")
@@ -232,7 +233,19 @@ def _replica_lost(e: RayActorError) -> APIError:
 
 def _headers(r: dict[str, Any]) -> dict[str, str]:
     return {"x-modelfleet-replica-pid": str(r["pid"]), "x-modelfleet-batch-size": str(r["batch_size"]),
-            "x-modelfleet-artifact": r["artifact"]}
+            "x-modelfleet-artifact": r["artifact"], **_variant_headers(r)}
+
+
+def _variant_headers(r: dict[str, Any]) -> dict[str, str]:
+    """Pools: whether the replica already held the variant (hit) or loaded it for this request."""
+    out = {}
+    if "variant" in r:
+        out["x-modelfleet-variant"] = r["variant"]
+        out["x-modelfleet-variant-cache"] = "miss" if r["variant_cold"] else "hit"
+        out["x-modelfleet-variant-load-s"] = f"{r['variant_load_s']:.4f}"
+    if "tensor_bytes" in r:
+        out["x-modelfleet-tensor-bytes"] = str(r["tensor_bytes"])
+    return out
 
 
 async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
@@ -356,11 +369,35 @@ class _Front:
         replica.__init__(self, m.model_dump(), storage_path)
         self._init_front(config, {m.name: _Local(self)}, {m.name} if lm else set(), _one_hop_limit(cfg))
 
+    pools: dict[str, dict[str, str]] = {}
+    """Pool name -> {variant name: adapter artifact} (from user_config: changes in place)."""
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A pool's variants were added or removed: route by the new list, no restart."""
+        self.pools = {p: dict(v) for p, v in (user_config.get("variants") or {}).items()}
+        self.cfg = self.cfg.model_copy(update={"models": [
+            m.model_copy(update={"variants": dict(self.pools[m.name])}) if m.name in self.pools else m
+            for m in self.cfg.models]})
+        logger.info("pools: %s", {p: sorted(v) for p, v in self.pools.items()})
+
+    def _served(self) -> str:
+        return "; ".join(f"{n} (variants: {', '.join(sorted(self.pools[n])) or 'none'})" if n in self.pools else n
+                         for n in self.models)
+
     def _handle(self, model: str | None, *, lm: bool) -> tuple[str, Any]:
-        """The model's handle; ``lm`` says which kind the route needs (a mismatch is a 400)."""
+        """The model's handle; ``lm`` says which kind the route needs (a mismatch is a 400). A
+        pool's variant is its pool's handle with the variant as Serve's multiplexed model id, so
+        Serve routes it to a replica that already holds that adapter when one does."""
         name = model or self.cfg.models[0].name
+        for pool, variants in self.pools.items():
+            if name in variants:
+                handle = self.models[pool].options(multiplexed_model_id=variant_id(name, variants[name]))
+                if not lm:
+                    raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
+                                   code="wrong_endpoint")
+                return name, handle
         if name not in self.models:
-            raise APIError(404, f"model {name!r} does not exist; served models: {', '.join(self.models)}",
+            raise APIError(404, f"model {name!r} does not exist; served models: {self._served()}",
                            param="model", code="model_not_found")
         if lm and name not in self.lms:
             raise APIError(400, f"model {name!r} is not a language model; use POST /v1/models/{name}/predict",
@@ -433,10 +470,14 @@ async def list_models() -> oa.ModelList:
     except RayActorError as e:
         raise _replica_lost(e) from None
     now = int(time.time())
-    return oa.ModelList(data=[oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"],
-                                           context_length=i["context_length"], replica_pid=i["pid"],
-                                           device=i["device"], dtype=i["dtype"])
-                              for i in infos])
+    cards = []
+    for i in infos:
+        card = oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"], context_length=i["context_length"],
+                            replica_pid=i["pid"], device=i["device"], dtype=i["dtype"])
+        cards.append(card)
+        for variant, artifact in sorted(front.pools.get(i["name"], {}).items()):
+            cards.append(card.model_copy(update={"id": variant, "artifact": artifact, "pool": i["name"]}))
+    return oa.ModelList(data=cards)
 
 
 async def completions(body: oa.CompletionRequest) -> Response:
@@ -508,7 +549,8 @@ async def _stream(handle: Any, name: str, prompt: str, body: oa._Sampling, *, ch
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(_sse(gen, name, chat, meta["prompt_tokens"], include_usage),
                              media_type="text/event-stream",
-                             headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache"})
+                             headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache",
+                                      **_variant_headers(meta)})
 
 
 def build_openai_app() -> FastAPI:

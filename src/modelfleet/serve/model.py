@@ -18,9 +18,17 @@ from typing import Any, AsyncIterator
 from ray import serve
 from ray.util import metrics
 
+from modelfleet import registry
+from modelfleet.errors import ArtifactError
+from modelfleet.families import get_family
+from modelfleet.families.artifact import check_base
+from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter
+from modelfleet.models import lora
 from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, Sequence, StepOutput
 from modelfleet.serve.generation import Job
+from modelfleet.serve.pool import AdapterPool, Variant, adapter_key, parse_variant_id
 from modelfleet.serve.replica import Loaded, ReplicaBase
+from modelfleet.storage import read_json
 
 # Serve's replica logger adds the request id to every record it formats.
 logger = logging.getLogger("ray.serve")
@@ -42,6 +50,8 @@ class PromptError(ValueError):
 class _LMLoaded(Loaded):
     loop: EngineLoop
     """The decoding thread of this artifact's engine (a reconfigure drains the old one)."""
+    pool: AdapterPool | None = None
+    """Pools: the adapters loaded into this base (changed only on the decoding thread)."""
 
 
 class LMReplica(ReplicaBase):
@@ -61,6 +71,18 @@ class LMReplica(ReplicaBase):
         self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
         self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
         self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache slots in use.")
+        self.variants: dict[str, str] = {}
+        self._variant_lru: Any = None
+        if self.spec.variants is not None:
+            # A pool: Serve's multiplexing keeps an LRU of variants per replica and routes a
+            # request to a replica holding its variant; wired here because the size is per model.
+            async def load_variant(model_id: str) -> Variant:
+                return await self._load_variant(model_id)
+
+            self._variant_lru = serve.multiplexed(max_num_models_per_replica=self.spec.max_models_per_replica)(
+                load_variant)
+            self.m_variant_loads = self.counter("modelfleet_variant_loads", "Adapters loaded into a pool replica.")
+            lora.peft()  # imported now (seconds), not inside the first variant's cold load
 
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> _LMLoaded:
         b = self.spec.batching
@@ -68,15 +90,73 @@ class LMReplica(ReplicaBase):
         # bound is the same number, a backstop.
         waiting = self.spec.max_ongoing_requests + (self.spec.max_queued_requests
                                                     if self.spec.max_queued_requests >= 0 else 4096)
+        pool = None
+        if self.spec.variants is not None:
+            pool = AdapterPool(model, get_family(manifest["family"]), next(model.parameters()).device)
         engine = Engine(model, eos_id=preprocessor.eos_id, decode=preprocessor.decode,
                         config=EngineConfig(max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens,
-                                            max_waiting=waiting))
+                                            max_waiting=waiting), adapters=pool)
         old = self.loaded
         if isinstance(old, _LMLoaded):
             old.loop.stop()  # finishes the requests it holds, then its thread ends
         logger.info("engine: %d sequence slots x %d tokens, KV cache %.1f MiB, prefill chunk %d", b.max_batch_size,
                     engine.max_len, engine.cache.nbytes / 2**20, b.prefill_chunk_tokens)
-        return _LMLoaded(model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"))
+        return _LMLoaded(model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"),
+                         pool)
+
+    # ---------------------------------------------------------------- pools
+    def _configure(self, user_config: dict[str, Any]) -> None:
+        """A pool's variant list; adapters of removed (or re-pointed) variants leave once unused."""
+        if self.spec.variants is None:
+            return
+        self.variants = dict(user_config.get("variants") or {})
+        lo = self.loaded
+        if isinstance(lo, _LMLoaded) and lo.pool is not None:
+            keep = {adapter_key(f"{n}={a}") for n, a in self.variants.items()}
+            for key in [k for k in lo.pool.loaded if k not in keep]:
+                lo.loop.call(lambda key=key: lo.pool.evict(key))
+
+    def _fetch_adapter(self, artifact: str) -> str:
+        """A local copy of a variant's adapter artifact, checked: an adapter, of this family, trained
+        over exactly this pool's base weights."""
+        ref = registry.resolve(self.storage_path, artifact)
+        local = registry.fetch(ref.uri)
+        manifest = read_json(local, "manifest.json")
+        if manifest.get("kind") != KIND_ADAPTER:
+            raise ArtifactError(f"variant artifact {artifact!r} is a full model, not a LoRA adapter; serve it "
+                                "as its own model")
+        check_adapter(local, artifact, manifest)
+        check_base(self.base_manifest, adapter_base(manifest, artifact), artifact)
+        return local
+
+    async def _load_variant(self, model_id: str) -> Variant:
+        """Serve's multiplexed loader (called on an LRU miss): fetch, check, load into the pool."""
+        t0 = time.perf_counter()
+        name, artifact = parse_variant_id(model_id)
+        local = await asyncio.to_thread(self._fetch_adapter, artifact)
+        key, lo = adapter_key(model_id), self._require()
+        await asyncio.wrap_future(lo.loop.call(lambda: lo.pool.load(key, local)))
+        self.m_variant_loads.inc()
+        now = time.perf_counter()
+        logger.info("variant %s (%s) loaded in %.3f s", name, artifact, now - t0)
+        return Variant(name, key, local, loaded_at=now, load_s=now - t0, release=self._release_variant)
+
+    def _release_variant(self, key: str) -> None:
+        lo = self.loaded
+        if isinstance(lo, _LMLoaded) and lo.pool is not None:
+            lo.loop.call(lambda: lo.pool.evict(key))
+
+    async def _variant(self) -> Variant | dict[str, Any] | None:
+        """The request's variant (``multiplexed_model_id``), None for the base, or the error."""
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:
+            return None
+        if self._variant_lru is None:
+            return self._error(400, f"model {self.spec.name!r} is not a pool of variants", "model")
+        try:
+            return await self._variant_lru(model_id)
+        except (ArtifactError, ValueError, FileNotFoundError) as e:
+            return self._error(404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model")
 
     def check_health(self) -> None:
         super().check_health()
@@ -86,7 +166,10 @@ class LMReplica(ReplicaBase):
             raise RuntimeError(f"model {self.spec.name}: decoding thread failed: {lo.loop.error!r}")
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
-        return {"context_length": lo.model.cfg.block_size}
+        out: dict[str, Any] = {"context_length": lo.model.cfg.block_size}
+        if isinstance(lo, _LMLoaded) and lo.pool is not None:
+            out.update(variants=sorted(self.variants), **lo.pool.stats())
+        return out
 
     def _job(self, prompt: str, sampling: dict[str, Any]) -> Job:
         lo = self._require()
@@ -112,48 +195,63 @@ class LMReplica(ReplicaBase):
         return Job(prompt_ids=ids, max_tokens=max_tokens, temperature=sampling["temperature"],
                    top_p=sampling["top_p"], seed=sampling.get("seed"), stop=list(sampling.get("stop") or []))
 
-    def _start(self, prompt: str, sampling: dict[str, Any]) -> tuple[Job, _LMLoaded] | dict[str, Any]:
-        """The request's job on the current engine, or the error to answer instead."""
+    async def _start(self, prompt: str, sampling: dict[str, Any]
+                     ) -> tuple[Job, _LMLoaded, Variant | None, dict[str, Any]] | dict[str, Any]:
+        """The request's job on the current engine (and its variant, in a pool, with how it was
+        found: ``variant_cold`` when this request waited for the adapter to load), or the error."""
+        t0 = time.perf_counter()
+        variant = await self._variant()
+        if isinstance(variant, dict):
+            return variant
         try:
             job = self._job(prompt, sampling)
         except PromptError as e:
             return self._error(400, str(e), e.param)
-        return job, self._require()
+        info: dict[str, Any] = {}
+        if variant is not None:
+            job.adapter = variant.key
+            cold = variant.loaded_at >= t0
+            info = {"variant": variant.name, "variant_cold": cold, "variant_load_s": variant.load_s if cold else 0.0}
+        return job, self._require(), variant, info
 
     async def complete(self, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
         """The whole completion as one result (non-streaming requests)."""
-        started = self._start(prompt, sampling)
+        started = await self._start(prompt, sampling)
         if isinstance(started, dict):
             return started
-        job, lo = started
+        job, lo, variant, info = started
         parts: list[str] = []
         out: dict[str, Any] = {}
-        async for step in self._generate(job, lo):
+        async for step in self._generate(job, lo, variant):
             if "error" in step:
                 return step
             parts.append(step["text"])
             out = {**step, "batch_size": max(step["batch_size"], out.get("batch_size", 1))}
-        return {**out, "text": "".join(parts), "prompt_tokens": len(job.prompt_ids), "pid": self.pid}
+        return {**out, **info, "text": "".join(parts), "prompt_tokens": len(job.prompt_ids), "pid": self.pid,
+                **self._pool_stats(lo)}
+
+    def _pool_stats(self, lo: _LMLoaded) -> dict[str, Any]:
+        return {"tensor_bytes": lo.pool.stats()["tensor_bytes"]} if lo.pool is not None else {}
 
     async def stream(self, prompt: str, sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A first ``meta`` item (or an ``error``), then one item per generated token."""
-        started = self._start(prompt, sampling)
+        started = await self._start(prompt, sampling)
         if isinstance(started, dict):
             yield started
             return
-        job, lo = started
-        steps = self._generate(job, lo)
+        job, lo, variant, info = started
+        steps = self._generate(job, lo, variant)
         first = await anext(steps, None)
         if first is not None and "error" in first:
             yield first  # overload: answered before any header is sent
             return
-        yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids)}}
+        yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids), **info}}
         if first is not None:
             yield first
         async for step in steps:
             yield step
 
-    async def _generate(self, job: Job, lo: _LMLoaded) -> AsyncIterator[dict[str, Any]]:
+    async def _generate(self, job: Job, lo: _LMLoaded, variant: Variant | None = None) -> AsyncIterator[dict[str, Any]]:
         """This request's steps as the engine thread produces them; leaving early cancels it."""
         self._aloop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -161,7 +259,16 @@ class LMReplica(ReplicaBase):
         seq: Sequence | None = None
         try:
             try:
-                seq = lo.loop.submit(job)
+                if variant is None:
+                    seq = lo.loop.submit(job)
+                else:
+                    # On the decoding thread: the adapter is (re)loaded if an eviction or a new base
+                    # dropped it, and the job queued in the same call, so no eviction falls between.
+                    def admit() -> Sequence:
+                        lo.pool.load(variant.key, variant.local_dir)
+                        return lo.loop.engine.add(job)
+
+                    seq = await asyncio.wrap_future(lo.loop.call(admit))
             except EngineFull as e:
                 yield {**self._error(self.spec.overload_status, f"server overloaded ({e}); retry later", "model"),
                        "retry_after": self.spec.retry_after_s}

@@ -188,6 +188,7 @@ class ModelCard(BaseModel):
     replica_pid: int = Field(description="Process id of the replica that answered (diagnostics).")
     device: str = Field("cpu", description="Where the replica runs the model (cpu, cuda:0).")
     dtype: str = Field("float32", description="The weights' dtype on the replica.")
+    pool: str | None = Field(None, description="Variants: the pool (base model) that serves this LoRA adapter.")
 
 
 class ModelList(BaseModel):

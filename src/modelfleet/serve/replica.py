@@ -79,11 +79,24 @@ class ReplicaBase:
         return m
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load ``user_config["artifact"]`` and swap it in; requests in flight finish on the old one."""
-        ref = registry.resolve(self.storage_path, str(user_config["artifact"]))
+        """Load ``user_config["artifact"]`` and swap it in; requests in flight finish on the old one.
+        The same artifact again (a pool's variant list changed) keeps the weights loaded."""
+        if self.loaded is None or user_config["artifact"] != self._configured_artifact:
+            self._load(str(user_config["artifact"]))
+        self._configured_artifact = user_config["artifact"]
+        self._configure(user_config)
+
+    _configured_artifact: Any = None
+
+    def _configure(self, user_config: dict[str, Any]) -> None:
+        """What a subclass reads from ``user_config`` besides the artifact (a pool's variants)."""
+
+    def _load(self, artifact: str) -> None:
+        ref = registry.resolve(self.storage_path, artifact)
         model, preprocessor, manifest = load_artifact(ref.uri)
         model = place(model, self.placement)
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
+        self.base_manifest = manifest
         self.loaded = self._prepare(model, preprocessor, manifest, label)
         logger.info("model %s loaded %s artifact %s (sha256 %s) on %s as %s", self.spec.name,
                     manifest.get("family", "?"), label, str(manifest.get("weights_sha256", ""))[:12],

@@ -17,6 +17,8 @@ from modelfleet import registry
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
+from modelfleet.families.lora import base_of, write_adapter_dir
+from modelfleet.models.lora import trainable_state
 from modelfleet.storage import StorageLayout, sha256_file
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
@@ -24,8 +26,9 @@ from modelfleet.train import pickles
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
-def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
-    """Full fp32 state dict from a local checkpoint directory."""
+def consolidate(local_ckpt: str, zero_stage: int, *, adapter_only: bool = False) -> dict[str, Any]:
+    """Full fp32 state dict from a local checkpoint directory (the adapter's tensors alone for a
+    LoRA run: its checkpoints leave the frozen base out)."""
     import torch
     from safetensors.torch import load_file
 
@@ -35,13 +38,15 @@ def consolidate(local_ckpt: str, zero_stage: int) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with pickles.weights_only_loads(f"checkpoint {local_ckpt}"):  # files may change after the scan
-        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG)
+        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG,
+                                                      exclude_frozen_parameters=adapter_only)
     return {k: v.to(torch.float32) for k, v in sd.items()}
 
 
 def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None = None,
-                      storage_path: str | None = None) -> registry.ArtifactRef:
-    """Validate, consolidate, verify against the live engine's probe logits, publish."""
+                      storage_path: str | None = None, merge: bool = False) -> registry.ArtifactRef:
+    """Validate, consolidate, verify against the live engine's probe logits, publish. A LoRA run
+    publishes an adapter artifact, or with ``merge`` the base with the adapter folded in."""
     import torch
     from safetensors.torch import load_file
 
@@ -51,9 +56,17 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
     with open(os.path.join(local, ck.TRAINER_STATE)) as f:
         tstate = json.load(f)
     cfg = Config.from_dict(tstate["config"])
+    family = get_family(cfg.model.family)
+    adapter_only = family.lora_params(cfg.model) is not None
+    if merge and not adapter_only:
+        raise ck.CheckpointError(f"--merge: run {run_name!r} trained every weight (no model.params.lora); "
+                                 "there is no adapter to merge")
     model = build_model(cfg.model)
-    sd = _fill_tied(model, consolidate(local, cfg.deepspeed.zero_stage))
+    sd = _fill_tied(model, consolidate(local, cfg.deepspeed.zero_stage, adapter_only=adapter_only))
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    if adapter_only:  # the frozen base came from the base artifact; every adapter tensor must be here
+        adapter = trainable_state(model)
+        missing = [k for k in missing if k in adapter]
     if missing or unexpected:
         raise ck.CheckpointError(f"checkpoint {c.uri} does not match model config: missing {missing}, "
                                  f"unexpected {unexpected}")
@@ -74,12 +87,17 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
 
     transform_path = os.path.join(local, TRANSFORM_FILE)
     transform = json.load(open(transform_path)) if os.path.isfile(transform_path) else None
-    out = write_artifact_dir(model, cfg, transform=transform, extra={
-        "run_id": run_name,
-        "step": tstate["state"]["step"],
-        "metrics": tstate.get("metrics", {}),
-        "export_max_abs_logit_diff": verify_diff,
-    })
+    extra = {"run_id": run_name, "step": tstate["state"]["step"], "metrics": tstate.get("metrics", {}),
+             "export_max_abs_logit_diff": verify_diff}
+    if adapter_only and not merge:
+        out = write_adapter_dir(model, cfg, extra)
+    elif adapter_only:
+        merged_cfg = Config.from_dict(cfg.to_dict())
+        merged_cfg.model.params = {k: v for k, v in cfg.model.params.items() if k != "lora"}
+        out = write_artifact_dir(family.merged(model), merged_cfg, transform=transform,
+                                 extra={**extra, "lora_base": base_of(cfg.model)})
+    else:
+        out = write_artifact_dir(model, cfg, transform=transform, extra=extra)
     return registry.publish(storage_path or cfg.storage.path, name, out)
 
 
@@ -128,11 +146,12 @@ def dump_json(d: str, name: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
-def export_run(storage_path: str, run_name: str, *, name: str | None = None) -> registry.ArtifactRef:
+def export_run(storage_path: str, run_name: str, *, name: str | None = None,
+               merge: bool = False) -> registry.ArtifactRef:
     """``modelfleet export RUN``: the newest complete checkpoint of a run becomes an artifact."""
     root = StorageLayout(storage_path).runs()
     found, skipped = ck.latest_complete(root, run_name)
     if found is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ck.CheckpointError(f"run {run_name!r} under {root} has no complete checkpoint{why}")
-    return export_checkpoint(found, run_name=run_name, name=name, storage_path=storage_path)
+    return export_checkpoint(found, run_name=run_name, name=name, storage_path=storage_path, merge=merge)

@@ -24,6 +24,7 @@ import ray.train
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
+from modelfleet.models.lora import trainable_state
 from modelfleet import storage as storage_io
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
@@ -84,8 +85,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = family.build_sharded(cfg.model, ds_config) if sharded else build_model(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     storage = param_storage(model)
+    # LoRA: only the adapter trains; the frozen base gets no optimizer state and is left out of
+    # checkpoints (it is the base artifact, read again on resume and export).
+    adapter_only = family.lora_params(cfg.model) is not None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config,
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     t_init = time.time()
@@ -101,10 +105,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with pickles.weights_only_loads(f"checkpoint {found.uri}"):  # files may change after the scan
             if convert:
                 universal = ck.to_universal(local, tempfile.mkdtemp(prefix="mf-universal-"))
-                engine.load_checkpoint(universal, tag=ck.UNIVERSAL_TAG)
+                engine.load_checkpoint(universal, tag=ck.UNIVERSAL_TAG, load_module_strict=not adapter_only)
                 shutil.rmtree(universal, ignore_errors=True)
             else:
-                engine.load_checkpoint(local, tag=ck.DS_TAG)
+                engine.load_checkpoint(local, tag=ck.DS_TAG, load_module_strict=not adapter_only)
         with open(os.path.join(local, ck.TRAINER_STATE)) as f:
             state = {"samples_in_epoch": 0, **json.load(f)["state"]}
         progress.send("resume", step=state["step"], skipped=skipped)
@@ -176,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
             if save:
                 verify = _probe(engine, val_batches, family) if final else None
-                _save(engine, cfg, state, metrics, rank, world, verify)
+                _save(engine, cfg, state, metrics, rank, world, verify, adapter_only=adapter_only)
                 progress.send("checkpoint", step=step)
             last = time.time()  # eval and checkpoint time is not step time
             if final:
@@ -273,7 +277,7 @@ def _restored_logit_diff(engine: Any, family: Any, local: str) -> float | None:
 
 
 def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world: int,
-          verify: dict | None) -> None:
+          verify: dict | None, *, adapter_only: bool = False) -> None:
     """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
     import torch.distributed as dist
     from safetensors.torch import save_file, save_model
@@ -284,7 +288,7 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
         if rank == 0:
             ck.remove_stale(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step)
         dist.barrier()
-        engine.save_checkpoint(local, tag=ck.DS_TAG)
+        engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
         if rank == 0:
             with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
                 json.dump({"state": state, "metrics": metrics, "world_size": world,
@@ -292,7 +296,10 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
             if cfg.deepspeed.zero_stage == 0:
                 # ZeRO-0 keeps whole parameters in the module: export reads them from here
                 # rather than unpickling DeepSpeed's model-states file.
-                save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
+                if adapter_only:
+                    save_file(trainable_state(engine.module), os.path.join(local, ck.ZERO0_WEIGHTS))
+                else:
+                    save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
             if verify is not None:
                 save_file(verify, os.path.join(local, ck.VERIFY_FILE))
             transform = storage_io.join(cfg.data.path, TRANSFORM_FILE)
