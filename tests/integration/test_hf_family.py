@@ -143,7 +143,47 @@ def test_gpt2_fine_tunes_with_zero3_and_exports_hf_format(finetuned, hf_dirs):
     assert m["perplexity"] < 400 / 2, m  # well below the uniform guess over the 400-token vocabulary
 
 
-def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned):
+@pytest.fixture(scope="module")
+def hf_lora(finetuned):
+    """A LoRA adapter (peft's default targets for GPT-2) trained with ZeRO-2 over the fine-tuned
+    artifact ``hf-gpt2`` as its frozen base, exported as an adapter artifact."""
+    from modelfleet.presets import load_config
+    from modelfleet.train.trainer import train
+
+    cfg, _ = finetuned
+    lcfg = load_config(preset="tiny", overrides=[
+        f"storage.path={cfg.storage.path}", f"data.path={cfg.data.path}", "storage.run_name=hf-lora",
+        "storage.model_name=hf-lora", "deepspeed.zero_stage=2", "train.max_steps=8", "train.eval_every=8",
+        "train.checkpoint_every=0", "train.eval_batches=2", "train.micro_batch_size=8", "train.lr=0.01"])
+    lcfg.model = type(cfg.model)(family="hf-causal-lm", params={**cfg.model.params, "lora": {"base": "hf-gpt2", "r": 4}})
+    return train(lcfg, show_progress=False)
+
+
+def test_hf_lora_adapter_loads_in_peft_over_transformers_with_equal_logits(hf_lora, finetuned):
+    from peft import PeftModel
+
+    from modelfleet import registry
+
+    cfg, res = finetuned
+    art = Path(hf_lora.artifact.uri)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["kind"] == "adapter" and manifest["base"]["ref"] == f"hf-gpt2@{res.artifact.version}"
+    assert json.loads((art / "adapter_config.json").read_text())["target_modules"] == ["c_attn"]
+    ids = _ids(str(Path(res.artifact.uri, "hf")))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(Path(res.artifact.uri, "hf")), dtype=torch.float32)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, str(art)).eval()(input_ids=ids).logits
+        ours = load_artifact(str(art))[0](ids)
+    assert (theirs - ours).abs().max().item() <= 1e-5
+    assert (theirs - before).abs().max().item() > 1e-4  # the adapter trained
+    assert registry.resolve(cfg.storage.path, "hf-lora").uri == str(art)
+
+
+def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned, hf_lora):
+    """The fine-tuned model served as a pool whose variant ``gpt2-lora`` is the adapter over it:
+    the base and the variant each answer as transformers (+ peft) generate greedily."""
+    from peft import PeftModel
 
     from modelfleet.serve.app import deploy
 
@@ -154,11 +194,20 @@ def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     expected = tok.decode(ref[0, ids.size(1):], skip_special_tokens=True)
+    with torch.no_grad():
+        lora = PeftModel.from_pretrained(hf, hf_lora.artifact.uri).eval()
+        ref = lora.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    expected_lora = tok.decode(ref[0, ids.size(1):], skip_special_tokens=True)
     with serve_on(PORT):
         deploy({"app_name": "hf", "route_prefix": "/hf", "port": PORT, "storage_path": cfg.storage.path,
                 "ingress": {"num_cpus": 0.05},
-                "models": [{"name": "gpt2-ft", "artifact": "hf-gpt2", "ray_actor_options": {"num_cpus": 0.5}}]})
+                "models": [{"name": "gpt2-ft", "artifact": "hf-gpt2", "ray_actor_options": {"num_cpus": 0.5},
+                            "variants": {"gpt2-lora": "hf-lora"}}]})
         with httpx.Client(timeout=120) as c:
+            r = c.post(f"http://127.0.0.1:{PORT}/hf/v1/completions",
+                       json={"model": "gpt2-lora", "prompt": PROBE, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected_lora
             r = c.post(f"http://127.0.0.1:{PORT}/hf/v1/completions",
                        json={"model": "gpt2-ft", "prompt": PROBE, "max_tokens": 8, "temperature": 0})
             assert r.status_code == 200, r.text

@@ -370,15 +370,7 @@ class _Front:
         self._init_front(config, {m.name: _Local(self)}, {m.name} if lm else set(), _one_hop_limit(cfg))
 
     pools: dict[str, dict[str, str]] = {}
-    """Pool name -> {variant name: adapter artifact} (from user_config: changes in place)."""
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """A pool's variants were added or removed: route by the new list, no restart."""
-        self.pools = {p: dict(v) for p, v in (user_config.get("variants") or {}).items()}
-        self.cfg = self.cfg.model_copy(update={"models": [
-            m.model_copy(update={"variants": dict(self.pools[m.name])}) if m.name in self.pools else m
-            for m in self.cfg.models]})
-        logger.info("pools: %s", {p: sorted(v) for p, v in self.pools.items()})
+    """Pool name -> {variant name: adapter artifact} (the multi-model ``Ingress`` sets it)."""
 
     def _served(self) -> str:
         return "; ".join(f"{n} (variants: {', '.join(sorted(self.pools[n])) or 'none'})" if n in self.pools else n
@@ -575,6 +567,14 @@ class Ingress(_Front):
 
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle], lms: list[str]) -> None:
         self._init_front(config, models, set(lms))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apps with pools: a variant was added or removed; route by the new list, no restart."""
+        self.pools = {p: dict(v) for p, v in (user_config.get("variants") or {}).items()}
+        self.cfg = self.cfg.model_copy(update={"models": [
+            m.model_copy(update={"variants": dict(self.pools[m.name])}) if m.name in self.pools else m
+            for m in self.cfg.models]})
+        logger.info("pools: %s", {p: sorted(v) for p, v in self.pools.items()})
 
 
 @serve.deployment  # every option comes from the ModelSpec, in build_app
