@@ -167,3 +167,30 @@ def test_no_key_on_an_exposed_host_fails_closed():
     auth.check_exposure(parse_serve_config({"models": [MODEL]}), None)  # loopback: fine
     assert auth.fingerprint("sk-1") != auth.fingerprint("sk-2") and "sk-1" not in auth.fingerprint("sk-1")
     assert auth.fingerprint(None) is None
+
+
+def test_pool_variants_are_validated_and_unique_across_the_application():
+    cfg = parse_serve_config({"models": [{"name": "base", "artifact": "tiny@v1", "variants": {"a": "ft-a@v1"}},
+                                         {"name": "other", "artifact": "x"}]})
+    assert cfg.has_pools and cfg.pool_of("a").name == "base" and cfg.pool_of("other") is None
+    assert cfg.models[0].max_models_per_replica == 8
+    with pytest.raises(ConfigError, match=r"serve\.models: \[0\]\.variants: 'other' is already the name"):
+        parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {"other": "x"}},
+                                       {"name": "other", "artifact": "x"}]})
+    with pytest.raises(ConfigError, match=r"serve\.models\[0\]\.variants: name 'a b' is invalid"):
+        parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {"a b": "x"}}]})
+    with pytest.raises(ConfigError, match=r"serve\.models\[0\]\.max_models_per_replica"):
+        parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {}, "max_models_per_replica": 0}]})
+    assert not parse_serve_config({"models": [{"name": "m", "artifact": "b"}]}).has_pools
+
+
+def test_lora_params_are_checked_naming_their_key():
+    from modelfleet.families import check_config
+
+    ok = load_config(preset="tiny", overrides=["model.params.lora.base=tiny@v1", "model.params.lora.r=4"])
+    assert check_config(ok).model.params["lora"]["r"] == 4
+    for bad, match in ((["model.params.lora.r=0"], r"model\.params\.lora\.r: must be >= 1"),
+                       (["model.params.lora.rank=4"], r"model\.params\.lora\.rank: unknown key"),
+                       ([], r"model\.params\.lora\.base: is empty")):
+        with pytest.raises(ConfigError, match=match):
+            check_config(load_config(preset="tiny", overrides=["model.params.lora.alpha=8", *bad]))

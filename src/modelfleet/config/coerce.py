@@ -43,6 +43,8 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if v is None:
             return None
+        if len(args) == 1:  # ``X | None``: X's own error names the inner key
+            return _coerce(args[0], v, key)
         errors = []
         for a in args:  # the first member type the value fits (``int | list[int]``)
             try:

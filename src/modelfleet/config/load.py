@@ -75,15 +75,22 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str) -> d
 
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    # Below model.params the family's own dataclass checks the keys (unknown ones fail there,
+    # named), so an override may start an optional section such as model.params.lora.
+    free_from = 2 if parts[:2] == ["model", "params"] else len(parts)
     cur = d
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
+        if isinstance(cur, dict) and part not in cur and i >= free_from:
+            cur[part] = None
         if not isinstance(cur, dict) or part not in cur:
             valid = ", ".join(sorted(cur)) if isinstance(cur, dict) else "(none)"
             raise ConfigError(f"{here}: unknown key; valid keys here: {valid}")
         if i == len(parts) - 1:
             cur[part] = value
         else:
+            if cur[part] is None and i + 1 >= free_from:
+                cur[part] = {}
             cur = cur[part]
 
 

@@ -530,7 +530,7 @@ async def _call(pending: Any) -> dict[str, Any]:
             raise APIError(r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded",
                            headers=headers)
         raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                       code="context_length_exceeded", headers=headers)
+                       code=r["error"].get("code", "context_length_exceeded"), headers=headers)
     return r
 
 

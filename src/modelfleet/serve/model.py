@@ -152,11 +152,12 @@ class LMReplica(ReplicaBase):
         if not model_id:
             return None
         if self._variant_lru is None:
-            return self._error(400, f"model {self.spec.name!r} is not a pool of variants", "model")
+            return self._error(400, f"model {self.spec.name!r} is not a pool of variants", "model", "model_not_found")
         try:
             return await self._variant_lru(model_id)
         except (ArtifactError, ValueError, FileNotFoundError) as e:
-            return self._error(404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model")
+            return self._error(404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model",
+                               "model_not_found")
 
     def check_health(self) -> None:
         super().check_health()

@@ -126,7 +126,8 @@ class ReplicaBase:
             raise RuntimeError(f"model {self.spec.name} is still loading")
         return self.loaded
 
-    def _error(self, status: int, message: str, param: str) -> dict[str, Any]:
+    def _error(self, status: int, message: str, param: str, code: str | None = None) -> dict[str, Any]:
         """A refused request, as the ingress turns it into an HTTP error naming ``param``."""
         logger.info("rejected request: %s", message)
-        return {"error": {"status": status, "message": message, "param": param}, "pid": self.pid}
+        return {"error": {"status": status, "message": message, "param": param,
+                          **({"code": code} if code else {})}, "pid": self.pid}
