@@ -18,6 +18,8 @@ each storage once; counted after a backward, before ``step()`` frees the gradien
 bench/zero_memory.py's counter), and the process's peak RSS (``ru_maxrss``; each mode and stage
 runs in its own interpreter so the peak is that mode's own), also as growth above the libraries
 the mode imports (LoRA imports peft, which imports transformers). Ratios are LoRA / full.
+RSS is what glibc malloc keeps, not only what is live: peft's LoRA forward allocates a few
+transient activation-sized tensors per adapted layer, and freed heap blocks are not all returned.
 
 Data: the first rows of the train split of bench/common.py's ``tiny_dataset`` at the model's
 block size (byte tokens of Python's json/ and email/ sources), the same rows in the same order
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,6 +243,7 @@ def main() -> int:
         "data": "first train rows of bench/common.py tiny_dataset (byte tokens of stdlib json/ + email/)",
         "steps": args.steps, "warmup_steps_excluded": args.warmup, "wall_s": time.time() - t_start,
         "rows": rows})
+    shutil.rmtree(work, ignore_errors=True)  # the base artifact and dataset are only for this run
     print(f"-> {out} ({time.time() - t_start:.0f} s)")
     return 0
 
