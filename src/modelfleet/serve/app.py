@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from modelfleet import registry
 from modelfleet.serve import auth
@@ -31,6 +32,7 @@ from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
+from modelfleet.serve.routing import VariantRouter
 from modelfleet import storage as storage_io
 from modelfleet.storage import is_remote
 
@@ -125,6 +127,8 @@ def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
         opts["num_replicas"] = m.num_replicas
     if m.variants is not None:
         opts["user_config"] = {"artifact": m.artifact, "variants": dict(m.variants)}
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class=VariantRouter, request_router_kwargs={"max_models": m.max_models_per_replica})
         opts.update(_internal=True, version=stable_version("pool", _init_spec(m), cfg.storage_path,
                                                             m.ray_actor_options.to_serve()))
     return opts
