@@ -2,7 +2,9 @@
 
 An artifact directory holds ``model.safetensors``, ``config.json`` (the model config),
 ``tokenizer.json`` (the tokenizer spec) and ``manifest.json`` (run, step, metrics, full config,
-sha256 of the weights). Versions are ``v1``, ``v2``...; a version directory appears only once all
+sha256 of the weights). An adapter artifact (``manifest.json`` ``kind: adapter``, written by a
+LoRA run) holds peft's ``adapter_model.safetensors`` + ``adapter_config.json`` instead of
+``model.safetensors``, and its manifest names the base artifact and the base weights' sha256. Versions are ``v1``, ``v2``...; a version directory appears only once all
 its files are written (written aside, then renamed), so a reader never sees half an artifact.
 Loading never unpickles: weights are safetensors, checked against the manifest's sha256.
 """
