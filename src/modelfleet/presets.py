@@ -117,16 +117,4 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
     """Build a Config: preset (from ``--preset``, the YAML's ``preset:`` key, or ``tiny``), then
     the YAML file's sections, then ``key=value`` overrides; then validate everything, the
     family's own ``model.params`` included."""
-    return check_config(_load.load_config(path, presets={k: _with_default_params(f) for k, f in PRESETS.items()},
-                                          preset=preset, overrides=overrides))
-
-
-def _with_default_params(preset: Callable[[], Config]) -> Callable[[], Config]:
-    """The preset with its family's every ``model.params`` key present (``None`` for an unset
-    optional section such as ``lora``), so YAML and ``--set model.params.lora.r=8`` can name them."""
-    def build() -> Config:
-        c = preset()
-        c.model.params = {**get_family(c.model.family).default_params(), **c.model.params}
-        return c
-
-    return build
+    return check_config(_load.load_config(path, presets=PRESETS, preset=preset, overrides=overrides))

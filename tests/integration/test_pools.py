@@ -27,7 +27,7 @@ def pool(ray_session, tmp_path_factory):
     from modelfleet.serve.app import deploy
 
     storage = tmp_path_factory.mktemp("pool-storage")
-    base = publish_tiny_models(storage, seeds=(1,), probe=PROBE)["v1"]
+    base = publish_tiny_models(storage, seeds=(1, 2), probe=PROBE)["v1"]  # v2: other base weights
     adapters = publish_adapters(storage, "tiny@v1", ("a0", "a1", "a2"), probe=PROBE)
     with serve_on(PORT):
         deploy({"app_name": "pool", "route_prefix": "/pool", "port": PORT, "storage_path": str(storage),
@@ -122,3 +122,13 @@ def test_variants_are_added_and_removed_in_place_under_load(pool):
     assert set(loads["a0"].texts) == {pool.adapters["a0"]["answer"]}
     after = sorted(serve_replica_pids("pool", "model-tiny") + serve_replica_pids("pool", "ingress"))
     assert after == before  # reconfigured in place: the same processes
+
+
+def test_moving_a_pool_to_other_base_weights_is_refused_naming_its_variants(pool):
+    from modelfleet.errors import ConfigError
+    from modelfleet.serve.app import update_model
+
+    with pytest.raises(ConfigError, match=r"pool 'tiny'\'s variants a0, a2 were trained over its current base"):
+        update_model("pool", "tiny", "v2")
+    r = _ask(pool.url, "a0")  # nothing changed
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == pool.adapters["a0"]["answer"]

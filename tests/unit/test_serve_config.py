@@ -172,7 +172,7 @@ def test_no_key_on_an_exposed_host_fails_closed():
 def test_pool_variants_are_validated_and_unique_across_the_application():
     cfg = parse_serve_config({"models": [{"name": "base", "artifact": "tiny@v1", "variants": {"a": "ft-a@v1"}},
                                          {"name": "other", "artifact": "x"}]})
-    assert cfg.has_pools and cfg.pool_of("a").name == "base" and cfg.pool_of("other") is None
+    assert cfg.has_pools and cfg.models[0].variants == {"a": "ft-a@v1"} and cfg.models[1].variants is None
     assert cfg.models[0].max_models_per_replica == 8
     with pytest.raises(ConfigError, match=r"serve\.models: \[0\]\.variants: 'other' is already the name"):
         parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {"other": "x"}},
@@ -194,3 +194,21 @@ def test_lora_params_are_checked_naming_their_key():
                        ([], r"model\.params\.lora\.base: is empty")):
         with pytest.raises(ConfigError, match=match):
             check_config(load_config(preset="tiny", overrides=["model.params.lora.alpha=8", *bad]))
+
+
+def test_lora_sections_load_from_yaml_for_either_language_family(tmp_path):
+    import yaml
+
+    gpt = tmp_path / "gpt.yaml"
+    gpt.write_text(yaml.safe_dump({"preset": "tiny", "model": {"params": {"lora": {"base": "tiny@v1", "r": 4}}}}))
+    assert load_config(gpt).model.params["lora"] == {"base": "tiny@v1", "r": 4}
+    # A preset of another family: its params are replaced, and the hf family checks the new ones.
+    hf = tmp_path / "hf.yaml"
+    hf.write_text(yaml.safe_dump({"preset": "tiny", "model": {"family": "hf-causal-lm", "params": {
+        "path": str(tmp_path), "block_size": 32, "lora": {"base": "hf-base@v2", "target_modules": ["c_attn"]}}}}))
+    cfg = load_config(hf, overrides=["model.params.lora.alpha=32"])
+    assert cfg.model.params["lora"] == {"base": "hf-base@v2", "target_modules": ["c_attn"], "alpha": 32}
+    hf.write_text(yaml.safe_dump({"preset": "tiny", "model": {"family": "hf-causal-lm", "params": {
+        "path": str(tmp_path), "lora": {"base": "b", "rank": 4}}}}))
+    with pytest.raises(ConfigError, match=r"model\.params\.lora\.rank: unknown key"):
+        load_config(hf)

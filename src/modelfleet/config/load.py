@@ -60,10 +60,17 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
+FAMILY_PARAMS = "model.params."
+"""Keys below this prefix are the model family's to check (``Family.parse_params``), not the schema's."""
+
+
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         key = f"{prefix}{k}"
+        if k not in base and prefix.startswith(FAMILY_PARAMS):
+            out[k] = v  # the family's own dataclass checks these keys (unknown ones fail there, named)
+            continue
         if k not in base:
             raise ConfigError(f"{key}: unknown key; valid keys here: {', '.join(sorted(base))}")
         if isinstance(base[k], dict) and base[k] and isinstance(v, Mapping):
@@ -77,7 +84,7 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     # Below model.params the family's own dataclass checks the keys (unknown ones fail there,
     # named), so an override may start an optional section such as model.params.lora.
-    free_from = 2 if parts[:2] == ["model", "params"] else len(parts)
+    free_from = 2 if dotted.startswith(FAMILY_PARAMS) else len(parts)
     cur = d
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])

@@ -203,10 +203,6 @@ class ServeConfig(_Strict):
     def has_pools(self) -> bool:
         return any(m.variants is not None for m in self.models)
 
-    def pool_of(self, name: str) -> ModelSpec | None:
-        """The pool that serves variant ``name``, if any."""
-        return next((m for m in self.models if name in (m.variants or {})), None)
-
     def model(self, name: str) -> ModelSpec:
         for m in self.models:
             if m.name == name:

@@ -13,6 +13,7 @@ from modelfleet.config import ModelConfig
 from modelfleet.errors import ArtifactError
 from modelfleet.families import get_family
 from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter
+from modelfleet.models import lora
 from modelfleet.registry import WEIGHTS, fetch
 from modelfleet.storage import read_json, sha256_file
 
@@ -40,14 +41,12 @@ def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str,
 
 
 def _load_adapter(uri: str, local: str, manifest: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, Any]]:
-    from peft import PeftModel
-
     check_adapter(local, uri, manifest)
     base = adapter_base(manifest, uri)
     model, _, base_manifest = load_artifact(base["uri"], device=device)
     check_base(base_manifest, base, uri)
     family = get_family(manifest["family"])
-    model = family.set_peft_root(model, PeftModel.from_pretrained(family.peft_root(model), local))
+    model = family.set_peft_root(model, lora.peft().PeftModel.from_pretrained(family.peft_root(model), local))
     return model.eval(), family.load_preprocessor(local, manifest), manifest
 
 

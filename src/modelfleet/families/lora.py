@@ -22,7 +22,7 @@ from modelfleet.config import Config, ModelConfig
 from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
 from modelfleet.models import lora
-from modelfleet.storage import dump_json, read_json, sha256_file
+from modelfleet.storage import dump_json, sha256_file
 
 KIND_ADAPTER = "adapter"
 """``manifest.json`` ``kind`` of an adapter artifact (a full model has ``model``, or no kind)."""
@@ -125,6 +125,3 @@ def adapter_base(manifest: dict[str, Any], uri: str) -> dict[str, Any]:
         raise ArtifactError(f"adapter artifact {uri!r}: manifest.json names no base artifact")
     return base
 
-
-def read_manifest(local: str) -> dict[str, Any]:
-    return read_json(local, "manifest.json")

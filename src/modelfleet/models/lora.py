@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from torch import nn
@@ -83,10 +83,6 @@ def wrap(model: nn.Module, p: LoraParams, default_targets: list[str] | None) -> 
 def trainable_state(model: nn.Module) -> dict[str, Any]:
     """The parameters that train (the adapter's), by name: what an adapter checkpoint holds."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def params_dict(p: LoraParams) -> dict[str, Any]:
-    return asdict(p)
 
 
 # ---------------------------------------------------------------- serving: one adapter per row

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -80,8 +81,6 @@ def _logging(cfg: ServeConfig) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
     """This installation's code (our package and Ray's version): a new release is a new version."""
-    import ray
-
     h = hashlib.sha256(ray.__version__.encode())
     for f in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
         h.update(f.read_bytes())
@@ -246,6 +245,18 @@ def update_model(app_name: str, model: str, artifact: str) -> str:
         artifact = f"{base}@{artifact}"
     ref = registry.resolve(cfg.storage_path, artifact)  # fails fast on a bad reference
     models = [m.model_copy(update={"artifact": artifact}) if m.name == model else m for m in cfg.models]
+    if spec.variants:  # a pool's adapters only fit the base weights they were trained over
+        moved = cfg.model_copy(update={"models": models})
+        stale = []
+        for name, variant in sorted(spec.variants.items()):
+            try:
+                _check_variant(moved, moved.model(model), registry.resolve(cfg.storage_path, variant).uri, variant)
+            except ConfigError:
+                stale.append(name)
+        if stale:
+            raise ConfigError(f"--artifact {artifact!r}: pool {model!r}'s variants {', '.join(stale)} were trained "
+                              f"over its current base, not over {artifact!r}; remove them first "
+                              f"(modelfleet deploy {model} --remove NAME) or serve the new base as another pool")
     serve.run(build_app(cfg.model_copy(update={"models": models})), name=app_name, route_prefix=cfg.route_prefix)
     return f"{ref.name}@{ref.version}" if ref.name else ref.uri
 
