@@ -12,7 +12,7 @@ from typing import Any
 from modelfleet.config import ModelConfig
 from modelfleet.errors import ArtifactError
 from modelfleet.families import get_family
-from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter
+from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter, check_base
 from modelfleet.models import lora
 from modelfleet.registry import WEIGHTS, fetch
 from modelfleet.storage import read_json, sha256_file
@@ -49,10 +49,3 @@ def _load_adapter(uri: str, local: str, manifest: dict[str, Any], device: str) -
     model = family.set_peft_root(model, lora.peft().PeftModel.from_pretrained(family.peft_root(model), local))
     return model.eval(), family.load_preprocessor(local, manifest), manifest
 
-
-def check_base(base_manifest: dict[str, Any], base: dict[str, Any], uri: str) -> None:
-    """The base an adapter is put on must be the weights it was trained over."""
-    want = base.get("weights_sha256")
-    if want and base_manifest.get("weights_sha256") != want:
-        raise ArtifactError(f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
-                            f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}...")

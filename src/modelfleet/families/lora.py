@@ -125,3 +125,18 @@ def adapter_base(manifest: dict[str, Any], uri: str) -> dict[str, Any]:
         raise ArtifactError(f"adapter artifact {uri!r}: manifest.json names no base artifact")
     return base
 
+
+def check_base(base_manifest: dict[str, Any], base: dict[str, Any], uri: str) -> None:
+    """The base an adapter is put on must be the weights it was trained over."""
+    want = base.get("weights_sha256")
+    if want and base_manifest.get("weights_sha256") != want:
+        raise ArtifactError(f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
+                            f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}...")
+
+
+def check_variant(manifest: dict[str, Any], base_manifest: dict[str, Any], artifact: str) -> None:
+    """A pool's variant must be a LoRA adapter trained over exactly the pool's base weights."""
+    if manifest.get("kind") != KIND_ADAPTER:
+        raise ArtifactError(f"variant artifact {artifact!r} is a full model, not a LoRA adapter; serve it as its "
+                            "own model")
+    check_base(base_manifest, adapter_base(manifest, artifact), artifact)

@@ -27,8 +27,7 @@ from modelfleet.serve import auth
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
-from modelfleet.families.artifact import check_base
-from modelfleet.families.lora import KIND_ADAPTER, adapter_base
+from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
@@ -296,12 +295,9 @@ def update_pool(app_name: str, pool: str, *, add: tuple[str, str] | None = None,
 
 def _check_variant(cfg: ServeConfig, pool: ModelSpec, uri: str, artifact: str) -> None:
     """A variant must be a LoRA adapter trained over exactly the pool's base weights."""
-    manifest = registry.read_json(uri, "manifest.json")
-    if manifest.get("kind") != KIND_ADAPTER:
-        raise ConfigError(f"--artifact {artifact!r} is a full model, not a LoRA adapter; serve it as its own model")
     base = registry.read_json(registry.resolve(cfg.storage_path, pool.artifact).uri, "manifest.json")
     try:
-        check_base(base, adapter_base(manifest, uri), artifact)
+        check_variant(registry.read_json(uri, "manifest.json"), base, artifact)
     except ArtifactError as e:
         raise ConfigError(f"--artifact: {e}; pool {pool.name!r} serves {pool.artifact!r}") from None
 

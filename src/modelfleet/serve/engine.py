@@ -155,7 +155,7 @@ class Engine:
         decoded = self._decode(out)
         for s in [s for s, _ in out if s.finished]:
             self._release(s)
-        if self.adapters is not None:  # evicted adapters go once no sequence uses them
+        if self.adapters is not None and self.adapters.evicted:  # evicted ones go once no sequence uses them
             self.adapters.collect(self.adapters_in_use())
         return StepOutput(out, len(self.running) + len(self.prefilling), len(self.waiting), decoded)
 

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
-from ray.util import metrics
 
 from modelfleet import registry
 from modelfleet.errors import ArtifactError
 from modelfleet.families import get_family
-from modelfleet.families.artifact import check_base
-from modelfleet.families.lora import KIND_ADAPTER, adapter_base, check_adapter
+from modelfleet.families.lora import check_adapter, check_variant
 from modelfleet.models import lora
 from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, Sequence, StepOutput
 from modelfleet.serve.generation import Job
@@ -117,16 +115,13 @@ class LMReplica(ReplicaBase):
                 lo.loop.call(lambda key=key: lo.pool.evict(key))
 
     def _fetch_adapter(self, artifact: str) -> str:
-        """A local copy of a variant's adapter artifact, checked: an adapter, of this family, trained
-        over exactly this pool's base weights."""
+        """A local copy of a variant's adapter artifact, checked: an adapter trained over exactly this
+        pool's base weights, its file matching its sha256."""
         ref = registry.resolve(self.storage_path, artifact)
         local = registry.fetch(ref.uri)
         manifest = read_json(local, "manifest.json")
-        if manifest.get("kind") != KIND_ADAPTER:
-            raise ArtifactError(f"variant artifact {artifact!r} is a full model, not a LoRA adapter; serve it "
-                                "as its own model")
+        check_variant(manifest, self.base_manifest, artifact)
         check_adapter(local, artifact, manifest)
-        check_base(self.base_manifest, adapter_base(manifest, artifact), artifact)
         return local
 
     async def _load_variant(self, model_id: str) -> Variant:
