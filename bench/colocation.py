@@ -33,10 +33,18 @@ def main() -> int:
     publish_tiny(str(work))
 
     def cfg(name: str):
-        return load_config(preset="tiny", overrides=[f"data.path={data}", f"storage.path={work}",
-                                                     f"train.max_steps={steps}", "train.eval_every=0",
-                                                     "train.checkpoint_every=0", "train.eval_batches=1",
-                                                     f"storage.run_name={name}"])
+        return load_config(
+            preset="tiny",
+            overrides=[
+                f"data.path={data}",
+                f"storage.path={work}",
+                f"train.max_steps={steps}",
+                "train.eval_every=0",
+                "train.checkpoint_every=0",
+                "train.eval_batches=1",
+                f"storage.run_name={name}",
+            ],
+        )
 
     warm = 5
     ray_start(num_cpus=6)
@@ -80,15 +88,23 @@ def main() -> int:
             h.join()
     finally:
         ray_stop()
-    res = {"serve_idle_p50_ms": idle_serve["p50_ms"], "serve_busy_p50_ms": busy_serve_p50,
-           "serve_ratio": busy_serve_p50 / idle_serve["p50_ms"], "serve_target": 1.2,
-           "serve_requests_during_training": len(lat),
-           "train_idle_step_ms": idle_train * 1e3, "train_busy_step_ms": busy_train * 1e3,
-           "train_ratio": busy_train / idle_train, "train_target": 1.1,
-           "requests_served_during_training": len(served)}
+    res = {
+        "serve_idle_p50_ms": idle_serve["p50_ms"],
+        "serve_busy_p50_ms": busy_serve_p50,
+        "serve_ratio": busy_serve_p50 / idle_serve["p50_ms"],
+        "serve_target": 1.2,
+        "serve_requests_during_training": len(lat),
+        "train_idle_step_ms": idle_train * 1e3,
+        "train_busy_step_ms": busy_train * 1e3,
+        "train_ratio": busy_train / idle_train,
+        "train_target": 1.1,
+        "requests_served_during_training": len(served),
+    }
     for k, v in res.items():
         print(f"{k:>34}: {v:.3f}" if isinstance(v, float) else f"{k:>34}: {v}")
-    print(f"-> {save('colocation', {'model': 'tiny GPT: serving 1 replica x 1 CPU; training 2 workers x 1 CPU, ZeRO-3', 'quick': args.quick, **res})}")
+    print(
+        f"-> {save('colocation', {'model': 'tiny GPT: serving 1 replica x 1 CPU; training 2 workers x 1 CPU, ZeRO-3', 'quick': args.quick, **res})}"
+    )
     return 0
 
 

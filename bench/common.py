@@ -22,8 +22,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def machine() -> dict[str, Any]:
     import torch
 
-    info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     for mod in ("ray", "deepspeed"):
         try:
             info[mod] = __import__(mod).__version__
@@ -53,8 +58,9 @@ def tiny_dataset(root: Path, block_size: int = 128) -> str:
 
     path = root / f"data-{block_size}"
     if not (path / "meta.json").exists():
-        prepare_dataset(DataConfig(sources=["stdlib:json/*.py", "stdlib:email/*.py"], path=str(path)),
-                        block_size, ByteTokenizer())
+        prepare_dataset(
+            DataConfig(sources=["stdlib:json/*.py", "stdlib:email/*.py"], path=str(path)), block_size, ByteTokenizer()
+        )
     return str(path)
 
 

@@ -81,20 +81,29 @@ def figures(recs: list[Rec], t0: float) -> dict[str, Any]:
     short = [r.latency for r in done if r.max_tokens == SHORT]
     tpot = [r.tpot for r in done if r.tpot is not None]
     wall = max(r.done for r in done) - t0
-    return {"requests": len(done), "of": len(recs), "tokens": sum(r.tokens for r in done), "wall_s": wall,
-            "tokens_per_s": sum(r.tokens for r in done) / wall,
-            "latency_p50_ms": 1e3 * median([r.latency for r in done]),
-            "short_latency_p50_ms": 1e3 * median(short) if short else None,
-            "ttft_p50_ms": 1e3 * median([r.first - r.arrived for r in done]),
-            "tpot_p50_ms": 1e3 * median(tpot) if tpot else None}
+    return {
+        "requests": len(done),
+        "of": len(recs),
+        "tokens": sum(r.tokens for r in done),
+        "wall_s": wall,
+        "tokens_per_s": sum(r.tokens for r in done) / wall,
+        "latency_p50_ms": 1e3 * median([r.latency for r in done]),
+        "short_latency_p50_ms": 1e3 * median(short) if short else None,
+        "ttft_p50_ms": 1e3 * median([r.first - r.arrived for r in done]),
+        "tpot_p50_ms": 1e3 * median(tpot) if tpot else None,
+    }
 
 
 def engine_run(model: Any, tok: Any, jobs: list[Any], conc: int, timeout_s: float) -> dict[str, Any]:
     """``jobs`` through a fresh engine, ``conc`` in flight (closed loop), bounded by ``timeout_s``."""
     from modelfleet.serve.engine import Engine, EngineConfig
 
-    engine = Engine(model, eos_id=tok.eos_id, decode=tok.decode,
-                    config=EngineConfig(max_num_seqs=CONC, prefill_chunk=64, max_waiting=len(jobs)))
+    engine = Engine(
+        model,
+        eos_id=tok.eos_id,
+        decode=tok.decode,
+        config=EngineConfig(max_num_seqs=CONC, prefill_chunk=64, max_waiting=len(jobs)),
+    )
     todo, recs = iter(jobs), {}
 
     def submit() -> None:
@@ -131,7 +140,7 @@ def static_run(model: Any, tok: Any, jobs: list[Any], timeout_s: float) -> dict[
     for b in range(0, len(jobs), CONC):
         if time.perf_counter() >= deadline:
             break
-        batch = jobs[b:b + CONC]
+        batch = jobs[b : b + CONC]
         cur = [Rec(j.max_tokens, prev[k].done if k < len(prev) else t0) for k, j in enumerate(batch)]
         for out in generate_steps(model, batch, eos_id=tok.eos_id, decode=tok.decode):
             now = time.perf_counter()
@@ -161,13 +170,16 @@ def in_process(model: Any, tok: Any, max_tokens: list[int], reps: int, timeout_s
     static_run(model, tok, mixed[:CONC], timeout_s)
     runs: list[dict[str, Any]] = []
     for _ in range(reps):  # interleaved, so a noisy neighbour hits both sides alike
-        runs.append({"engine_c16": engine_run(model, tok, mixed, CONC, timeout_s),
-                     "static_c16": static_run(model, tok, mixed, timeout_s),
-                     "engine_equal_short": engine_run(model, tok, equal, CONC, timeout_s),
-                     "static_equal_short": static_run(model, tok, equal, timeout_s),
-                     "engine_c1": engine_run(model, tok, mixed[:CONC], 1, timeout_s)})
-    med = {k: {f: median([r[k][f] for r in runs]) for f in runs[0][k] if runs[0][k][f] is not None}
-           for k in runs[0]}
+        runs.append(
+            {
+                "engine_c16": engine_run(model, tok, mixed, CONC, timeout_s),
+                "static_c16": static_run(model, tok, mixed, timeout_s),
+                "engine_equal_short": engine_run(model, tok, equal, CONC, timeout_s),
+                "static_equal_short": static_run(model, tok, equal, timeout_s),
+                "engine_c1": engine_run(model, tok, mixed[:CONC], 1, timeout_s),
+            }
+        )
+    med = {k: {f: median([r[k][f] for r in runs]) for f in runs[0][k] if runs[0][k][f] is not None} for k in runs[0]}
     return {"median": med, "runs": runs}
 
 
@@ -178,8 +190,10 @@ def http_mixed(url: str, bodies: list[dict], reps: int, timeout_s: float) -> dic
         ld = load(url, len(bodies), CONC, bodies=bodies, tokens=True, timeout_s=timeout_s)
         short = [lat for i, lat in ld.sent if bodies[i]["max_tokens"] == SHORT]
         out.append({**ld.summary(), "short_latency_p50_ms": 1e3 * median(short) if short else None})
-    return {"median": {f: median([r[f] for r in out]) for f in ("tokens_per_s", "short_latency_p50_ms", "p50_ms")},
-            "runs": out}
+    return {
+        "median": {f: median([r[f] for r in out]) for f in ("tokens_per_s", "short_latency_p50_ms", "p50_ms")},
+        "runs": out,
+    }
 
 
 def main() -> int:
@@ -200,8 +214,10 @@ def main() -> int:
     cap = min(LONGEST, model.cfg.block_size - prompt_len)
     note = None
     if cap < LONGEST:
-        note = (f"the tiny model's context is {model.cfg.block_size} tokens and the prompt {prompt_len}: "
-                f"max_tokens drawn up to {cap}, not {LONGEST}")
+        note = (
+            f"the tiny model's context is {model.cfg.block_size} tokens and the prompt {prompt_len}: "
+            f"max_tokens drawn up to {cap}, not {LONGEST}"
+        )
         print(f"note: {note}")
     max_tokens = max_tokens_list(N_REQUESTS, cap)
     bodies = [{**BODY, "max_tokens": m} for m in max_tokens]
@@ -209,8 +225,10 @@ def main() -> int:
     t = time.perf_counter()
     ip = in_process(model, tok, max_tokens, reps, timeout_s)
     m = ip["median"]
-    print(f"in-process ({time.perf_counter() - t:.0f} s): engine {m['engine_c16']['tokens_per_s']:.0f} tok/s, "
-          f"static {m['static_c16']['tokens_per_s']:.0f} tok/s")
+    print(
+        f"in-process ({time.perf_counter() - t:.0f} s): engine {m['engine_c16']['tokens_per_s']:.0f} tok/s, "
+        f"static {m['static_c16']['tokens_per_s']:.0f} tok/s"
+    )
 
     with Uvicorn(ref.uri, args.port + 1) as uv:
         url = f"{uv.url}/v1/completions"
@@ -226,13 +244,17 @@ def main() -> int:
         try:
             spec = model_spec("tiny", "tiny", batching={"max_batch_size": CONC}, max_ongoing_requests=64)
             url = f"{serve_app(storage, args.port, [spec])}/v1/completions"
-            variants[name] = {"c1": load(url, n_c1, 1, timeout_s=timeout_s).summary(),
-                              "mixed_c16": http_mixed(url, bodies, http_reps, timeout_s)}
+            variants[name] = {
+                "c1": load(url, n_c1, 1, timeout_s=timeout_s).summary(),
+                "mixed_c16": http_mixed(url, bodies, http_reps, timeout_s),
+            }
         finally:
             ray_stop(env)
         v = variants[name]
-        print(f"serve ({name}): c1 p50 {v['c1']['p50_ms']:.1f} ms, "
-              f"c16 mixed {v['mixed_c16']['median']['tokens_per_s']:.0f} tok/s")
+        print(
+            f"serve ({name}): c1 p50 {v['c1']['p50_ms']:.1f} ms, "
+            f"c16 mixed {v['mixed_c16']['median']['tokens_per_s']:.0f} tok/s"
+        )
     serve_c1, serve_mixed = variants["haproxy"]["c1"], variants["haproxy"]["mixed_c16"]
     py_c1 = variants["python_proxy"]["c1"]
 
@@ -246,44 +268,111 @@ def main() -> int:
         "serve_c1_p50_minus_uvicorn_ms": serve_c1["p50_ms"] - uv_c1["p50_ms"],
     }
     rows = [
-        {"figure": "tok/s c16 mixed: engine | static", "subject": eng["tokens_per_s"], "baseline": sta["tokens_per_s"],
-         "ratio": ratios["engine_over_static_tokens_per_s"], "target": "-"},
-        {"figure": "8-tok p50 ms: in mix | 16 equal (engine)", "subject": eng["short_latency_p50_ms"],
-         "baseline": eq["latency_p50_ms"], "ratio": ratios["short_in_mix_over_equal_short_p50"], "target": "<= 2"},
-        {"figure": "16 equal 8-tok at once, p50 ms: engine | static", "subject": eq["latency_p50_ms"],
-         "baseline": m["static_equal_short"]["latency_p50_ms"],
-         "ratio": eq["latency_p50_ms"] / m["static_equal_short"]["latency_p50_ms"], "target": "-"},
-        {"figure": "8-tok p50 ms in mix: engine | static", "subject": eng["short_latency_p50_ms"],
-         "baseline": sta["short_latency_p50_ms"], "ratio": eng["short_latency_p50_ms"] / sta["short_latency_p50_ms"],
-         "target": "-"},
-        {"figure": "TTFT p50 ms: engine c1 | c16", "subject": c1["ttft_p50_ms"], "baseline": eng["ttft_p50_ms"],
-         "ratio": "", "target": "-"},
-        {"figure": "TPOT p50 ms: engine c1 | c16", "subject": c1["tpot_p50_ms"], "baseline": eng["tpot_p50_ms"],
-         "ratio": "", "target": "-"},
-        {"figure": "TTFT | TPOT p50 ms: static c16", "subject": sta["ttft_p50_ms"], "baseline": sta["tpot_p50_ms"],
-         "ratio": "", "target": "-"},
-        {"figure": "tok/s c16 mixed: Serve | in-process engine", "subject": srv["tokens_per_s"],
-         "baseline": eng["tokens_per_s"], "ratio": ratios["serve_over_in_process_tokens_per_s"], "target": ">= 0.8"},
-        {"figure": "tok/s c16 mixed: uvicorn | in-process engine", "subject": uvm["tokens_per_s"],
-         "baseline": eng["tokens_per_s"], "ratio": ratios["uvicorn_over_in_process_tokens_per_s"], "target": "-"},
-        {"figure": "8-tok p50 ms in mix: Serve | uvicorn", "subject": srv["short_latency_p50_ms"],
-         "baseline": uvm["short_latency_p50_ms"], "ratio": srv["short_latency_p50_ms"] / uvm["short_latency_p50_ms"],
-         "target": "-"},
-        {"figure": "c1 p50 ms (16 tok): Serve | uvicorn", "subject": serve_c1["p50_ms"], "baseline": uv_c1["p50_ms"],
-         "ratio": f"+{ratios['serve_c1_p50_minus_uvicorn_ms']:.1f} ms", "target": "<= +3 ms"},
-        {"figure": "c1 p50 ms: Serve via Python proxy | uvicorn", "subject": py_c1["p50_ms"],
-         "baseline": uv_c1["p50_ms"], "ratio": f"+{py_c1['p50_ms'] - uv_c1['p50_ms']:.1f} ms", "target": "-"},
+        {
+            "figure": "tok/s c16 mixed: engine | static",
+            "subject": eng["tokens_per_s"],
+            "baseline": sta["tokens_per_s"],
+            "ratio": ratios["engine_over_static_tokens_per_s"],
+            "target": "-",
+        },
+        {
+            "figure": "8-tok p50 ms: in mix | 16 equal (engine)",
+            "subject": eng["short_latency_p50_ms"],
+            "baseline": eq["latency_p50_ms"],
+            "ratio": ratios["short_in_mix_over_equal_short_p50"],
+            "target": "<= 2",
+        },
+        {
+            "figure": "16 equal 8-tok at once, p50 ms: engine | static",
+            "subject": eq["latency_p50_ms"],
+            "baseline": m["static_equal_short"]["latency_p50_ms"],
+            "ratio": eq["latency_p50_ms"] / m["static_equal_short"]["latency_p50_ms"],
+            "target": "-",
+        },
+        {
+            "figure": "8-tok p50 ms in mix: engine | static",
+            "subject": eng["short_latency_p50_ms"],
+            "baseline": sta["short_latency_p50_ms"],
+            "ratio": eng["short_latency_p50_ms"] / sta["short_latency_p50_ms"],
+            "target": "-",
+        },
+        {
+            "figure": "TTFT p50 ms: engine c1 | c16",
+            "subject": c1["ttft_p50_ms"],
+            "baseline": eng["ttft_p50_ms"],
+            "ratio": "",
+            "target": "-",
+        },
+        {
+            "figure": "TPOT p50 ms: engine c1 | c16",
+            "subject": c1["tpot_p50_ms"],
+            "baseline": eng["tpot_p50_ms"],
+            "ratio": "",
+            "target": "-",
+        },
+        {
+            "figure": "TTFT | TPOT p50 ms: static c16",
+            "subject": sta["ttft_p50_ms"],
+            "baseline": sta["tpot_p50_ms"],
+            "ratio": "",
+            "target": "-",
+        },
+        {
+            "figure": "tok/s c16 mixed: Serve | in-process engine",
+            "subject": srv["tokens_per_s"],
+            "baseline": eng["tokens_per_s"],
+            "ratio": ratios["serve_over_in_process_tokens_per_s"],
+            "target": ">= 0.8",
+        },
+        {
+            "figure": "tok/s c16 mixed: uvicorn | in-process engine",
+            "subject": uvm["tokens_per_s"],
+            "baseline": eng["tokens_per_s"],
+            "ratio": ratios["uvicorn_over_in_process_tokens_per_s"],
+            "target": "-",
+        },
+        {
+            "figure": "8-tok p50 ms in mix: Serve | uvicorn",
+            "subject": srv["short_latency_p50_ms"],
+            "baseline": uvm["short_latency_p50_ms"],
+            "ratio": srv["short_latency_p50_ms"] / uvm["short_latency_p50_ms"],
+            "target": "-",
+        },
+        {
+            "figure": "c1 p50 ms (16 tok): Serve | uvicorn",
+            "subject": serve_c1["p50_ms"],
+            "baseline": uv_c1["p50_ms"],
+            "ratio": f"+{ratios['serve_c1_p50_minus_uvicorn_ms']:.1f} ms",
+            "target": "<= +3 ms",
+        },
+        {
+            "figure": "c1 p50 ms: Serve via Python proxy | uvicorn",
+            "subject": py_c1["p50_ms"],
+            "baseline": uv_c1["p50_ms"],
+            "ratio": f"+{py_c1['p50_ms'] - uv_c1['p50_ms']:.1f} ms",
+            "target": "-",
+        },
     ]
     print(table(rows, ["figure", "subject", "baseline", "ratio", "target"]))
     result = {
         "model": "tiny GPT (2 layers, 128 wide, context 128), random init, 20-token prompt, greedy; "
-                 "in-process, replica and uvicorn each 1 CPU thread",
-        "quick": args.quick, "reps": reps, "http_reps": http_reps, "concurrency": CONC,
-        "max_tokens": max_tokens, "max_tokens_note": note,
-        "in_process": ip, "uvicorn": {"c1": uv_c1, "mixed_c16": uv_mixed},
-        "serve": variants["haproxy"], "serve_python_proxy": variants["python_proxy"], "ratios": ratios,
-        "targets": {"short_in_mix_over_equal_short_p50": "<= 2", "serve_over_in_process_tokens_per_s": ">= 0.8",
-                    "serve_c1_p50_minus_uvicorn_ms": "<= 3"},
+        "in-process, replica and uvicorn each 1 CPU thread",
+        "quick": args.quick,
+        "reps": reps,
+        "http_reps": http_reps,
+        "concurrency": CONC,
+        "max_tokens": max_tokens,
+        "max_tokens_note": note,
+        "in_process": ip,
+        "uvicorn": {"c1": uv_c1, "mixed_c16": uv_mixed},
+        "serve": variants["haproxy"],
+        "serve_python_proxy": variants["python_proxy"],
+        "ratios": ratios,
+        "targets": {
+            "short_in_mix_over_equal_short_p50": "<= 2",
+            "serve_over_in_process_tokens_per_s": ">= 0.8",
+            "serve_c1_p50_minus_uvicorn_ms": "<= 3",
+        },
         "rows": rows,
     }
     print(f"-> {save('continuous_batching', result)}")

@@ -40,8 +40,9 @@ def gemm_flops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: float,
-               compile_model: bool) -> dict[str, Any]:
+def train_case(
+    preset: str, stage: int, steps: int, overrides: list[str], peak: float, compile_model: bool
+) -> dict[str, Any]:
     import deepspeed
     import torch
 
@@ -52,14 +53,16 @@ def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: 
 
     # The preset's own gradient accumulation: one optimizer step per grad_accum micro-batches,
     # as a real run does (one micro-batch per step would charge the optimizer 8x too often).
-    cfg = load_config(preset=preset, overrides=[f"deepspeed.zero_stage={stage}", "train.num_workers=1",
-                                                *overrides])
+    cfg = load_config(preset=preset, overrides=[f"deepspeed.zero_stage={stage}", "train.num_workers=1", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=build_ds_config(cfg),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        model=model,
+        model_parameters=model.parameters(),
+        config=build_ds_config(cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
     if compile_model:
         engine.compile()
     mbs, T, ga = cfg.train.micro_batch_size, cfg.model.block_size, cfg.train.grad_accum
@@ -78,7 +81,7 @@ def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: 
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    steady = times[max(2, steps // 4):]  # warm-up (allocator, kernels autotune, compile) left out
+    steady = times[max(2, steps // 4) :]  # warm-up (allocator, kernels autotune, compile) left out
     step_s = statistics.median(steady)
     tokens = mbs * T * ga
     fpt = flops_per_token(cfg.model)
@@ -86,14 +89,25 @@ def train_case(preset: str, stage: int, steps: int, overrides: list[str], peak: 
     # Activation checkpointing re-runs each block's forward: hardware does ~4/3 of the model FLOPs.
     hw = achieved * (4 / 3 if cfg.train.activation_checkpointing else 1.0)
     res = {
-        "preset": preset, "zero_stage": stage, "micro_batch": mbs, "grad_accum": ga, "seq_len": T,
-        "activation_checkpointing": cfg.train.activation_checkpointing, "compiled": compile_model,
-        "params": num_params(engine.module), "flops_per_token": fpt,
-        "step_s_median": step_s, "step_s_p90": sorted(steady)[int(0.9 * (len(steady) - 1))],
-        "tokens_per_s": tokens / step_s, "model_tflops": achieved / 1e12,
-        "mfu_vs_measured_gemm": achieved / peak, "hfu_vs_measured_gemm": hw / peak,
+        "preset": preset,
+        "zero_stage": stage,
+        "micro_batch": mbs,
+        "grad_accum": ga,
+        "seq_len": T,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "compiled": compile_model,
+        "params": num_params(engine.module),
+        "flops_per_token": fpt,
+        "step_s_median": step_s,
+        "step_s_p90": sorted(steady)[int(0.9 * (len(steady) - 1))],
+        "tokens_per_s": tokens / step_s,
+        "model_tflops": achieved / 1e12,
+        "mfu_vs_measured_gemm": achieved / peak,
+        "hfu_vs_measured_gemm": hw / peak,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss_first": losses[0], "loss_last": losses[-1], "steps": steps,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": steps,
     }
     del engine, model
     torch.cuda.empty_cache()
@@ -125,10 +139,17 @@ def generation_latency(preset: str, batch_sizes: list[int], prompt: int = 20, ne
             if i >= 5:
                 fwd.append(t1 - t0)
                 lat.append(time.perf_counter() - t1)
-        out.append({"preset": preset, "batch": bs, "prompt_tokens": prompt, "new_tokens": new,
-                    "forward_ms_p50": 1e3 * statistics.median(fwd),
-                    "generate_ms_p50": 1e3 * statistics.median(lat),
-                    "tokens_per_s": bs * new / statistics.median(lat)})
+        out.append(
+            {
+                "preset": preset,
+                "batch": bs,
+                "prompt_tokens": prompt,
+                "new_tokens": new,
+                "forward_ms_p50": 1e3 * statistics.median(fwd),
+                "generate_ms_p50": 1e3 * statistics.median(lat),
+                "tokens_per_s": bs * new / statistics.median(lat),
+            }
+        )
     return out
 
 
@@ -138,8 +159,9 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", type=int, default=[2, 3])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (each grad_accum micro-batches)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
-    ap.add_argument("--no-ckpt-variant", action="store_true",
-                    help="skip the extra gpt-1b run without activation checkpointing")
+    ap.add_argument(
+        "--no-ckpt-variant", action="store_true", help="skip the extra gpt-1b run without activation checkpointing"
+    )
     ap.add_argument("--no-generation", action="store_true", help="skip the generation-latency part")
     ap.add_argument("--compile", action="store_true", help="also measure with engine.compile()")
     ap.add_argument("--out", default="bench/results/gpu_mfu.json")
@@ -148,8 +170,13 @@ def main() -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         os.environ.setdefault(k, v)
     import deepspeed
     from deepspeed.utils import logger
@@ -173,21 +200,32 @@ def main() -> int:
                 try:
                     r = train_case(preset, stage, args.steps, [*args.overrides, *extra], peak, comp)
                 except Exception as e:  # noqa: BLE001 - one failed case (OOM, compile) must not hide the rest
-                    r = {"preset": preset, "zero_stage": stage, "overrides": extra, "compiled": comp,
-                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    r = {
+                        "preset": preset,
+                        "zero_stage": stage,
+                        "overrides": extra,
+                        "compiled": comp,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                    }
                     torch.cuda.empty_cache()
                 cases.append(r)
                 print(json.dumps(r))
     gen = []
-    for preset in ([] if args.no_generation else args.presets):
+    for preset in [] if args.no_generation else args.presets:
         gen += generation_latency(preset, [1, 16])
     for g in gen:
         print(json.dumps(g))
     result = {
-        "name": "gpu_mfu", "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "torch": torch.__version__,
-        "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
-        "measured_gemm_tflops": peak / 1e12, "training": cases, "generation": gen,
+        "name": "gpu_mfu",
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(0),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": deepspeed.__version__,
+        "measured_gemm_tflops": peak / 1e12,
+        "training": cases,
+        "generation": gen,
         "target": "MFU >= 0.5 of the measured large-GEMM FLOP/s",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +235,11 @@ def main() -> int:
         if "error" in c:
             print(f"{c['preset']:10} {c['zero_stage']:<5} error: {c['error']}")
             continue
-        print(f"{c['preset']:10} {c['zero_stage']:<5} {str(c['activation_checkpointing'])[0]:5} "
-              f"{str(c['compiled'])[0]:5} {c['tokens_per_s']:10.0f} {c['model_tflops']:8.1f} "
-              f"{c['mfu_vs_measured_gemm']:6.1%} {c['peak_mem_gib']:8.1f}")
+        print(
+            f"{c['preset']:10} {c['zero_stage']:<5} {str(c['activation_checkpointing'])[0]:5} "
+            f"{str(c['compiled'])[0]:5} {c['tokens_per_s']:10.0f} {c['model_tflops']:8.1f} "
+            f"{c['mfu_vs_measured_gemm']:6.1%} {c['peak_mem_gib']:8.1f}"
+        )
     return 0
 
 

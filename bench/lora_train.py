@@ -65,8 +65,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
+    )
     import numpy as np
     import torch
 
@@ -101,8 +102,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     # The loop's call: frozen base weights get no gradients and no optimizer state.
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=build_ds_config(cfg, 1),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        model=model,
+        model_parameters=trainable,
+        config=build_ds_config(cfg, 1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
     rss_built = _maxrss_bytes()  # + model, peft's lazy imports, the engine; before any step
 
     rows = torch.from_numpy(np.load(spec["data"]))
@@ -110,7 +114,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     n_batches = len(rows) // mbs
 
     def batch(i: int) -> dict[str, Any]:
-        return {"tokens": rows[(i % n_batches) * mbs:(i % n_batches + 1) * mbs].to(engine.device)}
+        return {"tokens": rows[(i % n_batches) * mbs : (i % n_batches + 1) * mbs].to(engine.device)}
 
     warmup, losses, state = spec["warmup"], [], None
     for i in range(warmup):  # the first step allocates Adam's moments and DeepSpeed's buffers
@@ -128,19 +132,36 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         engine.step()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))  # after the clock stops: the host sync is not step time
-    return {"mode": spec["mode"], "zero_stage": spec["stage"], "step_s": times, "losses": losses,
-            "trainable_params": sum(p.numel() for p in trainable),
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "state_bytes": state, "rss_import_bytes": rss_import, "rss_libs_bytes": rss_libs,
-            "rss_built_bytes": rss_built, "peak_rss_bytes": _maxrss_bytes()}
+    return {
+        "mode": spec["mode"],
+        "zero_stage": spec["stage"],
+        "step_s": times,
+        "losses": losses,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "state_bytes": state,
+        "rss_import_bytes": rss_import,
+        "rss_libs_bytes": rss_libs,
+        "rss_built_bytes": rss_built,
+        "peak_rss_bytes": _maxrss_bytes(),
+    }
 
 
 def run_mode(spec: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
     """``_worker`` in a fresh interpreter: torch.distributed state and the RSS peak are its own."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")]),
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(spec["threads"])}
-    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                       text=True, env=env, timeout=timeout_s)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")]),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": str(spec["threads"]),
+    }
+    r = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{spec['mode']} stage {spec['stage']} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
@@ -200,49 +221,102 @@ def main() -> int:
     for stage in args.stages:
         for mode in MODES:  # full first, then lora, one interpreter each
             t0 = time.time()
-            r = run_mode({"mode": mode, "stage": stage, "config": cfg.to_dict(), "base_uri": ref.uri,
-                          "data": rows_path, "steps": args.steps, "warmup": args.warmup, "threads": args.threads})
+            r = run_mode(
+                {
+                    "mode": mode,
+                    "stage": stage,
+                    "config": cfg.to_dict(),
+                    "base_uri": ref.uri,
+                    "data": rows_path,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "threads": args.threads,
+                }
+            )
             results.setdefault(stage, {})[mode] = r
-            print(f"stage {stage} {mode}: median step {median(r['step_s']) * 1e3:.0f} ms "
-                  f"({time.time() - t0:.0f} s incl. start-up)", flush=True)
+            print(
+                f"stage {stage} {mode}: median step {median(r['step_s']) * 1e3:.0f} ms "
+                f"({time.time() - t0:.0f} s incl. start-up)",
+                flush=True,
+            )
 
     rows = []
     for stage in args.stages:
         per = {}
         for mode in MODES:
             r = results[stage][mode]
-            per[mode] = {"step_ms": median(r["step_s"]) * 1e3, "state_mib": sum(r["state_bytes"].values()) / 2**20,
-                         "peak_rss_mib": r["peak_rss_bytes"] / 2**20,
-                         "rss_growth_mib": (r["peak_rss_bytes"] - r["rss_libs_bytes"]) / 2**20}
-            rows.append({"zero_stage": stage, "mode": mode, "trainable_params": r["trainable_params"],
-                         "total_params": r["total_params"], **per[mode],
-                         **{f"{k}_mib": v / 2**20 for k, v in r["state_bytes"].items()},
-                         "rss_import_mib": r["rss_import_bytes"] / 2**20,
-                         "rss_peft_import_mib": (r["rss_libs_bytes"] - r["rss_import_bytes"]) / 2**20,
-                         "rss_build_mib": (r["rss_built_bytes"] - r["rss_libs_bytes"]) / 2**20,
-                         "rss_steps_mib": (r["peak_rss_bytes"] - r["rss_built_bytes"]) / 2**20,
-                         "first_loss": r["losses"][0],
-                         "raw_step_s": r["step_s"], "losses": r["losses"]})
+            per[mode] = {
+                "step_ms": median(r["step_s"]) * 1e3,
+                "state_mib": sum(r["state_bytes"].values()) / 2**20,
+                "peak_rss_mib": r["peak_rss_bytes"] / 2**20,
+                "rss_growth_mib": (r["peak_rss_bytes"] - r["rss_libs_bytes"]) / 2**20,
+            }
+            rows.append(
+                {
+                    "zero_stage": stage,
+                    "mode": mode,
+                    "trainable_params": r["trainable_params"],
+                    "total_params": r["total_params"],
+                    **per[mode],
+                    **{f"{k}_mib": v / 2**20 for k, v in r["state_bytes"].items()},
+                    "rss_import_mib": r["rss_import_bytes"] / 2**20,
+                    "rss_peft_import_mib": (r["rss_libs_bytes"] - r["rss_import_bytes"]) / 2**20,
+                    "rss_build_mib": (r["rss_built_bytes"] - r["rss_libs_bytes"]) / 2**20,
+                    "rss_steps_mib": (r["peak_rss_bytes"] - r["rss_built_bytes"]) / 2**20,
+                    "first_loss": r["losses"][0],
+                    "raw_step_s": r["step_s"],
+                    "losses": r["losses"],
+                }
+            )
         # LoRA / full: < 1 is what LoRA saves. RSS growth is the peak above the libraries each mode
         # imports (LoRA's floor is higher by peft + transformers), i.e. model, data, activations.
-        rows.append({"zero_stage": stage, "mode": "lora/full",
-                     "trainable_params": results[stage]["lora"]["trainable_params"]
-                     / results[stage]["full"]["trainable_params"],
-                     **{k: per["lora"][k] / per["full"][k] for k in per["full"]}})
-    print(table(rows, ["zero_stage", "mode", "trainable_params", "step_ms", "state_mib", "peak_rss_mib",
-                       "rss_growth_mib"]))
-    print(table([r for r in rows if r["mode"] != "lora/full"],
-                ["zero_stage", "mode", "params_mib", "grads_mib", "optimizer_master_mib", "optimizer_moments_mib",
-                 "rss_import_mib", "rss_peft_import_mib", "rss_build_mib", "rss_steps_mib", "first_loss"]))
+        rows.append(
+            {
+                "zero_stage": stage,
+                "mode": "lora/full",
+                "trainable_params": results[stage]["lora"]["trainable_params"]
+                / results[stage]["full"]["trainable_params"],
+                **{k: per["lora"][k] / per["full"][k] for k in per["full"]},
+            }
+        )
+    print(
+        table(
+            rows, ["zero_stage", "mode", "trainable_params", "step_ms", "state_mib", "peak_rss_mib", "rss_growth_mib"]
+        )
+    )
+    print(
+        table(
+            [r for r in rows if r["mode"] != "lora/full"],
+            [
+                "zero_stage",
+                "mode",
+                "params_mib",
+                "grads_mib",
+                "optimizer_master_mib",
+                "optimizer_moments_mib",
+                "rss_import_mib",
+                "rss_peft_import_mib",
+                "rss_build_mib",
+                "rss_steps_mib",
+                "first_loss",
+            ],
+        )
+    )
     m = cfg.model
-    out = save("lora_train", {
-        "model": f"small preset GPT ({m.n_layer} layers x {m.n_embd} wide, {m.block_size} context, vocab "
-                 f"{m.vocab_size}), random init, fp32, micro-batch {cfg.train.micro_batch_size}, 1 gloo rank x "
-                 f"{args.threads} thread(s), DeepSpeed AdamW",
-        "lora": {**LORA, "target_modules": ["c_attn", "c_proj", "c_fc"]},
-        "data": "first train rows of bench/common.py tiny_dataset (byte tokens of stdlib json/ + email/)",
-        "steps": args.steps, "warmup_steps_excluded": args.warmup, "wall_s": time.time() - t_start,
-        "rows": rows})
+    out = save(
+        "lora_train",
+        {
+            "model": f"small preset GPT ({m.n_layer} layers x {m.n_embd} wide, {m.block_size} context, vocab "
+            f"{m.vocab_size}), random init, fp32, micro-batch {cfg.train.micro_batch_size}, 1 gloo rank x "
+            f"{args.threads} thread(s), DeepSpeed AdamW",
+            "lora": {**LORA, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+            "data": "first train rows of bench/common.py tiny_dataset (byte tokens of stdlib json/ + email/)",
+            "steps": args.steps,
+            "warmup_steps_excluded": args.warmup,
+            "wall_s": time.time() - t_start,
+            "rows": rows,
+        },
+    )
     shutil.rmtree(work, ignore_errors=True)  # the base artifact and dataset are only for this run
     print(f"-> {out} ({time.time() - t_start:.0f} s)")
     return 0

@@ -68,12 +68,20 @@ def publish_variants(storage: str, base_ref: Any, n: int) -> tuple[dict[str, str
     adapters, merged, one = {}, {}, 0
     for i in range(n):
         torch.manual_seed(1000 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                                            init_lora_weights=False)).eval()
+        pm = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+        ).eval()
         one = tensor_bytes(pm) - tensor_bytes(base)
-        cfg.model.params = {"lora": {"base": base_ref.uri, "base_ref": f"{base_ref.name}@{base_ref.version}",
-                                     "base_sha256": manifest["weights_sha256"], "r": 8, "alpha": 16.0,
-                                     "target_modules": TARGETS}}
+        cfg.model.params = {
+            "lora": {
+                "base": base_ref.uri,
+                "base_ref": f"{base_ref.name}@{base_ref.version}",
+                "base_sha256": manifest["weights_sha256"],
+                "r": 8,
+                "alpha": 16.0,
+                "target_modules": TARGETS,
+            }
+        }
         name = f"v{i:02d}"
         adapters[name] = f"{registry.publish(storage, name, write_adapter_dir(pm, cfg, {})).name}@v1"
         plain = Config.from_dict(manifest["config"])
@@ -95,18 +103,29 @@ async def _run(url: str, models: list[str], timeout_s: float) -> list[dict[str, 
     out: list[dict[str, Any]] = []
     nxt, deadline = [0], time.perf_counter() + timeout_s
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONC + 1)) as c:
+
         async def worker() -> None:
             while nxt[0] < len(models) and time.perf_counter() < deadline:
                 i = nxt[0]
                 nxt[0] += 1
                 t = time.perf_counter()
-                r = await c.post(f"{url}/v1/completions", json={"model": models[i], "prompt": PROMPT,
-                                                                "max_tokens": 8, "temperature": 0})
+                r = await c.post(
+                    f"{url}/v1/completions",
+                    json={"model": models[i], "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+                )
                 h = r.headers
-                out.append({"i": i, "model": models[i], "status": r.status_code, "latency": time.perf_counter() - t,
-                            "cache": h.get("x-modelfleet-variant-cache"), "pid": h.get("x-modelfleet-replica-pid"),
-                            "load_s": float(h.get("x-modelfleet-variant-load-s", 0) or 0),
-                            "tensor_bytes": int(h.get("x-modelfleet-tensor-bytes", 0) or 0)})
+                out.append(
+                    {
+                        "i": i,
+                        "model": models[i],
+                        "status": r.status_code,
+                        "latency": time.perf_counter() - t,
+                        "cache": h.get("x-modelfleet-variant-cache"),
+                        "pid": h.get("x-modelfleet-replica-pid"),
+                        "load_s": float(h.get("x-modelfleet-variant-load-s", 0) or 0),
+                        "tensor_bytes": int(h.get("x-modelfleet-tensor-bytes", 0) or 0),
+                    }
+                )
 
         await asyncio.gather(*(worker() for _ in range(CONC)))
     return sorted(out, key=lambda r: r["i"])
@@ -115,10 +134,23 @@ async def _run(url: str, models: list[str], timeout_s: float) -> list[dict[str, 
 def pool_run(storage: str, port: int, adapters: dict[str, str], seq: list[str], warmup: int) -> dict[str, Any]:
     from ray import serve
 
-    url = serve_app(storage, port, [{"name": "tiny", "artifact": "tiny@v1", "num_replicas": 2,
-                                     "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 32,
-                                     "max_queued_requests": -1, "max_models_per_replica": PER_REPLICA,
-                                     "variants": adapters}], app="pool")
+    url = serve_app(
+        storage,
+        port,
+        [
+            {
+                "name": "tiny",
+                "artifact": "tiny@v1",
+                "num_replicas": 2,
+                "ray_actor_options": {"num_cpus": 0.5},
+                "max_ongoing_requests": 32,
+                "max_queued_requests": -1,
+                "max_models_per_replica": PER_REPLICA,
+                "variants": adapters,
+            }
+        ],
+        app="pool",
+    )
     try:
         t0 = time.perf_counter()
         rows = asyncio.run(_run(url, seq, timeout_s=900))
@@ -131,24 +163,38 @@ def pool_run(storage: str, port: int, adapters: dict[str, str], seq: list[str], 
     for r in rows:
         if r["pid"]:
             by_pid[r["pid"]] = max(by_pid.get(r["pid"], 0), r["tensor_bytes"])
-    return {"requests": len(rows), "ok": sum(r["status"] == 200 for r in rows), "wall_s": wall,
-            "measured": len(measured), "hits": sum(r["cache"] == "hit" for r in measured),
-            "hit_rate": sum(r["cache"] == "hit" for r in measured) / max(1, len(measured)),
-            "cold_loads": len(misses), "cold_load_p50_s": median(misses) if misses else None,
-            "cold_load_p99_s": pct(misses, 99) if misses else None,
-            "replicas": len(by_pid), "max_tensor_bytes_per_replica": max(by_pid.values()),
-            "tensor_bytes_by_replica": by_pid,
-            "p50_ms": 1e3 * median([r["latency"] for r in measured]),
-            "p99_ms": 1e3 * pct([r["latency"] for r in measured], 99),
-            "replica_of_variant": {m: sorted({r["pid"] for r in measured if r["model"] == m})
-                                   for m in sorted(set(seq))}}
+    return {
+        "requests": len(rows),
+        "ok": sum(r["status"] == 200 for r in rows),
+        "wall_s": wall,
+        "measured": len(measured),
+        "hits": sum(r["cache"] == "hit" for r in measured),
+        "hit_rate": sum(r["cache"] == "hit" for r in measured) / max(1, len(measured)),
+        "cold_loads": len(misses),
+        "cold_load_p50_s": median(misses) if misses else None,
+        "cold_load_p99_s": pct(misses, 99) if misses else None,
+        "replicas": len(by_pid),
+        "max_tensor_bytes_per_replica": max(by_pid.values()),
+        "tensor_bytes_by_replica": by_pid,
+        "p50_ms": 1e3 * median([r["latency"] for r in measured]),
+        "p99_ms": 1e3 * pct([r["latency"] for r in measured], 99),
+        "replica_of_variant": {m: sorted({r["pid"] for r in measured if r["model"] == m}) for m in sorted(set(seq))},
+    }
 
 
 def separate_run(storage: str, port: int, merged: dict[str, str], seq: list[str], warmup: int) -> dict[str, Any]:
     from ray import serve
 
-    models = [{"name": name, "artifact": art, "ray_actor_options": {"num_cpus": 0.05}, "max_ongoing_requests": 32,
-               "max_queued_requests": -1} for name, art in merged.items()]
+    models = [
+        {
+            "name": name,
+            "artifact": art,
+            "ray_actor_options": {"num_cpus": 0.05},
+            "max_ongoing_requests": 32,
+            "max_queued_requests": -1,
+        }
+        for name, art in merged.items()
+    ]
     t0 = time.perf_counter()
     url = serve_app(storage, port, models, app="separate")
     up_s = time.perf_counter() - t0
@@ -157,9 +203,14 @@ def separate_run(storage: str, port: int, merged: dict[str, str], seq: list[str]
     finally:
         serve.delete("separate")
     measured = [r for r in rows if r["i"] >= warmup]
-    return {"requests": len(rows), "ok": sum(r["status"] == 200 for r in rows), "replicas": len(merged),
-            "deploy_s": up_s, "p50_ms": 1e3 * median([r["latency"] for r in measured]),
-            "p99_ms": 1e3 * pct([r["latency"] for r in measured], 99)}
+    return {
+        "requests": len(rows),
+        "ok": sum(r["status"] == 200 for r in rows),
+        "replicas": len(merged),
+        "deploy_s": up_s,
+        "p50_ms": 1e3 * median([r["latency"] for r in measured]),
+        "p99_ms": 1e3 * pct([r["latency"] for r in measured], 99),
+    }
 
 
 def mixed_batch_step(storage: str, adapters: dict[str, str], reps: int) -> dict[str, float]:
@@ -192,6 +243,7 @@ def mixed_batch_step(storage: str, adapters: dict[str, str], reps: int) -> dict[
         return 1e3 * (time.perf_counter() - t) / reps
 
     with torch.inference_mode():
+
         def mixed() -> None:
             with adapter_rows(names):
                 model.forward_slots(idx, cache, slots, starts)
@@ -199,14 +251,17 @@ def mixed_batch_step(storage: str, adapters: dict[str, str], reps: int) -> dict[
         def per_adapter() -> None:
             for i, n in enumerate(names):
                 with adapter_rows([n]):
-                    model.forward_slots(idx[i:i + 1], cache, [i], [10])
+                    model.forward_slots(idx[i : i + 1], cache, [i], [10])
 
         def base_only() -> None:
             with adapter_rows([BASE_ROW] * 8):
                 model.forward_slots(idx, cache, slots, starts)
 
-        return {"mixed_batch_ms": timed(mixed), "per_adapter_batches_ms": timed(per_adapter),
-                "base_only_ms": timed(base_only)}
+        return {
+            "mixed_batch_ms": timed(mixed),
+            "per_adapter_batches_ms": timed(per_adapter),
+            "base_only_ms": timed(base_only),
+        }
 
 
 def main() -> int:
@@ -233,33 +288,56 @@ def main() -> int:
         ray_stop(env)
     budget = base_bytes + PER_REPLICA * adapter_bytes
     res = {
-        "requests": n, "warmup": warmup, "variants": N_VARIANTS, "max_models_per_replica": PER_REPLICA,
-        "zipf_s": 1.0, "request_share_by_variant": dict(Counter(seq).most_common()),
-        "base_tensor_bytes": base_bytes, "adapter_tensor_bytes": adapter_bytes,
-        "pool": pool, "separate": sep, "decode_step": step,
-        "ratios": {"hit_rate": pool["hit_rate"],
-                   "tensor_bytes_per_replica_over_base_plus_8": pool["max_tensor_bytes_per_replica"] / budget,
-                   "separate_tensor_bytes_over_pool_replica": N_VARIANTS * base_bytes / pool["max_tensor_bytes_per_replica"],
-                   "p50_pool_over_separate": pool["p50_ms"] / sep["p50_ms"],
-                   "mixed_over_per_adapter_step": step["mixed_batch_ms"] / step["per_adapter_batches_ms"],
-                   "mixed_over_base_step": step["mixed_batch_ms"] / step["base_only_ms"]},
-        "targets": {"hit_rate": ">= 0.90", "cold_load_p50_s": "<= 1.0",
-                    "tensor_bytes_per_replica_over_base_plus_8": "<= 1.10"},
+        "requests": n,
+        "warmup": warmup,
+        "variants": N_VARIANTS,
+        "max_models_per_replica": PER_REPLICA,
+        "zipf_s": 1.0,
+        "request_share_by_variant": dict(Counter(seq).most_common()),
+        "base_tensor_bytes": base_bytes,
+        "adapter_tensor_bytes": adapter_bytes,
+        "pool": pool,
+        "separate": sep,
+        "decode_step": step,
+        "ratios": {
+            "hit_rate": pool["hit_rate"],
+            "tensor_bytes_per_replica_over_base_plus_8": pool["max_tensor_bytes_per_replica"] / budget,
+            "separate_tensor_bytes_over_pool_replica": N_VARIANTS * base_bytes / pool["max_tensor_bytes_per_replica"],
+            "p50_pool_over_separate": pool["p50_ms"] / sep["p50_ms"],
+            "mixed_over_per_adapter_step": step["mixed_batch_ms"] / step["per_adapter_batches_ms"],
+            "mixed_over_base_step": step["mixed_batch_ms"] / step["base_only_ms"],
+        },
+        "targets": {
+            "hit_rate": ">= 0.90",
+            "cold_load_p50_s": "<= 1.0",
+            "tensor_bytes_per_replica_over_base_plus_8": "<= 1.10",
+        },
     }
     save("pools", res)
     rows = [
-
         ["pool: hit rate after warm-up", f"{pool['hit_rate']:.3f}", ">= 0.90"],
-        ["pool: cold adapter load p50 / p99 (s)", f"{pool['cold_load_p50_s']:.3f} / {pool['cold_load_p99_s']:.3f}",
-         "<= 1.0"],
-        ["pool: tensor bytes per replica / (base + 8 adapters)",
-         f"{res['ratios']['tensor_bytes_per_replica_over_base_plus_8']:.3f}", "<= 1.10"],
+        [
+            "pool: cold adapter load p50 / p99 (s)",
+            f"{pool['cold_load_p50_s']:.3f} / {pool['cold_load_p99_s']:.3f}",
+            "<= 1.0",
+        ],
+        [
+            "pool: tensor bytes per replica / (base + 8 adapters)",
+            f"{res['ratios']['tensor_bytes_per_replica_over_base_plus_8']:.3f}",
+            "<= 1.10",
+        ],
         ["pool: replicas, p50 / p99 ms", f"{pool['replicas']}, {pool['p50_ms']:.1f} / {pool['p99_ms']:.1f}", ""],
         ["separate: replicas, p50 / p99 ms", f"{sep['replicas']}, {sep['p50_ms']:.1f} / {sep['p99_ms']:.1f}", ""],
-        ["tensor bytes: 20 deployments / one pool replica",
-         f"{res['ratios']['separate_tensor_bytes_over_pool_replica']:.1f}", ""],
-        ["decode step, 8 rows: mixed / per-adapter batches / base (ms)",
-         f"{step['mixed_batch_ms']:.2f} / {step['per_adapter_batches_ms']:.2f} / {step['base_only_ms']:.2f}", ""],
+        [
+            "tensor bytes: 20 deployments / one pool replica",
+            f"{res['ratios']['separate_tensor_bytes_over_pool_replica']:.1f}",
+            "",
+        ],
+        [
+            "decode step, 8 rows: mixed / per-adapter batches / base (ms)",
+            f"{step['mixed_batch_ms']:.2f} / {step['per_adapter_batches_ms']:.2f} / {step['base_only_ms']:.2f}",
+            "",
+        ],
     ]
     print(table([dict(zip(("measure", "value", "target"), r)) for r in rows], ["measure", "value", "target"]))
     return 0

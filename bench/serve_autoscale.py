@@ -50,9 +50,12 @@ def reaction(url: str, app: str, seconds: float) -> dict[str, float]:
     t0 = time.perf_counter()
     got = load(url, 100_000, 8, timeout_s=seconds, warmup=0)
     new = [(t, pid) for t, pid in got.replica_pids if pid not in old]
-    return {"reaction_s": (new[0][0] - t0) if new else float("nan"),
-            "replicas_seen": len({pid for _, pid in got.replica_pids}),
-            "requests": len(got.latencies), "failed": len(got.latencies) - got.ok}
+    return {
+        "reaction_s": (new[0][0] - t0) if new else float("nan"),
+        "replicas_seen": len({pid for _, pid in got.replica_pids}),
+        "requests": len(got.latencies),
+        "failed": len(got.latencies) - got.ok,
+    }
 
 
 def main() -> int:
@@ -64,15 +67,34 @@ def main() -> int:
 
     storage = tempfile.mkdtemp(prefix="mf-bench-scale-")
     publish_tiny(storage)
-    auto = {"upscale_delay_s": UPSCALE_DELAY_S, "downscale_delay_s": 2.0, "metrics_interval_s": METRICS_INTERVAL_S,
-            "look_back_period_s": 1.0, "target_ongoing_requests": 2}
+    auto = {
+        "upscale_delay_s": UPSCALE_DELAY_S,
+        "downscale_delay_s": 2.0,
+        "metrics_interval_s": METRICS_INTERVAL_S,
+        "look_back_period_s": 1.0,
+        "target_ongoing_requests": 2,
+    }
     ray_start(num_cpus=6)
     try:
-        base = serve_app(storage, args.port, [
-            model_spec("tiny", "tiny", autoscaling={**auto, "min_replicas": 1, "max_replicas": 2}),
-            model_spec("zero", "tiny", autoscaling={**auto, "min_replicas": 0, "initial_replicas": 0,
-                                                    "max_replicas": 1, "downscale_to_zero_delay_s": 1.0}),
-        ], app="scale")
+        base = serve_app(
+            storage,
+            args.port,
+            [
+                model_spec("tiny", "tiny", autoscaling={**auto, "min_replicas": 1, "max_replicas": 2}),
+                model_spec(
+                    "zero",
+                    "tiny",
+                    autoscaling={
+                        **auto,
+                        "min_replicas": 0,
+                        "initial_replicas": 0,
+                        "max_replicas": 1,
+                        "downscale_to_zero_delay_s": 1.0,
+                    },
+                ),
+            ],
+            app="scale",
+        )
         url = f"{base}/v1/completions"
         colds = cold_starts(url, "scale", reps)
         reacts = [reaction(url, "scale", 20.0) for _ in range(reps)]
@@ -81,9 +103,16 @@ def main() -> int:
     cold = median(colds)
     react = median([r["reaction_s"] for r in reacts])
     bound = UPSCALE_DELAY_S + METRICS_INTERVAL_S + cold + 2.0
-    res = {"upscale_delay_s": UPSCALE_DELAY_S, "metrics_interval_s": METRICS_INTERVAL_S,
-           "cold_start_s": colds, "cold_start_median_s": cold, "cold_start_target_s": 5.0,
-           "reactions": reacts, "reaction_median_s": react, "reaction_target_s": bound}
+    res = {
+        "upscale_delay_s": UPSCALE_DELAY_S,
+        "metrics_interval_s": METRICS_INTERVAL_S,
+        "cold_start_s": colds,
+        "cold_start_median_s": cold,
+        "cold_start_target_s": 5.0,
+        "reactions": reacts,
+        "reaction_median_s": react,
+        "reaction_target_s": bound,
+    }
     print(f"cold start (scale from zero, first token answered): median {cold:.2f} s of {colds}")
     print(f"load step -> first answer from a new replica: median {react:.2f} s (target <= {bound:.2f} s)")
     print(f"-> {save('autoscale', {'model': 'tiny GPT, 1 CPU per replica', 'quick': args.quick, **res})}")

@@ -51,17 +51,29 @@ class Load:
 
     def summary(self) -> dict[str, float]:
         lat = self.latencies or [float("nan")]
-        extra = {"completion_tokens": sum(self.completion_tokens),
-                 "tokens_per_s": sum(self.completion_tokens) / self.wall_s if self.wall_s else 0.0} \
-            if self.completion_tokens else {}
-        return {"requests": len(self.latencies), "ok": self.ok, "wall_s": self.wall_s, **extra,
-                "requests_per_s": len(self.latencies) / self.wall_s if self.wall_s else 0.0,
-                "p50_ms": 1e3 * median(lat), "p99_ms": 1e3 * pct(lat, 99),
-                "mean_batch_size": (sum(self.batch_sizes) / len(self.batch_sizes)) if self.batch_sizes else 0.0}
+        extra = (
+            {
+                "completion_tokens": sum(self.completion_tokens),
+                "tokens_per_s": sum(self.completion_tokens) / self.wall_s if self.wall_s else 0.0,
+            }
+            if self.completion_tokens
+            else {}
+        )
+        return {
+            "requests": len(self.latencies),
+            "ok": self.ok,
+            "wall_s": self.wall_s,
+            **extra,
+            "requests_per_s": len(self.latencies) / self.wall_s if self.wall_s else 0.0,
+            "p50_ms": 1e3 * median(lat),
+            "p99_ms": 1e3 * pct(lat, 99),
+            "mean_batch_size": (sum(self.batch_sizes) / len(self.batch_sizes)) if self.batch_sizes else 0.0,
+        }
 
 
-async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmup: int,
-                bodies: list[dict] | None, tokens: bool) -> Load:
+async def _load(
+    url: str, n: int, conc: int, body: dict, timeout_s: float, warmup: int, bodies: list[dict] | None, tokens: bool
+) -> Load:
     import httpx
 
     out = Load()
@@ -100,8 +112,17 @@ async def _load(url: str, n: int, conc: int, body: dict, timeout_s: float, warmu
     return out
 
 
-def load(url: str, n: int, conc: int, body: dict | None = None, *, timeout_s: float = 120,
-         warmup: int = 3, bodies: list[dict] | None = None, tokens: bool = False) -> Load:
+def load(
+    url: str,
+    n: int,
+    conc: int,
+    body: dict | None = None,
+    *,
+    timeout_s: float = 120,
+    warmup: int = 3,
+    bodies: list[dict] | None = None,
+    tokens: bool = False,
+) -> Load:
     """``n`` POSTs of ``body`` (or of ``bodies[i % len(bodies)]``, the i-th request sent) from
     ``conc`` closed-loop workers, stopped after ``timeout_s``; ``tokens`` reads each answer's
     ``usage.completion_tokens``. Warm-up requests send ``body``."""
@@ -115,9 +136,13 @@ class Uvicorn:
     def __init__(self, artifact_dir: str, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "uvicorn_baseline.py"), artifact_dir,
-                                      "--port", str(port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "uvicorn_baseline.py"), artifact_dir, "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def __enter__(self) -> "Uvicorn":
         import httpx
@@ -162,11 +187,25 @@ def ray_stop(env: dict[str, str] | None = None) -> None:
 def serve_app(storage: str, port: int, models: list[dict[str, Any]], app: str = "bench") -> str:
     from modelfleet.serve.app import deploy
 
-    deploy({"port": port, "storage_path": storage, "app_name": app, "route_prefix": "/",
-            "logging": {"enable_access_log": False, "log_level": "WARNING"}, "models": models})
+    deploy(
+        {
+            "port": port,
+            "storage_path": storage,
+            "app_name": app,
+            "route_prefix": "/",
+            "logging": {"enable_access_log": False, "log_level": "WARNING"},
+            "models": models,
+        }
+    )
     return f"http://127.0.0.1:{port}"
 
 
 def model_spec(name: str, artifact: str, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "artifact": artifact, "ray_actor_options": {"num_cpus": 1},
-            "max_ongoing_requests": 64, "max_queued_requests": -1, **kw}
+    return {
+        "name": name,
+        "artifact": artifact,
+        "ray_actor_options": {"num_cpus": 1},
+        "max_ongoing_requests": 64,
+        "max_queued_requests": -1,
+        **kw,
+    }

@@ -47,7 +47,7 @@ def _ddp_rank(rank: int, world: int, data_path: str, steps: int, cfg_dict: dict,
     mbs, times = t.micro_batch_size, []
     for step in range(steps):
         i = (step * mbs) % (len(mine) - mbs)
-        seq = mine[i:i + mbs]
+        seq = mine[i : i + mbs]
         t0 = time.perf_counter()
         loss = model(seq[:, :-1], seq[:, 1:])
         opt.zero_grad(set_to_none=True)
@@ -67,8 +67,12 @@ def ddp_baseline(cfg, data_path: str, steps: int) -> list[float]:
     import torch.multiprocessing as mp
 
     out = tempfile.mktemp(suffix=".json")
-    mp.spawn(_ddp_rank, args=(cfg.train.num_workers, data_path, steps, cfg.to_dict(), 29533, out),
-             nprocs=cfg.train.num_workers, join=True)
+    mp.spawn(
+        _ddp_rank,
+        args=(cfg.train.num_workers, data_path, steps, cfg.to_dict(), 29533, out),
+        nprocs=cfg.train.num_workers,
+        join=True,
+    )
     return json.loads(Path(out).read_text())
 
 
@@ -98,8 +102,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mf-bench-train-"))
     data = tiny_dataset(work)
     warm = max(3, args.steps // 5)  # leave out start-up steps (allocator, first all-reduce)
-    base_over = ["train.num_workers=2", f"train.max_steps={args.steps}", f"data.path={data}",
-                 f"storage.path={work}", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=1"]
+    base_over = [
+        "train.num_workers=2",
+        f"train.max_steps={args.steps}",
+        f"data.path={data}",
+        f"storage.path={work}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.eval_batches=1",
+    ]
     base_cfg = load_config(preset="tiny", overrides=base_over)
     t0 = time.time()
     ddp = ddp_baseline(base_cfg, data, args.steps)
@@ -111,24 +122,53 @@ def main() -> int:
     rows = []
     try:
         for stage in args.stages:
-            cfg = load_config(preset="tiny", overrides=[*base_over, f"deepspeed.zero_stage={stage}",
-                                                         f"storage.run_name=stage{stage}"])
+            cfg = load_config(
+                preset="tiny", overrides=[*base_over, f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}"]
+            )
             times, timings = modelfleet_run(cfg)
             med = median(times[warm:])
-            rows.append({"zero_stage": stage, "modelfleet_step_ms": med * 1e3, "ddp_step_ms": ddp_med * 1e3,
-                         "ratio": med / ddp_med, "target": 1.10 if stage == 3 else 1.05,
-                         "time_to_first_step_s": timings.get("time_to_first_step_s"),
-                         "worker_init_s": timings.get("worker_init_s"), "raw_step_s": times,
-                         "timings": timings})
+            rows.append(
+                {
+                    "zero_stage": stage,
+                    "modelfleet_step_ms": med * 1e3,
+                    "ddp_step_ms": ddp_med * 1e3,
+                    "ratio": med / ddp_med,
+                    "target": 1.10 if stage == 3 else 1.05,
+                    "time_to_first_step_s": timings.get("time_to_first_step_s"),
+                    "worker_init_s": timings.get("worker_init_s"),
+                    "raw_step_s": times,
+                    "timings": timings,
+                }
+            )
             print(f"stage {stage}: median step {med * 1e3:.1f} ms -> {med / ddp_med:.2f} x DDP")
     finally:
         ray.shutdown()
-    print(table(rows, ["zero_stage", "modelfleet_step_ms", "ddp_step_ms", "ratio", "target",
-                       "time_to_first_step_s", "worker_init_s"]))
-    out = save("train_overhead", {
-        "model": "tiny preset (2 layers, 128 wide, 128 context), micro-batch 8, fp32, 2 workers x 1 CPU, gloo",
-        "steps": args.steps, "warmup_steps_excluded": warm, "ray_start_s": ray_start,
-        "ddp_raw_step_s": ddp, "ddp_step_ms": ddp_med * 1e3, "stages": rows})
+    print(
+        table(
+            rows,
+            [
+                "zero_stage",
+                "modelfleet_step_ms",
+                "ddp_step_ms",
+                "ratio",
+                "target",
+                "time_to_first_step_s",
+                "worker_init_s",
+            ],
+        )
+    )
+    out = save(
+        "train_overhead",
+        {
+            "model": "tiny preset (2 layers, 128 wide, 128 context), micro-batch 8, fp32, 2 workers x 1 CPU, gloo",
+            "steps": args.steps,
+            "warmup_steps_excluded": warm,
+            "ray_start_s": ray_start,
+            "ddp_raw_step_s": ddp,
+            "ddp_step_ms": ddp_med * 1e3,
+            "stages": rows,
+        },
+    )
     print(f"-> {out}")
     return 0
 

@@ -26,8 +26,9 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
 
     torch.set_num_threads(1)  # a Serve replica gets one CPU: compare like with like
     model, tok, _ = load_artifact(artifact_dir)
-    engine = Engine(model, eos_id=tok.eos_id, decode=tok.decode,
-                    config=EngineConfig(max_num_seqs=max_num_seqs, max_waiting=256))
+    engine = Engine(
+        model, eos_id=tok.eos_id, decode=tok.decode, config=EngineConfig(max_num_seqs=max_num_seqs, max_waiting=256)
+    )
     # id(job) -> (the request's future, its text so far); the text grows on the engine thread.
     pending: dict[int, tuple[asyncio.Future, list[str]]] = {}
     aloop: list[asyncio.AbstractEventLoop] = []
@@ -73,8 +74,9 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
     async def completions(body: Body) -> dict:
         if not aloop:
             aloop.append(asyncio.get_running_loop())
-        job = Job(prompt_ids=tok.encode(body.prompt) or [tok.eos_id], max_tokens=body.max_tokens,
-                  temperature=body.temperature)
+        job = Job(
+            prompt_ids=tok.encode(body.prompt) or [tok.eos_id], max_tokens=body.max_tokens, temperature=body.temperature
+        )
         fut = asyncio.get_running_loop().create_future()
         pending[id(job)] = (fut, [])  # before submit: the engine thread may answer at once
         seq = None
@@ -90,9 +92,15 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
             pending.pop(id(job), None)
             if seq is not None and not seq.finished:
                 loop.cancel(seq)  # the client went away
-        return {"object": "text_completion", "choices": [{"index": 0, "text": text}],
-                "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,
-                          "total_tokens": len(job.prompt_ids) + n}}
+        return {
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text}],
+            "usage": {
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": n,
+                "total_tokens": len(job.prompt_ids) + n,
+            },
+        }
 
     return app
 
@@ -103,11 +111,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--port", type=int, default=8411)
-    ap.add_argument("--max-num-seqs", type=int, default=16,
-                    help="engine sequence slots (Serve: batching.max_batch_size)")
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=16, help="engine sequence slots (Serve: batching.max_batch_size)"
+    )
     args = ap.parse_args()
-    uvicorn.run(build(args.artifact, args.max_num_seqs), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        build(args.artifact, args.max_num_seqs), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

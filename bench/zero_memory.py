@@ -77,8 +77,7 @@ def _loop(config: dict[str, Any]) -> None:
         cfg.deepspeed.zero_stage = stage
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=build_ds_config(cfg))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=build_ds_config(cfg))
         seq = torch.randint(0, cfg.model.vocab_size, (2, 33))
         for _ in range(2):  # the first step allocates Adam's moments
             loss = engine(seq[:, :-1], seq[:, 1:])
@@ -101,10 +100,12 @@ def measure(n: int, stages: list[int], cfg) -> dict[int, dict[str, int]]:
     from ray.train.torch import TorchTrainer
 
     out = tempfile.mkdtemp(prefix="mf-zm-out-")
-    trainer = TorchTrainer(_loop, train_loop_config={"config": cfg.to_dict(), "stages": stages, "out": out},
-                           scaling_config=ray.train.ScalingConfig(num_workers=n),
-                           run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="mf-zm-"),
-                                                          name=f"zero-mem-{n}"))
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"config": cfg.to_dict(), "stages": stages, "out": out},
+        scaling_config=ray.train.ScalingConfig(num_workers=n),
+        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="mf-zm-"), name=f"zero-mem-{n}"),
+    )
     trainer.fit()
     ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
     assert len(ranks) == n, f"expected {n} rank reports, got {len(ranks)}"
@@ -141,14 +142,43 @@ def main() -> int:
             got = measured[n][stage]
             total = sum(got.values())
             theory = sum(model_state_bytes(psi, stage, n, "fp32")) / theory_base
-            rows.append({"zero_stage": stage, "workers": n, "mib_per_worker": total / 2**20,
-                         "ratio_vs_n1": total / base, "theory_ratio": theory,
-                         "off_theory": total / base / theory - 1,
-                         **{f"{k}_mib": v / 2**20 for k, v in got.items()}})
-    print(table(rows, ["zero_stage", "workers", "mib_per_worker", "ratio_vs_n1", "theory_ratio", "off_theory",
-                       "params_mib", "grads_mib", "optimizer_master_mib", "optimizer_moments_mib"]))
-    out = save("zero_memory", {"model": f"GPT 8 layers x 256 wide, {psi} parameters, fp32, CPU workers",
-                               "params": psi, "target": "ratio within 10% of ZeRO's theory", "rows": rows})
+            rows.append(
+                {
+                    "zero_stage": stage,
+                    "workers": n,
+                    "mib_per_worker": total / 2**20,
+                    "ratio_vs_n1": total / base,
+                    "theory_ratio": theory,
+                    "off_theory": total / base / theory - 1,
+                    **{f"{k}_mib": v / 2**20 for k, v in got.items()},
+                }
+            )
+    print(
+        table(
+            rows,
+            [
+                "zero_stage",
+                "workers",
+                "mib_per_worker",
+                "ratio_vs_n1",
+                "theory_ratio",
+                "off_theory",
+                "params_mib",
+                "grads_mib",
+                "optimizer_master_mib",
+                "optimizer_moments_mib",
+            ],
+        )
+    )
+    out = save(
+        "zero_memory",
+        {
+            "model": f"GPT 8 layers x 256 wide, {psi} parameters, fp32, CPU workers",
+            "params": psi,
+            "target": "ratio within 10% of ZeRO's theory",
+            "rows": rows,
+        },
+    )
     print(f"-> {out}")
     return 0
 

@@ -88,10 +88,29 @@ def build(python: str, out: Path, have: set[str]) -> dict[str, object]:
         # DeepSpeed is an sdist whose setup.py imports torch: build its (pure-Python) wheel here, then
         # resolve its requirements with everything else for the target Python.
         _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "deepspeed==0.19.8", "-w", str(dl))
-        _pip("download", "-q", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-             "--abi", tag, "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-             "--platform", "manylinux_2_28_x86_64", "--platform", "any", "-d", str(dl),
-             *_requirements(), *_wheel_requirements(next(dl.glob("deepspeed-*.whl"))))
+        _pip(
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--implementation",
+            "cp",
+            "--abi",
+            tag,
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "any",
+            "-d",
+            str(dl),
+            *_requirements(),
+            *_wheel_requirements(next(dl.glob("deepspeed-*.whl"))),
+        )
         _pip("wheel", "-q", "--no-deps", str(ROOT), "-w", str(dl))
         shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' build tree in the checkout
         carried, provided, dropped = [], [], 0
@@ -102,34 +121,48 @@ def build(python: str, out: Path, have: set[str]) -> dict[str, object]:
                 continue
             dropped += _restore(whl, kit / whl.name, RAY_DROP if name == "ray" else ())
             carried.append(whl.name)
-        (kit / "provided.txt").write_text("# expected on the machine already (the image), not carried:\n"
-                                          + "\n".join(provided) + "\n")
+        (kit / "provided.txt").write_text(
+            "# expected on the machine already (the image), not carried:\n" + "\n".join(provided) + "\n"
+        )
         (kit / "install.sh").write_text(
             "#!/bin/sh\n# Offline install: python3 must already have torch.\nset -e\n"
             'cd "$(dirname "$0")"\n'
-            'exec "${PYTHON:-python3}" -m pip install --no-index --find-links . modelfleet "$@"\n')
+            'exec "${PYTHON:-python3}" -m pip install --no-index --find-links . modelfleet "$@"\n'
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(out, "w:xz", preset=6) as tar:
             tar.add(kit, arcname="gpu-kit")
         unpacked = sum(p.stat().st_size for p in kit.iterdir())
     size = out.stat().st_size
-    return {"kit": str(out), "mib": round(size / 2**20, 1), "unpacked_mib": round(unpacked / 2**20, 1),
-            "wheels": len(carried), "provided": len(provided), "ray_parts_dropped_mib": round(dropped / 2**20, 1)}
+    return {
+        "kit": str(out),
+        "mib": round(size / 2**20, 1),
+        "unpacked_mib": round(unpacked / 2**20, 1),
+        "wheels": len(carried),
+        "provided": len(provided),
+        "ray_parts_dropped_mib": round(dropped / 2**20, 1),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", default="3.12", help="the target machine's Python (3.12 on the GPU image)")
     ap.add_argument("--out", type=Path, help="default dist/gpu-kit-cp<version>.tar.xz")
-    ap.add_argument("--have", type=Path, default=ROOT / "scripts" / "gpu_image_packages.txt",
-                    help="packages the target already has, one per line (# comments)")
+    ap.add_argument(
+        "--have",
+        type=Path,
+        default=ROOT / "scripts" / "gpu_image_packages.txt",
+        help="packages the target already has, one per line (# comments)",
+    )
     args = ap.parse_args()
     have = {_norm(ln.strip()) for ln in args.have.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
     out = args.out or ROOT / "dist" / f"gpu-kit-cp{args.python.replace('.', '')}.tar.xz"
     report = build(args.python, out, have)
     print(report)
     if report["mib"] > LIMIT_MIB:
-        print(f"error: the kit is {report['mib']} MiB, over the {LIMIT_MIB} MiB the device tool carries", file=sys.stderr)
+        print(
+            f"error: the kit is {report['mib']} MiB, over the {LIMIT_MIB} MiB the device tool carries", file=sys.stderr
+        )
         return 1
     return 0
 

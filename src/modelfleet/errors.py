@@ -35,5 +35,12 @@ class StorageError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, ArtifactError, CheckpointError, TrainingFailedError, JobError, StorageError)
+    ConfigError,
+    DataError,
+    ArtifactError,
+    CheckpointError,
+    TrainingFailedError,
+    JobError,
+    StorageError,
+)
 """What the CLI reports as one line (exit 2 for config errors, 1 otherwise)."""

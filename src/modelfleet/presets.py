@@ -42,9 +42,19 @@ def gpt2_124m() -> Config:
     c = small()
     c.preset = "gpt2-124m"
     c.model = ModelConfig(vocab_size=264, n_layer=12, n_head=12, n_embd=768, block_size=1024)
-    c.train = TrainConfig(num_workers=8, use_gpu=True, precision="bf16", micro_batch_size=16,
-                          grad_accum=4, max_steps=5000, lr=6e-4, warmup_steps=200,
-                          eval_every=250, checkpoint_every=500, activation_checkpointing=False)
+    c.train = TrainConfig(
+        num_workers=8,
+        use_gpu=True,
+        precision="bf16",
+        micro_batch_size=16,
+        grad_accum=4,
+        max_steps=5000,
+        lr=6e-4,
+        warmup_steps=200,
+        eval_every=250,
+        checkpoint_every=500,
+        activation_checkpointing=False,
+    )
     c.deepspeed = DeepSpeedConfig(zero_stage=2)
     return c
 
@@ -62,16 +72,23 @@ def gpt_1b() -> Config:
     return c
 
 
-def _family(preset: str, family: str, source: str, *, max_steps: int, lr: float,
-            micro_batch_size: int = 32) -> Config:
+def _family(preset: str, family: str, source: str, *, max_steps: int, lr: float, micro_batch_size: int = 32) -> Config:
     """A small-data family preset: ZeRO-3 on 2 CPU workers, one evaluation every 25 steps, a
     checkpoint only at the end (a run takes seconds; export needs just the last one)."""
     return Config(
         preset=preset,
         model=ModelConfig(family=family, params=get_family(family).default_params()),
         data=DataConfig(sources=[source], val_fraction=0.1),
-        train=TrainConfig(micro_batch_size=micro_batch_size, max_steps=max_steps, lr=lr, warmup_steps=5,
-                          weight_decay=0.0, eval_every=25, checkpoint_every=0, eval_batches=8),
+        train=TrainConfig(
+            micro_batch_size=micro_batch_size,
+            max_steps=max_steps,
+            lr=lr,
+            warmup_steps=5,
+            weight_decay=0.0,
+            eval_every=25,
+            checkpoint_every=0,
+            eval_batches=8,
+        ),
         deepspeed=DeepSpeedConfig(zero_stage=3),
     )
 
@@ -90,8 +107,9 @@ def diabetes_linear() -> Config:
 
 def breast_cancer_linear() -> Config:
     """scikit-learn's breast-cancer table (missing values injected) -> logistic regression."""
-    return _family("breast-cancer-linear", "linear", "sklearn:breast_cancer", max_steps=100, lr=0.03,
-                   micro_batch_size=16)
+    return _family(
+        "breast-cancer-linear", "linear", "sklearn:breast_cancer", max_steps=100, lr=0.03, micro_batch_size=16
+    )
 
 
 def topics_lstm() -> Config:
@@ -105,15 +123,21 @@ def interactions_mf() -> Config:
 
 
 PRESETS: dict[str, Callable[[], Config]] = {
-    "tiny": tiny, "small": small, "gpt2-124m": gpt2_124m, "gpt-1b": gpt_1b,
-    "digits-cnn": digits_cnn, "diabetes-linear": diabetes_linear,
-    "breast-cancer-linear": breast_cancer_linear, "topics-lstm": topics_lstm,
+    "tiny": tiny,
+    "small": small,
+    "gpt2-124m": gpt2_124m,
+    "gpt-1b": gpt_1b,
+    "digits-cnn": digits_cnn,
+    "diabetes-linear": diabetes_linear,
+    "breast-cancer-linear": breast_cancer_linear,
+    "topics-lstm": topics_lstm,
     "interactions-mf": interactions_mf,
 }
 
 
-def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
-                overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, *, preset: str | None = None, overrides: Sequence[str] = ()
+) -> Config:
     """Build a Config: preset (from ``--preset``, the YAML's ``preset:`` key, or ``tiny``), then
     the YAML file's sections, then ``key=value`` overrides; then validate everything, the
     family's own ``model.params`` included."""

@@ -40,8 +40,9 @@ class ArtifactRef:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise ArtifactError(f"model name {name!r} is invalid: use 1-63 letters, digits, '.', '_' or '-' "
-                            "starting with a letter or digit")
+        raise ArtifactError(
+            f"model name {name!r} is invalid: use 1-63 letters, digits, '.', '_' or '-' starting with a letter or digit"
+        )
     return name
 
 
@@ -49,8 +50,11 @@ def versions(storage_path: str, name: str) -> list[str]:
     fs, base = filesystem(StorageLayout(storage_path).model(name))
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
-    found = [fi.base_name for fi in fs.get_file_info(pafs.FileSelector(base))
-             if fi.type == pafs.FileType.Directory and _VERSION.match(fi.base_name)]
+    found = [
+        fi.base_name
+        for fi in fs.get_file_info(pafs.FileSelector(base))
+        if fi.type == pafs.FileType.Directory and _VERSION.match(fi.base_name)
+    ]
     return sorted(found, key=lambda v: int(v[1:]))
 
 
@@ -73,8 +77,9 @@ def publish(storage_path: str, name: str, local_dir: str) -> ArtifactRef:
         os.rename(staging, dest)  # atomic on one filesystem; fails if the version appeared meanwhile
     else:  # object stores have no rename: the manifest is copied last and readers require it
         for p in sorted(Path(local_dir).iterdir(), key=lambda p: p.name == "manifest.json"):
-            pafs.copy_files(str(p), join(dest, p.name), source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
+            pafs.copy_files(
+                str(p), join(dest, p.name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+            )
     write_text(StorageLayout(storage_path).latest(name), version)
     return ArtifactRef(name, version, join(root, version))
 
@@ -84,8 +89,9 @@ def resolve(storage_path: str, ref: str) -> ArtifactRef:
     if "/" in ref or ref.startswith("."):
         fs, base = filesystem(ref)
         if fs.get_file_info(join(base, "manifest.json")).type != pafs.FileType.File:
-            raise ArtifactError(f"artifact {ref!r} has no manifest.json; point at a directory written "
-                                "by `modelfleet export`")
+            raise ArtifactError(
+                f"artifact {ref!r} has no manifest.json; point at a directory written by `modelfleet export`"
+            )
         m = read_json(ref, "manifest.json")
         return ArtifactRef(m.get("name", ""), m.get("version", ""), ref)
     name, _, version = ref.partition("@")

@@ -136,8 +136,10 @@ def has_files(uri: str) -> bool:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return False
-    return any(fi.type == pafs.FileType.File
-               for fi in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)))
+    return any(
+        fi.type == pafs.FileType.File
+        for fi in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    )
 
 
 def delete_dir(uri: str) -> None:
@@ -199,8 +201,13 @@ def _probing_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if isinstance(fs, pafs.S3FileSystem):
         # from_uri reads the endpoint from AWS_ENDPOINT_URL(_S3); the constructor does not.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        fs = pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint, connect_timeout=3, request_timeout=10,
-                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        fs = pafs.S3FileSystem(
+            region=fs.region,
+            endpoint_override=endpoint,
+            connect_timeout=3,
+            request_timeout=10,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+        )
     return fs, path
 
 
@@ -209,8 +216,19 @@ def describe_error(msg: str) -> str:
     low = msg.lower()
     if "nosuchbucket" in low or "bucket" in low and ("not found" in low or "does not exist" in low):
         return f"the bucket does not exist ({msg.splitlines()[0][:200]})"
-    if any(s in low for s in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid",
-                              "invalid_access_key", "signaturedoesnotmatch", "signature_does_not_match", "forbidden")):
+    if any(
+        s in low
+        for s in (
+            "accessdenied",
+            "access denied",
+            "access_denied",
+            "invalidaccesskeyid",
+            "invalid_access_key",
+            "signaturedoesnotmatch",
+            "signature_does_not_match",
+            "forbidden",
+        )
+    ):
         return f"the credentials were refused ({msg.splitlines()[0][:200]})"
     if any(s in low for s in ("curl", "connect", "timed out", "timeout", "resolve host", "unreachable")):
         return f"the endpoint cannot be reached ({msg.splitlines()[0][:200]})"

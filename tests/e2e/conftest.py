@@ -19,8 +19,16 @@ _failed_up: list[str] = []
 def sim_cluster(tmp_path_factory, s3):
     # After the S3 endpoint (the s3 fixture): the nodes inherit its endpoint and key, as a real
     # cluster's nodes get them from their environment.
-    c = SimCluster(tmp_path_factory.mktemp("mfhome"), gcs_port=GCS, dashboard_port=DASH, serve_port=SERVE_PORT,
-                   nodes=3, cpus_per_node=4, gpus_per_node=2, up_timeout_s=480)
+    c = SimCluster(
+        tmp_path_factory.mktemp("mfhome"),
+        gcs_port=GCS,
+        dashboard_port=DASH,
+        serve_port=SERVE_PORT,
+        nodes=3,
+        cpus_per_node=4,
+        gpus_per_node=2,
+        up_timeout_s=480,
+    )
     _clusters.append(c)
     yield c
     if c.is_up:

@@ -39,30 +39,90 @@ def test_status_shows_three_nodes_with_gpus(cluster):
 def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
     env, dash_url = cluster.env, cluster.dashboard_url
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"preset": "tiny", "storage": {"path": str(storage)}, "serve": {
-        "app_name": "shared", "port": cluster.serve_port, "models": [{
-            "name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5},
-            "autoscaling": {"min_replicas": 2, "max_replicas": 2}}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "storage": {"path": str(storage)},
+                "serve": {
+                    "app_name": "shared",
+                    "port": cluster.serve_port,
+                    "models": [
+                        {
+                            "name": "tiny",
+                            "artifact": "tiny",
+                            "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5},
+                            "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                        }
+                    ],
+                },
+            }
+        )
+    )
     mf(env, "serve", str(cfg), "--detach", timeout=240)
     url = f"http://127.0.0.1:{cluster.serve_port}/v1/completions"
     try:
         assert httpx.post(url, json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
 
-        common = ["--set", f"storage.path={storage}", "--set", f"data.path={tiny_data}", "--set", "train.use_gpu=true",
-                  "--set", "train.max_steps=20", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",
-                  "--set", "train.eval_batches=1"]
+        common = [
+            "--set",
+            f"storage.path={storage}",
+            "--set",
+            f"data.path={tiny_data}",
+            "--set",
+            "train.use_gpu=true",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "train.eval_every=20",
+            "--set",
+            "train.checkpoint_every=20",
+            "--set",
+            "train.eval_batches=1",
+        ]
         # 6 GPUs, 1 kept for serving's two 0.5-GPU minimum replicas: 6 GPU workers are refused, and
         # the failed job's status says why.
-        mf(env, "submit", "train", "--preset", "tiny", "--set", "train.num_workers=6", *common,
-           "--submission-id", "too-big")
+        mf(
+            env,
+            "submit",
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "train.num_workers=6",
+            *common,
+            "--submission-id",
+            "too-big",
+        )
         s = wait_job(env, "too-big", 180)
         assert s["status"] == "FAILED" and "reserved for the minimum replicas" in s["reason"], s
 
         # Ray's own CLI, exactly as the README says; the job trains 4 ZeRO-3 workers on "GPUs".
-        run_cli(env, "ray", "job", "submit", "--address", dash_url, "--working-dir", ".",
-                "--submission-id", "ray-cli-train", "--no-wait", "--",
-                "python", "jobs/train.py", "--config", "deploy/modelfleet-serve.yaml", *common,
-                "--set", "train.num_workers=4", "--set", "deepspeed.zero_stage=3", "--set", "storage.run_name=shared")
+        run_cli(
+            env,
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            dash_url,
+            "--working-dir",
+            ".",
+            "--submission-id",
+            "ray-cli-train",
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/train.py",
+            "--config",
+            "deploy/modelfleet-serve.yaml",
+            *common,
+            "--set",
+            "train.num_workers=4",
+            "--set",
+            "deepspeed.zero_stage=3",
+            "--set",
+            "storage.run_name=shared",
+        )
         failures, answered, seen_nodes = [], [0], set()
 
         def traffic() -> None:
@@ -82,14 +142,50 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
         assert "artifact tiny@v2" in logs
 
         # An id is used once: Ray's CLI and ours both refuse it.
-        again = run_cli(env, "ray", "job", "submit", "--address", dash_url, "--submission-id",
-                        "ray-cli-train", "--no-wait", "--", "echo", "hi", check=False)
+        again = run_cli(
+            env,
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            dash_url,
+            "--submission-id",
+            "ray-cli-train",
+            "--no-wait",
+            "--",
+            "echo",
+            "hi",
+            check=False,
+        )
         assert again.returncode != 0
-        ours = mf(env, "submit", "export", "--preset", "tiny", "--set", f"storage.path={storage}",
-                  "--submission-id", "ray-cli-train", "--arg", "shared", check=False)
+        ours = mf(
+            env,
+            "submit",
+            "export",
+            "--preset",
+            "tiny",
+            "--set",
+            f"storage.path={storage}",
+            "--submission-id",
+            "ray-cli-train",
+            "--arg",
+            "shared",
+            check=False,
+        )
         assert ours.returncode == 2 and "already exists" in ours.stderr, ours.stderr
-        mf(env, "submit", "export", "--preset", "tiny", "--set", f"storage.path={storage}",
-           "--submission-id", "export-1", "--arg", "shared")
+        mf(
+            env,
+            "submit",
+            "export",
+            "--preset",
+            "tiny",
+            "--set",
+            f"storage.path={storage}",
+            "--submission-id",
+            "export-1",
+            "--arg",
+            "shared",
+        )
         assert wait_job(env, "export-1", 180)["status"] == "SUCCEEDED"
         assert "artifact tiny@v3" in mf(env, "jobs", "logs", "export-1").stdout
         listed = json.loads(mf(env, "jobs", "list", "--json").stdout)
@@ -113,10 +209,28 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     after the first complete checkpoint; the training workers go away; the run resubmitted as a
     new job with `--resume` continues from its last complete checkpoint, not from step 1."""
     env = cluster.env
-    sets = ["--set", f"storage.path={storage}", "--set", f"data.path={tiny_data}", "--set", "train.use_gpu=true",
-            "--set", "train.num_workers=2", "--set", "deepspeed.zero_stage=3", "--set", "train.max_steps=40",
-            "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20", "--set", "train.eval_batches=1",
-            "--set", "storage.run_name=stopme"]
+    sets = [
+        "--set",
+        f"storage.path={storage}",
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.num_workers=2",
+        "--set",
+        "deepspeed.zero_stage=3",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.checkpoint_every=10",
+        "--set",
+        "train.eval_every=20",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "storage.run_name=stopme",
+    ]
     mf(env, "submit", "train", "--preset", "tiny", *sets, "--arg=--no-export", "--submission-id", "stopme-1")
     run_dir = storage / "runs" / "stopme"
 
@@ -140,15 +254,28 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     last_ckpt = max(r["step"] for r in recs if r["kind"] == "checkpoint")
     assert at_stop < 40, f"the job finished (step {at_stop}) before it was stopped"
 
-    mf(env, "submit", "train", "--preset", "tiny", *sets, "--arg=--no-export", "--arg=--resume", "--arg=stopme",
-       "--submission-id", "stopme-2")
+    mf(
+        env,
+        "submit",
+        "train",
+        "--preset",
+        "tiny",
+        *sets,
+        "--arg=--no-export",
+        "--arg=--resume",
+        "--arg=stopme",
+        "--submission-id",
+        "stopme-2",
+    )
     s = wait_job(env, "stopme-2", 600)
     assert s["status"] == "SUCCEEDED", s
-    after = read_records(run_dir)[len(recs):]
+    after = read_records(run_dir)[len(recs) :]
     resumes = [r["step"] for r in after if r["kind"] == "resume"]
     steps = [r["step"] for r in after if r["kind"] == "step"]
-    print(f"\n[job-stop] stopped at step {at_stop} (last checkpoint {last_ckpt}); STOPPED {stop_s:.1f} s after "
-          f"`jobs stop`; resubmission resumed from {resumes}, trained steps {min(steps)}-{max(steps)}")
+    print(
+        f"\n[job-stop] stopped at step {at_stop} (last checkpoint {last_ckpt}); STOPPED {stop_s:.1f} s after "
+        f"`jobs stop`; resubmission resumed from {resumes}, trained steps {min(steps)}-{max(steps)}"
+    )
     assert resumes == [last_ckpt], (resumes, last_ckpt)
     assert min(steps) == last_ckpt + 1 and max(steps) == 40, steps
 
@@ -158,11 +285,35 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
 def test_training_survives_kill_node(cluster_to_break, storage, tiny_data):
     cluster = cluster_to_break
     env = cluster.env
-    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={storage}",
-       "--set", f"data.path={tiny_data}", "--set", "train.use_gpu=true", "--set", "train.num_workers=4",
-       "--set", "train.max_steps=80", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=40",
-       "--set", "train.eval_batches=1", "--set", "train.max_failures=1", "--set", "storage.run_name=drill",
-       "--submission-id", "drill")
+    mf(
+        env,
+        "submit",
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"storage.path={storage}",
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.num_workers=4",
+        "--set",
+        "train.max_steps=80",
+        "--set",
+        "train.checkpoint_every=10",
+        "--set",
+        "train.eval_every=40",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.max_failures=1",
+        "--set",
+        "storage.run_name=drill",
+        "--submission-id",
+        "drill",
+    )
     run_dir = storage / "runs" / "drill"
     nodes = {r["node_id"]: r["name"] for r in json.loads(mf(env, "cluster", "status", "--json").stdout)}
     killed: dict = {}
@@ -180,8 +331,11 @@ def test_training_survives_kill_node(cluster_to_break, storage, tiny_data):
                     # 80 steps leave tens of seconds after the first checkpoint; a run that had
                     # already finished when the kill landed would make the drill vacuous.
                     recs = read_records(run_dir)
-                    killed.update(node=victims[0], checkpoint=max(done),
-                                  at_step=max(r["step"] for r in recs if r["kind"] == "step"))
+                    killed.update(
+                        node=victims[0],
+                        checkpoint=max(done),
+                        at_step=max(r["step"] for r in recs if r["kind"] == "step"),
+                    )
                     return
             time.sleep(0.1)
 

@@ -25,8 +25,18 @@ GCS, DASH, SERVE = 6880, 8665, 8500
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
-    c = SimCluster(tmp_path_factory.mktemp("mfhome-isolated"), gcs_port=GCS, dashboard_port=DASH, serve_port=SERVE,
-                   nodes=3, cpus_per_node=3, gpus_per_node=2, head_gpus=0, isolated=True, up_timeout_s=480)
+    c = SimCluster(
+        tmp_path_factory.mktemp("mfhome-isolated"),
+        gcs_port=GCS,
+        dashboard_port=DASH,
+        serve_port=SERVE,
+        nodes=3,
+        cpus_per_node=3,
+        gpus_per_node=2,
+        head_gpus=0,
+        isolated=True,
+        up_timeout_s=480,
+    )
     try:
         c.up()
         assert "worker nodes isolated" in c.up_output, c.up_output[-2000:]
@@ -38,9 +48,25 @@ def cluster(tmp_path_factory, s3):
 def test_storage_local_to_the_head_fails_saying_to_use_shared_storage(cluster, tmp_path, tiny_data):
     env = cluster.env
     local = tmp_path / "head-only-storage"  # under /tmp: the worker nodes cannot see it
-    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={local}", "--set", f"data.path={tiny_data}",
-       "--set", "train.use_gpu=true", "--set", "train.num_workers=2", "--set", "train.max_steps=4",
-       "--submission-id", "head-local")
+    mf(
+        env,
+        "submit",
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"storage.path={local}",
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.num_workers=2",
+        "--set",
+        "train.max_steps=4",
+        "--submission-id",
+        "head-local",
+    )
     s = wait_job(env, "head-local", 600, interval_s=2)
     logs = mf(env, "jobs", "logs", "head-local").stdout
     print(f"\n[isolated] head-local storage: {s['status']}; {s.get('reason', '')[-600:]}")
@@ -56,10 +82,33 @@ def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_pa
     bucket, `evaluate` writes its report there."""
     env, root = cluster.env, "s3://modelfleet/isolated"
     mf(env, "prepare", "--preset", "tiny", "--set", f"storage.path={root}", timeout=300)
-    mf(env, "submit", "train", "--preset", "tiny", "--set", f"storage.path={root}", "--set", "train.use_gpu=true",
-       "--set", "train.num_workers=2", "--set", "train.max_steps=40", "--set", "train.eval_every=40",
-       "--set", "train.checkpoint_every=10", "--set", "train.eval_batches=1", "--set", "train.max_failures=1",
-       "--set", "storage.run_name=s3", "--submission-id", "s3-train")
+    mf(
+        env,
+        "submit",
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"storage.path={root}",
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.num_workers=2",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.eval_every=40",
+        "--set",
+        "train.checkpoint_every=10",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.max_failures=1",
+        "--set",
+        "storage.run_name=s3",
+        "--submission-id",
+        "s3-train",
+    )
     names = {r["node_id"]: r["name"] for r in json.loads(mf(env, "cluster", "status", "--json").stdout)}
     killed: dict = {}
     stop = threading.Event()
@@ -67,8 +116,16 @@ def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_pa
     def killer() -> None:
         # By condition: step 10's COMPLETE object is in the bucket; then the node holding a worker goes.
         try:
-            wait_until(lambda: stop.is_set() or "isolated/runs/s3/step_00000010/COMPLETE"
-                       in s3.keys("modelfleet", "isolated/runs/s3/step_00000010/"), 600, "the step-10 checkpoint", 0.2)
+            wait_until(
+                lambda: (
+                    stop.is_set()
+                    or "isolated/runs/s3/step_00000010/COMPLETE"
+                    in s3.keys("modelfleet", "isolated/runs/s3/step_00000010/")
+                ),
+                600,
+                "the step-10 checkpoint",
+                0.2,
+            )
             victims = sorted(names[n] for n in cluster.train_worker_nodes() if names.get(n, "head") != "head")
             if stop.is_set() or not victims:
                 return
@@ -95,24 +152,49 @@ def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_pa
     assert resumes == [killed["complete"][-1]], (resumes, killed)
     assert f"artifact tiny@v1: {root}/models/tiny/v1" in mf(env, "jobs", "logs", "s3-train").stdout
     keys = set(s3.keys("modelfleet", "isolated/"))
-    assert {"isolated/runs/s3/metrics.jsonl", "isolated/runs/s3/result.json", "isolated/runs/s3/step_00000040/COMPLETE",
-            "isolated/models/tiny/LATEST", "isolated/models/tiny/v1/model.safetensors",
-            "isolated/data/tiny/meta.json"} <= keys
+    assert {
+        "isolated/runs/s3/metrics.jsonl",
+        "isolated/runs/s3/result.json",
+        "isolated/runs/s3/step_00000040/COMPLETE",
+        "isolated/models/tiny/LATEST",
+        "isolated/models/tiny/v1/model.safetensors",
+        "isolated/data/tiny/meta.json",
+    } <= keys
     mf(env, "cluster", "restart-node", killed["node"])  # capacity back for serving
-    print(f"\n[isolated-s3] killed {killed['node']} with checkpoints {killed['complete']} complete; "
-          f"resumed from {resumes} on the other node")
+    print(
+        f"\n[isolated-s3] killed {killed['node']} with checkpoints {killed['complete']} complete; "
+        f"resumed from {resumes} on the other node"
+    )
 
     cfg = tmp_path / "serve.yaml"  # read by the CLI on the head
-    cfg.write_text(yaml.safe_dump({"preset": "tiny", "storage": {"path": root}, "serve": {
-        "app_name": "s3", "port": cluster.serve_port, "models": [{
-            "name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5}}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "storage": {"path": root},
+                "serve": {
+                    "app_name": "s3",
+                    "port": cluster.serve_port,
+                    "models": [
+                        {"name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5}}
+                    ],
+                },
+            }
+        )
+    )
     mf(env, "serve", str(cfg), "--detach", timeout=240)
     try:
-        r = httpx.post(f"http://127.0.0.1:{cluster.serve_port}/v1/completions", timeout=60,
-                       json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
+        r = httpx.post(
+            f"http://127.0.0.1:{cluster.serve_port}/v1/completions",
+            timeout=60,
+            json={"prompt": "def main(", "max_tokens": 4, "temperature": 0},
+        )
         assert r.status_code == 200 and r.headers["x-modelfleet-artifact"] == "tiny@v1", r.text
-        replicas = [a for a in cluster.state_api("/api/v0/actors?limit=1000")
-                    if a.get("class_name", "").startswith("ServeReplica") and a.get("state") == "ALIVE"]
+        replicas = [
+            a
+            for a in cluster.state_api("/api/v0/actors?limit=1000")
+            if a.get("class_name", "").startswith("ServeReplica") and a.get("state") == "ALIVE"
+        ]
         nodes = {n["node_id"]: n["name"] for n in json.loads(mf(env, "cluster", "status", "--json").stdout)}
         assert replicas and all(nodes.get(a["node_id"]) != "head" for a in replicas), replicas
     finally:

@@ -25,8 +25,11 @@ def one(docs: list[dict], kind: str) -> dict:
 
 
 def cluster_spec(doc: dict) -> dict:
-    return {"RayService": lambda s: s["rayClusterConfig"], "RayJob": lambda s: s["rayClusterSpec"],
-            "RayCluster": lambda s: s}[doc["kind"]](doc["spec"])
+    return {
+        "RayService": lambda s: s["rayClusterConfig"],
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayCluster": lambda s: s,
+    }[doc["kind"]](doc["spec"])
 
 
 def cluster_specs(docs: list[dict]) -> Iterator[tuple[dict, dict]]:
@@ -56,4 +59,3 @@ def services(docs: list[dict]) -> list[dict]:
         if "serveService" in rs["spec"]:
             out.append({"apiVersion": "v1", "kind": "Service", **rs["spec"]["serveService"]})
     return out
-

@@ -93,6 +93,7 @@ def ci_renders(render) -> dict[str, Docs]:
 
 # ---------------------------------------------------------------- KubeRay CRDs
 
+
 def close_schema(schema: Any) -> Any:
     """Make object schemas strict the way the API server prunes: an object schema with
     `properties` and neither `additionalProperties` nor x-kubernetes-preserve-unknown-fields
@@ -107,8 +108,11 @@ def close_schema(schema: Any) -> Any:
         for key in ("allOf", "anyOf", "oneOf"):
             for sub in schema.get(key, []):
                 close_schema(sub)
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
     return schema
 
@@ -119,8 +123,10 @@ def crd_validators() -> dict[tuple[str, str], Any]:
     import jsonschema
 
     if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (they live in the project's shared/ "
-                    "folder, absent in a plain clone); CRD validation skipped")
+        pytest.skip(
+            f"KubeRay CRDs not found at {CRD_DIR} (they live in the project's shared/ "
+            "folder, absent in a plain clone); CRD validation skipped"
+        )
     validators = {}
     for path in sorted(CRD_DIR.glob("ray.io_*.yaml")):
         crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)

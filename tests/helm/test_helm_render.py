@@ -18,20 +18,29 @@ K8S_VERSION = "1.25.0"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-REQUIRED_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance",
-                   "app.kubernetes.io/managed-by", "helm.sh/chart"}
+REQUIRED_LABELS = {
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+}
 
 
 @pytest.mark.parametrize("values", CI_VALUES)
 def test_lint_passes_strict(helm, values):
-    proc = subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(CHART / "ci" / values)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "-f", str(CHART / "ci" / values)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ci_value_files_cover_the_documented_setups():
-    assert {"defaults-values.yaml", "gpu-values.yaml", "serve-only-values.yaml",
-            "train-only-values.yaml"} <= set(CI_VALUES)
+    assert {"defaults-values.yaml", "gpu-values.yaml", "serve-only-values.yaml", "train-only-values.yaml"} <= set(
+        CI_VALUES
+    )
 
 
 @pytest.mark.parametrize("values", CI_VALUES)
@@ -43,8 +52,9 @@ def test_every_object_is_named_and_labelled(ci_renders, values):
         name = meta["name"]
         assert len(name) <= 63 and DNS1123.match(name), f"{d['kind']} name {name!r}"
         if d["kind"] in RAY_KINDS:
-            assert len(name) <= RAY_NAME_LIMITS[d["kind"]] and DNS1035.match(name), \
+            assert len(name) <= RAY_NAME_LIMITS[d["kind"]] and DNS1035.match(name), (
                 f"KubeRay rejects {d['kind']} name {name!r} (DNS-1035, <= {RAY_NAME_LIMITS[d['kind']]})"
+            )
         labels = meta.get("labels", {})
         assert REQUIRED_LABELS <= set(labels), f"{d['kind']}/{name} lacks {REQUIRED_LABELS - set(labels)}"
         for k, v in labels.items():
@@ -86,8 +96,7 @@ def kubernetes_validate():
     try:
         import kubernetes_validate
     except ImportError:
-        msg = ("kubernetes-validate is not installed; add it to pyproject.toml "
-               "[project.optional-dependencies] dev")
+        msg = "kubernetes-validate is not installed; add it to pyproject.toml [project.optional-dependencies] dev"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
@@ -100,8 +109,14 @@ def _core_objects(docs):
     out += [s for s in services(docs) if s not in out]
     for owner, spec in cluster_specs(docs):
         for group, tpl in pod_templates(spec):
-            out.append({"apiVersion": "v1", "kind": "PodTemplate",
-                        "metadata": {"name": f"{owner['metadata']['name']}-{group}"}, "template": tpl})
+            out.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"{owner['metadata']['name']}-{group}"},
+                    "template": tpl,
+                }
+            )
     return out
 
 
@@ -111,8 +126,10 @@ def test_core_objects_validate_strictly(ci_renders, kubernetes_validate, values)
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')}: {e.message} at "
-                        f"{'.'.join(map(str, e.path))}\n{yaml.safe_dump(obj)[:2000]}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata'].get('name')}: {e.message} at "
+                f"{'.'.join(map(str, e.path))}\n{yaml.safe_dump(obj)[:2000]}"
+            )
 
 
 def render_notes(helm: str, tmp_path: Path, *sets: str) -> str:
@@ -124,28 +141,41 @@ def render_notes(helm: str, tmp_path: Path, *sets: str) -> str:
     (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}' + notes + "{{- end }}")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ include "test.notes" . | toJson }}\n')
     args = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([helm, "template", "mf", str(chart), "--show-only", "templates/notes.yaml", *args],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [helm, "template", "mf", str(chart), "--show-only", "templates/notes.yaml", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)["notes"]
 
 
 def test_notes_say_how_to_reach_serving_dashboard_and_jobs(helm, tmp_path):
     text = render_notes(helm, tmp_path)
-    for expected in ("port-forward svc/mf-modelfleet-http 8000:8000",   # the serving Service
-                     "create secret generic mf-modelfleet-api-key",     # the API key it needs
-                     "port-forward svc/mf-modelfleet-serve-head-svc 8265:8265",
-                     "get rayjob mf-modelfleet-train",
-                     "ray job submit --address http://127.0.0.1:8265",
-                     "RAY_AUTH_TOKEN"):
+    for expected in (
+        "port-forward svc/mf-modelfleet-http 8000:8000",  # the serving Service
+        "create secret generic mf-modelfleet-api-key",  # the API key it needs
+        "port-forward svc/mf-modelfleet-serve-head-svc 8265:8265",
+        "get rayjob mf-modelfleet-train",
+        "ray job submit --address http://127.0.0.1:8265",
+        "RAY_AUTH_TOKEN",
+    ):
         assert expected in text, f"NOTES.txt lacks {expected!r}:\n{text}"
     assert "WARNING" not in text
 
 
 def test_notes_warn_about_every_acknowledged_insecure_setting(helm, tmp_path):
-    text = render_notes(helm, tmp_path, "rayAuth.enabled=false", "insecure.allowNoRayAuth=true",
-                        "networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true",
-                        "serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true")
+    text = render_notes(
+        helm,
+        tmp_path,
+        "rayAuth.enabled=false",
+        "insecure.allowNoRayAuth=true",
+        "networkPolicy.enabled=false",
+        "insecure.allowNoNetworkPolicy=true",
+        "serving.ingress.enabled=true",
+        "insecure.allowIngressWithoutTls=true",
+    )
     warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 3, text
     assert any("token authentication is OFF" in w for w in warnings)

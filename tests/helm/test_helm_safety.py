@@ -13,32 +13,42 @@ from chart_objects import CHART, CI_VALUES, ROOT, cluster_specs, containers, of_
 RAY_PRIVATE_PORTS = {8265, 10001}
 
 
-@pytest.mark.parametrize("values, sets, named", [
-    ("gpu-values.yaml", ["workerGroups.gpu.replicas=one"], "workerGroups.gpu.replicas"),
-    (None, ["replicaCount=2"], "replicaCount"),
-    (None, ["workerGroups.cpu.gpus=-1"], "workerGroups.cpu.gpus"),
-    (None, ["serving.service.type=Public"], "serving.service.type"),
-    (None, ["training.config.storage.path=/elsewhere"], "path"),
-    (None, ["workerGroups.Bad_Name.cpu=1"], "Bad_Name"),
-])
+@pytest.mark.parametrize(
+    "values, sets, named",
+    [
+        ("gpu-values.yaml", ["workerGroups.gpu.replicas=one"], "workerGroups.gpu.replicas"),
+        (None, ["replicaCount=2"], "replicaCount"),
+        (None, ["workerGroups.cpu.gpus=-1"], "workerGroups.cpu.gpus"),
+        (None, ["serving.service.type=Public"], "serving.service.type"),
+        (None, ["training.config.storage.path=/elsewhere"], "path"),
+        (None, ["workerGroups.Bad_Name.cpu=1"], "Bad_Name"),
+    ],
+)
 def test_unknown_or_mistyped_values_fail_naming_the_key(render_error, values, sets, named):
     err = render_error(values, *sets)
     assert "schema" in err and named in err, err
 
 
-@pytest.mark.parametrize("values, sets, named", [
-    (None, ["fullnameOverride=My_Release"], "fullnameOverride"),
-    (None, ["nameOverride=UPPER"], "nameOverride"),
-    (None, ["head.memory=512mi"], "head.memory"),  # "mi" is no Kubernetes suffix (Mi is); KubeRay refuses it
-    (None, ["workerGroups.cpu.cpu=2cores"], "workerGroups.cpu.cpu"),
-    (None, ["storage.pvc.storageClassName=fast_ssd"], "storageClassName"),
-    (None, ["serving.ingress.host=API.example.com"], "serving.ingress.host"),
-    (None, ["monitoring.podMonitor.labels.release=kube prometheus"], "monitoring.podMonitor.labels"),
-    ({"monitoring": {"podMonitor": {"labels": {"bad key": "x"}}}}, [], "monitoring.podMonitor.labels"),
-    # Accepted by the API server, but KubeRay could never schedule the pods: the chart refuses it.
-    ({"head": {"tolerations": [{"key": "gpu", "operator": "Exist", "effect": "NoSchedule"}]}}, [], "head.tolerations"),
-    ({"workerGroups": {"cpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}}}, [], "tolerations"),
-])
+@pytest.mark.parametrize(
+    "values, sets, named",
+    [
+        (None, ["fullnameOverride=My_Release"], "fullnameOverride"),
+        (None, ["nameOverride=UPPER"], "nameOverride"),
+        (None, ["head.memory=512mi"], "head.memory"),  # "mi" is no Kubernetes suffix (Mi is); KubeRay refuses it
+        (None, ["workerGroups.cpu.cpu=2cores"], "workerGroups.cpu.cpu"),
+        (None, ["storage.pvc.storageClassName=fast_ssd"], "storageClassName"),
+        (None, ["serving.ingress.host=API.example.com"], "serving.ingress.host"),
+        (None, ["monitoring.podMonitor.labels.release=kube prometheus"], "monitoring.podMonitor.labels"),
+        ({"monitoring": {"podMonitor": {"labels": {"bad key": "x"}}}}, [], "monitoring.podMonitor.labels"),
+        # Accepted by the API server, but KubeRay could never schedule the pods: the chart refuses it.
+        (
+            {"head": {"tolerations": [{"key": "gpu", "operator": "Exist", "effect": "NoSchedule"}]}},
+            [],
+            "head.tolerations",
+        ),
+        ({"workerGroups": {"cpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}}}, [], "tolerations"),
+    ],
+)
 def test_values_only_the_api_server_or_nobody_would_refuse_fail_naming_the_key(render_error, values, sets, named):
     err = render_error(values, *sets)
     assert "schema" in err and named in err, err
@@ -49,31 +59,62 @@ def test_unknown_model_key_fails_like_serve_config_would(render_error):
     assert "replicas" in err and "serving.models" in err, err
 
 
-@pytest.mark.parametrize("values, sets, message", [
-    (None, ["workerGroups.cpu.minReplicas=5", "workerGroups.cpu.replicas=5"],
-     "workerGroups.cpu.minReplicas (5) is greater than workerGroups.cpu.maxReplicas (4)"),
-    (None, ["workerGroups.cpu.replicas=9"], "workerGroups.cpu.replicas (9) must be between"),
-    (None, ["storage.objectStore.uri=s3://bucket/prefix"], "storage.pvc.enabled=true and storage.objectStore.uri"),
-    (None, ["storage.pvc.enabled=false"], "Ray workers need shared storage"),
-    (None, ["serving.enabled=false", "training.enabled=false"], "serving.enabled and training.enabled are both false"),
-    ({"serving": {"models": [{"name": "m", "artifact": "m", "ray_actor_options": {"num_gpus": 1}}]}}, [],
-     "serving.models need 1 GPUs at their minimum replicas"),
-    ({"serving": {"models": [{"name": "m", "artifact": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}}, [],
-     "serving.models[0].autoscaling.min_replicas (3) is greater than serving.models[0].autoscaling.max_replicas (2)"),
-    (None, ["training.shutdownAfterJobFinishes=false"], "training.ttlSecondsAfterFinished=600 needs"),
-    (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs 2 GPUs at least"),
-    ({"training": {"config": {"train": {"use_gpu": True, "num_workers": [9, 16]}}}}, [],
-     "num_workers=[9 16] with use_gpu=true needs 9 GPUs at least"),
-    ({"training": {"config": {"train": {"num_workers": [4, 2]}}}}, [], "num_workers=[4 2]: min is greater than max"),
-    ({"training": {"config": {"train": {"num_workers": [1, 2, 3]}}}}, [], "must be a worker count or [min, max]"),
-    # Fail closed: what opens the release up needs an explicit acknowledgement.
-    (None, ["rayAuth.enabled=false"], "rayAuth.enabled=false leaves Ray's dashboard"),
-    (None, ["networkPolicy.enabled=false"], "networkPolicy.enabled=false lets every pod"),
-    (None, ["serving.ingress.enabled=true"], "serving.ingress.enabled=true without serving.ingress.tlsSecretName"),
-    (None, ["serving.ingress.enabled=true", "serving.ingress.host=a.example.com"], "insecure.allowIngressWithoutTls"),
-    (None, ["networkPolicy.egress.objectStore.cidrs={10.0.0.1}"], "networkPolicy.egress.objectStore.cidrs"),
-    (None, ["networkPolicy.egress.kubernetesApi.ports={70000}"], "networkPolicy.egress.kubernetesApi.ports"),
-])
+@pytest.mark.parametrize(
+    "values, sets, message",
+    [
+        (
+            None,
+            ["workerGroups.cpu.minReplicas=5", "workerGroups.cpu.replicas=5"],
+            "workerGroups.cpu.minReplicas (5) is greater than workerGroups.cpu.maxReplicas (4)",
+        ),
+        (None, ["workerGroups.cpu.replicas=9"], "workerGroups.cpu.replicas (9) must be between"),
+        (None, ["storage.objectStore.uri=s3://bucket/prefix"], "storage.pvc.enabled=true and storage.objectStore.uri"),
+        (None, ["storage.pvc.enabled=false"], "Ray workers need shared storage"),
+        (
+            None,
+            ["serving.enabled=false", "training.enabled=false"],
+            "serving.enabled and training.enabled are both false",
+        ),
+        (
+            {"serving": {"models": [{"name": "m", "artifact": "m", "ray_actor_options": {"num_gpus": 1}}]}},
+            [],
+            "serving.models need 1 GPUs at their minimum replicas",
+        ),
+        (
+            {
+                "serving": {
+                    "models": [{"name": "m", "artifact": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]
+                }
+            },
+            [],
+            "serving.models[0].autoscaling.min_replicas (3) is greater than serving.models[0].autoscaling.max_replicas (2)",
+        ),
+        (None, ["training.shutdownAfterJobFinishes=false"], "training.ttlSecondsAfterFinished=600 needs"),
+        (None, ["training.config.train.use_gpu=true"], "use_gpu=true needs 2 GPUs at least"),
+        (
+            {"training": {"config": {"train": {"use_gpu": True, "num_workers": [9, 16]}}}},
+            [],
+            "num_workers=[9 16] with use_gpu=true needs 9 GPUs at least",
+        ),
+        (
+            {"training": {"config": {"train": {"num_workers": [4, 2]}}}},
+            [],
+            "num_workers=[4 2]: min is greater than max",
+        ),
+        ({"training": {"config": {"train": {"num_workers": [1, 2, 3]}}}}, [], "must be a worker count or [min, max]"),
+        # Fail closed: what opens the release up needs an explicit acknowledgement.
+        (None, ["rayAuth.enabled=false"], "rayAuth.enabled=false leaves Ray's dashboard"),
+        (None, ["networkPolicy.enabled=false"], "networkPolicy.enabled=false lets every pod"),
+        (None, ["serving.ingress.enabled=true"], "serving.ingress.enabled=true without serving.ingress.tlsSecretName"),
+        (
+            None,
+            ["serving.ingress.enabled=true", "serving.ingress.host=a.example.com"],
+            "insecure.allowIngressWithoutTls",
+        ),
+        (None, ["networkPolicy.egress.objectStore.cidrs={10.0.0.1}"], "networkPolicy.egress.objectStore.cidrs"),
+        (None, ["networkPolicy.egress.kubernetesApi.ports={70000}"], "networkPolicy.egress.kubernetesApi.ports"),
+    ],
+)
 def test_contradictory_values_fail_with_a_message(render_error, values, sets, message):
     err = render_error(values, *sets)
     assert message in err, err
@@ -118,14 +159,17 @@ def test_secure_defaults(ci_renders):
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for owner, spec in specs:
         for group, tpl in [("head", spec["headGroupSpec"]["template"])] + [
-                (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]:
+            (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]
+        ]:
             labels = tpl["metadata"]["labels"]
             assert selector.items() <= labels.items(), f"NetworkPolicy misses {owner['kind']} {group} pods"
             assert tpl["spec"]["securityContext"]["runAsNonRoot"] is True
             for c in tpl["spec"]["containers"]:
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False
     # The dashboard/client ports are opened only to in-namespace pods and the operator.
-    private_rules = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r.get("ports", [])} & RAY_PRIVATE_PORTS]
+    private_rules = [
+        r for r in policy["spec"]["ingress"] if {p["port"] for p in r.get("ports", [])} & RAY_PRIVATE_PORTS
+    ]
     assert private_rules and all(r.get("from") for r in private_rules)
     for peer in (p for r in private_rules for p in r["from"]):
         assert "ipBlock" not in peer
@@ -150,8 +194,9 @@ def test_no_secret_values_in_manifests(ci_renders, values):
     for d, group, c in containers(docs):
         for e in c["env"]:
             if SECRETISH.search(e["name"]):
-                assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), \
+                assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), (
                     f"{d['kind']}/{group} env {e['name']} must come from a secretKeyRef"
+                )
 
 
 def test_object_store_credentials_come_from_the_secret(ci_renders):
@@ -246,15 +291,23 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
     source = "".join(p.read_text() for p in (ROOT / "src" / "modelfleet" / "serve").glob("*.py"))
     defined = set(re.findall(r'"(modelfleet_[a-z_]+)"', source))
     assert queried and queried <= defined, queried - defined
-    assert {"modelfleet_time_to_first_token_seconds", "modelfleet_time_per_output_token_seconds",
-            "modelfleet_running_sequences", "modelfleet_waiting_sequences", "modelfleet_kv_cache_usage"} <= queried
+    assert {
+        "modelfleet_time_to_first_token_seconds",
+        "modelfleet_time_per_output_token_seconds",
+        "modelfleet_running_sequences",
+        "modelfleet_waiting_sequences",
+        "modelfleet_kv_cache_usage",
+    } <= queried
 
 
-@pytest.mark.parametrize("sets, kinds", [
-    (["rayAuth.enabled=false", "insecure.allowNoRayAuth=true"], {"RayService", "RayJob"}),
-    (["networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true"], {"RayService", "RayJob"}),
-    (["serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true"], {"RayService", "RayJob", "Ingress"}),
-])
+@pytest.mark.parametrize(
+    "sets, kinds",
+    [
+        (["rayAuth.enabled=false", "insecure.allowNoRayAuth=true"], {"RayService", "RayJob"}),
+        (["networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true"], {"RayService", "RayJob"}),
+        (["serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true"], {"RayService", "RayJob", "Ingress"}),
+    ],
+)
 def test_acknowledged_insecure_settings_render(render, sets, kinds):
     docs = render(None, *sets)
     assert kinds <= {d["kind"] for d in docs}
@@ -292,14 +345,22 @@ def test_egress_allows_only_release_pods_dns_api_server_and_object_store(render,
     assert {p for r in no_autoscaler for p in _ports(r)} == {(53, "UDP"), (53, "TCP")}
 
     # Object store with CIDRs: 443 to those addresses only.
-    store = _egress(render("serve-only-values.yaml", "autoscaling.enabled=false",
-                           "networkPolicy.egress.objectStore.cidrs={10.1.2.0/24}"))
+    store = _egress(
+        render(
+            "serve-only-values.yaml",
+            "autoscaling.enabled=false",
+            "networkPolicy.egress.objectStore.cidrs={10.1.2.0/24}",
+        )
+    )
     s3 = [r for r in store if _ports(r) == {(443, "TCP")}]
     assert s3 == [{"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}]}]
 
 
 def test_service_account_tokens_only_where_the_autoscaler_runs(render, ci_renders):
-    for autoscaling, docs in ((True, ci_renders["defaults-values.yaml"]), (False, render(None, "autoscaling.enabled=false"))):
+    for autoscaling, docs in (
+        (True, ci_renders["defaults-values.yaml"]),
+        (False, render(None, "autoscaling.enabled=false")),
+    ):
         for owner, spec in cluster_specs(docs):
             assert spec["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is autoscaling
             for g in spec["workerGroupSpecs"]:

@@ -33,14 +33,19 @@ def test_serve_config_passes_ray_serve_and_modelfleet_schemas(ci_renders, values
     svc = rs["spec"]["serveService"]["spec"]
     assert [p["targetPort"] for p in svc["ports"]] == [deploy.http_options.port]
     # Replicas read artifacts where training writes them.
-    mounts = {m["mountPath"] for c in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
-              for m in c.get("volumeMounts", [])}
+    mounts = {
+        m["mountPath"]
+        for c in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+        for m in c.get("volumeMounts", [])
+    }
     assert cfg.storage_path.startswith("s3://") or cfg.storage_path in mounts
 
 
 def test_serve_models_follow_values(render):
-    models = [{"name": "a", "artifact": "a@v3", "num_replicas": 2},
-              {"name": "b", "artifact": "b", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]
+    models = [
+        {"name": "a", "artifact": "a@v3", "num_replicas": 2},
+        {"name": "b", "artifact": "b", "autoscaling": {"min_replicas": 0, "max_replicas": 3}},
+    ]
     rs = one(render({"serving": {"models": models}}), "RayService")
     args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert args["models"] == models  # verbatim: the same keys as deploy/serve_config.yaml
@@ -114,8 +119,9 @@ def test_one_cluster_spec_for_service_job_and_cluster(render):
             pod = tpl["spec"]
             pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "train-config"]
             for c in pod["containers"]:
-                c["env"] = [e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY"
-                            and not e["name"].startswith("RAY_SERVE_")]  # serving's ingress mode
+                c["env"] = [
+                    e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY" and not e["name"].startswith("RAY_SERVE_")
+                ]  # serving's ingress mode
                 c["ports"] = [p for p in c["ports"] if p["name"] != "serve"]
                 c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "train-config"]
         return out
@@ -132,8 +138,12 @@ def test_serving_pods_start_serve_in_haproxy_mode_unless_switched_off(render):
 
     docs = render(None, "rayCluster.enabled=false")
     serving = envs(docs, "RayService")
-    assert serving and all(e["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and e["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
-                           and "empty-response" in e["RAY_SERVE_HAPROXY_RETRY_ON"] for e in serving)
+    assert serving and all(
+        e["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        and e["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
+        and "empty-response" in e["RAY_SERVE_HAPROXY_RETRY_ON"]
+        for e in serving
+    )
     assert not any("RAY_SERVE_ENABLE_HA_PROXY" in e for e in envs(docs, "RayJob"))
     off = envs(render(None, "serving.haproxy.enabled=false"), "RayService")
     assert not any("RAY_SERVE_ENABLE_HA_PROXY" in e for e in off)

@@ -25,8 +25,10 @@ def gen():
 
 def test_values_schema_is_generated_from_serve_config(gen, capsys):
     rc = gen.main(["--check"])
-    assert rc == 0, f"values.schema.json drifted from ServeConfig; run `python scripts/gen_helm_schema.py`:\n" \
-                    f"{capsys.readouterr().out}"
+    assert rc == 0, (
+        f"values.schema.json drifted from ServeConfig; run `python scripts/gen_helm_schema.py`:\n"
+        f"{capsys.readouterr().out}"
+    )
 
 
 def test_check_mode_reports_a_stale_schema_and_regeneration_fixes_it(gen, tmp_path, capsys):
@@ -34,8 +36,8 @@ def test_check_mode_reports_a_stale_schema_and_regeneration_fixes_it(gen, tmp_pa
     shutil.copy(SCHEMA, stale)
     schema = json.loads(stale.read_text())
     model = schema["definitions"]["model"]["properties"]
-    del model["max_surge_percent"]                      # a ServeConfig key the chart would refuse
-    model["replicas"] = {"type": "integer"}             # a key ServeConfig would refuse
+    del model["max_surge_percent"]  # a ServeConfig key the chart would refuse
+    model["replicas"] = {"type": "integer"}  # a key ServeConfig would refuse
     stale.write_text(json.dumps(schema, indent=2) + "\n")
     before = stale.read_text()
 
@@ -85,21 +87,24 @@ def test_the_repo_s_models_pass_the_chart_schema():
 OK = {"name": "m", "artifact": "m"}
 
 
-@pytest.mark.parametrize("model", [
-    OK,
-    {**OK, "autoscaling": {"min_replicas": 0, "max_replicas": 3, "initial_replicas": None}},
-    {**OK, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25, "memory": 1 << 30}},
-    {**OK, "overload_status": 429, "batching": {"max_batch_size": 4}},
-    {**OK, "replicas": 2},                                    # unknown key
-    {**OK, "name": "has space"},                              # name pattern
-    {"name": "m"},                                            # artifact missing
-    {**OK, "overload_status": 500},                           # literal
-    {**OK, "autoscaling": {"min_replicas": -1}},              # bound in a nested model
-    {**OK, "autoscaling": {"max_replicas": 2, "target": 1}},  # unknown nested key
-    {**OK, "ray_actor_options": {"memory": 0}},               # gt=0
-    {**OK, "batching": {"max_batch_size": 257}},              # le=256
-    {**OK, "max_surge_percent": 101},
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        OK,
+        {**OK, "autoscaling": {"min_replicas": 0, "max_replicas": 3, "initial_replicas": None}},
+        {**OK, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25, "memory": 1 << 30}},
+        {**OK, "overload_status": 429, "batching": {"max_batch_size": 4}},
+        {**OK, "replicas": 2},  # unknown key
+        {**OK, "name": "has space"},  # name pattern
+        {"name": "m"},  # artifact missing
+        {**OK, "overload_status": 500},  # literal
+        {**OK, "autoscaling": {"min_replicas": -1}},  # bound in a nested model
+        {**OK, "autoscaling": {"max_replicas": 2, "target": 1}},  # unknown nested key
+        {**OK, "ray_actor_options": {"memory": 0}},  # gt=0
+        {**OK, "batching": {"max_batch_size": 257}},  # le=256
+        {**OK, "max_surge_percent": 101},
+    ],
+)
 def test_chart_schema_and_serve_config_agree_on_a_model(model):
     """Field by field (cross-field checks such as min <= max are the templates' and pydantic's)."""
     from pydantic import ValidationError
@@ -112,5 +117,7 @@ def test_chart_schema_and_serve_config_agree_on_a_model(model):
     except ValidationError:
         pydantic_ok = False
     schema_ok = _model_validator().is_valid(model)
-    assert schema_ok == pydantic_ok, f"{model}: ServeConfig {'accepts' if pydantic_ok else 'refuses'} it, " \
-                                     f"the chart schema {'accepts' if schema_ok else 'refuses'} it"
+    assert schema_ok == pydantic_ok, (
+        f"{model}: ServeConfig {'accepts' if pydantic_ok else 'refuses'} it, "
+        f"the chart schema {'accepts' if schema_ok else 'refuses'} it"
+    )

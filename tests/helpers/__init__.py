@@ -46,13 +46,47 @@ from .cli import BIN, ROOT, cli_env, job_status, mf, run_cli, wait_job
 from .cluster import SimCluster
 from .s3 import MotoS3
 from .ray_procs import pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids, wait_no_train_workers
-from .serving import LoadResult, deploy_app, publish_adapters, publish_tiny_models, run_load, running_replicas, serve_gone, serve_on
+from .serving import (
+    LoadResult,
+    deploy_app,
+    publish_adapters,
+    publish_tiny_models,
+    run_load,
+    running_replicas,
+    serve_gone,
+    serve_on,
+)
 from .training import TEST_SOURCES, read_records, run_single_rank, tiny_config
 from .waiting import port_free, wait_port_free, wait_until
 
 __all__ = [
-    "BIN", "ROOT", "TEST_SOURCES", "LoadResult", "MotoS3", "SimCluster", "cli_env", "deploy_app", "job_status", "mf",
-    "pid_alive", "port_free", "publish_adapters", "publish_tiny_models", "ray_process_pids", "read_records", "run_cli", "run_load",
-    "run_single_rank", "running_replicas", "serve_gone", "serve_on", "serve_replica_pids", "tiny_config", "train_worker_pids",
-    "wait_job", "wait_no_train_workers", "wait_port_free", "wait_until",
+    "BIN",
+    "ROOT",
+    "TEST_SOURCES",
+    "LoadResult",
+    "MotoS3",
+    "SimCluster",
+    "cli_env",
+    "deploy_app",
+    "job_status",
+    "mf",
+    "pid_alive",
+    "port_free",
+    "publish_adapters",
+    "publish_tiny_models",
+    "ray_process_pids",
+    "read_records",
+    "run_cli",
+    "run_load",
+    "run_single_rank",
+    "running_replicas",
+    "serve_gone",
+    "serve_on",
+    "serve_replica_pids",
+    "tiny_config",
+    "train_worker_pids",
+    "wait_job",
+    "wait_no_train_workers",
+    "wait_port_free",
+    "wait_until",
 ]

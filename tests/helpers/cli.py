@@ -20,8 +20,14 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment for ``modelfleet``/``ray`` subprocesses against a simulated cluster whose state
     lives in ``home`` (MODELFLEET_HOME), with token auth and this venv's binaries first on PATH."""
-    return {**os.environ, "MODELFLEET_HOME": str(home), "RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu",
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    return {
+        **os.environ,
+        "MODELFLEET_HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "DS_ACCELERATOR": "cpu",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
 
 
 def run_cli(env: dict, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,10 +52,17 @@ def job_status(env: dict, job_id: str) -> dict:
     return json.loads(mf(env, "jobs", "status", job_id, check=False).stdout)
 
 
-def wait_job(env: dict, job_id: str, timeout_s: float = 600, states=TERMINAL,
-             during: Callable[[], None] | None = None, interval_s: float = 1.0) -> dict:
+def wait_job(
+    env: dict,
+    job_id: str,
+    timeout_s: float = 600,
+    states=TERMINAL,
+    during: Callable[[], None] | None = None,
+    interval_s: float = 1.0,
+) -> dict:
     """Poll ``modelfleet jobs status`` until the job is in one of ``states``; returns its status.
     ``during`` (bounded work, e.g. a few requests) runs before every poll."""
+
     def done() -> dict | None:
         if during:
             during()

@@ -18,9 +18,21 @@ class SimCluster:
     ``cluster down``, waits until no process of this cluster is left (SIGKILLs and fails after
     ``down_timeout_s`` otherwise) and until its ports are free again. ``down()`` is idempotent."""
 
-    def __init__(self, home: Path, *, gcs_port: int, dashboard_port: int, serve_port: int, nodes: int,
-                 cpus_per_node: int, gpus_per_node: int, up_timeout_s: float = 480, head_gpus: int | None = None,
-                 isolated: bool = False, **env: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        gcs_port: int,
+        dashboard_port: int,
+        serve_port: int,
+        nodes: int,
+        cpus_per_node: int,
+        gpus_per_node: int,
+        up_timeout_s: float = 480,
+        head_gpus: int | None = None,
+        isolated: bool = False,
+        **env: str,
+    ) -> None:
         self.home, self.nodes = home, nodes
         self.gcs_port, self.dashboard_port, self.serve_port = gcs_port, dashboard_port, serve_port
         self.cpus_per_node, self.gpus_per_node, self.up_timeout_s = cpus_per_node, gpus_per_node, up_timeout_s
@@ -42,12 +54,26 @@ class SimCluster:
             wait_port_free(port, 120, "an earlier cluster or Serve instance")
         t0 = time.monotonic()
         try:
-            r = mf(self.env, "cluster", "up", "--nodes", str(self.nodes), "--cpus-per-node", str(self.cpus_per_node),
-                   "--gpus-per-node", str(self.gpus_per_node), "--gcs-port", str(self.gcs_port),
-                   "--dashboard-port", str(self.dashboard_port), "--serve-port", str(self.serve_port),
-                   *(["--head-gpus", str(self.head_gpus)] if self.head_gpus is not None else []),
-                   *(["--isolated"] if self.isolated else []),
-                   timeout=self.up_timeout_s)
+            r = mf(
+                self.env,
+                "cluster",
+                "up",
+                "--nodes",
+                str(self.nodes),
+                "--cpus-per-node",
+                str(self.cpus_per_node),
+                "--gpus-per-node",
+                str(self.gpus_per_node),
+                "--gcs-port",
+                str(self.gcs_port),
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--serve-port",
+                str(self.serve_port),
+                *(["--head-gpus", str(self.head_gpus)] if self.head_gpus is not None else []),
+                *(["--isolated"] if self.isolated else []),
+                timeout=self.up_timeout_s,
+            )
         except BaseException:
             self.down()  # also after a failed or timed-out `up`: nothing of ours may outlive it
             raise
@@ -87,6 +113,7 @@ class SimCluster:
 
     def train_worker_nodes(self) -> set[str]:
         """Node ids hosting a live Ray Train worker, from Ray's state API."""
-        actors = self.state_api("/api/v0/actors?limit=1000&filter_keys=class_name&filter_predicates=%3D"
-                                "&filter_values=RayTrainWorker")
+        actors = self.state_api(
+            "/api/v0/actors?limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
+        )
         return {a["node_id"] for a in actors if a["state"] == "ALIVE"}

@@ -39,7 +39,10 @@ class MotoS3:
         log = open(self.log_dir / "moto.log", "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=log, stderr=subprocess.STDOUT)
+            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: self.proc.poll() is not None or not port_free(self.port), 60, "moto listening", 0.1)
         assert self.proc.poll() is None, (self.log_dir / "moto.log").read_text()[-2000:]
         import boto3
@@ -47,12 +50,22 @@ class MotoS3:
         base = {"endpoint_url": self.url, "region_name": "us-east-1"}
         iam = boto3.client("iam", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", **base)
         iam.create_user(UserName="modelfleet")
-        iam.put_user_policy(UserName="modelfleet", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="modelfleet",
+            PolicyName="all",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+            ),
+        )
         key = iam.create_access_key(UserName="modelfleet")["AccessKey"]
-        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.env = {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         s3 = self.client()
         for b in self.buckets:
             s3.create_bucket(Bucket=b)
@@ -61,9 +74,13 @@ class MotoS3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every object key under ``prefix``."""

@@ -32,7 +32,7 @@ def publish_tiny_models(storage: Path, seeds: tuple[int, ...] = (1, 2), probe: s
         model = build_model(cfg.model).eval()
         ref = registry.publish(str(storage), "tiny", write_artifact_dir(model, cfg, {}))
         ids = torch.tensor([tok.encode(probe)])
-        answers[ref.version] = tok.decode(generate(model, ids, 8, temperature=0)[0, ids.size(1):])
+        answers[ref.version] = tok.decode(generate(model, ids, 8, temperature=0)[0, ids.size(1) :])
     return answers
 
 
@@ -73,8 +73,17 @@ def deploy_app(storage: Path, port: int, app: str, models: list[dict], **serve_c
     RUNNING); returns its URL."""
     from modelfleet.serve.app import deploy
 
-    deploy({"app_name": app, "route_prefix": f"/{app}", "port": port, "storage_path": str(storage),
-            "ingress": {"num_cpus": 0.05}, "models": models, **serve_cfg})
+    deploy(
+        {
+            "app_name": app,
+            "route_prefix": f"/{app}",
+            "port": port,
+            "storage_path": str(storage),
+            "ingress": {"num_cpus": 0.05},
+            "models": models,
+            **serve_cfg,
+        }
+    )
     return f"http://127.0.0.1:{port}/{app}"
 
 
@@ -150,14 +159,22 @@ def publish_adapters(storage: Path, base: str, names: tuple[str, ...], probe: st
         torch.manual_seed(100 + i)
         model, _, _ = load_artifact(ref.uri)
         # init_lora_weights=False: random A and B, so every adapter answers differently.
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                                                      init_lora_weights=False)).eval()
-        cfg.model.params = {"lora": {"base": ref.uri, "base_ref": f"{ref.name}@{ref.version}",
-                                     "base_sha256": manifest["weights_sha256"], "r": 4, "alpha": 8.0,
-                                     "target_modules": ["c_attn", "c_fc"]}}
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+        ).eval()
+        cfg.model.params = {
+            "lora": {
+                "base": ref.uri,
+                "base_ref": f"{ref.name}@{ref.version}",
+                "base_sha256": manifest["weights_sha256"],
+                "r": 4,
+                "alpha": 8.0,
+                "target_modules": ["c_attn", "c_fc"],
+            }
+        }
         published = registry.publish(str(storage), name, write_adapter_dir(peft_model, cfg, {}))
         ids = torch.tensor([tok.encode(probe)])
         with torch.no_grad():
-            answer = tok.decode(generate(peft_model, ids, 8, temperature=0)[0, ids.size(1):])
+            answer = tok.decode(generate(peft_model, ids, 8, temperature=0)[0, ids.size(1) :])
         out[name] = {"ref": f"{published.name}@{published.version}", "answer": answer}
     return out

@@ -12,8 +12,14 @@ def tiny_config(storage: Path, data_path: str, overrides: list[str] = ()):  # ty
     """The tiny preset made quick for tests: short runs, frequent eval and checkpoints."""
     from modelfleet.presets import load_config
 
-    base = [f"storage.path={storage}", f"data.path={data_path}", "train.max_steps=30",
-            "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2"]
+    base = [
+        f"storage.path={storage}",
+        f"data.path={data_path}",
+        "train.max_steps=30",
+        "train.eval_every=10",
+        "train.checkpoint_every=10",
+        "train.eval_batches=2",
+    ]
     return load_config(preset="tiny", overrides=[*base, *overrides])
 
 
@@ -29,7 +35,7 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in lines if x.strip()]
 
 
-SINGLE_RANK_PREAMBLE = r'''
+SINGLE_RANK_PREAMBLE = r"""
 import json, os, socket, sys
 import torch
 
@@ -41,7 +47,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
 import deepspeed
 
 deepspeed.init_distributed(dist_backend="gloo")
-'''
+"""
 
 
 def run_single_rank(body: str, *args: str, timeout_s: float = 600) -> dict:
@@ -50,7 +56,8 @@ def run_single_rank(body: str, *args: str, timeout_s: float = 600) -> dict:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", SINGLE_RANK_PREAMBLE + body, *args], capture_output=True, text=True,
-                       timeout=timeout_s)
+    r = subprocess.run(
+        [sys.executable, "-c", SINGLE_RANK_PREAMBLE + body, *args], capture_output=True, text=True, timeout=timeout_s
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])

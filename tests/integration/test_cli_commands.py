@@ -23,14 +23,23 @@ def test_pipeline_command_trains_exports_and_serves(ray_session, tiny_data, tmp_
     from modelfleet.cli import main
 
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({
-        "preset": "tiny",
-        "data": {"path": tiny_data},
-        "storage": {"path": str(tmp_path / "storage"), "run_name": "pipe", "model_name": "pipe"},
-        "train": {"max_steps": 4, "eval_every": 4, "checkpoint_every": 0, "eval_batches": 1},
-        "serve": {"app_name": "pipe", "route_prefix": "/pipe", "port": PIPELINE_PORT,
-                  "ingress": {"num_cpus": 0.05},
-                  "models": [{"name": "pipe", "artifact": "pipe", "ray_actor_options": {"num_cpus": 0.5}}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "data": {"path": tiny_data},
+                "storage": {"path": str(tmp_path / "storage"), "run_name": "pipe", "model_name": "pipe"},
+                "train": {"max_steps": 4, "eval_every": 4, "checkpoint_every": 0, "eval_batches": 1},
+                "serve": {
+                    "app_name": "pipe",
+                    "route_prefix": "/pipe",
+                    "port": PIPELINE_PORT,
+                    "ingress": {"num_cpus": 0.05},
+                    "models": [{"name": "pipe", "artifact": "pipe", "ray_actor_options": {"num_cpus": 0.5}}],
+                },
+            }
+        )
+    )
     wait_until(lambda: serve_gone(PIPELINE_PORT), 120, "an earlier Serve instance gone", 0.5)
     try:
         assert main(["pipeline", str(config)]) == 0
@@ -39,8 +48,10 @@ def test_pipeline_command_trains_exports_and_serves(ray_session, tiny_data, tmp_
         with httpx.Client(timeout=60) as c:
             models = c.get(f"http://127.0.0.1:{PIPELINE_PORT}/pipe/v1/models").json()["data"]
             assert [(m["id"], m["artifact"]) for m in models] == [("pipe", "pipe@v1")]
-            r = c.post(f"http://127.0.0.1:{PIPELINE_PORT}/pipe/v1/completions",
-                       json={"prompt": "def ", "max_tokens": 4, "temperature": 0})
+            r = c.post(
+                f"http://127.0.0.1:{PIPELINE_PORT}/pipe/v1/completions",
+                json={"prompt": "def ", "max_tokens": 4, "temperature": 0},
+            )
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
         serve.shutdown()
@@ -53,11 +64,25 @@ def test_demo_command_trains_serves_and_reports_what_it_saw(ray_session, tmp_pat
     ray.shutdown() only disconnects that driver, and it stops the Serve instance it started."""
     from helpers import serve_gone, wait_until
 
-    env = {**os.environ, "MODELFLEET_HOME": str(tmp_path / "home"), "DS_ACCELERATOR": "cpu",
-           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(Path(sys.executable).parent / "modelfleet"), "demo",
-           "--set", f"storage.path={tmp_path / 'storage'}", "--set", "train.max_steps=10",
-           "--set", "train.eval_every=5", "--set", "train.checkpoint_every=0"]
+    env = {
+        **os.environ,
+        "MODELFLEET_HOME": str(tmp_path / "home"),
+        "DS_ACCELERATOR": "cpu",
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "modelfleet"),
+        "demo",
+        "--set",
+        f"storage.path={tmp_path / 'storage'}",
+        "--set",
+        "train.max_steps=10",
+        "--set",
+        "train.eval_every=5",
+        "--set",
+        "train.checkpoint_every=0",
+    ]
     wait_until(lambda: serve_gone(DEMO_PORT), 120, "an earlier Serve instance gone", 0.5)
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from helpers import run_single_rank
 
-BODY = r'''
+BODY = r"""
 import numpy as np
 from modelfleet.families import build_model, get_family
 from modelfleet.presets import load_config
@@ -53,7 +53,7 @@ except RuntimeError as e:
 print("RESULT " + json.dumps({"syncs": syncs_between_logs, "reads": reads_between_logs,
                               "reads_after": collectives.HOST_READS["count"], "values": values,
                               "refused": refused, "device": str(engine.device)}))
-'''
+"""
 
 
 def test_no_host_sync_between_log_steps_and_collectives_stay_on_the_engine_device():

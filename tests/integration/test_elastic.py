@@ -25,10 +25,19 @@ def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_da
 
     def leg(workers: int, steps: int, resume: bool = True):
         wait_no_train_workers(os.getpid())
-        cfg = tiny_config(tmp_path, tiny_data, [f"deepspeed.zero_stage={stage}", f"storage.run_name={run}",
-                                                f"train.num_workers={workers}", f"train.max_steps={steps}",
-                                                "train.micro_batch_size=4", "train.eval_every=0",
-                                                "train.checkpoint_every=0"])
+        cfg = tiny_config(
+            tmp_path,
+            tiny_data,
+            [
+                f"deepspeed.zero_stage={stage}",
+                f"storage.run_name={run}",
+                f"train.num_workers={workers}",
+                f"train.max_steps={steps}",
+                "train.micro_batch_size=4",
+                "train.eval_every=0",
+                "train.checkpoint_every=0",
+            ],
+        )
         return train(cfg, resume=run if resume else None, export=False, show_progress=False)
 
     first = leg(4, 4, resume=False)  # ends with a checkpoint holding its probe logits
@@ -47,7 +56,12 @@ def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_da
     assert steps == list(range(1, 9)), steps  # every optimizer step exactly once across the three legs
     built = [r["world"] for r in recs if r["kind"] == "built"]
     assert built == [4, 2, 4]
-    print(f"\n[resize ZeRO-{stage}] " + "; ".join(
-        f"{r['from_workers']}->{r['to_workers']} at step {r['step']}: logits max diff {r['max_abs_logit_diff']:.2e}, "
-        f"restore {r['restore_s']:.2f} s" for r in reshards))
+    print(
+        f"\n[resize ZeRO-{stage}] "
+        + "; ".join(
+            f"{r['from_workers']}->{r['to_workers']} at step {r['step']}: logits max diff {r['max_abs_logit_diff']:.2e}, "
+            f"restore {r['restore_s']:.2f} s"
+            for r in reshards
+        )
+    )
     wait_no_train_workers(os.getpid())

@@ -47,13 +47,13 @@ def runs(ray_session, storage):
             assert registry.versions(str(storage), preset) == []  # --no-export published nothing
             assert main(["export", preset, *args]) == 0
             cfg = load_config(preset=preset, overrides=args[3::2])
-            run = SimpleNamespace(run_dir=StorageLayout(str(storage)).run(preset),
-                                  artifact=registry.resolve(str(storage), preset))
+            run = SimpleNamespace(
+                run_dir=StorageLayout(str(storage)).run(preset), artifact=registry.resolve(str(storage), preset)
+            )
             done[family] = (cfg, run)
         return done[family]
 
     return get
-
 
 
 def _evaluate(runs, family: str) -> dict:
@@ -66,8 +66,10 @@ def _evaluate(runs, family: str) -> dict:
     assert manifest["family"] == family and manifest["config"]["deepspeed"]["zero_stage"] == 3
     assert manifest["export_max_abs_logit_diff"] <= 1e-4  # the artifact reproduces the live engine
     storage = str(Path(cfg.storage.path))
-    assert main(["evaluate", f"{res.artifact.name}@{res.artifact.version}", "--data", cfg.data.path,
-                 "--storage", storage]) == 0
+    assert (
+        main(["evaluate", f"{res.artifact.name}@{res.artifact.version}", "--data", cfg.data.path, "--storage", storage])
+        == 0
+    )
     label = f"{res.artifact.name}-{res.artifact.version}"
     out = json.loads(Path(StorageLayout(storage).evaluation(label), "evaluation.json").read_text())
     print(family, json.dumps({k: v for k, v in out["metrics"].items() if k not in ("per_class", "confusion_matrix")}))
@@ -75,6 +77,7 @@ def _evaluate(runs, family: str) -> dict:
 
 
 # ---------------------------------------------------------------- quality bars on held-out data
+
 
 def test_cnn_digits_accuracy_at_least_095(runs):
     m = _evaluate(runs, "cnn")
@@ -127,6 +130,7 @@ def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(r
 
 # ---------------------------------------------------------------- serving over HTTP
 
+
 @pytest.fixture(scope="module")
 def served(runs, storage):
     """One Serve app (port 8250) serving the four trained artifacts by registry name."""
@@ -136,12 +140,25 @@ def served(runs, storage):
     models = []
     for family in PRESETS:
         _, res = runs(family)
-        models.append({"name": family, "artifact": f"{res.artifact.name}@{res.artifact.version}",
-                       "ray_actor_options": {"num_cpus": 0.25},
-                       "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}})
+        models.append(
+            {
+                "name": family,
+                "artifact": f"{res.artifact.name}@{res.artifact.version}",
+                "ray_actor_options": {"num_cpus": 0.25},
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+            }
+        )
     with serve_on(PORT):
-        deploy({"app_name": "families", "route_prefix": "/families", "port": PORT, "storage_path": str(storage),
-                "ingress": {"num_cpus": 0.05}, "models": models})
+        deploy(
+            {
+                "app_name": "families",
+                "route_prefix": "/families",
+                "port": PORT,
+                "storage_path": str(storage),
+                "ingress": {"num_cpus": 0.05},
+                "models": models,
+            }
+        )
         yield f"{BASE}/families"
 
 
@@ -167,8 +184,10 @@ def test_predict_endpoint_serves_every_family_over_http(runs, served):
     images = [{"image": np.asarray(img).reshape(28, 28).round(3).tolist()} for img in test["image"]]
     lin_cfg, _ = runs("linear")
     rows = read_raw(lin_cfg.data.path, "test").iloc[:4].drop(columns=["target"])
-    records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
-               for r in rows.to_dict("records")]
+    records = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in rows.to_dict("records")
+    ]
     records[0]["bmi"] = None  # a missing value is imputed at serving time as in training
     with httpx.Client(timeout=120) as c:
         r = _predict(c, served, "cnn", images)
@@ -187,8 +206,15 @@ def test_predict_endpoint_serves_every_family_over_http(runs, served):
         np.testing.assert_allclose(served_values, local, rtol=1e-5)
         assert all(25 <= v <= 350 for v in served_values)  # the target's own units
 
-        r = _predict(c, served, "lstm", [{"text": "the coach saw the team score a goal in the match"},
-                                         {"text": "bake the bread and add cheese to the soup"}])
+        r = _predict(
+            c,
+            served,
+            "lstm",
+            [
+                {"text": "the coach saw the team score a goal in the match"},
+                {"text": "bake the bread and add cheese to the soup"},
+            ],
+        )
         assert r.status_code == 200, r.text
         assert [p["label"] for p in r.json()["predictions"]] == ["sports", "food"]
 
@@ -233,8 +259,10 @@ def test_non_finite_huge_and_edge_inputs_are_4xx_and_the_replicas_survive(runs, 
     n_items = json.loads(Path(mf_cfg.data.path, "transform.json").read_text())["num_items"]
     raw = {"content-type": "application/json"}
     with httpx.Client(timeout=60) as c:
-        pids = {m: _predict(c, served, m, body).headers["x-modelfleet-replica-pid"]
-                for m, body in (("linear", [{"age": 50}]), ("mf", [{"user": 1}]))}
+        pids = {
+            m: _predict(c, served, m, body).headers["x-modelfleet-replica-pid"]
+            for m, body in (("linear", [{"age": 50}]), ("mf", [{"user": 1}]))
+        }
         cases = [
             ("linear", b'{"instances": [{"age": 1e400}]}', 422, "instances.0.age"),
             ("linear", b'{"instances": [{"age": NaN}]}', 422, "instances.0.age"),
@@ -252,8 +280,10 @@ def test_non_finite_huge_and_edge_inputs_are_4xx_and_the_replicas_survive(runs, 
         assert full.status_code == 200, full.text
         scores = full.json()["predictions"][0]["scores"]
         assert scores and all(np.isfinite(scores)) and len(scores) < n_items  # seen items left out
-        for route, body in (("/v1/completions", {"model": "mf", "prompt": "x"}),
-                            ("/v1/chat/completions", {"model": "cnn", "messages": [{"role": "user", "content": "x"}]})):
+        for route, body in (
+            ("/v1/completions", {"model": "mf", "prompt": "x"}),
+            ("/v1/chat/completions", {"model": "cnn", "messages": [{"role": "user", "content": "x"}]}),
+        ):
             r = c.post(f"{served}{route}", json=body)
             assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint", r.text
         for m, body in (("linear", [{"age": 50}]), ("mf", [{"user": 1}])):
@@ -267,8 +297,9 @@ def _bytes_waiting_from(receiver: int, sender: int) -> int:
     import re
     import subprocess
 
-    rows = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True,
-                          timeout=30).stdout.splitlines()
+    rows = subprocess.run(
+        ["ss", "-tnpH", "state", "established"], capture_output=True, text=True, timeout=30
+    ).stdout.splitlines()
     socks = []  # (recv_q, local, peer, pid)
     for row in rows:
         f, pid = row.split(), re.search(r"pid=(\d+)", row)
@@ -292,12 +323,25 @@ def test_predict_replica_death_is_never_a_500(runs, served, storage):
     from helpers import pid_alive, wait_until
     from modelfleet.serve.app import deploy
 
-    models = [{"name": f, "artifact": f"{runs(f)[1].artifact.name}@{runs(f)[1].artifact.version}",
-               "ray_actor_options": {"num_cpus": 0.25},
-               "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 10 if f == "linear" else 0.01}}
-              for f in ("linear", "mf")]
-    deploy({"app_name": "death", "route_prefix": "/death", "port": PORT, "storage_path": str(storage),
-            "ingress": {"num_cpus": 0.05}, "models": models})
+    models = [
+        {
+            "name": f,
+            "artifact": f"{runs(f)[1].artifact.name}@{runs(f)[1].artifact.version}",
+            "ray_actor_options": {"num_cpus": 0.25},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 10 if f == "linear" else 0.01},
+        }
+        for f in ("linear", "mf")
+    ]
+    deploy(
+        {
+            "app_name": "death",
+            "route_prefix": "/death",
+            "port": PORT,
+            "storage_path": str(storage),
+            "ingress": {"num_cpus": 0.05},
+            "models": models,
+        }
+    )
     url = f"{BASE}/death"
     try:
         with httpx.Client(timeout=90) as c:
@@ -309,8 +353,12 @@ def test_predict_replica_death_is_never_a_500(runs, served, storage):
             try:
                 th = threading.Thread(target=lambda: out.update(r=_predict(c, url, "linear", [{"age": 60}])))
                 th.start()
-                wait_until(lambda: _bytes_waiting_from(victim, ingress) > 0, 30,
-                           "the request's bytes waiting at the frozen replica", 0.05)
+                wait_until(
+                    lambda: _bytes_waiting_from(victim, ingress) > 0,
+                    30,
+                    "the request's bytes waiting at the frozen replica",
+                    0.05,
+                )
                 os.kill(victim, signal.SIGCONT)
                 wait_until(lambda: _bytes_waiting_from(victim, ingress) == 0, 30, "the replica reading them", 0.02)
             finally:
@@ -324,16 +372,22 @@ def test_predict_replica_death_is_never_a_500(runs, served, storage):
             else:
                 assert int(r.headers["x-modelfleet-replica-pid"]) != victim
             wait_until(lambda: not pid_alive(victim), 30, "the killed replica gone")
-            after = wait_until(lambda: (x := _predict(c, url, "linear", [{"age": 60}])).status_code == 200 and x,
-                               120, "the replacement replica answering", 0.5)
+            after = wait_until(
+                lambda: (x := _predict(c, url, "linear", [{"age": 60}])).status_code == 200 and x,
+                120,
+                "the replacement replica answering",
+                0.5,
+            )
             assert int(after.headers["x-modelfleet-replica-pid"]) != victim
             assert _predict(c, url, "mf", [{"user": 1}]).headers["x-modelfleet-replica-pid"] == other
     finally:
         from ray import serve
 
         serve.delete("death")
-    print(f"\n[predict-death] request held by the killed replica: {r.status_code} "
-          f"{r.headers.get('retry-after', '')}; replacement pid {after.headers['x-modelfleet-replica-pid']}")
+    print(
+        f"\n[predict-death] request held by the killed replica: {r.status_code} "
+        f"{r.headers.get('retry-after', '')}; replacement pid {after.headers['x-modelfleet-replica-pid']}"
+    )
 
 
 def test_concurrent_predicts_share_a_batch(served):
@@ -341,9 +395,14 @@ def test_concurrent_predicts_share_a_batch(served):
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(c.post(f"{served}/v1/models/lstm/predict",
-                                                 json={"instances": [{"text": f"vote in the election {i}"}]})
-                                          for i in range(8)))
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        f"{served}/v1/models/lstm/predict", json={"instances": [{"text": f"vote in the election {i}"}]}
+                    )
+                    for i in range(8)
+                )
+            )
 
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
@@ -353,13 +412,15 @@ def test_concurrent_predicts_share_a_batch(served):
 
 # ---------------------------------------------------------------- evaluate CLI, k-fold, quality gate
 
+
 def test_evaluate_command_writes_json_and_png(runs, storage, tmp_path, capsys):
     from modelfleet.cli import main
 
     cfg, res = runs("cnn")
     out = tmp_path / "report"
-    assert main(["evaluate", res.artifact.uri, "--data", cfg.data.path, "--out", str(out),
-                 "--storage", str(storage)]) == 0
+    assert (
+        main(["evaluate", res.artifact.uri, "--data", cfg.data.path, "--out", str(out), "--storage", str(storage)]) == 0
+    )
     assert "accuracy:" in capsys.readouterr().out
     report = json.loads((out / "evaluation.json").read_text())
     assert report["metrics"]["accuracy"] >= 0.95 and report["task"] == "classification"
@@ -403,8 +464,13 @@ def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
     trained_cfg = Config.from_dict(manifest["config"])
     torch.manual_seed(0)
     untrained = build_model(trained_cfg.model).eval()  # same shape and transform, no training
-    worse = registry.publish(str(storage), res.artifact.name, write_artifact_dir(
-        untrained, trained_cfg, {}, transform=registry.read_json(res.artifact.uri, "transform.json")))
+    worse = registry.publish(
+        str(storage),
+        res.artifact.name,
+        write_artifact_dir(
+            untrained, trained_cfg, {}, transform=registry.read_json(res.artifact.uri, "transform.json")
+        ),
+    )
     assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families", "--if-better", "r2"]) == 1
     out = capsys.readouterr().out
     assert "refuse" in out and f"@{worse.version} r2=" in out and f"@{res.artifact.version} r2=" in out

@@ -31,17 +31,31 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                               bos_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     eos = tok.eos_token_id
     configs = {
-        "gpt2": transformers.GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                        bos_token_id=eos, eos_token_id=eos),
-        "llama": transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=128, bos_token_id=eos, eos_token_id=eos),
+        "gpt2": transformers.GPT2Config(
+            vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
+        ),
+        "llama": transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        ),
     }
     out = {}
     for arch, config in configs.items():
@@ -75,8 +89,10 @@ def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_pa
     path = hf_dirs[arch]
     ids = _ids(path)
     reference = _hf_logits(path, ids)
-    cfg = Config(model=ModelConfig(family="hf-causal-lm", params={"path": path, "block_size": 32}),
-                 storage=StorageConfig(path=str(tmp_path)))
+    cfg = Config(
+        model=ModelConfig(family="hf-causal-lm", params={"path": path, "block_size": 32}),
+        storage=StorageConfig(path=str(tmp_path)),
+    )
     ours = build_model(cfg.model).eval()
     with torch.no_grad():
         before = ours(ids)
@@ -105,18 +121,31 @@ def finetuned(ray_session, hf_dirs, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("hf-storage")
     config = storage / "hf.yaml"
-    config.write_text(yaml.safe_dump({
-        "preset": "tiny",
-        "model": {"family": "hf-causal-lm", "params": {"path": hf_dirs["gpt2"], "block_size": 32}},
-        "data": {"sources": TEST_SOURCES},
-        "storage": {"path": str(storage), "run_name": "hf-gpt2", "model_name": "hf-gpt2"},
-        "deepspeed": {"zero_stage": 3},
-        "train": {"max_steps": 24, "eval_every": 12, "checkpoint_every": 0, "eval_batches": 2, "lr": 0.003,
-                  "warmup_steps": 2, "micro_batch_size": 8}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "model": {"family": "hf-causal-lm", "params": {"path": hf_dirs["gpt2"], "block_size": 32}},
+                "data": {"sources": TEST_SOURCES},
+                "storage": {"path": str(storage), "run_name": "hf-gpt2", "model_name": "hf-gpt2"},
+                "deepspeed": {"zero_stage": 3},
+                "train": {
+                    "max_steps": 24,
+                    "eval_every": 12,
+                    "checkpoint_every": 0,
+                    "eval_batches": 2,
+                    "lr": 0.003,
+                    "warmup_steps": 2,
+                    "micro_batch_size": 8,
+                },
+            }
+        )
+    )
     assert main(["prepare", str(config)]) == 0
     assert main(["train", str(config)]) == 0
-    run = SimpleNamespace(run_dir=StorageLayout(str(storage)).run("hf-gpt2"),
-                          artifact=registry.resolve(str(storage), "hf-gpt2"))
+    run = SimpleNamespace(
+        run_dir=StorageLayout(str(storage)).run("hf-gpt2"), artifact=registry.resolve(str(storage), "hf-gpt2")
+    )
     return load_config(config), run
 
 
@@ -151,11 +180,25 @@ def hf_lora(finetuned):
     from modelfleet.train.trainer import train
 
     cfg, _ = finetuned
-    lcfg = load_config(preset="tiny", overrides=[
-        f"storage.path={cfg.storage.path}", f"data.path={cfg.data.path}", "storage.run_name=hf-lora",
-        "storage.model_name=hf-lora", "deepspeed.zero_stage=2", "train.max_steps=8", "train.eval_every=8",
-        "train.checkpoint_every=0", "train.eval_batches=2", "train.micro_batch_size=8", "train.lr=0.01"])
-    lcfg.model = type(cfg.model)(family="hf-causal-lm", params={**cfg.model.params, "lora": {"base": "hf-gpt2", "r": 4}})
+    lcfg = load_config(
+        preset="tiny",
+        overrides=[
+            f"storage.path={cfg.storage.path}",
+            f"data.path={cfg.data.path}",
+            "storage.run_name=hf-lora",
+            "storage.model_name=hf-lora",
+            "deepspeed.zero_stage=2",
+            "train.max_steps=8",
+            "train.eval_every=8",
+            "train.checkpoint_every=0",
+            "train.eval_batches=2",
+            "train.micro_batch_size=8",
+            "train.lr=0.01",
+        ],
+    )
+    lcfg.model = type(cfg.model)(
+        family="hf-causal-lm", params={**cfg.model.params, "lora": {"base": "hf-gpt2", "r": 4}}
+    )
     return train(lcfg, show_progress=False)
 
 
@@ -193,23 +236,40 @@ def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned,
     ids = torch.tensor([tok.encode(PROBE)])
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    expected = tok.decode(ref[0, ids.size(1):], skip_special_tokens=True)
+    expected = tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True)
     with torch.no_grad():
         lora = PeftModel.from_pretrained(hf, hf_lora.artifact.uri).eval()
         ref = lora.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    expected_lora = tok.decode(ref[0, ids.size(1):], skip_special_tokens=True)
+    expected_lora = tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True)
     with serve_on(PORT):
-        deploy({"app_name": "hf", "route_prefix": "/hf", "port": PORT, "storage_path": cfg.storage.path,
+        deploy(
+            {
+                "app_name": "hf",
+                "route_prefix": "/hf",
+                "port": PORT,
+                "storage_path": cfg.storage.path,
                 "ingress": {"num_cpus": 0.05},
-                "models": [{"name": "gpt2-ft", "artifact": "hf-gpt2", "ray_actor_options": {"num_cpus": 0.5},
-                            "variants": {"gpt2-lora": "hf-lora"}}]})
+                "models": [
+                    {
+                        "name": "gpt2-ft",
+                        "artifact": "hf-gpt2",
+                        "ray_actor_options": {"num_cpus": 0.5},
+                        "variants": {"gpt2-lora": "hf-lora"},
+                    }
+                ],
+            }
+        )
         with httpx.Client(timeout=120) as c:
-            r = c.post(f"http://127.0.0.1:{PORT}/hf/v1/completions",
-                       json={"model": "gpt2-lora", "prompt": PROBE, "max_tokens": 8, "temperature": 0})
+            r = c.post(
+                f"http://127.0.0.1:{PORT}/hf/v1/completions",
+                json={"model": "gpt2-lora", "prompt": PROBE, "max_tokens": 8, "temperature": 0},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == expected_lora
-            r = c.post(f"http://127.0.0.1:{PORT}/hf/v1/completions",
-                       json={"model": "gpt2-ft", "prompt": PROBE, "max_tokens": 8, "temperature": 0})
+            r = c.post(
+                f"http://127.0.0.1:{PORT}/hf/v1/completions",
+                json={"model": "gpt2-ft", "prompt": PROBE, "max_tokens": 8, "temperature": 0},
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["choices"][0]["text"] == expected  # greedy: same as transformers' generate

@@ -33,12 +33,26 @@ def lora_run(ray_session, tiny_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("lora-storage")
     corpus = str(storage / "cp-data")
     prepare_dataset(DataConfig(sources=ADAPTER_SOURCES, path=corpus), 128, ByteTokenizer())
-    base = train(tiny_config(storage, tiny_data, ["storage.run_name=base", "storage.model_name=base",
-                                                  "train.checkpoint_every=0"]), show_progress=False)
+    base = train(
+        tiny_config(
+            storage, tiny_data, ["storage.run_name=base", "storage.model_name=base", "train.checkpoint_every=0"]
+        ),
+        show_progress=False,
+    )
 
     def adapter_config(steps: int):
-        cfg = tiny_config(storage, corpus, ["storage.run_name=cp", "storage.model_name=cp", "deepspeed.zero_stage=3",
-                                            f"train.max_steps={steps}", "train.lr=0.003", "train.warmup_steps=2"])
+        cfg = tiny_config(
+            storage,
+            corpus,
+            [
+                "storage.run_name=cp",
+                "storage.model_name=cp",
+                "deepspeed.zero_stage=3",
+                f"train.max_steps={steps}",
+                "train.lr=0.003",
+                "train.warmup_steps=2",
+            ],
+        )
         cfg.model.params = {"lora": dict(LORA)}
         return cfg
 
@@ -53,6 +67,7 @@ def test_adapter_only_checkpoints_and_resume(lora_run):
     resumes = [r for r in records if r.get("kind") == "resume"]
     assert resumes and resumes[-1]["step"] == 20
     assert lora_run.resumed.checkpoint_step == 40
+
     # An adapter checkpoint holds the adapter (and its optimizer state), not the frozen base:
     # far smaller than the base run's checkpoint of the same model.
     def size(d: Path) -> int:
@@ -93,7 +108,9 @@ def test_adapter_artifact_loads_in_peft_with_equal_logits_and_merges(lora_run):
 
     merged_ref = export_run(str(lora_run.storage), "cp", name="cp-merged", merge=True)
     merged, _, merged_manifest = load_artifact(merged_ref.uri)
-    assert merged_manifest.get("kind", "model") == "model" and "lora" not in merged_manifest["config"]["model"]["params"]
+    assert (
+        merged_manifest.get("kind", "model") == "model" and "lora" not in merged_manifest["config"]["model"]["params"]
+    )
     with torch.no_grad():
         assert (merged(ids) - got).abs().max().item() <= 1e-5
 

@@ -35,8 +35,17 @@ def prepared(ray_session, s3):
 
     from helpers import TEST_SOURCES
 
-    args = build_parser().parse_args(["prepare", "--preset", "tiny", "--set", f"storage.path={ROOT}",
-                                      "--set", f"data.sources={json.dumps(TEST_SOURCES)}"])
+    args = build_parser().parse_args(
+        [
+            "prepare",
+            "--preset",
+            "tiny",
+            "--set",
+            f"storage.path={ROOT}",
+            "--set",
+            f"data.sources={json.dumps(TEST_SOURCES)}",
+        ]
+    )
     assert cmd_prepare(args) == 0
     return f"{ROOT}/data/tiny"
 
@@ -95,10 +104,18 @@ def test_s3_train_killed_resumed_exported_served_evaluated(prepared, s3, tmp_pat
 
     keys = set(s3.keys(BUCKET, "it/"))
     for step in (10, 20, 30):
-        assert {f"{run}/step_{step:08d}/COMPLETE", f"{run}/step_{step:08d}/rank-00000.json",
-                f"{run}/step_{step:08d}/rank-00001.json"} <= keys
-    assert {f"{run}/metrics.jsonl", f"{run}/result.json", "it/models/tiny/LATEST",
-            "it/models/tiny/v1/model.safetensors", "it/models/tiny/v1/manifest.json"} <= keys
+        assert {
+            f"{run}/step_{step:08d}/COMPLETE",
+            f"{run}/step_{step:08d}/rank-00000.json",
+            f"{run}/step_{step:08d}/rank-00001.json",
+        } <= keys
+    assert {
+        f"{run}/metrics.jsonl",
+        f"{run}/result.json",
+        "it/models/tiny/LATEST",
+        "it/models/tiny/v1/model.safetensors",
+        "it/models/tiny/v1/manifest.json",
+    } <= keys
     records = read_records(res.run_dir)  # the whole run, both attempts, rolled as one object
     assert [r["step"] for r in records if r["kind"] == "resume"] == [10]
     assert max(r["step"] for r in records if r["kind"] == "step") == 30
@@ -108,11 +125,21 @@ def test_s3_train_killed_resumed_exported_served_evaluated(prepared, s3, tmp_pat
 
     # Serve: replicas load the artifact from the bucket.
     with serve_on(PORT):
-        deploy({"app_name": "s3", "route_prefix": "/s3", "port": PORT, "storage_path": ROOT,
+        deploy(
+            {
+                "app_name": "s3",
+                "route_prefix": "/s3",
+                "port": PORT,
+                "storage_path": ROOT,
                 "ingress": {"num_cpus": 0.05},
-                "models": [{"name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5}}]})
-        r = httpx.post(f"http://127.0.0.1:{PORT}/s3/v1/completions", timeout=120,
-                       json={"model": "tiny", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
+                "models": [{"name": "tiny", "artifact": "tiny", "ray_actor_options": {"num_cpus": 0.5}}],
+            }
+        )
+        r = httpx.post(
+            f"http://127.0.0.1:{PORT}/s3/v1/completions",
+            timeout=120,
+            json={"model": "tiny", "prompt": "def main(", "max_tokens": 8, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         assert r.headers["x-modelfleet-artifact"] == "tiny@v1"
         assert r.json()["usage"]["completion_tokens"] == 8
@@ -124,15 +151,20 @@ def test_s3_train_killed_resumed_exported_served_evaluated(prepared, s3, tmp_pat
     assert files == [f"{ROOT}/evaluations/tiny-v1/evaluation.json", f"{ROOT}/evaluations/tiny-v1/loss_curves.png"]
     report = json.loads(storage.read_text(files[0]))
     assert report["loss_curve"]["step"][-1] == 30
-    print(f"\n[s3] killed pid {killed['pid']} after step 10's checkpoint; resumed from 10; "
-          f"{len(keys)} objects under it/; eval loss {ev['metrics']['loss']:.3f}")
+    print(
+        f"\n[s3] killed pid {killed['pid']} after step 10's checkpoint; resumed from 10; "
+        f"{len(keys)} objects under it/; eval loss {ev['metrics']['loss']:.3f}"
+    )
 
 
-@pytest.mark.parametrize("change, cause", [
-    ({"storage": "s3://no-such-bucket/x"}, "the bucket does not exist"),
-    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "the credentials were refused"),
-    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the endpoint cannot be reached"),
-])
+@pytest.mark.parametrize(
+    "change, cause",
+    [
+        ({"storage": "s3://no-such-bucket/x"}, "the bucket does not exist"),
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "the credentials were refused"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the endpoint cannot be reached"),
+    ],
+)
 def test_bad_bucket_credentials_or_endpoint_fail_before_any_worker(prepared, monkeypatch, change, cause):
     from modelfleet.train import train
 
@@ -154,18 +186,30 @@ def test_export_and_evaluate_on_a_missing_bucket_fail_naming_it(prepared, capsys
     from modelfleet.cli import main
 
     assert main(["export", "--preset", "tiny", "--set", "storage.path=s3://no-such-bucket/x", "some-run"]) == 2
-    assert "storage.path: storage s3://no-such-bucket/x cannot be written: the bucket does not exist" \
+    assert (
+        "storage.path: storage s3://no-such-bucket/x cannot be written: the bucket does not exist"
         in capsys.readouterr().err
+    )
     assert main(["evaluate", "tiny", "--storage", "s3://no-such-bucket/x", "--data", prepared]) == 2
-    assert "--storage: storage s3://no-such-bucket/x cannot be written: the bucket does not exist" \
+    assert (
+        "--storage: storage s3://no-such-bucket/x cannot be written: the bucket does not exist"
         in capsys.readouterr().err
-
+    )
 
 
 def test_serving_from_a_missing_bucket_fails_before_serve_is_touched(s3):
     from modelfleet.serve.app import deploy
 
-    with pytest.raises(ConfigError, match=r"serve.storage_path: storage s3://no-such-bucket/x cannot be read: "
-                                          r"the bucket does not exist"):
-        deploy({"app_name": "nope", "port": PORT, "storage_path": "s3://no-such-bucket/x",
-                "models": [{"name": "tiny", "artifact": "tiny"}]})
+    with pytest.raises(
+        ConfigError,
+        match=r"serve.storage_path: storage s3://no-such-bucket/x cannot be read: "
+        r"the bucket does not exist",
+    ):
+        deploy(
+            {
+                "app_name": "nope",
+                "port": PORT,
+                "storage_path": "s3://no-such-bucket/x",
+                "models": [{"name": "tiny", "artifact": "tiny"}],
+            }
+        )

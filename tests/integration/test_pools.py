@@ -30,17 +30,32 @@ def pool(ray_session, tmp_path_factory):
     base = publish_tiny_models(storage, seeds=(1, 2), probe=PROBE)["v1"]  # v2: other base weights
     adapters = publish_adapters(storage, "tiny@v1", ("a0", "a1", "a2"), probe=PROBE)
     with serve_on(PORT):
-        deploy({"app_name": "pool", "route_prefix": "/pool", "port": PORT, "storage_path": str(storage),
+        deploy(
+            {
+                "app_name": "pool",
+                "route_prefix": "/pool",
+                "port": PORT,
+                "storage_path": str(storage),
                 "ingress": {"num_cpus": 0.05},
-                "models": [{"name": "tiny", "artifact": "tiny@v1", "num_replicas": 2,
-                            "ray_actor_options": {"num_cpus": 0.5}, "max_models_per_replica": 1,
-                            "variants": {"a0": adapters["a0"]["ref"], "a1": adapters["a1"]["ref"]}}]})
+                "models": [
+                    {
+                        "name": "tiny",
+                        "artifact": "tiny@v1",
+                        "num_replicas": 2,
+                        "ray_actor_options": {"num_cpus": 0.5},
+                        "max_models_per_replica": 1,
+                        "variants": {"a0": adapters["a0"]["ref"], "a1": adapters["a1"]["ref"]},
+                    }
+                ],
+            }
+        )
         yield SimpleNamespace(url=f"http://127.0.0.1:{PORT}/pool", storage=storage, base=base, adapters=adapters)
 
 
 def _ask(url: str, model: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": PROBE, "max_tokens": 8,
-                                                     "temperature": 0}, timeout=60)
+    return httpx.post(
+        f"{url}/v1/completions", json={"model": model, "prompt": PROBE, "max_tokens": 8, "temperature": 0}, timeout=60
+    )
 
 
 def test_model_field_selects_the_variant_and_models_lists_every_name(pool):
@@ -72,7 +87,9 @@ def test_serve_routes_each_variant_to_the_replica_holding_it(pool):
     assert streak >= 6, "requests kept reloading adapters: Serve is not routing by variant"
     for i in range(20):
         r = _ask(pool.url, ("a0", "a1")[i % 2])
-        seen.append((("a0", "a1")[i % 2], r.headers["x-modelfleet-variant-cache"], r.headers["x-modelfleet-replica-pid"]))
+        seen.append(
+            (("a0", "a1")[i % 2], r.headers["x-modelfleet-variant-cache"], r.headers["x-modelfleet-replica-pid"])
+        )
     hits = sum(1 for _, c, _ in seen if c == "hit")
     assert hits >= 19, seen
     homes = {v: {pid for w, _, pid in seen if w == v} for v in ("a0", "a1")}
@@ -98,8 +115,17 @@ def test_variants_are_added_and_removed_in_place_under_load(pool):
     loads = {}
 
     def load(model: str) -> None:
-        loads[model] = run_load(Client(pool.url, timeout_s=60), 400, 2, deadline_s=120, stop=stop, model=model,
-                                prompt=PROBE, max_tokens=8, temperature=0)
+        loads[model] = run_load(
+            Client(pool.url, timeout_s=60),
+            400,
+            2,
+            deadline_s=120,
+            stop=stop,
+            model=model,
+            prompt=PROBE,
+            max_tokens=8,
+            temperature=0,
+        )
 
     threads = [threading.Thread(target=load, args=(m,)) for m in ("tiny", "a0")]
     for t in threads:

@@ -26,6 +26,7 @@ KEY = "sk-test-7f3a9c1e5b"
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory):
     """A registry with tiny@v1 and tiny@v2 (different random weights) and their greedy answers."""
@@ -49,8 +50,17 @@ def _model(name: str, artifact: str, **kw) -> dict:
 def _deploy(storage: Path, app: str, models: list[dict], **kw):
     from modelfleet.serve.app import deploy
 
-    return deploy({"app_name": app, "route_prefix": f"/{app}", "port": PORT, "storage_path": str(storage),
-                   "ingress": {"num_cpus": 0.05}, "models": models, **kw})
+    return deploy(
+        {
+            "app_name": app,
+            "route_prefix": f"/{app}",
+            "port": PORT,
+            "storage_path": str(storage),
+            "ingress": {"num_cpus": 0.05},
+            "models": models,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +70,21 @@ def main_app(serve_up, registry_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("main-app")
     (tmp / "key").write_text(KEY + "\n")
     logs = tmp / "logs"
-    batched = {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
-               "max_ongoing_requests": 8, "max_queued_requests": 8, "overload_status": 503, "retry_after_s": 2}
-    _deploy(storage, "main", [_model("tiny", "tiny@v1", **batched),
-                              _model("tiny-path", str(storage / "models" / "tiny" / "v2"))],
-            api_key_file=str(tmp / "key"), max_body_bytes=4096,
-            logging={"encoding": "JSON", "logs_dir": str(logs)})
+    batched = {
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 8,
+        "overload_status": 503,
+        "retry_after_s": 2,
+    }
+    _deploy(
+        storage,
+        "main",
+        [_model("tiny", "tiny@v1", **batched), _model("tiny-path", str(storage / "models" / "tiny" / "v2"))],
+        api_key_file=str(tmp / "key"),
+        max_body_bytes=4096,
+        logging={"encoding": "JSON", "logs_dir": str(logs)},
+    )
     yield {"url": f"{BASE}/main", "answers": answers, "logs": logs}
     serve_up.delete("main")
 
@@ -75,11 +94,13 @@ def _auth(key: str = KEY) -> dict:
 
 
 def _complete(client: httpx.Client, url: str, **body) -> httpx.Response:
-    return client.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, **body},
-                       headers=_auth())
+    return client.post(
+        f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, **body}, headers=_auth()
+    )
 
 
 # ---------------------------------------------------------------- OpenAI formats
+
 
 def test_completions_chat_models_and_health_in_openai_format(main_app):
     url = main_app["url"]
@@ -95,8 +116,11 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         r = _complete(c, url, model="tiny-path")  # the same app serves a second artifact, by path
         assert r.json()["choices"][0]["text"] == main_app["answers"]["v2"]
 
-        r = c.post(f"{url}/v1/chat/completions", headers=_auth(),
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "seed": 3})
+        r = c.post(
+            f"{url}/v1/chat/completions",
+            headers=_auth(),
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "seed": 3},
+        )
         assert r.status_code == 200, r.text
         chat = r.json()
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
@@ -111,17 +135,28 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         health = c.get(f"{url}/healthz")  # no key needed: probes carry no credentials
         assert health.status_code == 200 and health.json()["status"] == "ok"
 
-        r = c.post(f"{url}/v1/completions", headers={**_auth(), "x-request-id": "rid-test-42"},
-                   json={"prompt": "x", "max_tokens": 2})
+        r = c.post(
+            f"{url}/v1/completions",
+            headers={**_auth(), "x-request-id": "rid-test-42"},
+            json={"prompt": "x", "max_tokens": 2},
+        )
         assert r.headers["x-request-id"] == "rid-test-42"
 
 
 def test_streaming_yields_chunks_then_done(main_app):
     url = main_app["url"]
     with httpx.Client(timeout=60) as c:
-        r = c.post(f"{url}/v1/completions", headers=_auth(),
-                   json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, "stream": True,
-                         "stream_options": {"include_usage": True}})
+        r = c.post(
+            f"{url}/v1/completions",
+            headers=_auth(),
+            json={
+                "prompt": PROBE,
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.text.splitlines() if ln]
         assert lines[-1] == "data: [DONE]"
@@ -133,21 +168,32 @@ def test_streaming_yields_chunks_then_done(main_app):
         assert text_events[-1]["choices"][0]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == 8
 
-        r = c.post(f"{url}/v1/chat/completions", headers=_auth(),
-                   # Greedy: an unseeded sample could be the end-of-text token at once (2 events).
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
-                         "temperature": 0})
+        r = c.post(
+            f"{url}/v1/chat/completions",
+            headers=_auth(),
+            # Greedy: an unseeded sample could be the end-of-text token at once (2 events).
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True, "temperature": 0},
+        )
         events = list(iter_sse(iter(r.text.splitlines())))
         assert r.text.rstrip().endswith("data: [DONE]") and len(events) >= 3
-        assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert (
+            events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+        )
         assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 async def _burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=120) as c:
-        return await asyncio.gather(*(
-            c.post(f"{url}/v1/completions", headers=_auth(),
-                   json={"prompt": f"{i} {PROBE}", "max_tokens": max_tokens, "seed": i}) for i in range(n)))
+        return await asyncio.gather(
+            *(
+                c.post(
+                    f"{url}/v1/completions",
+                    headers=_auth(),
+                    json={"prompt": f"{i} {PROBE}", "max_tokens": max_tokens, "seed": i},
+                )
+                for i in range(n)
+            )
+        )
 
 
 def test_concurrent_requests_are_batched(main_app):
@@ -166,15 +212,32 @@ def test_bad_inputs_get_their_status_and_the_same_replica_then_answers(main_app)
         good = {"prompt": PROBE, "max_tokens": 4}
         cases = [
             ("no key", lambda: c.post(f"{url}/v1/completions", json=good), 401, "API key"),
-            ("wrong key", lambda: c.post(f"{url}/v1/completions", json=good, headers=_auth("sk-wrong")), 401, "API key"),
+            (
+                "wrong key",
+                lambda: c.post(f"{url}/v1/completions", json=good, headers=_auth("sk-wrong")),
+                401,
+                "API key",
+            ),
             ("bad max_tokens", lambda: _complete(c, url, max_tokens=-3), 400, "max_tokens"),
             ("bad temperature", lambda: _complete(c, url, temperature="hot"), 400, "temperature"),
             ("unknown field", lambda: _complete(c, url, max_tokenz=3), 400, "max_tokenz"),
             ("missing prompt", lambda: c.post(f"{url}/v1/completions", json={}, headers=_auth()), 400, "prompt"),
-            ("bad json", lambda: c.post(f"{url}/v1/completions", content=b"{nope", headers={**_auth(), "content-type": "application/json"}), 400, "JSON"),
+            (
+                "bad json",
+                lambda: c.post(
+                    f"{url}/v1/completions", content=b"{nope", headers={**_auth(), "content-type": "application/json"}
+                ),
+                400,
+                "JSON",
+            ),
             ("body too large", lambda: _complete(c, url, prompt="x" * 5000), 413, "4096"),
             ("prompt too long", lambda: _complete(c, url, prompt="x" * 200), 400, "context of 128"),
-            ("prompt + max_tokens too long", lambda: _complete(c, url, prompt="x" * 100, max_tokens=64), 400, "at most 28"),
+            (
+                "prompt + max_tokens too long",
+                lambda: _complete(c, url, prompt="x" * 100, max_tokens=64),
+                400,
+                "at most 28",
+            ),
             ("unknown model", lambda: _complete(c, url, model="nope"), 404, "tiny-path"),
         ]
         for what, send, status, needle in cases:
@@ -200,8 +263,14 @@ def test_bad_inputs_get_their_status_and_the_same_replica_then_answers(main_app)
 
 def test_logs_carry_request_ids_and_never_the_key(main_app):
     with httpx.Client(timeout=60) as c:
-        assert c.post(f"{main_app['url']}/v1/completions", headers={**_auth(), "x-request-id": "rid-log-7"},
-                      json={"prompt": "x", "max_tokens": 2}).status_code == 200
+        assert (
+            c.post(
+                f"{main_app['url']}/v1/completions",
+                headers={**_auth(), "x-request-id": "rid-log-7"},
+                json={"prompt": "x", "max_tokens": 2},
+            ).status_code
+            == 200
+        )
 
     def logged() -> bool:
         text = "".join(p.read_text(errors="replace") for p in main_app["logs"].rglob("*.log"))
@@ -227,8 +296,19 @@ def test_generate_command_completes_and_streams_greedily(main_app, capsys, monke
     from modelfleet.cli import main
 
     monkeypatch.setenv("MF_TEST_GENERATE_KEY", KEY)
-    args = [PROBE, "--url", main_app["url"], "--model", "tiny", "--max-tokens", "8", "--temperature", "0",
-            "--api-key-env", "MF_TEST_GENERATE_KEY"]
+    args = [
+        PROBE,
+        "--url",
+        main_app["url"],
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--api-key-env",
+        "MF_TEST_GENERATE_KEY",
+    ]
     assert main(["generate", *args]) == 0
     out = capsys.readouterr()
     assert out.out == PROBE + main_app["answers"]["v1"] + "\n"
@@ -242,15 +322,33 @@ def test_generate_command_completes_and_streams_greedily(main_app, capsys, monke
 
 # ---------------------------------------------------------------- autoscaling
 
+
 def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
     from modelfleet.serve.app import status
 
     storage, _ = registry_dir
-    _deploy(storage, "scale", [_model("tiny", "tiny", batching={"max_batch_size": 2}, max_ongoing_requests=2,
-                                      autoscaling={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
-                                                   "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-                                                   "downscale_delay_s": 2, "metrics_interval_s": 0.5,
-                                                   "look_back_period_s": 2})])
+    _deploy(
+        storage,
+        "scale",
+        [
+            _model(
+                "tiny",
+                "tiny",
+                batching={"max_batch_size": 2},
+                max_ongoing_requests=2,
+                autoscaling={
+                    "min_replicas": 1,
+                    "initial_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 1,
+                    "upscale_delay_s": 0.5,
+                    "downscale_delay_s": 2,
+                    "metrics_interval_s": 0.5,
+                    "look_back_period_s": 2,
+                },
+            )
+        ],
+    )
     url = f"{BASE}/scale"
 
     def running() -> int:
@@ -287,6 +385,7 @@ def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
 
 # ---------------------------------------------------------------- zero-downtime update
 
+
 def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
     from modelfleet.cli import main
 
@@ -301,10 +400,17 @@ def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
                 if stop.is_set():
                     return
                 try:
-                    r = c.post(f"{url}/v1/completions",
-                               json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, "stream": stream})
-                    text = ("".join(e["choices"][0]["text"] for e in iter_sse(iter(r.text.splitlines())) if e["choices"])
-                            if stream and r.status_code == 200 else r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
+                    r = c.post(
+                        f"{url}/v1/completions",
+                        json={"prompt": PROBE, "max_tokens": 8, "temperature": 0, "stream": stream},
+                    )
+                    text = (
+                        "".join(e["choices"][0]["text"] for e in iter_sse(iter(r.text.splitlines())) if e["choices"])
+                        if stream and r.status_code == 200
+                        else r.json()["choices"][0]["text"]
+                        if r.status_code == 200
+                        else r.text
+                    )
                     results.append((r.status_code, text, time.monotonic()))
                 except httpx.HTTPError as e:
                     results.append((0, repr(e), time.monotonic()))
@@ -318,8 +424,7 @@ def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
         assert main(["deploy", "tiny", "--artifact", "v2", "--app", "upd"]) == 0
         switched = time.monotonic()
         print(f"deploy took {switched - t0:.1f} s; {len(results)} requests so far")
-        wait_until(lambda: sum(1 for _, _, t in results if t > switched) >= 10, 60,
-                   "10 answers after the switch", 0.05)
+        wait_until(lambda: sum(1 for _, _, t in results if t > switched) >= 10, 60, "10 answers after the switch", 0.05)
     finally:
         stop.set()
         for t in threads:
@@ -334,6 +439,7 @@ def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
 
 
 # ---------------------------------------------------------------- one hop
+
 
 def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(serve_up, registry_dir):
     """Client -> HAProxy -> the decoding replica: the process listening on the Serve port is the
@@ -351,36 +457,48 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == answers["v1"]
             replica = int(r.headers["x-modelfleet-replica-pid"])
             assert int(r.headers["x-modelfleet-ingress-pid"]) == replica  # no ingress deployment between
-            listeners = {k.pid for k in psutil.net_connections("tcp")
-                         if k.status == psutil.CONN_LISTEN and k.laddr.port == PORT}
+            listeners = {
+                k.pid for k in psutil.net_connections("tcp") if k.status == psutil.CONN_LISTEN and k.laddr.port == PORT
+            }
             assert len(listeners) == 1, listeners
             front = psutil.Process(listeners.pop())
             exe = Path(front.exe()).name  # the binary itself, not an interpreter running a script
             assert front.name() == exe == "haproxy", (front.name(), front.exe(), front.cmdline()[:2])
-            replica_ports = {k.laddr.port for k in psutil.Process(replica).net_connections("tcp")
-                             if k.status == psutil.CONN_LISTEN and k.laddr.ip == "127.0.0.1"}
+            replica_ports = {
+                k.laddr.port
+                for k in psutil.Process(replica).net_connections("tcp")
+                if k.status == psutil.CONN_LISTEN and k.laddr.ip == "127.0.0.1"
+            }
             # While a stream is open, HAProxy holds a connection to a port the replica listens on.
-            with c.stream("POST", f"{url}/v1/completions",
-                          json={"prompt": PROBE, "max_tokens": 100, "stream": True}) as s:
+            with c.stream(
+                "POST", f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 100, "stream": True}
+            ) as s:
                 assert s.status_code == 200 and int(s.headers["x-modelfleet-replica-pid"]) == replica
                 lines = s.iter_lines()
                 next(lines)
                 # Who is connected to the replica's HTTP port: only HAProxy.
-                peers = {psutil.Process(k.pid).name() for k in psutil.net_connections("tcp")
-                         if k.raddr and k.raddr.port in replica_ports and k.status == psutil.CONN_ESTABLISHED
-                         and k.pid is not None}
+                peers = {
+                    psutil.Process(k.pid).name()
+                    for k in psutil.net_connections("tcp")
+                    if k.raddr
+                    and k.raddr.port in replica_ports
+                    and k.status == psutil.CONN_ESTABLISHED
+                    and k.pid is not None
+                }
                 assert "data: [DONE]" in list(lines)
         assert peers == {"haproxy"}, peers
-        print(f"\n[one-hop] client -> {front.name()} (pid {front.pid}, {front.exe()}) -> replica pid {replica} "
-              f"on 127.0.0.1:{sorted(replica_ports)}, connected to by {sorted(peers)} only")
+        print(
+            f"\n[one-hop] client -> {front.name()} (pid {front.pid}, {front.exe()}) -> replica pid {replica} "
+            f"on 127.0.0.1:{sorted(replica_ports)}, connected to by {sorted(peers)} only"
+        )
     finally:
         serve_up.delete("hop")
 
 
 # ---------------------------------------------------------------- fail-closed auth
 
-def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refused(serve_up, registry_dir,
-                                                                                     monkeypatch):
+
+def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refused(serve_up, registry_dir, monkeypatch):
     """The front reads its key where the cluster runs: a key exported here after the cluster
     started is not in the front, and deploy says so instead of reporting RUNNING. Without any key,
     a non-loopback serve.host is refused unless insecure_no_auth says it is meant."""
@@ -400,8 +518,14 @@ def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refus
         _deploy(storage, "exposed", [_model("tiny", "tiny@v1")], api_key_env="MF_SHELL_ONLY_KEY", host="0.0.0.0")
     serve_up.delete("exposed")
     try:
-        cfg = _deploy(storage, "meant", [_model("tiny", "tiny@v1")], api_key_env="MF_SHELL_ONLY_KEY",
-                      host="0.0.0.0", insecure_no_auth=True)
+        cfg = _deploy(
+            storage,
+            "meant",
+            [_model("tiny", "tiny@v1")],
+            api_key_env="MF_SHELL_ONLY_KEY",
+            host="0.0.0.0",
+            insecure_no_auth=True,
+        )
         assert verify_auth(cfg) == {"auth": False, "fingerprint": None}
     finally:
         serve_up.delete("meant")

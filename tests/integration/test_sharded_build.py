@@ -7,7 +7,7 @@ import pytest
 
 from helpers import read_records, run_single_rank, tiny_config
 
-BODY = r'''
+BODY = r"""
 from modelfleet.families import get_family
 from modelfleet.presets import load_config
 from modelfleet.train.deepspeed import build_ds_config
@@ -33,7 +33,7 @@ print("RESULT " + json.dumps({
     "max_diff": max((got[k] - reference[k]).abs().max().item() for k in reference),
     "naive_diff": max((lost[k] - reference[k]).abs().max().item() for k in reference),
     "tied": sharded.lm_head.weight is sharded.wte.weight}))
-'''
+"""
 
 
 def test_sharded_gpt_initialises_exactly_like_a_whole_build():
@@ -48,16 +48,31 @@ def test_each_worker_holds_its_share_of_the_parameters(ray_session, tiny_data, t
     """8 layers x 256 wide; after construction each rank holds <= 1/N + 10% of the model's bytes."""
     from modelfleet.train import train
 
-    cfg = tiny_config(tmp_path, tiny_data, [
-        f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "model.n_layer=8", "model.n_embd=256",
-        "model.n_head=4", "train.max_steps=1", "train.eval_batches=1", "train.checkpoint_every=0",
-        "train.micro_batch_size=2", "deepspeed.zero_stage=3", f"storage.run_name=sharded-{workers}"])
+    cfg = tiny_config(
+        tmp_path,
+        tiny_data,
+        [
+            f"train.num_workers={workers}",
+            "train.cpus_per_worker=0.5",
+            "model.n_layer=8",
+            "model.n_embd=256",
+            "model.n_head=4",
+            "train.max_steps=1",
+            "train.eval_batches=1",
+            "train.checkpoint_every=0",
+            "train.micro_batch_size=2",
+            "deepspeed.zero_stage=3",
+            f"storage.run_name=sharded-{workers}",
+        ],
+    )
     res = train(cfg, export=False, show_progress=False)
     built = next(r for r in read_records(res.run_dir) if r["kind"] == "built")
     share = built["max_local_bytes"] / built["full_bytes"]
-    print(f"\n[sharded build] N={workers}: full {built['full_bytes'] / 2**20:.1f} MiB, largest rank "
-          f"{built['max_local_bytes'] / 2**20:.2f} MiB ({share:.3f} of the model), transient peak "
-          f"{built['transient_bytes'] / 2**20:.2f} MiB (one module's full tensors)")
+    print(
+        f"\n[sharded build] N={workers}: full {built['full_bytes'] / 2**20:.1f} MiB, largest rank "
+        f"{built['max_local_bytes'] / 2**20:.2f} MiB ({share:.3f} of the model), transient peak "
+        f"{built['transient_bytes'] / 2**20:.2f} MiB (one module's full tensors)"
+    )
     assert built["sharded"] and built["world"] == workers
     assert built["full_bytes"] > 20 * 2**20  # ~6.5M fp32 parameters: the model is not trivially small
     assert share <= 1 / workers + 0.10, built

@@ -25,8 +25,7 @@ def stage_runs(ray_session, tiny_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     runs = {}
     for stage in (0, 2, 3):
-        cfg = tiny_config(storage, tiny_data, [f"deepspeed.zero_stage={stage}",
-                                               f"storage.run_name=stage{stage}"])
+        cfg = tiny_config(storage, tiny_data, [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}"])
         runs[stage] = (cfg, train(cfg, show_progress=False))
     return storage, runs
 
@@ -81,8 +80,7 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
     from modelfleet.train import train
 
     storage, runs = stage_runs
-    cfg = tiny_config(storage, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=killed",
-                                           "train.max_failures=1"])
+    cfg = tiny_config(storage, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=killed", "train.max_failures=1"])
     run_dir = os.path.join(storage, "runs", "killed")
     killed, stop = {}, threading.Event()
 

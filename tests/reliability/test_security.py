@@ -49,8 +49,17 @@ def _token() -> str:
 def cluster(tmp_path_factory):
     """This module's own cluster (see tests/helpers): ``up`` waits for its ports to be free (8300 is
     also the other drill modules' Serve port), ``down`` for its processes and ports to be gone."""
-    c = SimCluster(tmp_path_factory.mktemp("mfhome-sec"), gcs_port=GCS, dashboard_port=DASH, serve_port=SERVE,
-                   nodes=1, cpus_per_node=4, gpus_per_node=0, up_timeout_s=240, MODELFLEET_API_KEY=API_KEY)
+    c = SimCluster(
+        tmp_path_factory.mktemp("mfhome-sec"),
+        gcs_port=GCS,
+        dashboard_port=DASH,
+        serve_port=SERVE,
+        nodes=1,
+        cpus_per_node=4,
+        gpus_per_node=0,
+        up_timeout_s=240,
+        MODELFLEET_API_KEY=API_KEY,
+    )
     try:
         c.up()
         print(f"\n[cluster] up in {c.up_s:.1f} s")
@@ -66,23 +75,43 @@ def test_jobs_and_drivers_without_the_token_are_refused(cluster, tmp_path):
     entry = f"touch {marker}"
     refused = []
     # (A token in a URL would end up in the dashboard's access log: the query case sends a wrong one.)
-    for label, headers in (("no token", {}), ("wrong token", {"Authorization": "Bearer " + "0" * 32}),
-                           ("token as query", None)):
-        r = httpx.post(f"{DASH_URL}/api/jobs/", json={"entrypoint": entry}, timeout=30,
-                       headers=headers or {}, params={"token": "1" * 32} if headers is None else None)
+    for label, headers in (
+        ("no token", {}),
+        ("wrong token", {"Authorization": "Bearer " + "0" * 32}),
+        ("token as query", None),
+    ):
+        r = httpx.post(
+            f"{DASH_URL}/api/jobs/",
+            json={"entrypoint": entry},
+            timeout=30,
+            headers=headers or {},
+            params={"token": "1" * 32} if headers is None else None,
+        )
         refused.append((label, r.status_code))
     # Ray's own CLI, from an environment that has no token (another user's HOME).
     no_token = {**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
-    cli = run_cli(no_token, "ray", "job", "submit", "--address", DASH_URL, "--no-wait", "--", entry, check=False,
-                  timeout=120)
+    cli = run_cli(
+        no_token, "ray", "job", "submit", "--address", DASH_URL, "--no-wait", "--", entry, check=False, timeout=120
+    )
     # A driver is a job too: connecting to the GCS without the token.
-    drv = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{GCS}'); "
-                                                f"ray.get(ray.remote(lambda: __import__('os').system('{entry}')).remote())"],
-                         env={**no_token, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    drv = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address='127.0.0.1:{GCS}'); "
+            f"ray.get(ray.remote(lambda: __import__('os').system('{entry}')).remote())",
+        ],
+        env={**no_token, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     jobs = httpx.get(f"{DASH_URL}/api/jobs/", headers={"Authorization": f"Bearer {_token()}"}, timeout=30)
-    print(f"\n[token-auth] HTTP job submissions: {refused}; `ray job submit` without a token exited "
-          f"{cli.returncode}; driver without the token exited {drv.returncode}: "
-          f"{(drv.stderr.strip().splitlines() or [''])[-1][:160]}")
+    print(
+        f"\n[token-auth] HTTP job submissions: {refused}; `ray job submit` without a token exited "
+        f"{cli.returncode}; driver without the token exited {drv.returncode}: "
+        f"{(drv.stderr.strip().splitlines() or [''])[-1][:160]}"
+    )
     assert all(code in (401, 403) for _, code in refused), refused
     assert cli.returncode != 0, cli.stdout[-500:]
     assert drv.returncode != 0, drv.stdout[-500:]
@@ -99,25 +128,44 @@ def test_no_secret_in_logs_manifests_or_job_metadata(cluster):
     storage = cluster.home / "storage"
     publish_tiny_models(storage, (1,))  # a manifest written with the API key in the environment
     # A real submission through `modelfleet submit` (the job fails fast in pre-flight: no data).
-    run_cli(env, "modelfleet", "submit", "train", "--preset", "tiny", "--set", f"storage.path={storage}",
-            "--set", f"data.path={storage}/no-data", "--submission-id", "secrets-1")
+    run_cli(
+        env,
+        "modelfleet",
+        "submit",
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"storage.path={storage}",
+        "--set",
+        f"data.path={storage}/no-data",
+        "--submission-id",
+        "secrets-1",
+    )
     assert wait_job(env, "secrets-1", 300)["status"] == "FAILED"
     jobs = httpx.get(f"{DASH_URL}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
     assert "secrets-1" in {j["submission_id"] for j in jobs}
     texts = {"cluster up output": cluster.up_output, "job records": json.dumps(jobs)}
     for j in jobs:
         if j.get("submission_id"):  # drivers that connected directly (cluster up's own) have no logs API
-            texts[f"logs of {j['submission_id']}"] = run_cli(env, "modelfleet", "jobs", "logs", j["submission_id"]).stdout
+            texts[f"logs of {j['submission_id']}"] = run_cli(
+                env, "modelfleet", "jobs", "logs", j["submission_id"]
+            ).stdout
     # This cluster's session only: the temp dir keeps earlier sessions' logs on a developer machine.
     session = Path(f"/tmp/modelfleet-{GCS}/session_latest").resolve()
     files = [*cluster.home.rglob("*"), *session.rglob("*")]
     files = [p for p in files if p.is_file() and not p.is_symlink() and p.stat().st_size < 50 << 20]
     assert any(p.name == "manifest.json" for p in files) and any(p.suffix == ".log" for p in files)
-    leaks = [(what, name) for what, secret in wanted.items()
-             for name, text in [*texts.items(), *((str(p), p.read_text(errors="replace")) for p in files)]
-             if secret in text]
-    print(f"\n[secrets] {len(texts)} outputs and {len(files)} files (job records, logs, cluster logs, state, "
-          f"manifest) scanned for the Ray token and the API key: {len(leaks)} leaks")
+    leaks = [
+        (what, name)
+        for what, secret in wanted.items()
+        for name, text in [*texts.items(), *((str(p), p.read_text(errors="replace")) for p in files)]
+        if secret in text
+    ]
+    print(
+        f"\n[secrets] {len(texts)} outputs and {len(files)} files (job records, logs, cluster logs, state, "
+        f"manifest) scanned for the Ray token and the API key: {len(leaks)} leaks"
+    )
     assert not leaks, leaks
 
 
@@ -128,8 +176,10 @@ def _tiny_run(storage: Path, run: str, step: int, marker: Path) -> Path:
 
     local = storage / f"local-{run}-{step}"
     (local / ck.DS_TAG).mkdir(parents=True)
-    torch.save({"module": Payload(marker), "w": torch.zeros(4)},
-               local / ck.DS_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": Payload(marker), "w": torch.zeros(4)},
+        local / ck.DS_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    )
     (local / ck.TRAINER_STATE).write_text(json.dumps({"state": {"step": step, "epoch": 0, "batch_in_epoch": step}}))
     ck.write_rank_marker(str(local), 0, 1, step)
     dest = storage / "runs" / run / ck.step_dir_name(step)
@@ -153,21 +203,38 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
     # Control: the payload is live. DeepSpeed's own loader (weights_only=False) runs it.
     control = tmp_path / "control"
     torch.save({"module": Payload(control)}, tmp_path / "control.pt")
-    subprocess.run([sys.executable, "-c", "from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import "
-                    f"TorchCheckpointEngine as E; E().load({str(tmp_path / 'control.pt')!r})"],
-                   env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import "
+            f"TorchCheckpointEngine as E; E().load({str(tmp_path / 'control.pt')!r})",
+        ],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        timeout=120,
+    )
     assert control.exists(), "the control payload did not run under DeepSpeed's loader: the drill proves nothing"
     # A file swapped in after the scan: DeepSpeed's loader inside weights_only_loads (as the workers
     # and export call it) refuses the same payload, naming the global.
     control.unlink()
     swapped = subprocess.run(
-        [sys.executable, "-c", "from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import "
-         "TorchCheckpointEngine as E\nfrom modelfleet.train.pickles import weights_only_loads\n"
-         f"with weights_only_loads('swapped.pt'): E().load({str(tmp_path / 'control.pt')!r})"],
-        env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import "
+            "TorchCheckpointEngine as E\nfrom modelfleet.train.pickles import weights_only_loads\n"
+            f"with weights_only_loads('swapped.pt'): E().load({str(tmp_path / 'control.pt')!r})",
+        ],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert swapped.returncode != 0 and not control.exists(), swapped.stderr[-2000:]
-    assert "UnsafePickleError: swapped.pt could run code" in swapped.stderr and "posix.system" in swapped.stderr, \
+    assert "UnsafePickleError: swapped.pt could run code" in swapped.stderr and "posix.system" in swapped.stderr, (
         swapped.stderr[-2000:]
+    )
 
     found, skipped = ck.latest_complete(StorageLayout(str(tmp_path)).runs(), "evil")
     assert found is None and "is unsafe" in skipped[0] and "posix.system" in skipped[0], skipped
@@ -191,7 +258,9 @@ def test_malicious_pickle_in_checkpoint_or_artifact_never_runs(tmp_path, tiny_da
     beside = Path(registry.resolve(str(tmp_path), "tiny@v2").uri)
     torch.save({"w": Payload(marker)}, beside / "pytorch_model.bin")
     load_artifact(str(beside))  # loads the safetensors weights, ignores the pickle
-    print(f"\n[pickles] checkpoint refused: {skipped[0]}\n  artifact refused: {type(err.value).__name__}: "
-          f"{str(err.value)[:120]}; control payload ran under DeepSpeed's loader, ours never did")
+    print(
+        f"\n[pickles] checkpoint refused: {skipped[0]}\n  artifact refused: {type(err.value).__name__}: "
+        f"{str(err.value)[:120]}; control payload ran under DeepSpeed's loader, ours never did"
+    )
     assert not marker.exists(), "the malicious pickle ran"
     assert shard.exists()

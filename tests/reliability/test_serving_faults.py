@@ -78,8 +78,13 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
                 wait_until(lambda: _replaced("kill", before, 2), 60, "a replacement replica RUNNING", 0.1)
                 drill["replaced_s"] = time.monotonic() - t_kill
 
-            progress: dict = {"sent": 0, "done": 0, "pending": {}, "answered": [],  # read by the killer thread
-                              "lock": threading.Lock()}
+            progress: dict = {
+                "sent": 0,
+                "done": 0,
+                "pending": {},
+                "answered": [],  # read by the killer thread
+                "lock": threading.Lock(),
+            }
 
             def stuck() -> bool:
                 """A request is still unanswered while 8 requests sent after it have been answered
@@ -97,10 +102,12 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
             retried = client.retried
     finally:
         serve_8300.delete("kill")
-    print(f"\n[kill-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried} "
-          f"killed pid {drill.get('victim')} after {drill.get('at_request')} requests with "
-          f"{drill.get('in_flight')} in flight; replacement RUNNING "
-          f"after {drill.get('replaced_s', float('nan')):.1f} s; load took {time.monotonic() - t0:.1f} s")
+    print(
+        f"\n[kill-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried} "
+        f"killed pid {drill.get('victim')} after {drill.get('at_request')} requests with "
+        f"{drill.get('in_flight')} in flight; replacement RUNNING "
+        f"after {drill.get('replaced_s', float('nan')):.1f} s; load took {time.monotonic() - t0:.1f} s"
+    )
     assert drill.get("victim"), "no replica was killed: the drill did not run"
     assert res.sent == n and not res.failed, res.failed[:5]
     assert res.texts == {answers["v1"]: n}, res.texts  # retried answers are the right ones too
@@ -138,8 +145,12 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
     Serve marks it unhealthy, kills it and starts a new one; a light load meanwhile (project
     client, retries) loses nothing."""
     storage, answers = tiny_registry
-    url = deploy_app(storage, PORT, "hc", [_model(num_replicas=2, health_check_period_s=1, health_check_timeout_s=2,
-                                                  graceful_shutdown_timeout_s=2)])
+    url = deploy_app(
+        storage,
+        PORT,
+        "hc",
+        [_model(num_replicas=2, health_check_period_s=1, health_check_timeout_s=2, graceful_shutdown_timeout_s=2)],
+    )
     victim = None
     try:
         before = set(wait_until(lambda: len(_replicas("hc")) == 2 and _replicas("hc"), 30, "2 replica processes"))
@@ -147,14 +158,22 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
         stop = threading.Event()
         with Client(url, max_retries=8, backoff_s=0.2, max_backoff_s=2.0, timeout_s=60) as client:
             box = {}
-            th = threading.Thread(target=lambda: box.update(res=run_load(
-                client, 400, 2, deadline_s=90, stop=stop, prompt=PROBE, max_tokens=8, temperature=0)), daemon=True)
+            th = threading.Thread(
+                target=lambda: box.update(
+                    res=run_load(client, 400, 2, deadline_s=90, stop=stop, prompt=PROBE, max_tokens=8, temperature=0)
+                ),
+                daemon=True,
+            )
             th.start()
             os.kill(victim, signal.SIGSTOP)
             t_stop = time.monotonic()
             try:
-                wait_until(lambda: _replaced("hc", before, 2) and not pid_alive(victim), 60,
-                         "the hung replica killed and a new one RUNNING", 0.1)
+                wait_until(
+                    lambda: _replaced("hc", before, 2) and not pid_alive(victim),
+                    60,
+                    "the hung replica killed and a new one RUNNING",
+                    0.1,
+                )
                 replaced_s = time.monotonic() - t_stop
             finally:
                 stop.set()
@@ -164,8 +183,10 @@ def test_hung_replica_fails_its_health_check_and_is_replaced(serve_8300, tiny_re
         if victim and pid_alive(victim):
             os.kill(victim, signal.SIGCONT)  # let Serve finish it off normally
         serve_8300.delete("hc")
-    print(f"\n[hung-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried}; "
-          f"replaced (hung pid gone, new replica RUNNING) {replaced_s:.1f} s after SIGSTOP")
+    print(
+        f"\n[hung-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried}; "
+        f"replaced (hung pid gone, new replica RUNNING) {replaced_s:.1f} s after SIGSTOP"
+    )
     assert res.sent > 0 and not res.failed, res.failed[:5]
     assert set(res.texts) == {answers["v1"]}
     assert replaced_s <= 30
@@ -176,13 +197,30 @@ def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
     request would show): every request succeeds, including those in flight on the replica being
     stopped when Serve marked it STOPPING."""
     storage, _ = tiny_registry
-    url = deploy_app(storage, PORT, "drain", [_model(
-        # 2 requests per replica at most, 6 clients: both replicas are always busy, so the one Serve
-        # stops has requests in flight; 6 ongoing < target 8 makes the autoscaler want 1 replica.
-        max_ongoing_requests=2, batching={"max_batch_size": 2}, graceful_shutdown_timeout_s=30,
-        autoscaling={"min_replicas": 1, "initial_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8,
-                     "upscale_delay_s": 60, "downscale_delay_s": 6, "metrics_interval_s": 0.5,
-                     "look_back_period_s": 1})])
+    url = deploy_app(
+        storage,
+        PORT,
+        "drain",
+        [
+            _model(
+                # 2 requests per replica at most, 6 clients: both replicas are always busy, so the one Serve
+                # stops has requests in flight; 6 ongoing < target 8 makes the autoscaler want 1 replica.
+                max_ongoing_requests=2,
+                batching={"max_batch_size": 2},
+                graceful_shutdown_timeout_s=30,
+                autoscaling={
+                    "min_replicas": 1,
+                    "initial_replicas": 2,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 8,
+                    "upscale_delay_s": 60,
+                    "downscale_delay_s": 6,
+                    "metrics_interval_s": 0.5,
+                    "look_back_period_s": 1,
+                },
+            )
+        ],
+    )
     results: list[tuple[int, str, float, float, str]] = []  # (status, replica pid, start, end, detail)
     stop = threading.Event()
 
@@ -193,17 +231,28 @@ def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
                     return
                 t0 = time.monotonic()
                 try:
-                    with c.stream("POST", f"{url}/v1/completions",
-                                  json={"prompt": f"{i}{k} {PROBE}", "max_tokens": 64, "stream": True,
-                                        "seed": k}) as r:
+                    with c.stream(
+                        "POST",
+                        f"{url}/v1/completions",
+                        json={"prompt": f"{i}{k} {PROBE}", "max_tokens": 64, "stream": True, "seed": k},
+                    ) as r:
                         if r.status_code != 200:
                             r.read()
                         events = list(iter_sse(r.iter_lines())) if r.status_code == 200 else []
-                        done = bool(events) and events[-1]["choices"][0]["finish_reason"] in ("length", "stop") \
+                        done = (
+                            bool(events)
+                            and events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
                             and not any("error" in e for e in events)
-                        results.append((r.status_code if done else -r.status_code,
-                                        r.headers.get("x-modelfleet-replica-pid", "?"), t0, time.monotonic(),
-                                        "" if done else r.text[-300:]))
+                        )
+                        results.append(
+                            (
+                                r.status_code if done else -r.status_code,
+                                r.headers.get("x-modelfleet-replica-pid", "?"),
+                                t0,
+                                time.monotonic(),
+                                "" if done else r.text[-300:],
+                            )
+                        )
                 except httpx.HTTPError as e:
                     results.append((0, "?", t0, time.monotonic(), repr(e)))
 
@@ -212,10 +261,18 @@ def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
     try:
         for t in threads:
             t.start()
-        t_stopping = wait_until(lambda: running_replicas("drain").get("STOPPING", 0) and time.monotonic(), 90,
-                              "Serve to stop one replica", 0.05)
-        wait_until(lambda: running_replicas("drain") == {"RUNNING": 1} and len(_replicas("drain")) == 1, 60,
-                 "the stopped replica gone", 0.1)
+        t_stopping = wait_until(
+            lambda: running_replicas("drain").get("STOPPING", 0) and time.monotonic(),
+            90,
+            "Serve to stop one replica",
+            0.05,
+        )
+        wait_until(
+            lambda: running_replicas("drain") == {"RUNNING": 1} and len(_replicas("drain")) == 1,
+            60,
+            "the stopped replica gone",
+            0.1,
+        )
         t_gone, stopped = time.monotonic(), pids0 - set(_replicas("drain"))
         n_after = len(results)
         wait_until(lambda: len(results) >= n_after + 5, 30, "requests after the scale-down")
@@ -227,9 +284,11 @@ def test_scale_down_drains_in_flight_requests(serve_8300, tiny_registry):
     assert len(stopped) == 1, (pids0, stopped)
     in_flight = [r for r in results if r[1] == str(next(iter(stopped))) and r[2] < t_stopping < r[3]]
     failed = [r for r in results if r[0] != 200]
-    print(f"\n[scale-down] sent={len(results)} failed={len(failed)} retried=0 (plain httpx); "
-          f"{len(in_flight)} in flight on the stopped replica when it went STOPPING, all completed; "
-          f"drained and gone {t_gone - t_stopping:.1f} s after STOPPING")
+    print(
+        f"\n[scale-down] sent={len(results)} failed={len(failed)} retried=0 (plain httpx); "
+        f"{len(in_flight)} in flight on the stopped replica when it went STOPPING, all completed; "
+        f"drained and gone {t_gone - t_stopping:.1f} s after STOPPING"
+    )
     assert not failed, failed[:3]
     assert in_flight, "no request was in flight on the stopped replica: the drill proved nothing"
     assert all(r[0] == 200 for r in in_flight)
@@ -250,15 +309,30 @@ def test_backpressure_answers_429_fast_and_recovers(serve_8300, tiny_registry):
     (each in under a second), service recovers as soon as the burst is over, and the project client
     turns the same overload into 24 answers by retrying."""
     storage, _ = tiny_registry
-    url = deploy_app(storage, PORT, "bp", [_model(max_ongoing_requests=2, max_queued_requests=2, overload_status=429,
-                                                  retry_after_s=1, batching={"max_batch_size": 2})])
+    url = deploy_app(
+        storage,
+        PORT,
+        "bp",
+        [
+            _model(
+                max_ongoing_requests=2,
+                max_queued_requests=2,
+                overload_status=429,
+                retry_after_s=1,
+                batching={"max_batch_size": 2},
+            )
+        ],
+    )
     try:
         burst = asyncio.run(_burst(url, 24, 100))
         t_end = time.monotonic()
         with httpx.Client(timeout=60) as c:
-            wait_until(lambda: c.post(f"{url}/v1/completions",
-                                      json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
-                       30, "a 200 after the burst", 0.05)
+            wait_until(
+                lambda: c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 4}).status_code == 200,
+                30,
+                "a 200 after the burst",
+                0.05,
+            )
         recovered_s = time.monotonic() - t_end
         with Client(url, max_retries=10, backoff_s=0.2, max_backoff_s=2.0) as client:
             res = run_load(client, 24, 24, deadline_s=120, prompt=PROBE, max_tokens=100)
@@ -267,9 +341,11 @@ def test_backpressure_answers_429_fast_and_recovers(serve_8300, tiny_registry):
         serve_8300.delete("bp")
     shed = [(lat, r) for code, lat, r in burst if code == 429]
     codes = sorted({code for code, _, _ in burst})
-    print(f"\n[backpressure] burst of {len(burst)}: {len(shed)} shed with 429, slowest 429 in "
-          f"{max(lat for lat, _ in shed):.3f} s; a 200 again {recovered_s:.2f} s after the burst; "
-          f"with the project client: sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried}")
+    print(
+        f"\n[backpressure] burst of {len(burst)}: {len(shed)} shed with 429, slowest 429 in "
+        f"{max(lat for lat, _ in shed):.3f} s; a 200 again {recovered_s:.2f} s after the burst; "
+        f"with the project client: sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried}"
+    )
     assert set(codes) == {200, 429}, codes
     assert all(lat < 1.0 for lat, _ in shed), sorted(lat for lat, _ in shed)[-3:]
     assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]["message"] for _, r in shed)

@@ -37,8 +37,9 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
     from modelfleet.errors import TrainingFailedError
     from modelfleet.train import train
 
-    cfg = tiny_config(tmp_path, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=faulty",
-                                            "train.max_failures=1"])
+    cfg = tiny_config(
+        tmp_path, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=faulty", "train.max_failures=1"]
+    )
     run_dir = tmp_path / "runs" / "faulty"
     step20 = run_dir / "step_00000020"
     drill: dict = {}
@@ -61,8 +62,11 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
                 os.kill(pids[-1], signal.SIGKILL)
                 for pid in pids[:-1]:
                     os.kill(pid, signal.SIGCONT)
-                drill["save_kill"] = {"pid": pids[-1], "complete_at_kill": complete,
-                                      "files_at_kill": sorted(p.name for p in step20.iterdir())}
+                drill["save_kill"] = {
+                    "pid": pids[-1],
+                    "complete_at_kill": complete,
+                    "files_at_kill": sorted(p.name for p in step20.iterdir()),
+                }
                 break
             time.sleep(0.002)
         else:
@@ -120,8 +124,10 @@ def test_partial_checkpoint_failure_budget_and_resubmission(ray_session, tiny_da
     assert min(_steps(recs)) == 11 and res.checkpoint_step == 30
     assert (step20 / "COMPLETE").exists()  # step 20 saved again, cleanly, by the resubmitted run
     wait_no_train_workers(ME)  # the shared Ray left as the next test expects it: no Train worker
-    print(f"\n[train-faults] killed rank pid {drill['save_kill']['pid']} mid-save (step 20 had "
-          f"{drill['save_kill']['files_at_kill']}, no COMPLETE); restart resumed from step 10; second kill at "
-          f"step {drill['budget_kill']['at_step']} -> TrainingFailedError {fail_s:.1f} s later "
-          f"(whole faulty run {t_err - t0:.1f} s); resubmission resumed from step 10, finished step 30 in "
-          f"{resub_s:.1f} s, final val_loss {res.metrics.get('val_loss', float('nan')):.3f}\n  error: {msg}")
+    print(
+        f"\n[train-faults] killed rank pid {drill['save_kill']['pid']} mid-save (step 20 had "
+        f"{drill['save_kill']['files_at_kill']}, no COMPLETE); restart resumed from step 10; second kill at "
+        f"step {drill['budget_kill']['at_step']} -> TrainingFailedError {fail_s:.1f} s later "
+        f"(whole faulty run {t_err - t0:.1f} s); resubmission resumed from step 10, finished step 30 in "
+        f"{resub_s:.1f} s, final val_loss {res.metrics.get('val_loss', float('nan')):.3f}\n  error: {msg}"
+    )

@@ -16,7 +16,9 @@ def _make(root: Path, run: str, step: int, world: int = 2, complete: bool = True
         local = root / f"local-{step}-{rank}"
         (local / ck.DS_TAG).mkdir(parents=True)
         # A real torch.save file: validate() also reads every pickle with the restricted unpickler.
-        torch.save({"state": torch.full((16,), float(rank))}, local / ck.DS_TAG / f"zero_pp_rank_{rank}_optim_states.pt")
+        torch.save(
+            {"state": torch.full((16,), float(rank))}, local / ck.DS_TAG / f"zero_pp_rank_{rank}_optim_states.pt"
+        )
         ck.write_rank_marker(str(local), rank, world, step)
         for p in local.rglob("*"):  # Ray Train merges every rank's directory into one
             if p.is_file():
@@ -58,7 +60,10 @@ def test_export_refuses_a_run_without_complete_checkpoint(tmp_path):
     from modelfleet.train.export import export_run
 
     _make(tmp_path, "r", 10, complete=False)
-    with pytest.raises(ck.CheckpointError, match="run 'r' under .* has no complete checkpoint "
-                                                 r"\(checkpoint step_00000010 is partial"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match="run 'r' under .* has no complete checkpoint "
+        r"\(checkpoint step_00000010 is partial",
+    ):
         export_run(str(tmp_path), "r")
     assert not (tmp_path / "models").exists()

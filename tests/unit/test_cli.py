@@ -30,11 +30,14 @@ def test_train_missing_data_path_exits_2(capsys, tmp_path):
     assert not (tmp_path / "runs").exists()  # failed before anything was written
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["deploy", "tiny", "--add", "ft-a"], "--add: name the adapter with --artifact"),
-    (["deploy", "tiny", "--add", "ft-a", "--remove", "ft-b", "--artifact", "ft-a@v1"], "one change at a time"),
-    (["deploy", "tiny"], "--artifact: required"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["deploy", "tiny", "--add", "ft-a"], "--add: name the adapter with --artifact"),
+        (["deploy", "tiny", "--add", "ft-a", "--remove", "ft-b", "--artifact", "ft-a@v1"], "one change at a time"),
+        (["deploy", "tiny"], "--artifact: required"),
+    ],
+)
 def test_deploy_pool_arguments_are_checked_before_any_cluster_is_touched(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

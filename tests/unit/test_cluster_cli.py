@@ -15,12 +15,15 @@ def test_cluster_spec_defaults_and_overrides():
     assert spec.nodes == 2 and spec.gpus_per_node == 0 and spec.dashboard_port == 8265
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"nodes": 0}, "cluster.nodes"),
-    ({"gpus_per_node": -1}, "cluster.gpus_per_node"),
-    ({"dashboard_port": 80}, "cluster.dashboard_port"),
-    ({"nodes": 40}, "at most 16"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"nodes": 0}, "cluster.nodes"),
+        ({"gpus_per_node": -1}, "cluster.gpus_per_node"),
+        ({"dashboard_port": 80}, "cluster.dashboard_port"),
+        ({"nodes": 40}, "at most 16"),
+    ],
+)
 def test_cluster_spec_bad_values_name_the_key(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         local.load_spec(None, **kw)

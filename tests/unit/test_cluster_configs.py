@@ -134,8 +134,7 @@ def problems(config: dict[str, Any]) -> list[str]:
         if machine in KNOWN_HARDWARE:
             cpus, gpus = KNOWN_HARDWARE[machine]
             if res.get("CPU") != cpus or res.get("GPU") != gpus + accel:
-                out.append(f"{key}.resources: {machine} has {cpus} CPUs and {gpus + accel} GPUs, "
-                           f"got {res}")
+                out.append(f"{key}.resources: {machine} has {cpus} CPUs and {gpus + accel} GPUs, got {res}")
         if config["provider"]["type"] == "gcp" and res.get("GPU", 0) > 0:
             if node.get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
                 out.append(f"{key}.node_config.scheduling.onHostMaintenance: GPU VMs need TERMINATE")
@@ -148,8 +147,7 @@ def problems(config: dict[str, Any]) -> list[str]:
             out.append(f"{section}: nothing may bind 0.0.0.0")
 
     # One auth mode cluster-wide (Ray expects the same on every node), the token on every node.
-    for section, start in (("head_start_ray_commands", head_start),
-                           ("worker_start_ray_commands", worker_start)):
+    for section, start in (("head_start_ray_commands", head_start), ("worker_start_ray_commands", worker_start)):
         mode = re.search(r"RAY_AUTH_MODE=(\w+)", start)
         if mode is None or mode.group(1) != "token":
             out.append(f"{section}: head and workers must both start with RAY_AUTH_MODE=token")
@@ -168,14 +166,22 @@ def problems(config: dict[str, Any]) -> list[str]:
             # A node type's own initialization_commands replace the global list.
             cmds = t.get("initialization_commands")
             if cmds is not None and not any("mount" in c and vol in c for c in cmds):
-                out.append(f"available_node_types.{name}.initialization_commands: "
-                           f"replaces the global list but does not mount {vol}")
+                out.append(
+                    f"available_node_types.{name}.initialization_commands: "
+                    f"replaces the global list but does not mount {vol}"
+                )
     return out
 
 
 def shell_commands(config: dict[str, Any]) -> list[str]:
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
-            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     cmds = [c for k in keys for c in config.get(k, [])]
     for t in config.get("available_node_types", {}).values():
         cmds += t.get("initialization_commands", []) + t.get("worker_setup_commands", [])
@@ -183,6 +189,7 @@ def shell_commands(config: dict[str, Any]) -> list[str]:
 
 
 # --- the configs that ship --------------------------------------------------------------------
+
 
 def test_launcher_configs_found() -> None:
     names = [p.name for p in CONFIGS]
@@ -200,8 +207,7 @@ def test_schema_file_ships_with_ray() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_matches_rays_schema(path: Path) -> None:
     errors = schema_errors(load(path))
-    assert not errors, "\n".join(f"{path.name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
-                                 for e in errors)
+    assert not errors, "\n".join(f"{path.name}: {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -221,8 +227,9 @@ def test_image_matches_installed_ray(path: Path) -> None:
     image = load(path)["docker"]["image"]
     if image.startswith("rayproject/ray:"):  # else: the project's image (deploy/Dockerfile)
         tag = image.split(":", 1)[1]
-        assert tag.startswith(f"{ray.__version__}-"), \
+        assert tag.startswith(f"{ray.__version__}-"), (
             f"docker.image {image}: the cluster must run ray {ray.__version__}, like the laptop"
+        )
         assert "gpu" in tag or "-cu" in tag, f"docker.image {image}: GPU workers need a CUDA image"
 
 
@@ -236,6 +243,7 @@ def test_shell_commands_parse(path: Path) -> None:
 
 # --- broken copies fail, naming the key ---------------------------------------------------------
 
+
 def _first_worker(c: dict[str, Any]) -> dict[str, Any]:
     return next(t for n, t in c["available_node_types"].items() if n != c["head_node_type"])
 
@@ -243,18 +251,21 @@ def _first_worker(c: dict[str, Any]) -> dict[str, Any]:
 def _set(key: str, value: Any):
     def mutate(c: dict[str, Any]) -> None:
         c[key] = value
+
     return mutate
 
 
 def _worker_set(key: str, value: Any):
     def mutate(c: dict[str, Any]) -> None:
         _first_worker(c)[key] = value
+
     return mutate
 
 
 def _worker_resources(**res: Any):
     def mutate(c: dict[str, Any]) -> None:
         _first_worker(c)["resources"].update(res)
+
     return mutate
 
 
@@ -264,8 +275,11 @@ RAY_BREAKS = [
     ("negative-gpus", _worker_resources(GPU=-1), "GPU"),
     ("unknown-node-type-key", _worker_set("gpus", 4), "gpus"),
     ("head-type-missing", _set("head_node_type", "no-such-type"), "head_node_type"),
-    ("min-over-global-max", lambda c: (c.update(max_workers=0), _first_worker(c).update(
-        min_workers=1, max_workers=1)), "max_workers"),
+    (
+        "min-over-global-max",
+        lambda c: (c.update(max_workers=0), _first_worker(c).update(min_workers=1, max_workers=1)),
+        "max_workers",
+    ),
 ]
 
 
@@ -295,6 +309,7 @@ def _head(c: dict[str, Any]) -> dict[str, Any]:
 def _replace_in(section: str, old: str, new: str):
     def mutate(c: dict[str, Any]) -> None:
         c[section] = [cmd.replace(old, new) for cmd in c[section]]
+
     return mutate
 
 
@@ -304,15 +319,12 @@ def _worker_init_without_mount(c: dict[str, Any]) -> None:
 
 RULE_BREAKS = [
     ("head-with-gpus", lambda c: _head(c)["resources"].update(GPU=4), "resources.GPU"),
-    ("head-starts-with-gpus", _replace_in("head_start_ray_commands", "--num-gpus=0", "--num-gpus=4"),
-     "--num-gpus=0"),
+    ("head-starts-with-gpus", _replace_in("head_start_ray_commands", "--num-gpus=0", "--num-gpus=4"), "--num-gpus=0"),
     ("worker-without-gpus", lambda c: _first_worker(c)["resources"].pop("GPU"), "resources.GPU"),
     ("max-below-min", _worker_set("min_workers", 99), "max_workers"),
     ("wrong-gpu-count", _worker_resources(GPU=3), "resources"),
-    ("dashboard-on-all-interfaces", _replace_in("head_start_ray_commands", "127.0.0.1", "0.0.0.0"),
-     "dashboard-host"),
-    ("auth-mode-only-on-head", _replace_in("worker_start_ray_commands", "RAY_AUTH_MODE=token ", ""),
-     "RAY_AUTH_MODE"),
+    ("dashboard-on-all-interfaces", _replace_in("head_start_ray_commands", "127.0.0.1", "0.0.0.0"), "dashboard-host"),
+    ("auth-mode-only-on-head", _replace_in("worker_start_ray_commands", "RAY_AUTH_MODE=token ", ""), "RAY_AUTH_MODE"),
     ("worker-type-drops-shared-mount", _worker_init_without_mount, "initialization_commands"),
     ("no-shared-volume", lambda c: c["docker"].update(run_options=[]), "docker.run_options"),
 ]

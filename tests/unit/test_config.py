@@ -28,25 +28,36 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.storage.path.startswith("/")  # Ray needs an absolute storage path
 
 
-@pytest.mark.parametrize("yaml_text, overrides, message", [
-    ("train:\n  max_step: 3\n", [], "train.max_step: unknown key; valid keys here: activation_checkpointing"),
-    ("", ["deepspeed.stage=3"], "deepspeed.stage: unknown key"),
-    ("", ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be 0, 1, 2 or 3, got 4"),
-    ("", ["train.micro_batch_size=0"], "train.micro_batch_size: must be > 0, got 0"),
-    ("", ["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
-    ("", ["model.n_head=5"], "model.n_head: must divide model.n_embd=128, got 5"),
-    ("", ["train.precision=bf16"], "train.precision: bf16 needs GPUs"),
-    ("", ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params: needs deepspeed.zero_stage=3"),
-    ("", ["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: offloading to CPU needs GPU workers"),
-    ("", ["train.use_gpu=yes please"], "train.use_gpu: must be true or false"),
-    ("preset: huge\n", [], "preset: unknown preset 'huge'; valid presets: tiny, small, gpt2-124m, gpt-1b"),
-    ("- a\n- b\n", [], "must hold a mapping"),
-    ("", ["novalue"], "override 'novalue' must look like section.key=value"),
-    ("", ["train.num_workers=[3, 2]"], "train.num_workers: must be a worker count or [min, max] with 1 <= min <= max"),
-    ("", ["train.num_workers=[2]"], "train.num_workers: must be a worker count or [min, max]"),
-    ("", ["train.num_workers=many"], "train.num_workers: must be an integer, got 'many' or must be a list"),
-    ("", ["train.elastic_batch=grow"], "train.elastic_batch: must be one of 'keep', 'scale'"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, overrides, message",
+    [
+        ("train:\n  max_step: 3\n", [], "train.max_step: unknown key; valid keys here: activation_checkpointing"),
+        ("", ["deepspeed.stage=3"], "deepspeed.stage: unknown key"),
+        ("", ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be 0, 1, 2 or 3, got 4"),
+        ("", ["train.micro_batch_size=0"], "train.micro_batch_size: must be > 0, got 0"),
+        ("", ["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
+        ("", ["model.n_head=5"], "model.n_head: must divide model.n_embd=128, got 5"),
+        ("", ["train.precision=bf16"], "train.precision: bf16 needs GPUs"),
+        (
+            "",
+            ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"],
+            "deepspeed.offload_params: needs deepspeed.zero_stage=3",
+        ),
+        ("", ["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: offloading to CPU needs GPU workers"),
+        ("", ["train.use_gpu=yes please"], "train.use_gpu: must be true or false"),
+        ("preset: huge\n", [], "preset: unknown preset 'huge'; valid presets: tiny, small, gpt2-124m, gpt-1b"),
+        ("- a\n- b\n", [], "must hold a mapping"),
+        ("", ["novalue"], "override 'novalue' must look like section.key=value"),
+        (
+            "",
+            ["train.num_workers=[3, 2]"],
+            "train.num_workers: must be a worker count or [min, max] with 1 <= min <= max",
+        ),
+        ("", ["train.num_workers=[2]"], "train.num_workers: must be a worker count or [min, max]"),
+        ("", ["train.num_workers=many"], "train.num_workers: must be an integer, got 'many' or must be a list"),
+        ("", ["train.elastic_batch=grow"], "train.elastic_batch: must be one of 'keep', 'scale'"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
     p = tmp_path / "c.yaml"
     p.write_text(yaml_text)
@@ -74,8 +85,10 @@ def test_data_path_follows_storage_path_unless_set(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     job = load_config(preset="tiny", overrides=[f"storage.path={tmp_path / 'storage'}"])
     assert job.data.path == local.data.path
-    assert load_config(preset="digits-cnn", overrides=["storage.path=s3://bucket/mf"]).data.path == \
-        "s3://bucket/mf/data/digits-cnn"
+    assert (
+        load_config(preset="digits-cnn", overrides=["storage.path=s3://bucket/mf"]).data.path
+        == "s3://bucket/mf/data/digits-cnn"
+    )
     assert load_config(preset="tiny", overrides=["data.path=mine"]).data.path == str(elsewhere / "mine")
 
 

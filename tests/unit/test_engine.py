@@ -108,8 +108,10 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(mode
 
     got = _drain(busy, others, on_step=join_late)
     assert got[id(late[0])][0] == ref
-    unseeded = _drain(e := _engine(model), [x := e.add(Job(prompt_ids=job.prompt_ids, max_tokens=12,
-                                                             temperature=temperature, top_p=top_p))])[id(x)][0]
+    unseeded = _drain(
+        e := _engine(model),
+        [x := e.add(Job(prompt_ids=job.prompt_ids, max_tokens=12, temperature=temperature, top_p=top_p))],
+    )[id(x)][0]
     assert unseeded != ref or temperature == 0  # the sampling really samples
 
 
@@ -159,7 +161,7 @@ def test_stop_strings_across_token_boundaries_end_the_request(model):
     s = engine.add(Job(prompt_ids=[3, 4], max_tokens=12, temperature=0, stop=[stop]))
     other = engine.add(Job(prompt_ids=[8], max_tokens=12, temperature=0))
     got = _drain(engine, [s, other])
-    assert got[id(s)][0] == full[:full.index(stop)] and got[id(s)][2] == "stop"
+    assert got[id(s)][0] == full[: full.index(stop)] and got[id(s)][2] == "stop"
     assert got[id(other)][2] == "length"
 
 

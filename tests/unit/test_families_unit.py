@@ -30,6 +30,7 @@ def test_registry_names_every_family_and_refuses_unknown_ones():
 
 def test_family_params_are_checked_naming_the_key():
     """The schema cannot know a family's params: the family checks them (load_config calls it)."""
+
     def check(family, params):
         check_config(Config(model=ModelConfig(family=family, params=params)))
 

@@ -89,11 +89,17 @@ def test_num_params_matches_manual_count():
         cfg = make_cfg(bias=bias)
         model = GPT(cfg)
         d, v, L, T, b = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.block_size, int(bias)
-        per_block = (2 * d * (1 + b)            # ln_1, ln_2
-                     + 3 * d * d + 3 * d * b    # c_attn
-                     + d * d + d * b            # attn c_proj
-                     + 4 * d * d + 4 * d * b    # c_fc
-                     + 4 * d * d + d * b)       # mlp c_proj
+        per_block = (
+            2 * d * (1 + b)  # ln_1, ln_2
+            + 3 * d * d
+            + 3 * d * b  # c_attn
+            + d * d
+            + d * b  # attn c_proj
+            + 4 * d * d
+            + 4 * d * b  # c_fc
+            + 4 * d * d
+            + d * b
+        )  # mlp c_proj
         total = v * d + T * d + L * per_block + d * (1 + b)  # wte (= lm_head), wpe, blocks, ln_f
         assert num_params(model) == total
         assert num_params(model) == sum(p.numel() for p in model.state_dict().values()) - v * d
@@ -124,7 +130,7 @@ def test_kv_cache_incremental_matches_full_forward():
     full = model(idx)
     cache = model.new_cache(3, 20)
     parts = [model(idx[:, :7], cache=cache)]  # prefill
-    parts += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # one token at a time
+    parts += [model(idx[:, t : t + 1], cache=cache) for t in range(7, 12)]  # one token at a time
     parts.append(model(idx[:, 12:], cache=cache))  # a multi-token chunk after decoding
     assert cache.length == 20
     assert (full - torch.cat(parts, dim=1)).abs().max().item() < 1e-5
@@ -139,19 +145,19 @@ def test_kv_cache_left_padded_batch_matches_unpadded_rows():
     idx = torch.full((2, P), 256, dtype=torch.long)
     mask = torch.zeros(2, P, dtype=torch.long)
     for b, p in enumerate(prompts):
-        idx[b, P - len(p):], mask[b, P - len(p):] = p, 1
+        idx[b, P - len(p) :], mask[b, P - len(p) :] = p, 1
 
     cache = model.new_cache(2, P + 4)
     logits = [model(idx, cache=cache, attention_mask=mask)]
     for t in range(4):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        logits.append(model(new_tokens[:, t:t + 1], cache=cache, attention_mask=mask))
+        logits.append(model(new_tokens[:, t : t + 1], cache=cache, attention_mask=mask))
     logits = torch.cat(logits, dim=1)
     assert torch.isfinite(logits).all()  # padding queries must not produce NaN
 
     for b, p in enumerate(prompts):
         ref = model(torch.cat([p, new_tokens[b]]).unsqueeze(0))[0]
-        got = logits[b, P - len(p):]
+        got = logits[b, P - len(p) :]
         assert (ref - got).abs().max().item() < 1e-5
     # Padding changes nothing for the full-length row versus running it alone.
     assert (logits[1] - model(torch.cat([prompts[1], new_tokens[1]])[None])[0]).abs().max() < 1e-5

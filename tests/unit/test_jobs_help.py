@@ -51,8 +51,14 @@ def test_every_job_is_covered():
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
 def test_job_help(job):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-X", "importtime", str(job.relative_to(ROOT)), "--help"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(job.relative_to(ROOT)), "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"{job.name} --help exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     usage = proc.stdout
     assert usage.startswith("usage:"), usage
@@ -60,7 +66,10 @@ def test_job_help(job):
         pattern = rf"(?<![\w-]){re.escape(arg)}(?![\w-])"
         assert re.search(pattern, usage), f"{job.name} --help does not mention {arg}:\n{usage}"
     # -X importtime lists every module imported: "import time: self | cumulative | name".
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
-                for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
     assert "modelfleet" in imported, "no -X importtime lines parsed"
     assert not HEAVY & imported, f"{job.name} --help imports {sorted(HEAVY & imported)}; keep them off this path"

@@ -27,8 +27,19 @@ def test_plan_counts_the_real_model_and_grows_with_the_batch():
 
 
 def test_plan_command_refuses_a_config_that_cannot_fit(capsys):
-    argv = ["plan", "--preset", "gpt-1b", "--set", "train.num_workers=1", "--set", "train.micro_batch_size=32",
-            "--set", "train.activation_checkpointing=false", "--gpu-memory-gib", "80"]
+    argv = [
+        "plan",
+        "--preset",
+        "gpt-1b",
+        "--set",
+        "train.num_workers=1",
+        "--set",
+        "train.micro_batch_size=32",
+        "--set",
+        "train.activation_checkpointing=false",
+        "--gpu-memory-gib",
+        "80",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "GiB per GPU but a GPU has 80.0 GiB" in err
@@ -52,19 +63,34 @@ def test_train_refuses_a_plan_that_cannot_fit_naming_the_cheapest_fix():
     from modelfleet.train.memory import check_fits
     from modelfleet.train.trainer import worker_gpu_gib
 
-    big = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32",
-                                                  "train.activation_checkpointing=false", "train.gpu_memory_gib=80"])
+    big = load_config(
+        preset="gpt-1b",
+        overrides=[
+            "train.num_workers=1",
+            "train.micro_batch_size=32",
+            "train.activation_checkpointing=false",
+            "train.gpu_memory_gib=80",
+        ],
+    )
     assert worker_gpu_gib(big) == 80.0  # the config's value wins; no cluster is asked
-    with pytest.raises(ConfigError, match=r"needs about \d+\.\d GiB per GPU but a GPU has 80\.0 GiB; the cheapest "
-                                          r"change that fits: --set train\.activation_checkpointing=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs about \d+\.\d GiB per GPU but a GPU has 80\.0 GiB; the cheapest "
+        r"change that fits: --set train\.activation_checkpointing=true",
+    ):
         check_fits(big, 80)
-    fixed = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32",
-                                                    "train.activation_checkpointing=true"])
+    fixed = load_config(
+        preset="gpt-1b",
+        overrides=["train.num_workers=1", "train.micro_batch_size=32", "train.activation_checkpointing=true"],
+    )
     assert check_fits(fixed, 80).fits
     # When recompute is already on, the next cheapest change is named (the same global batch).
     tight = load_config(preset="gpt-1b", overrides=["train.num_workers=1", "train.micro_batch_size=32"])
-    with pytest.raises(ConfigError, match=r"--set (deepspeed\.zero_stage=\d|train\.micro_batch_size=\d+ "
-                                          r"train\.grad_accum=\d+|train\.num_workers=2)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--set (deepspeed\.zero_stage=\d|train\.micro_batch_size=\d+ "
+        r"train\.grad_accum=\d+|train\.num_workers=2)",
+    ):
         check_fits(tight, 30)
     with pytest.raises(ConfigError, match=r"no single change fits; combine"):
         check_fits(tight, 4)

@@ -57,11 +57,17 @@ def test_the_engine_decodes_a_bf16_model():
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
     place(model, placement(0, "bfloat16", cuda_available=False, simulated=False, who="m"))
-    engine = Engine(model, eos_id=256, decode=lambda ids: bytes(i for i in ids if i < 256).decode("latin-1"),
-                    config=EngineConfig(max_num_seqs=2))
+    engine = Engine(
+        model,
+        eos_id=256,
+        decode=lambda ids: bytes(i for i in ids if i < 256).decode("latin-1"),
+        config=EngineConfig(max_num_seqs=2),
+    )
     assert engine.cache.k.dtype == torch.bfloat16
-    seqs = [engine.add(Job(prompt_ids=[1, 2, 3], max_tokens=5, temperature=0)),
-            engine.add(Job(prompt_ids=[9], max_tokens=4, temperature=0.7, seed=1))]
+    seqs = [
+        engine.add(Job(prompt_ids=[1, 2, 3], max_tokens=5, temperature=0)),
+        engine.add(Job(prompt_ids=[9], max_tokens=4, temperature=0.7, seed=1)),
+    ]
     while engine.has_work:
         engine.step()
     assert [s.produced for s in seqs] == [5, 4] or any(s.row.finish_reason == "stop" for s in seqs)

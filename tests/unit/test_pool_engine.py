@@ -41,8 +41,10 @@ def base_and_adapters(tmp_path_factory):
     dirs, refs = {}, {}
     for i, name in enumerate(["a", "b", "c"]):
         torch.manual_seed(10 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                                                            init_lora_weights=False)).eval()
+        pm = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False),
+        ).eval()
         d = tmp_path_factory.mktemp(f"adapter-{name}")
         pm.save_pretrained(d)
         dirs[name], refs[name] = str(d), pm
@@ -50,7 +52,7 @@ def base_and_adapters(tmp_path_factory):
 
 
 def _greedy(model, prompt, n=6):
-    return generate(model, torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    return generate(model, torch.tensor([prompt]), n, temperature=0)[0, len(prompt) :].tolist()
 
 
 def test_rows_with_different_adapters_share_a_step_and_decode_as_alone(base_and_adapters):
@@ -58,8 +60,13 @@ def test_rows_with_different_adapters_share_a_step_and_decode_as_alone(base_and_
     pool = AdapterPool(copy.deepcopy(base), get_family("gpt"))
     for name, d in dirs.items():
         pool.load(name, d)
-    engine = Engine(pool.model, eos_id=999, decode=lambda ids: ",".join(map(str, ids)),
-                    config=EngineConfig(max_num_seqs=4, prefill_chunk=64), adapters=pool)
+    engine = Engine(
+        pool.model,
+        eos_id=999,
+        decode=lambda ids: ",".join(map(str, ids)),
+        config=EngineConfig(max_num_seqs=4, prefill_chunk=64),
+        adapters=pool,
+    )
     which = ["a", "b", None, "c"]  # None: the base alone
     seqs = [engine.add(Job(prompt_ids=p, max_tokens=6, temperature=0, adapter=w)) for p, w in zip(PROMPTS, which)]
     tokens: dict[int, list[int]] = {id(s): [] for s in seqs}

@@ -61,13 +61,25 @@ def test_stdlib_sources_resolve():
     assert any(f.name == "decoder.py" for f in files)
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda d: [str(d / "nothing-*.txt")], "matches no files"),
-    (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and [str(d / "bad.jsonl")], "bad.jsonl:2: not valid JSON"),
-    (lambda d: (d / "k.jsonl").write_text('{"body": "x"}\n') and [str(d / "k.jsonl")], "k.jsonl:1: no string under data.text_column 'text'"),
-    (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "p.parquet") or [str(d / "p.parquet")], "no column data.text_column='text'; columns: body"),
-    (lambda d: (d / "tiny.txt").write_text("hi") and [str(d / "tiny.txt")], "yielded 3 tokens, fewer than"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: [str(d / "nothing-*.txt")], "matches no files"),
+        (
+            lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and [str(d / "bad.jsonl")],
+            "bad.jsonl:2: not valid JSON",
+        ),
+        (
+            lambda d: (d / "k.jsonl").write_text('{"body": "x"}\n') and [str(d / "k.jsonl")],
+            "k.jsonl:1: no string under data.text_column 'text'",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "p.parquet") or [str(d / "p.parquet")],
+            "no column data.text_column='text'; columns: body",
+        ),
+        (lambda d: (d / "tiny.txt").write_text("hi") and [str(d / "tiny.txt")], "yielded 3 tokens, fewer than"),
+    ],
+)
 def test_bad_sources(tmp_path, setup, message):
     sources = setup(tmp_path)
     with pytest.raises(DataError, match=message.replace("(", r"\(")):

@@ -22,8 +22,12 @@ SKIP_PARTS = {"__pycache__", ".pytest_cache", "node_modules"}
 _START = r"(?<![\w.$}/~-])"
 _TAIL = r"(?:/[^\s\"'`),;:]*)?(?=$|[\s\"'`),;:])"
 _MACHINE = re.compile(
-    _START + r"(?:/(?:work|root|Users|scratch|tmp|var/tmp|var/folders|private/var)" + _TAIL
-    + r"|/home/(?P<user>[A-Za-z0-9._-]+)" + _TAIL + ")"
+    _START
+    + r"(?:/(?:work|root|Users|scratch|tmp|var/tmp|var/folders|private/var)"
+    + _TAIL
+    + r"|/home/(?P<user>[A-Za-z0-9._-]+)"
+    + _TAIL
+    + ")"
     + r"|\b[A-Za-z]:\\Users\\[^\s\"'`]+"
 )
 
@@ -46,8 +50,9 @@ def machine_paths(line: str, container_homes: set[str]) -> list[str]:
 def _scanned() -> list[Path]:
     files = [ROOT / f for f in SCANNED_FILES if (ROOT / f).is_file()]
     for d in SCANNED_DIRS:
-        files += sorted(p for p in (ROOT / d).rglob("*")
-                        if p.is_file() and not SKIP_PARTS & set(p.relative_to(ROOT).parts))
+        files += sorted(
+            p for p in (ROOT / d).rglob("*") if p.is_file() and not SKIP_PARTS & set(p.relative_to(ROOT).parts)
+        )
     return files
 
 
@@ -62,27 +67,32 @@ def test_configs_name_no_path_of_one_machine():
         for n, line in enumerate(text.splitlines(), 1):
             for p in machine_paths(line, homes):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {p}    ({line.strip()[:100]})")
-    assert not offenders, ("absolute paths of one machine; use a relative path, ${ENV_VAR}, a /mnt/... "
-                           "mount or an s3:// URI:\n" + "\n".join(offenders))
+    assert not offenders, (
+        "absolute paths of one machine; use a relative path, ${ENV_VAR}, a /mnt/... "
+        "mount or an s3:// URI:\n" + "\n".join(offenders)
+    )
 
 
-@pytest.mark.parametrize("line, flagged", [
-    ("storage_path: /work/main/storage", ["/work/main/storage"]),
-    ("--set storage.path=/home/alice/runs", ["/home/alice/runs"]),
-    ("cache: /root/.cache/x", ["/root/.cache/x"]),
-    ("open /Users/bob/models", ["/Users/bob/models"]),
-    ("logs_dir: /tmp/ray-logs", ["/tmp/ray-logs"]),
-    ("--temp-dir /tmp", ["/tmp"]),
-    (r"C:\Users\eve\storage", [r"C:\Users\eve\storage"]),
-    ("WORKDIR /home/ray/modelfleet", []),        # the image's own user (deploy/Dockerfile)
-    ("mountPath: /mnt/modelfleet", []),
-    ("storage_path: ${MODELFLEET_STORAGE}", []),
-    ("uri: s3://bucket/tmp/run", []),
-    ("url: http://127.0.0.1:8265/root", []),
-    ("path: storage/work/x", []),
-    ("rm -rf /var/lib/apt/lists/*", []),
-    ("token: ~/.ray/auth_token", []),
-])
+@pytest.mark.parametrize(
+    "line, flagged",
+    [
+        ("storage_path: /work/main/storage", ["/work/main/storage"]),
+        ("--set storage.path=/home/alice/runs", ["/home/alice/runs"]),
+        ("cache: /root/.cache/x", ["/root/.cache/x"]),
+        ("open /Users/bob/models", ["/Users/bob/models"]),
+        ("logs_dir: /tmp/ray-logs", ["/tmp/ray-logs"]),
+        ("--temp-dir /tmp", ["/tmp"]),
+        (r"C:\Users\eve\storage", [r"C:\Users\eve\storage"]),
+        ("WORKDIR /home/ray/modelfleet", []),  # the image's own user (deploy/Dockerfile)
+        ("mountPath: /mnt/modelfleet", []),
+        ("storage_path: ${MODELFLEET_STORAGE}", []),
+        ("uri: s3://bucket/tmp/run", []),
+        ("url: http://127.0.0.1:8265/root", []),
+        ("path: storage/work/x", []),
+        ("rm -rf /var/lib/apt/lists/*", []),
+        ("token: ~/.ray/auth_token", []),
+    ],
+)
 def test_the_rule(line, flagged):
     assert machine_paths(line, {"ray"}) == flagged
 

@@ -16,17 +16,31 @@ from modelfleet.serve.generation import Job, generate_steps
 MODEL = {"name": "tiny", "artifact": "tiny@v1"}
 
 
-@pytest.mark.parametrize("models, key", [
-    ([{**MODEL, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}], "serve.models[0].autoscaling.min_replicas"),
-    ([{**MODEL, "autoscaling": {"min_replicas": 1, "initial_replicas": 5, "max_replicas": 2}}],
-     "serve.models[0].autoscaling.initial_replicas"),
-    ([MODEL, {**MODEL, "name": "b", "autoscaling": {"max_replicas": 0}}], "serve.models[1].autoscaling.max_replicas"),
-    ([{**MODEL, "batching": {"max_batch_size": 32}, "max_ongoing_requests": 8}], "serve.models[0].max_ongoing_requests"),
-    ([{**MODEL, "ray_actor_options": {"num_gpus": 1.5}}], "serve.models[0].ray_actor_options.num_gpus"),
-    ([{**MODEL, "autoscalling": {}}], "serve.models[0].autoscalling"),
-    ([{**MODEL, "name": "bad name"}], "serve.models[0].name"),
-    ([], "serve.models"),
-])
+@pytest.mark.parametrize(
+    "models, key",
+    [
+        (
+            [{**MODEL, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}],
+            "serve.models[0].autoscaling.min_replicas",
+        ),
+        (
+            [{**MODEL, "autoscaling": {"min_replicas": 1, "initial_replicas": 5, "max_replicas": 2}}],
+            "serve.models[0].autoscaling.initial_replicas",
+        ),
+        (
+            [MODEL, {**MODEL, "name": "b", "autoscaling": {"max_replicas": 0}}],
+            "serve.models[1].autoscaling.max_replicas",
+        ),
+        (
+            [{**MODEL, "batching": {"max_batch_size": 32}, "max_ongoing_requests": 8}],
+            "serve.models[0].max_ongoing_requests",
+        ),
+        ([{**MODEL, "ray_actor_options": {"num_gpus": 1.5}}], "serve.models[0].ray_actor_options.num_gpus"),
+        ([{**MODEL, "autoscalling": {}}], "serve.models[0].autoscalling"),
+        ([{**MODEL, "name": "bad name"}], "serve.models[0].name"),
+        ([], "serve.models"),
+    ],
+)
 def test_bad_values_name_their_key_path(models, key):
     with pytest.raises(ConfigError) as e:
         parse_serve_config({"models": models})
@@ -34,8 +48,17 @@ def test_bad_values_name_their_key_path(models, key):
 
 
 def test_valid_config_defaults_and_scale_to_zero():
-    cfg = parse_serve_config({"models": [{**MODEL, "autoscaling": {"min_replicas": 0, "max_replicas": 4},
-                                          "ray_actor_options": {"num_gpus": 0.25}}]})
+    cfg = parse_serve_config(
+        {
+            "models": [
+                {
+                    **MODEL,
+                    "autoscaling": {"min_replicas": 0, "max_replicas": 4},
+                    "ray_actor_options": {"num_gpus": 0.25},
+                }
+            ]
+        }
+    )
     assert cfg.host == "127.0.0.1" and cfg.models[0].autoscaling.to_serve()["min_replicas"] == 0
     assert cfg.models[0].ray_actor_options.to_serve() == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert parse_serve_config(cfg.model_dump()) == cfg  # round-trips through the Serve args
@@ -43,7 +66,9 @@ def test_valid_config_defaults_and_scale_to_zero():
 
 def test_root_config_serve_section_is_validated(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("serve:\n  models:\n    - {name: tiny, artifact: tiny, autoscaling: {min_replicas: 2, max_replicas: 1}}\n")
+    y.write_text(
+        "serve:\n  models:\n    - {name: tiny, artifact: tiny, autoscaling: {min_replicas: 2, max_replicas: 1}}\n"
+    )
     with pytest.raises(ConfigError, match=r"^serve\.models\[0\]\.autoscaling\.min_replicas: must be <= max_replicas"):
         load_config(y)
     y.write_text("serve:\n  port: 8123\n  models: [{name: tiny, artifact: tiny}]\n")
@@ -57,7 +82,9 @@ def test_request_schemas():
         oa.CompletionRequest.model_validate({"prompt": "hi", "max_tokenz": 3})
     with pytest.raises(ValidationError):
         oa.CompletionRequest(prompt="hi", n=2)
-    chat = oa.ChatCompletionRequest(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    chat = oa.ChatCompletionRequest(
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
     assert chat.prompt() == "### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\n"
     assert oa.CHAT_STOP in chat.sampling()["stop"]
 
@@ -73,7 +100,9 @@ def test_auth(monkeypatch, tmp_path):
         auth.load_api_key(parse_serve_config({"models": [MODEL], "api_key_file": str(tmp_path / "absent")}))
     monkeypatch.delenv("MF_TEST_KEY")
     with pytest.raises(ConfigError, match="require_api_key") as e:
-        auth.load_api_key(parse_serve_config({"models": [MODEL], "api_key_env": "MF_TEST_KEY", "require_api_key": True}))
+        auth.load_api_key(
+            parse_serve_config({"models": [MODEL], "api_key_env": "MF_TEST_KEY", "require_api_key": True})
+        )
     assert "sk-1" not in str(e.value)
 
 
@@ -105,17 +134,25 @@ def test_batched_left_padded_generation_matches_each_request_alone_and_the_refer
 
     model = _model()
     prompts = [[10, 20, 30, 40, 50], [7], [1, 2, 3]]
-    jobs = [Job(prompt_ids=p, max_tokens=6, temperature=temperature, top_p=top_p, seed=s)
-            for s, p in enumerate(prompts)]
+    jobs = [
+        Job(prompt_ids=p, max_tokens=6, temperature=temperature, top_p=top_p, seed=s) for s, p in enumerate(prompts)
+    ]
     texts, tokens, reasons = _run(model, jobs)
     # Left padding and company change nothing: a seeded request samples the same text alone.
     assert texts == [_run(model, [j])[0][0] for j in jobs]
     for j, text, n, reason in zip(jobs, texts, tokens, reasons):
         # The reference decoder (unpadded, its own loop) draws through the same sampler with the
         # same seed, so it produces the same tokens, up to the end of text.
-        ref = generate(model, torch.tensor([j.prompt_ids]), 6, temperature=temperature, top_p=top_p,
-                       generator=torch.Generator().manual_seed(j.seed), eos_id=256)[0, len(j.prompt_ids):].tolist()
-        ref = ref[:ref.index(256)] if 256 in ref else ref
+        ref = generate(
+            model,
+            torch.tensor([j.prompt_ids]),
+            6,
+            temperature=temperature,
+            top_p=top_p,
+            generator=torch.Generator().manual_seed(j.seed),
+            eos_id=256,
+        )[0, len(j.prompt_ids) :].tolist()
+        ref = ref[: ref.index(256)] if 256 in ref else ref
         assert text == _text(ref) and n == len(ref)
         assert reason == ("stop" if len(ref) < 6 else "length")
     greedy = _run(model, [Job(prompt_ids=j.prompt_ids, max_tokens=6, temperature=0) for j in jobs])[0]
@@ -139,7 +176,7 @@ def test_stop_strings_end_the_row_and_are_not_returned():
     full = _run(model, [Job(prompt_ids=[3, 4], max_tokens=10, temperature=0)])[0][0]
     stop = full[4:6]
     texts, _, reasons = _run(model, [Job(prompt_ids=[3, 4], max_tokens=10, temperature=0, stop=[stop])])
-    assert texts[0] == full[:full.index(stop)] and reasons[0] == "stop"
+    assert texts[0] == full[: full.index(stop)] and reasons[0] == "stop"
 
 
 @pytest.mark.parametrize("server", ["LMServer", "Predictor"])
@@ -170,13 +207,25 @@ def test_no_key_on_an_exposed_host_fails_closed():
 
 
 def test_pool_variants_are_validated_and_unique_across_the_application():
-    cfg = parse_serve_config({"models": [{"name": "base", "artifact": "tiny@v1", "variants": {"a": "ft-a@v1"}},
-                                         {"name": "other", "artifact": "x"}]})
+    cfg = parse_serve_config(
+        {
+            "models": [
+                {"name": "base", "artifact": "tiny@v1", "variants": {"a": "ft-a@v1"}},
+                {"name": "other", "artifact": "x"},
+            ]
+        }
+    )
     assert cfg.has_pools and cfg.models[0].variants == {"a": "ft-a@v1"} and cfg.models[1].variants is None
     assert cfg.models[0].max_models_per_replica == 8
     with pytest.raises(ConfigError, match=r"serve\.models: \[0\]\.variants: 'other' is already the name"):
-        parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {"other": "x"}},
-                                       {"name": "other", "artifact": "x"}]})
+        parse_serve_config(
+            {
+                "models": [
+                    {"name": "base", "artifact": "b", "variants": {"other": "x"}},
+                    {"name": "other", "artifact": "x"},
+                ]
+            }
+        )
     with pytest.raises(ConfigError, match=r"serve\.models\[0\]\.variants: name 'a b' is invalid"):
         parse_serve_config({"models": [{"name": "base", "artifact": "b", "variants": {"a b": "x"}}]})
     with pytest.raises(ConfigError, match=r"serve\.models\[0\]\.max_models_per_replica"):
@@ -189,9 +238,11 @@ def test_lora_params_are_checked_naming_their_key():
 
     ok = load_config(preset="tiny", overrides=["model.params.lora.base=tiny@v1", "model.params.lora.r=4"])
     assert check_config(ok).model.params["lora"]["r"] == 4
-    for bad, match in ((["model.params.lora.r=0"], r"model\.params\.lora\.r: must be >= 1"),
-                       (["model.params.lora.rank=4"], r"model\.params\.lora\.rank: unknown key"),
-                       ([], r"model\.params\.lora\.base: is empty")):
+    for bad, match in (
+        (["model.params.lora.r=0"], r"model\.params\.lora\.r: must be >= 1"),
+        (["model.params.lora.rank=4"], r"model\.params\.lora\.rank: unknown key"),
+        ([], r"model\.params\.lora\.base: is empty"),
+    ):
         with pytest.raises(ConfigError, match=match):
             check_config(load_config(preset="tiny", overrides=["model.params.lora.alpha=8", *bad]))
 
@@ -204,11 +255,33 @@ def test_lora_sections_load_from_yaml_for_either_language_family(tmp_path):
     assert load_config(gpt).model.params["lora"] == {"base": "tiny@v1", "r": 4}
     # A preset of another family: its params are replaced, and the hf family checks the new ones.
     hf = tmp_path / "hf.yaml"
-    hf.write_text(yaml.safe_dump({"preset": "tiny", "model": {"family": "hf-causal-lm", "params": {
-        "path": str(tmp_path), "block_size": 32, "lora": {"base": "hf-base@v2", "target_modules": ["c_attn"]}}}}))
+    hf.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "model": {
+                    "family": "hf-causal-lm",
+                    "params": {
+                        "path": str(tmp_path),
+                        "block_size": 32,
+                        "lora": {"base": "hf-base@v2", "target_modules": ["c_attn"]},
+                    },
+                },
+            }
+        )
+    )
     cfg = load_config(hf, overrides=["model.params.lora.alpha=32"])
     assert cfg.model.params["lora"] == {"base": "hf-base@v2", "target_modules": ["c_attn"], "alpha": 32}
-    hf.write_text(yaml.safe_dump({"preset": "tiny", "model": {"family": "hf-causal-lm", "params": {
-        "path": str(tmp_path), "lora": {"base": "b", "rank": 4}}}}))
+    hf.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "model": {
+                    "family": "hf-causal-lm",
+                    "params": {"path": str(tmp_path), "lora": {"base": "b", "rank": 4}},
+                },
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"model\.params\.lora\.rank: unknown key"):
         load_config(hf)

@@ -9,8 +9,7 @@ from modelfleet.config import ModelConfig
 from modelfleet.data.tokenizer import ByteTokenizer, tokenizer_from_spec
 
 
-@pytest.mark.parametrize("text", ["hello, world\n", "naïve café — Größe", "日本語テキスト",
-                                  "emoji 🚀👩‍👩‍👧 ok", ""])
+@pytest.mark.parametrize("text", ["hello, world\n", "naïve café — Größe", "日本語テキスト", "emoji 🚀👩‍👩‍👧 ok", ""])
 def test_round_trip(text):
     tok = ByteTokenizer()
     ids = tok.encode(text)

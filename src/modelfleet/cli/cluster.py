@@ -12,14 +12,23 @@ from modelfleet.errors import ConfigError
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
-        spec = local.load_spec(args.cluster_config, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                               gpus_per_node=args.gpus_per_node, head_gpus=args.head_gpus, isolated=args.isolated,
-                               dashboard_port=args.dashboard_port,
-                               serve_port=args.serve_port, gcs_port=args.gcs_port,
-                               auth="disabled" if args.no_auth else None)
+        spec = local.load_spec(
+            args.cluster_config,
+            nodes=args.nodes,
+            cpus_per_node=args.cpus_per_node,
+            gpus_per_node=args.gpus_per_node,
+            head_gpus=args.head_gpus,
+            isolated=args.isolated,
+            dashboard_port=args.dashboard_port,
+            serve_port=args.serve_port,
+            gcs_port=args.gcs_port,
+            auth="disabled" if args.no_auth else None,
+        )
         st = local.up(spec)
-        print(f"cluster up: {spec.nodes} nodes x ({spec.cpus_per_node} CPU, {spec.gpus_per_node} GPU)"
-              + (", worker nodes isolated (each its own /tmp)" if spec.isolated else ""))
+        print(
+            f"cluster up: {spec.nodes} nodes x ({spec.cpus_per_node} CPU, {spec.gpus_per_node} GPU)"
+            + (", worker nodes isolated (each its own /tmp)" if spec.isolated else "")
+        )
         print(f"  Ray address  {st.gcs_address}   (auth: {spec.auth})")
         print(f"  dashboard    {st.dashboard_url}  (Jobs API; 127.0.0.1 only)")
         print(f"  Serve        http://127.0.0.1:{spec.serve_port}")
@@ -52,8 +61,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job_id = jobs.submit(args.job, args.config, args.overrides, preset=args.preset,
-                         submission_id=args.submission_id, extra_args=args.args, addr=args.address)
+    job_id = jobs.submit(
+        args.job,
+        args.config,
+        args.overrides,
+        preset=args.preset,
+        submission_id=args.submission_id,
+        extra_args=args.args,
+        addr=args.address,
+    )
     print(f"submitted {args.job} as {job_id}")
     if not args.wait:
         print(f"follow it: modelfleet jobs logs {job_id} --follow")

@@ -36,8 +36,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     meta = family.prepare(cfg, overwrite=args.overwrite)
     splits = " / ".join(f"{meta[f'{s}_rows']} {s}" for s in ("train", "val", "test") if f"{s}_rows" in meta)
     unit = f"sequences of {meta['seq_len']} tokens" if "seq_len" in meta else "rows"
-    print(f"prepared {splits} {unit} of {', '.join(cfg.data.sources)} for family {cfg.model.family} "
-          f"-> {cfg.data.path}")
+    print(f"prepared {splits} {unit} of {', '.join(cfg.data.sources)} for family {cfg.model.family} -> {cfg.data.path}")
     return 0
 
 
@@ -85,8 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{m}: {s['mean']:.4f} +- {s['std']:.4f}  (folds: {', '.join(f'{v:.4f}' for v in s['scores'])})")
         print(f"report: {out}/kfold.json")
         return 0
-    result = evaluate_artifact(ref.uri, data, split=args.split, concurrency=args.concurrency,
-                               num_gpus=args.num_gpus)
+    result = evaluate_artifact(ref.uri, data, split=args.split, concurrency=args.concurrency, num_gpus=args.num_gpus)
     files = write_report(result, out, run_dir=run_dir_of(ref.uri, storage))
     for k, v in result["metrics"].items():
         if isinstance(v, float):

@@ -28,19 +28,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def run_demo(cfg: Config) -> int:
     t0 = time.time()
-    print(f"== modelfleet demo: preset {cfg.preset}, ZeRO-{cfg.deepspeed.zero_stage}, "
-          f"{cfg.train.num_workers} workers, {cfg.train.max_steps} steps")
+    print(
+        f"== modelfleet demo: preset {cfg.preset}, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"{cfg.train.num_workers} workers, {cfg.train.max_steps} steps"
+    )
     if not os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
         meta = prepare_dataset(cfg.data, cfg.model.block_size, ByteTokenizer())
-        print(f"== prepared {meta['train_rows']} train / {meta['val_rows']} val sequences "
-              f"from {meta['num_documents']} Python stdlib files -> {cfg.data.path}")
+        print(
+            f"== prepared {meta['train_rows']} train / {meta['val_rows']} val sequences "
+            f"from {meta['num_documents']} Python stdlib files -> {cfg.data.path}"
+        )
     res = train(cfg)
     evals = [m for m in _read_metrics(res.run_dir) if m["kind"] == "eval"]
     print("== validation loss by step: " + ", ".join(f"{e['step']}: {e['val_loss']:.3f}" for e in evals))
     if len(evals) >= 2 and evals[-1]["val_loss"] < evals[0]["val_loss"]:
         print(f"== validation loss fell {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
-    print(f"== time to first step {res.timings.get('time_to_first_step_s', float('nan')):.1f} s, "
-          f"total {time.time() - t0:.1f} s")
+    print(
+        f"== time to first step {res.timings.get('time_to_first_step_s', float('nan')):.1f} s, "
+        f"total {time.time() - t0:.1f} s"
+    )
     if not res.artifact:
         print("== no artifact exported; nothing to serve")
         return 1
@@ -56,19 +62,34 @@ def run_demo(cfg: Config) -> int:
 # Short delays so the demo shows a scale-up and a scale-down within a minute; a production
 # config keeps Serve's longer defaults (see deploy/modelfleet-serve.yaml).
 DEMO_SERVE: dict = {
-    "app_name": "modelfleet-demo", "host": "127.0.0.1", "port": 8000,
-    "models": [{"name": "tiny", "ray_actor_options": {"num_cpus": 1},
-                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-                "max_ongoing_requests": 4,
-                "autoscaling": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
-                                "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 5,
-                                "metrics_interval_s": 0.5, "look_back_period_s": 2}}],
+    "app_name": "modelfleet-demo",
+    "host": "127.0.0.1",
+    "port": 8000,
+    "models": [
+        {
+            "name": "tiny",
+            "ray_actor_options": {"num_cpus": 1},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+            "max_ongoing_requests": 4,
+            "autoscaling": {
+                "min_replicas": 1,
+                "initial_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 5,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2,
+            },
+        }
+    ],
 }
 PROMPTS = ["def main(", "import os\n", "class Parser:", "    return ", "# Copyright", "for line in "]
 
 
-def serve_demo(cfg: Config, artifact: str, *, requests: int = 96, concurrency: int = 8,
-               max_burst_s: float = 90.0) -> None:
+def serve_demo(
+    cfg: Config, artifact: str, *, requests: int = 96, concurrency: int = 8, max_burst_s: float = 90.0
+) -> None:
     """Deploy ``artifact`` with autoscaling, keep a bounded burst going until the autoscaler adds a
     replica (at least ``requests`` requests, at most ``max_burst_s``), show replicas rising and
     falling, print some completions, then delete the app and stop Serve. If no scale-up happens
@@ -107,13 +128,17 @@ def serve_demo(cfg: Config, artifact: str, *, requests: int = 96, concurrency: i
                 if (i >= requests and scaled) or time.time() - t_burst > max_burst_s:
                     return
                 prompt = PROMPTS[i % len(PROMPTS)]
-                r = c.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 48,
-                                                          "temperature": 0.8, "seed": i})
-                results.append((r.status_code, prompt, r.json()["choices"][0]["text"] if r.status_code == 200
-                                else r.text))
+                r = c.post(
+                    f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 48, "temperature": 0.8, "seed": i}
+                )
+                results.append(
+                    (r.status_code, prompt, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
+                )
 
-    print(f"== burst at concurrency {concurrency} until the autoscaler adds a replica (at least {requests} "
-          f"requests, at most {max_burst_s:.0f} s); replicas start at {counts[0][1]}")
+    print(
+        f"== burst at concurrency {concurrency} until the autoscaler adds a replica (at least {requests} "
+        f"requests, at most {max_burst_s:.0f} s); replicas start at {counts[0][1]}"
+    )
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -121,11 +146,14 @@ def serve_demo(cfg: Config, artifact: str, *, requests: int = 96, concurrency: i
     elapsed = time.time() - t_burst
     ok = sum(1 for code, _, _ in results if code == 200)
     peak = max(n for _, n in counts)
-    print(f"== {ok}/{len(results)} answered in {elapsed:.1f} s ({len(results) / elapsed:.1f} req/s); "
-          f"peak replicas {peak}")
+    print(
+        f"== {ok}/{len(results)} answered in {elapsed:.1f} s ({len(results) / elapsed:.1f} req/s); peak replicas {peak}"
+    )
     if peak < max_replicas:
-        print(f"== no scale-up seen: within {max_burst_s:.0f} s the autoscaler kept {peak} replica(s) "
-              f"(target_ongoing_requests=1, max {max_replicas}); on a busy machine the burst may not queue enough")
+        print(
+            f"== no scale-up seen: within {max_burst_s:.0f} s the autoscaler kept {peak} replica(s) "
+            f"(target_ongoing_requests=1, max {max_replicas}); on a busy machine the burst may not queue enough"
+        )
     for _, prompt, text in results[:3]:
         print(f"   {prompt!r} -> {text[:60]!r}")
     try:

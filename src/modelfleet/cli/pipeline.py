@@ -25,8 +25,12 @@ def pipeline_main(cfg: Config) -> int:
         raise ConfigError("the training run left no complete checkpoint to export; nothing to deploy")
     label = f"{res.artifact.name}@{res.artifact.version}"
     served = cfg.serve.models
-    models = [m.model_copy(update={"artifact": label})
-              if len(served) == 1 or m.artifact.partition("@")[0] == res.artifact.name else m for m in served]
+    models = [
+        m.model_copy(update={"artifact": label})
+        if len(served) == 1 or m.artifact.partition("@")[0] == res.artifact.name
+        else m
+        for m in served
+    ]
     cfg.serve = cfg.serve.model_copy(update={"models": models})
     print(f"trained {res.run_name}; deploying {label}")
     return serve_main(cfg, detach=True)

@@ -27,7 +27,9 @@ def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = Fa
     """Deploy the config's serve section; keep serving until Ctrl-C if this process owns the cluster."""
 
     if cfg.serve is None:
-        raise ConfigError("serve: this config has no serve section; add serve.models (see deploy/modelfleet-serve.yaml)")
+        raise ConfigError(
+            "serve: this config has no serve section; add serve.models (see deploy/modelfleet-serve.yaml)"
+        )
     serve_cfg = cfg.serve if cfg.serve.storage_path else cfg.serve.model_copy(update={"storage_path": cfg.storage.path})
     if insecure_no_auth:
         serve_cfg = serve_cfg.model_copy(update={"insecure_no_auth": True})
@@ -38,8 +40,11 @@ def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = Fa
     if verify_auth(sc)["auth"]:
         print("auth: on (requests need 'Authorization: Bearer <key>')")
     else:
-        print(f"WARNING: auth is OFF: anyone who can reach {sc.host}:{sc.port} can use these models "
-              f"(set {sc.api_key_env} where the cluster runs, or serve.api_key_file)", file=sys.stderr)
+        print(
+            f"WARNING: auth is OFF: anyone who can reach {sc.host}:{sc.port} can use these models "
+            f"(set {sc.api_key_env} where the cluster runs, or serve.api_key_file)",
+            file=sys.stderr,
+        )
     print(f"try: modelfleet generate 'def main(' --url {base}")
     if detach and not started:
         return 0
@@ -74,8 +79,11 @@ def generate_main(args: argparse.Namespace) -> int:
             out = client.complete(args.url, args.prompt, model=args.model, api_key=key, **params)
             print(args.prompt + out["choices"][0]["text"])
             u = out["usage"]
-            print(f"[{out['model']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
-                  f"finish_reason={out['choices'][0]['finish_reason']}]", file=sys.stderr)
+            print(
+                f"[{out['model']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                f"finish_reason={out['choices'][0]['finish_reason']}]",
+                file=sys.stderr,
+            )
     except (client.ServeRequestError, client.httpx.HTTPError) as e:
         print(f"modelfleet generate: error: {e}", file=sys.stderr)
         return 1
@@ -126,8 +134,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if args.add and not args.artifact:
             raise ConfigError("--add: name the adapter with --artifact (name@vN or a path/URI)")
         _attach(start_local=False)
-        print(f"app {args.app}: pool {args.name}: "
-              f"{update_pool(args.app, args.name, add=(args.add, args.artifact) if args.add else None, remove=args.remove)}")
+        print(
+            f"app {args.app}: pool {args.name}: "
+            f"{update_pool(args.app, args.name, add=(args.add, args.artifact) if args.add else None, remove=args.remove)}"
+        )
         return 0
     if not args.artifact:
         raise ConfigError("--artifact: required (vN, latest, name@vN, or an artifact path/URI)")

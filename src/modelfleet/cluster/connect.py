@@ -38,8 +38,10 @@ def connect(*, num_cpus: int | None = None, log_to_driver: bool = True, start_lo
             ray.init(address="auto", log_to_driver=log_to_driver)
         except ConnectionError:
             if not start_local:
-                raise ConfigError("no Ray cluster is running (start one with `modelfleet cluster up`, "
-                                  "`ray start --head` or `modelfleet serve CONFIG`)") from None
+                raise ConfigError(
+                    "no Ray cluster is running (start one with `modelfleet cluster up`, "
+                    "`ray start --head` or `modelfleet serve CONFIG`)"
+                ) from None
             cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
             apply_haproxy_env()  # Serve's ingress mode, before Ray starts the processes that read it
             ray.init(num_cpus=cpus, log_to_driver=log_to_driver)

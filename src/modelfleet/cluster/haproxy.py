@@ -61,8 +61,9 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
     base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="mfh-", dir="/tmp"))
     # HAProxy refuses unix socket paths over 97 bytes, and Ray adds a 56-character directory.
     if len(str(base)) + 1 + 56 + len("/metrics.sock") > 97:
-        raise ValueError(f"HAProxy state directory {str(base)!r} is too long for its unix sockets "
-                         f"(at most {97 - 70} characters)")
+        raise ValueError(
+            f"HAProxy state directory {str(base)!r} is too long for its unix sockets (at most {97 - 70} characters)"
+        )
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o700)
     env = {

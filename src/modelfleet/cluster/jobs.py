@@ -20,10 +20,18 @@ from modelfleet.errors import ConfigError, JobError
 from modelfleet.presets import load_config
 
 # Never uploaded: environments, data, outputs and VCS metadata (Ray's upload limit is 500 MiB).
-EXCLUDES = [".venv/", ".git/", "storage/", "runs/", "tools/", "bench/results/", "**/__pycache__/",
-            "*.egg-info/", ".pytest_cache/"]
+EXCLUDES = [
+    ".venv/",
+    ".git/",
+    "storage/",
+    "runs/",
+    "tools/",
+    "bench/results/",
+    "**/__pycache__/",
+    "*.egg-info/",
+    ".pytest_cache/",
+]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-
 
 
 def address() -> str:
@@ -45,12 +53,14 @@ def client(addr: str | None = None) -> Any:
     try:
         return JobSubmissionClient(addr)
     except ConnectionError as e:
-        raise JobError(f"cannot reach the Ray Jobs API at {addr}: {e} (is a cluster up? "
-                       "`modelfleet cluster up`)") from None
+        raise JobError(
+            f"cannot reach the Ray Jobs API at {addr}: {e} (is a cluster up? `modelfleet cluster up`)"
+        ) from None
 
 
-def build_entrypoint(job: str, config: str | None, overrides: list[str], *, preset: str | None = None,
-                     workdir: str = ".") -> tuple[str, dict[str, Any]]:
+def build_entrypoint(
+    job: str, config: str | None, overrides: list[str], *, preset: str | None = None, workdir: str = "."
+) -> tuple[str, dict[str, Any]]:
     """Validate the config here (fail before anything starts) and build the job's command line."""
     if job not in JOBS:
         raise ConfigError(f"job {job!r} is not one of {', '.join(JOBS)}")
@@ -62,8 +72,9 @@ def build_entrypoint(job: str, config: str | None, overrides: list[str], *, pres
     if config:
         cpath = Path(config).resolve()
         if wd not in cpath.parents:
-            raise ConfigError(f"config {config!r} is outside the working directory {wd}; the job only "
-                              "sees files uploaded from it")
+            raise ConfigError(
+                f"config {config!r} is outside the working directory {wd}; the job only sees files uploaded from it"
+            )
         args += ["--config", str(cpath.relative_to(wd))]
     if preset:
         args += ["--preset", preset]
@@ -75,9 +86,17 @@ def build_entrypoint(job: str, config: str | None, overrides: list[str], *, pres
     return shlex.join(args), {"run_name": cfg.storage.run_name, "storage": cfg.storage.path}
 
 
-def submit(job: str, config: str | None, overrides: list[str], *, preset: str | None = None,
-           submission_id: str | None = None, extra_args: list[str] = (), addr: str | None = None,
-           env: dict[str, str] | None = None) -> str:
+def submit(
+    job: str,
+    config: str | None,
+    overrides: list[str],
+    *,
+    preset: str | None = None,
+    submission_id: str | None = None,
+    extra_args: list[str] = (),
+    addr: str | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """Submit ``jobs/<job>.py``; refuses an id that already exists."""
     entry, info = build_entrypoint(job, config, overrides, preset=preset)
     if extra_args:
@@ -89,14 +108,27 @@ def submit(job: str, config: str | None, overrides: list[str], *, preset: str | 
         except RuntimeError:  # "does not exist": the id is free
             old = None
         if old is not None:
-            raise JobError(f"submission id {submission_id!r} already exists (status {old.status}); "
-                           "choose another id, or `modelfleet jobs status` it")
-    runtime_env = {"working_dir": ".", "excludes": EXCLUDES,
-                   "env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-                                "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1", **(env or {})}}
+            raise JobError(
+                f"submission id {submission_id!r} already exists (status {old.status}); "
+                "choose another id, or `modelfleet jobs status` it"
+            )
+    runtime_env = {
+        "working_dir": ".",
+        "excludes": EXCLUDES,
+        "env_vars": {
+            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+            "RAY_TRAIN_V2_ENABLED": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        },
+    }
     try:
-        return c.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=submission_id,
-                            metadata={"modelfleet_job": job, "run_name": info["run_name"]})
+        return c.submit_job(
+            entrypoint=entry,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"modelfleet_job": job, "run_name": info["run_name"]},
+        )
     except RuntimeError as e:
         raise JobError(f"submitting {job} failed: {e}") from None
 
@@ -104,8 +136,16 @@ def submit(job: str, config: str | None, overrides: list[str], *, preset: str | 
 def list_jobs(addr: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for j in client(addr).list_jobs():
-        rows.append({"id": j.submission_id, "status": str(j.status), "entrypoint": j.entrypoint,
-                     "message": j.message or "", "start_time": j.start_time, "end_time": j.end_time})
+        rows.append(
+            {
+                "id": j.submission_id,
+                "status": str(j.status),
+                "entrypoint": j.entrypoint,
+                "message": j.message or "",
+                "start_time": j.start_time,
+                "end_time": j.end_time,
+            }
+        )
     return sorted(rows, key=lambda r: r["start_time"] or 0)
 
 
@@ -114,8 +154,14 @@ def status(job_id: str, addr: str | None = None) -> dict[str, Any]:
         j = client(addr).get_job_info(job_id)
     except RuntimeError:
         raise JobError(f"no job with id {job_id!r}; `modelfleet jobs list` shows the ids") from None
-    out = {"id": j.submission_id, "status": str(j.status), "entrypoint": j.entrypoint,
-           "message": j.message or "", "error_type": j.error_type, "driver_exit_code": j.driver_exit_code}
+    out = {
+        "id": j.submission_id,
+        "status": str(j.status),
+        "entrypoint": j.entrypoint,
+        "message": j.message or "",
+        "error_type": j.error_type,
+        "driver_exit_code": j.driver_exit_code,
+    }
     if str(j.status) == "FAILED":
         # Ray's message says "exited with code 2"; the last lines of the log say why.
         tail = [ln for ln in logs(job_id, addr).strip().splitlines() if ln.strip()][-3:]

@@ -28,9 +28,18 @@ from modelfleet.cluster.haproxy import apply_haproxy_env
 from modelfleet.errors import ConfigError
 
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
-DEFAULTS: dict[str, Any] = {"nodes": 3, "cpus_per_node": 4, "gpus_per_node": 2, "dashboard_port": 8265,
-                            "serve_port": 8000, "gcs_port": 6380, "object_store_memory_mb": 512,
-                            "auth": "token", "head_gpus": None, "isolated": False}
+DEFAULTS: dict[str, Any] = {
+    "nodes": 3,
+    "cpus_per_node": 4,
+    "gpus_per_node": 2,
+    "dashboard_port": 8265,
+    "serve_port": 8000,
+    "gcs_port": 6380,
+    "object_store_memory_mb": 512,
+    "auth": "token",
+    "head_gpus": None,
+    "isolated": False,
+}
 _PROJECT_DEFAULTS = Path(__file__).resolve().parents[3] / "cluster" / "local.yaml"
 # Marker resource: the trainer picks the gloo backend on clusters whose GPUs are simulated.
 SIMULATED = "modelfleet_simulated_gpu_node"
@@ -145,9 +154,13 @@ def read_state() -> ClusterState | None:
     if not f.is_file():
         return None
     d = json.loads(f.read_text())
-    return ClusterState(spec=ClusterSpec(**d["spec"]), temp_dir=d["temp_dir"],
-                        nodes=[NodeState(**n) for n in d["nodes"]], started_at=d["started_at"],
-                        node_ip=d.get("node_ip", "127.0.0.1"))
+    return ClusterState(
+        spec=ClusterSpec(**d["spec"]),
+        temp_dir=d["temp_dir"],
+        nodes=[NodeState(**n) for n in d["nodes"]],
+        started_at=d["started_at"],
+        node_ip=d.get("node_ip", "127.0.0.1"),
+    )
 
 
 def _write_state(st: ClusterState) -> None:
@@ -190,12 +203,14 @@ def _ours(temp_dir: str, *, daemons_only: bool = False, gcs: str | None = None) 
         try:
             cmd = p.info["cmdline"] or []
             # (The raylet's own command line mentions default_worker.py inside a longer flag.)
-            if daemons_only and (not cmd or cmd[0].startswith("ray::")
-                                 or any(a.endswith("default_worker.py") for a in cmd)):
+            if daemons_only and (
+                not cmd or cmd[0].startswith("ray::") or any(a.endswith("default_worker.py") for a in cmd)
+            ):
                 continue
             # Ray's client server names the GCS address but not the temp dir.
-            if any(temp_dir in a for a in cmd) or (gcs and "ray.util.client.server" in cmd
-                                                   and f"--address={gcs}" in cmd):
+            if any(temp_dir in a for a in cmd) or (
+                gcs and "ray.util.client.server" in cmd and f"--address={gcs}" in cmd
+            ):
                 pids.add(p.info["pid"])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -212,14 +227,22 @@ def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
     base = spec.gcs_port
     lo = 20000 + i * 1000  # each node its own worker-port range: raylets do not coordinate ports
     resources = {SIMULATED: 1} if spec.gpus_per_node or spec.gpus_of(0) else {}
-    return [f"--num-cpus={spec.cpus_per_node}", f"--num-gpus={spec.gpus_of(i)}",
-            f"--resources={json.dumps(resources)}",
-            f"--node-manager-port={base + 10 + i}", f"--object-manager-port={base + 30 + i}",
-            f"--dashboard-agent-listen-port={base + 50 + i}", f"--dashboard-agent-grpc-port={base + 70 + i}",
-            f"--runtime-env-agent-port={base + 90 + i}", f"--metrics-export-port={base + 110 + i}",
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}",
-            f"--object-store-memory={spec.object_store_memory_mb * 2**20}",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    return [
+        f"--num-cpus={spec.cpus_per_node}",
+        f"--num-gpus={spec.gpus_of(i)}",
+        f"--resources={json.dumps(resources)}",
+        f"--node-manager-port={base + 10 + i}",
+        f"--object-manager-port={base + 30 + i}",
+        f"--dashboard-agent-listen-port={base + 50 + i}",
+        f"--dashboard-agent-grpc-port={base + 70 + i}",
+        f"--runtime-env-agent-port={base + 90 + i}",
+        f"--metrics-export-port={base + 110 + i}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 999}",
+        f"--object-store-memory={spec.object_store_memory_mb * 2**20}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
 
 
 def _isolate(cmd: list[str]) -> list[str]:
@@ -231,8 +254,19 @@ def _isolate(cmd: list[str]) -> list[str]:
     if unshare is None:
         raise ConfigError("cluster.isolated: needs the `unshare` command (util-linux) to give each node its own /tmp")
     userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    return [unshare, *userns, "--mount", "--propagation", "private", "--", "sh", "-c",
-            'mount -t tmpfs -o mode=1777 modelfleet-node /tmp && exec "$@"', "sh", *cmd]
+    return [
+        unshare,
+        *userns,
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o mode=1777 modelfleet-node /tmp && exec "$@"',
+        "sh",
+        *cmd,
+    ]
 
 
 def _node_cmd(st: ClusterState, i: int) -> list[str]:
@@ -254,8 +288,9 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
     os.environ["RAY_AUTH_MODE"] = spec.auth  # before Ray is imported: it reads the mode once
     old = read_state()
     if old is not None and any(_alive(n) for n in old.nodes):
-        raise ConfigError(f"a simulated cluster is already up (GCS {old.gcs_address}); "
-                          "run `modelfleet cluster down` first")
+        raise ConfigError(
+            f"a simulated cluster is already up (GCS {old.gcs_address}); run `modelfleet cluster down` first"
+        )
     _check_ports_free(spec)
     if spec.auth == "token":
         # `ray start` refuses token mode without a token; on a fresh machine make one
@@ -269,8 +304,7 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
     from ray._private.services import get_node_ip_address
 
     # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.
-    st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(),
-                      node_ip=get_node_ip_address())
+    st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(), node_ip=get_node_ip_address())
     # A SIGTERM (a supervisor's timeout, `kill`) must unwind through the cleanup below too.
     main = threading.current_thread() is threading.main_thread()  # signals: main thread only
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
@@ -296,15 +330,26 @@ def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
         before = _ours(temp_dir, daemons_only=True, gcs=st.gcs_address)
         t0 = time.time()
         if i == 0:
-            cmd = [ray, "start", "--head", f"--port={spec.gcs_port}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}",
-                   "--include-dashboard=true", "--ray-client-server-port", str(spec.gcs_port + 130),
-                   *_node_args(spec, i, temp_dir)]
+            cmd = [
+                ray,
+                "start",
+                "--head",
+                f"--port={spec.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={spec.dashboard_port}",
+                "--include-dashboard=true",
+                "--ray-client-server-port",
+                str(spec.gcs_port + 130),
+                *_node_args(spec, i, temp_dir),
+            ]
         else:
             cmd = _node_cmd(st, i)
         _start(cmd, spec, f"{name} node")
-        node = NodeState(name=name, node_manager_port=spec.gcs_port + 10 + i,
-                         pids=sorted(_ours(temp_dir, daemons_only=True, gcs=st.gcs_address) - before))
+        node = NodeState(
+            name=name,
+            node_manager_port=spec.gcs_port + 10 + i,
+            pids=sorted(_ours(temp_dir, daemons_only=True, gcs=st.gcs_address) - before),
+        )
         st.nodes.append(node)
         _write_state(st)  # after every node: a failed `up` can still be taken `down`
         log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_of(i)} GPU) in {time.time() - t0:.1f} s")
@@ -313,12 +358,17 @@ def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
 def _check_ports_free(spec: ClusterSpec) -> None:
     import socket
 
-    for port, what in ((spec.gcs_port, "gcs_port"), (spec.dashboard_port, "dashboard_port"),
-                       (spec.serve_port, "serve_port")):
+    for port, what in (
+        (spec.gcs_port, "gcs_port"),
+        (spec.dashboard_port, "dashboard_port"),
+        (spec.serve_port, "serve_port"),
+    ):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                raise ConfigError(f"cluster.{what}: port {port} on 127.0.0.1 is already in use; "
-                                  f"choose another with --{what.replace('_', '-')}")
+                raise ConfigError(
+                    f"cluster.{what}: port {port} on 127.0.0.1 is already in use; "
+                    f"choose another with --{what.replace('_', '-')}"
+                )
 
 
 def _driver(st: ClusterState) -> Any:
@@ -366,9 +416,15 @@ def status(st: ClusterState) -> list[dict[str, Any]]:
         info = nodes.get(node.node_id)
         total = dict(getattr(info, "resources_total", {}) or {})
         avail = free.get(node.node_id, {})
-        rows.append({"name": node.name, "node_id": node.node_id, "state": getattr(info, "state", "UNKNOWN"),
-                     "cpu": f"{avail.get('CPU', 0):g}/{total.get('CPU', 0):g}",
-                     "gpu": f"{avail.get('GPU', 0):g}/{total.get('GPU', 0):g}"})
+        rows.append(
+            {
+                "name": node.name,
+                "node_id": node.node_id,
+                "state": getattr(info, "state", "UNKNOWN"),
+                "cpu": f"{avail.get('CPU', 0):g}/{total.get('CPU', 0):g}",
+                "gpu": f"{avail.get('GPU', 0):g}/{total.get('GPU', 0):g}",
+            }
+        )
     return rows
 
 

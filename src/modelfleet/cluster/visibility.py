@@ -33,13 +33,19 @@ def check_visible_everywhere(path: str, key: str) -> None:
         f.write("ok")
     try:
         probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
-        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(marker) for n in nodes}
+        refs = {
+            n["NodeID"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(marker)
+            for n in nodes
+        }
         blind = [(nid, n["NodeManagerAddress"]) for nid, n in zip(refs, nodes) if not ray.get(refs[nid], timeout=120)]
     finally:
         os.remove(marker)
     if blind:
         names = ", ".join(f"{nid[:12]} ({addr})" for nid, addr in blind)
-        raise ConfigError(f"{key}: {path} is not visible on {len(blind)} of {len(nodes)} nodes ({names}): it is local "
-                          "to this node; on a multi-node cluster every node reads and writes it, so use shared "
-                          "storage: an object store (s3://bucket/prefix) or a mount every node has")
+        raise ConfigError(
+            f"{key}: {path} is not visible on {len(blind)} of {len(nodes)} nodes ({names}): it is local "
+            "to this node; on a multi-node cluster every node reads and writes it, so use shared "
+            "storage: an object store (s3://bucket/prefix) or a mount every node has"
+        )

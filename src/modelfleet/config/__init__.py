@@ -7,5 +7,16 @@ from modelfleet.config.schema import Config, DataConfig, DeepSpeedConfig, ModelC
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "ModelConfig", "ModelSpec", "ServeConfig",
-           "StorageConfig", "TrainConfig", "parse_serve_config", "resolve_paths"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "ModelConfig",
+    "ModelSpec",
+    "ServeConfig",
+    "StorageConfig",
+    "TrainConfig",
+    "parse_serve_config",
+    "resolve_paths",
+]

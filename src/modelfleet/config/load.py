@@ -14,8 +14,13 @@ from modelfleet.errors import ConfigError
 from modelfleet.storage import StorageLayout, is_remote
 
 
-def load_config(path: str | os.PathLike | None, *, presets: Mapping[str, Callable[[], Config]],
-                preset: str | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None,
+    *,
+    presets: Mapping[str, Callable[[], Config]],
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
     """Build a Config: a preset from ``presets`` (named by ``--preset``, the YAML's ``preset:``
     key, or ``tiny``), then the YAML file's sections, then ``key=value`` overrides."""
     raw: dict[str, Any] = {}
@@ -99,5 +104,3 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
             if cur[part] is None and i + 1 >= free_from:
                 cur[part] = {}
             cur = cur[part]
-
-

@@ -42,8 +42,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             check(getattr(self, k) > 0, f"model.{k}", f"must be > 0, got {getattr(self, k)}")
-        check(self.n_embd % self.n_head == 0, "model.n_head",
-               f"must divide model.n_embd={self.n_embd}, got {self.n_head}")
+        check(
+            self.n_embd % self.n_head == 0, "model.n_head", f"must divide model.n_embd={self.n_embd}, got {self.n_head}"
+        )
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -70,10 +71,8 @@ class DataConfig:
     and quality gates read it, training never does."""
 
     def __post_init__(self) -> None:
-        check(0.0 < self.test_fraction < 0.5, "data.test_fraction",
-               f"must be in (0, 0.5), got {self.test_fraction}")
-        check(0.0 < self.val_fraction < 0.5, "data.val_fraction",
-               f"must be in (0, 0.5), got {self.val_fraction}")
+        check(0.0 < self.test_fraction < 0.5, "data.test_fraction", f"must be in (0, 0.5), got {self.test_fraction}")
+        check(0.0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         check(self.rows_per_shard > 0, "data.rows_per_shard", f"must be > 0, got {self.rows_per_shard}")
 
 
@@ -157,28 +156,39 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.num_workers, list):
-            check(len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
-                  "train.num_workers", f"must be a worker count or [min, max] with 1 <= min <= max, "
-                  f"got {self.num_workers}")
-        check(self.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s",
-              f"must be > 0, got {self.elastic_resize_interval_s}")
-        for k in ("micro_batch_size", "grad_accum", "max_steps", "eval_batches",
-                  "log_every", "keep_checkpoints"):
+            check(
+                len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
+                "train.num_workers",
+                f"must be a worker count or [min, max] with 1 <= min <= max, got {self.num_workers}",
+            )
+        check(
+            self.elastic_resize_interval_s > 0,
+            "train.elastic_resize_interval_s",
+            f"must be > 0, got {self.elastic_resize_interval_s}",
+        )
+        for k in ("micro_batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep_checkpoints"):
             check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
         check(self.min_workers > 0, "train.num_workers", f"must be > 0, got {self.num_workers}")
-        for k in ("warmup_steps", "eval_every", "checkpoint_every", "max_failures", "grad_clip",
-                  "weight_decay"):
+        for k in ("warmup_steps", "eval_every", "checkpoint_every", "max_failures", "grad_clip", "weight_decay"):
             check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        check(self.gpu_memory_gib >= 0, "train.gpu_memory_gib", f"must be >= 0 (0 = from the accelerator type), "
-              f"got {self.gpu_memory_gib}")
-        check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio",
-               f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
-               f"must be two numbers in [0, 1), got {self.betas}")
-        check(self.precision == "fp32" or self.use_gpu, "train.precision",
-               f"{self.precision} needs GPUs (train.use_gpu=true); on CPU use fp32")
+        check(
+            self.gpu_memory_gib >= 0,
+            "train.gpu_memory_gib",
+            f"must be >= 0 (0 = from the accelerator type), got {self.gpu_memory_gib}",
+        )
+        check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        check(
+            self.precision == "fp32" or self.use_gpu,
+            "train.precision",
+            f"{self.precision} needs GPUs (train.use_gpu=true); on CPU use fp32",
+        )
 
 
 @dataclass(kw_only=True)
@@ -191,12 +201,17 @@ class DeepSpeedConfig:
     """Keep parameters on CPU (ZeRO-3 only)."""
 
     def __post_init__(self) -> None:
-        check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
-               f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        check(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
-               "needs deepspeed.zero_stage >= 1 (ZeRO-0 has no optimizer partition to offload)")
-        check(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params",
-               f"needs deepspeed.zero_stage=3, got zero_stage={self.zero_stage}")
+        check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "deepspeed.offload_optimizer",
+            "needs deepspeed.zero_stage >= 1 (ZeRO-0 has no optimizer partition to offload)",
+        )
+        check(
+            not self.offload_params or self.zero_stage == 3,
+            "deepspeed.offload_params",
+            f"needs deepspeed.zero_stage=3, got zero_stage={self.zero_stage}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -212,8 +227,11 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.path), "storage.path", "must not be empty")
-        check("/" not in self.run_name and ".." not in self.run_name, "storage.run_name",
-               f"must be a plain name without '/' or '..', got {self.run_name!r}")
+        check(
+            "/" not in self.run_name and ".." not in self.run_name,
+            "storage.run_name",
+            f"must be a plain name without '/' or '..', got {self.run_name!r}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -240,9 +258,12 @@ class Config:
             self.serve = parse_serve_config(self.serve)
         # Cross-section checks: settings that are each valid but cannot run together.
         for k in ("offload_optimizer", "offload_params"):
-            check(not getattr(self.deepspeed, k) or self.train.use_gpu, f"deepspeed.{k}",
-                   "offloading to CPU needs GPU workers (train.use_gpu=true); on CPU workers the "
-                   "states already live in CPU memory, so set it to false")
+            check(
+                not getattr(self.deepspeed, k) or self.train.use_gpu,
+                f"deepspeed.{k}",
+                "offloading to CPU needs GPU workers (train.use_gpu=true); on CPU workers the "
+                "states already live in CPU memory, so set it to false",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON-able): what travels to jobs, workers and manifests."""
@@ -253,5 +274,3 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         return build(cls, d, "")
-
-

@@ -36,13 +36,19 @@ class _Strict(BaseModel):
 class AutoscalingSpec(_Strict):
     """Ray Serve autoscaling for one model deployment (request-based policy)."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 scales to zero (requests wait for a cold start).")
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest replicas; 0 scales to zero (requests wait for a cold start)."
+    )
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; defaults to min_replicas.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before scaling up.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before scaling down.")
-    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Delay for the 1 -> 0 step; defaults to downscale_delay_s.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Delay for the 1 -> 0 step; defaults to downscale_delay_s."
+    )
     metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas and handles report load.")
     look_back_period_s: float = Field(30.0, gt=0, description="Window the load is averaged over; > metrics_interval_s.")
 
@@ -51,11 +57,16 @@ class AutoscalingSpec(_Strict):
         if self.min_replicas > self.max_replicas:
             raise _FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise _FieldError("initial_replicas", f"must be in [min_replicas={self.min_replicas}, "
-                              f"max_replicas={self.max_replicas}], got {self.initial_replicas}")
+            raise _FieldError(
+                "initial_replicas",
+                f"must be in [min_replicas={self.min_replicas}, "
+                f"max_replicas={self.max_replicas}], got {self.initial_replicas}",
+            )
         if self.look_back_period_s <= self.metrics_interval_s:
-            raise _FieldError("look_back_period_s", f"must be > metrics_interval_s ({self.metrics_interval_s}), "
-                              f"got {self.look_back_period_s}")
+            raise _FieldError(
+                "look_back_period_s",
+                f"must be > metrics_interval_s ({self.metrics_interval_s}), got {self.look_back_period_s}",
+            )
         return self
 
     def to_serve(self) -> dict[str, Any]:
@@ -84,60 +95,98 @@ class BatchingSpec(_Strict):
     """How concurrent requests share forward passes. Language models: continuous batching (requests
     join and leave the running batch between decode steps). Other families: ``@serve.batch``."""
 
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together; for language models "
-                                                             "the KV-cache slots (sequences) per replica.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Predict families: how long the first "
-                                                                       "request waits for others.")
-    prefill_chunk_tokens: int = Field(64, ge=1, le=8192, description="Language models: most prompt tokens prefilled "
-                                                                     "per decode step (long prompts take several "
-                                                                     "steps, so running streams keep flowing).")
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most requests decoded together; for language models the KV-cache slots (sequences) per replica.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="Predict families: how long the first request waits for others."
+    )
+    prefill_chunk_tokens: int = Field(
+        64,
+        ge=1,
+        le=8192,
+        description="Language models: most prompt tokens prefilled "
+        "per decode step (long prompts take several "
+        "steps, so running streams keep flowing).",
+    )
 
 
 class ModelSpec(_Strict):
     """One served artifact = one Serve deployment."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
-                      description="Model id clients send as `model` (also names the deployment).")
-    artifact: str = Field(min_length=1, description="Registry `name`, `name@vN`, a local artifact dir or a pyarrow URI.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Model id clients send as `model` (also names the deployment).",
+    )
+    artifact: str = Field(
+        min_length=1, description="Registry `name`, `name@vN`, a local artifact dir or a pyarrow URI."
+    )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count when `autoscaling` is not set.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling; replaces num_replicas.")
-    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica works on at once (>= max_batch_size).")
-    max_queued_requests: int = Field(64, ge=-1, description="Requests waiting per caller before overload errors; -1 = no limit.")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Requests one replica works on at once (>= max_batch_size)."
+    )
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests waiting per caller before overload errors; -1 = no limit."
+    )
     overload_status: Literal[503, 429] = Field(503, description="HTTP status for requests rejected by the queue limit.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds sent with overload errors.")
     ray_actor_options: ActorResources = Field(default_factory=ActorResources, description="Per-replica resources.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Request batching.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' dtype on the replica: auto = bfloat16 on a GPU, float32 on CPU.")
+        "auto", description="Weights' dtype on the replica: auto = bfloat16 on a GPU, float32 on CPU."
+    )
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
-    max_surge_percent: int = Field(100, ge=0, le=100,
-                                   description="Extra replicas during a rolling update; > 0 starts new replicas "
-                                               "before old ones stop (no gap in capacity).")
+    max_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Extra replicas during a rolling update; > 0 starts new replicas "
+        "before old ones stop (no gap in capacity).",
+    )
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve calls each replica's health check.")
-    health_check_timeout_s: float = Field(30.0, gt=0, description="A check that fails or takes longer marks the "
-                                                                  "replica unhealthy: Serve replaces it.")
-    graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description="How long a stopping replica (scale-down, "
-                                                                       "update) may finish in-flight requests.")
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="A check that fails or takes longer marks the replica unhealthy: Serve replaces it."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, ge=0, description="How long a stopping replica (scale-down, update) may finish in-flight requests."
+    )
     variants: dict[str, str] | None = Field(
-        None, description="Makes this model a pool: variant name -> LoRA adapter artifact trained over `artifact` "
-                          "(the base). A request's `model` picks a variant; replicas hold the base once and an LRU "
-                          "of variants, and Serve routes each request to a replica holding its variant. Set {} for "
-                          "a pool with no variants yet (`modelfleet deploy POOL --add`).")
-    max_models_per_replica: int = Field(8, ge=1, le=1024, description="Pools: most variants one replica holds at "
-                                                                      "once; the least recently used leaves first.")
+        None,
+        description="Makes this model a pool: variant name -> LoRA adapter artifact trained over `artifact` "
+        "(the base). A request's `model` picks a variant; replicas hold the base once and an LRU "
+        "of variants, and Serve routes each request to a replica holding its variant. Set {} for "
+        "a pool with no variants yet (`modelfleet deploy POOL --add`).",
+    )
+    max_models_per_replica: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Pools: most variants one replica holds at once; the least recently used leaves first.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":
         for v in self.variants or {}:
             if not _NAME.fullmatch(v):
-                raise _FieldError("variants", f"name {v!r} is invalid: use 1-63 letters, digits, '.', '_' or '-' "
-                                  "starting with a letter or digit")
+                raise _FieldError(
+                    "variants",
+                    f"name {v!r} is invalid: use 1-63 letters, digits, '.', '_' or '-' starting with a letter or digit",
+                )
         if self.autoscaling is not None and self.num_replicas != 1:
-            raise _FieldError("num_replicas", "cannot be set together with autoscaling; use "
-                              "autoscaling.min_replicas/max_replicas instead")
+            raise _FieldError(
+                "num_replicas",
+                "cannot be set together with autoscaling; use autoscaling.min_replicas/max_replicas instead",
+            )
         if self.batching.max_batch_size > self.max_ongoing_requests:
-            raise _FieldError("max_ongoing_requests", f"must be >= batching.max_batch_size "
-                              f"({self.batching.max_batch_size}) or batches never fill, got {self.max_ongoing_requests}")
+            raise _FieldError(
+                "max_ongoing_requests",
+                f"must be >= batching.max_batch_size "
+                f"({self.batching.max_batch_size}) or batches never fill, got {self.max_ongoing_requests}",
+            )
         return self
 
 
@@ -167,21 +216,34 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
     storage_path: str = Field("", description="Registry root for `name`/`name@vN` artifacts; empty = storage.path.")
     models: list[ModelSpec] = Field(min_length=1, description="The artifacts to serve, one deployment each.")
-    api_key_env: str | None = Field("MODELFLEET_API_KEY", description="Env var holding the API key (read by the ingress).")
+    api_key_env: str | None = Field(
+        "MODELFLEET_API_KEY", description="Env var holding the API key (read by the ingress)."
+    )
     api_key_file: str | None = Field(None, description="File holding the API key; wins over api_key_env.")
     require_api_key: bool = Field(False, description="Refuse to start when no API key is configured.")
-    insecure_no_auth: bool = Field(False, description="Allow serving without an API key on a non-loopback host "
-                                                      "(refused otherwise).")
+    insecure_no_auth: bool = Field(
+        False, description="Allow serving without an API key on a non-loopback host (refused otherwise)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=64, description="Largest request body; bigger ones get 413.")
-    body_timeout_s: float = Field(10.0, gt=0, le=600, description="A request body not received within this "
-                                                                "gets 408 (slow or stalled clients).")
-    request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Time to response headers before a 504; "
-                                                                     "a client header cannot lift it. Streams "
-                                                                     "are bounded by idle time instead.")
-    one_hop: bool = Field(True, description="A single-model app's replicas serve HTTP themselves (no ingress "
-                                            "deployment between); several models always go through the ingress.")
-    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment settings "
-                                                                          "(multi-model apps, or one_hop: false).")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request body not received within this gets 408 (slow or stalled clients)."
+    )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="Time to response headers before a 504; "
+        "a client header cannot lift it. Streams "
+        "are bounded by idle time instead.",
+    )
+    one_hop: bool = Field(
+        True,
+        description="A single-model app's replicas serve HTTP themselves (no ingress "
+        "deployment between); several models always go through the ingress.",
+    )
+    ingress: IngressSpec = Field(
+        default_factory=IngressSpec, description="Ingress deployment settings (multi-model apps, or one_hop: false)."
+    )
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Replica logging.")
 
     @model_validator(mode="after")
@@ -194,8 +256,11 @@ class ServeConfig(_Strict):
         for i, m in enumerate(self.models):  # a request's `model` must name one thing
             for v in m.variants or {}:
                 if v in seen:
-                    raise _FieldError("models", f"[{i}].variants: {v!r} is already the name of a model or of "
-                                      "another variant; names must be unique across the application")
+                    raise _FieldError(
+                        "models",
+                        f"[{i}].variants: {v!r} is already the name of a model or of "
+                        "another variant; names must be unique across the application",
+                    )
                 seen.add(v)
         return self
 
@@ -207,8 +272,9 @@ class ServeConfig(_Strict):
         for m in self.models:
             if m.name == name:
                 return m
-        raise ConfigError(f"serve.models: no model named {name!r}; served models: "
-                          f"{', '.join(m.name for m in self.models)}")
+        raise ConfigError(
+            f"serve.models: no model named {name!r}; served models: {', '.join(m.name for m in self.models)}"
+        )
 
 
 def _key_path(loc: tuple[Any, ...], prefix: str) -> str:

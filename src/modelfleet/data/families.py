@@ -35,14 +35,18 @@ MISSING_FRACTION = 0.1
 
 # ---------------------------------------------------------------- sources
 
+
 def load_source(source: str, seed: int) -> pd.DataFrame:
     """The raw table for one ``data.sources`` entry; DataError naming it when unknown."""
-    loaders = {"sklearn:digits": _digits, "sklearn:diabetes": _diabetes,
-               "sklearn:breast_cancer": _breast_cancer, "synthetic:topics": _topics,
-               "synthetic:interactions": _interactions}
+    loaders = {
+        "sklearn:digits": _digits,
+        "sklearn:diabetes": _diabetes,
+        "sklearn:breast_cancer": _breast_cancer,
+        "synthetic:topics": _topics,
+        "synthetic:interactions": _interactions,
+    }
     if source not in loaders:
-        raise DataError(f"data.sources: unknown source {source!r} for this family; valid sources: "
-                        f"{', '.join(loaders)}")
+        raise DataError(f"data.sources: unknown source {source!r} for this family; valid sources: {', '.join(loaders)}")
     return loaders[source](np.random.default_rng(seed))
 
 
@@ -87,9 +91,11 @@ TOPICS = {
     "politics": "vote election senate policy minister party law debate campaign parliament tax court",
     "food": "recipe bread cheese soup flavor kitchen bake spice dinner fruit sauce chef",
 }
-FILLER = ("the a of and to in is was for on that with as it at by this from they we say her she he "
-          "will one all would there their what so up out if about who get which go me when make "
-          "can like time no just him know take people into year your good some could them see").split()
+FILLER = (
+    "the a of and to in is was for on that with as it at by this from they we say her she he "
+    "will one all would there their what so up out if about who get which go me when make "
+    "can like time no just him know take people into year your good some could them see"
+).split()
 
 
 def _topics(rng: np.random.Generator, n: int = 2400) -> pd.DataFrame:
@@ -114,8 +120,9 @@ def _topics(rng: np.random.Generator, n: int = 2400) -> pd.DataFrame:
     return pd.DataFrame({"text": texts, "label": np.array(labels, np.int64)})
 
 
-def _interactions(rng: np.random.Generator, users: int = 300, items: int = 120, groups: int = 4,
-                  per_user: int = 20) -> pd.DataFrame:
+def _interactions(
+    rng: np.random.Generator, users: int = 300, items: int = 120, groups: int = 4, per_user: int = 20
+) -> pd.DataFrame:
     """Users like one item group best: 80% of their interactions fall in it, weighted by item
     popularity; the rest are random. A recommender must learn each user's group."""
     item_group = rng.integers(groups, size=items)
@@ -135,6 +142,7 @@ def _interactions(rng: np.random.Generator, users: int = 300, items: int = 120, 
 
 # ---------------------------------------------------------------- splits
 
+
 def split_rows(df: pd.DataFrame, data: DataConfig, *, group: str | None = None) -> dict[str, pd.DataFrame]:
     """Deterministic train/val/test split from ``data.seed``; with ``group``, every group (e.g.
     each user) is split on its own, so every user has training and held-out rows."""
@@ -146,12 +154,13 @@ def split_rows(df: pd.DataFrame, data: DataConfig, *, group: str | None = None) 
         n_test = max(1, round(len(g) * data.test_fraction))
         n_val = max(1, round(len(g) * data.val_fraction))
         parts["test"].append(g.iloc[idx[:n_test]])
-        parts["val"].append(g.iloc[idx[n_test:n_test + n_val]])
-        parts["train"].append(g.iloc[idx[n_test + n_val:]])
+        parts["val"].append(g.iloc[idx[n_test : n_test + n_val]])
+        parts["train"].append(g.iloc[idx[n_test + n_val :]])
     return {s: pd.concat(p).reset_index(drop=True) for s, p in parts.items()}
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _to_table(df: pd.DataFrame) -> pa.Table:
     cols = {}
@@ -173,17 +182,30 @@ def read_raw(path: str, split: str) -> pd.DataFrame:
 def read_rows(directory: str) -> pd.DataFrame:
     """A directory of Parquet files as pandas (fixed-size list columns as one array per row)."""
     t = pq.read_table(directory)
-    return pd.DataFrame({c: (list(t[c].combine_chunks().flatten().to_numpy().reshape(len(t), -1))
-                             if pa.types.is_fixed_size_list(t[c].type) else t[c].to_numpy(zero_copy_only=False))
-                         for c in t.column_names})
+    return pd.DataFrame(
+        {
+            c: (
+                list(t[c].combine_chunks().flatten().to_numpy().reshape(len(t), -1))
+                if pa.types.is_fixed_size_list(t[c].type)
+                else t[c].to_numpy(zero_copy_only=False)
+            )
+            for c in t.column_names
+        }
+    )
 
 
-def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: str,
-                 extra_meta: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
+def write_splits(
+    family: Any,
+    model: Any,
+    splits: dict[str, pd.DataFrame],
+    out: str,
+    extra_meta: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Fit the transform on ``splits['train']``, write raw and model-ready splits (the transform
     applied with Ray Data ``map_batches``), transform.json and meta.json; renamed into place."""
     import ray
-
 
     check_destination(out, overwrite)
     transform = family.fit_transform(splits["train"], model)
@@ -195,13 +217,19 @@ def write_splits(family: Any, model: Any, splits: dict[str, pd.DataFrame], out: 
             storage.makedirs(storage.join(staging, "raw", s))
             pq.write_table(_to_table(df), storage.join(staging, "raw", s, "part-00000.parquet"))
         for s in ("train", "val"):
-            (ray.data.read_parquet(storage.join(staging, "raw", s))
-             .map_batches(transform.apply, batch_format="numpy", batch_size=1024)
-             .write_parquet(storage.join(staging, s)))
-        meta = {"format_version": 1, "family": family.name,
-                **{f"{s}_rows": len(df) for s, df in splits.items()},
-                **transform.meta(), **extra_meta,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (
+                ray.data.read_parquet(storage.join(staging, "raw", s))
+                .map_batches(transform.apply, batch_format="numpy", batch_size=1024)
+                .write_parquet(storage.join(staging, s))
+            )
+        meta = {
+            "format_version": 1,
+            "family": family.name,
+            **{f"{s}_rows": len(df) for s, df in splits.items()},
+            **transform.meta(),
+            **extra_meta,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         storage.write_text(storage.join(staging, TRANSFORM_FILE), json.dumps(transform.state, indent=1))
         storage.write_text(storage.join(staging, "meta.json"), json.dumps(meta, indent=1))  # last: the marker
         storage.commit_tree(staging, out)
@@ -219,5 +247,6 @@ def prepare_family_dataset(family: Any, cfg: Any, *, overwrite: bool = False) ->
         raise DataError(f"data.sources: family {family.name!r} reads exactly one source, got {data.sources}")
     raw = family.load_raw(data.sources[0], data.seed)
     splits = family.split(raw, data)
-    return write_splits(family, cfg.model, splits, data.path, {"sources": list(data.sources), "seed": data.seed},
-                        overwrite=overwrite)
+    return write_splits(
+        family, cfg.model, splits, data.path, {"sources": list(data.sources), "seed": data.seed}, overwrite=overwrite
+    )

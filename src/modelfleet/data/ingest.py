@@ -24,7 +24,7 @@ def resolve_sources(sources: list[str]) -> list[Path]:
     for entry in sources:
         pattern = entry
         if entry.startswith("stdlib:"):
-            pattern = os.path.join(sysconfig.get_paths()["stdlib"], entry[len("stdlib:"):])
+            pattern = os.path.join(sysconfig.get_paths()["stdlib"], entry[len("stdlib:") :])
         matches = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
         files: list[Path] = []
         for m in matches:

@@ -23,6 +23,7 @@ from modelfleet.errors import DataError
 
 def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite: bool = False) -> dict:
     """Tokenize ``cfg.sources`` into ``cfg.path``; returns the dataset's meta.json contents."""
+
     # Bytes are the byte tokenizer's ids: one vectorised conversion per document.
     def encode(doc: str) -> np.ndarray:
         return np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -30,8 +31,9 @@ def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite:
     return write_token_rows(cfg, seq_len, encode, tokenizer.eos_id, tokenizer.spec(), overwrite=overwrite)
 
 
-def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, tokenizer_spec: dict,
-                     *, overwrite: bool = False) -> dict:
+def write_token_rows(
+    cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, tokenizer_spec: dict, *, overwrite: bool = False
+) -> dict:
     """Documents -> ``encode`` -> rows of ``seq_len + 1`` token ids in train/val Parquet shards
     (also used by ``hf-causal-lm`` with a Hugging Face tokenizer)."""
     if not cfg.path:
@@ -50,15 +52,23 @@ def write_token_rows(cfg: DataConfig, seq_len: int, encode: Any, eos_id: int, to
     row = seq_len + 1
     n_rows = len(tokens) // row
     if n_rows < 2:
-        raise DataError(f"data.sources yielded {len(tokens)} tokens, fewer than the 2*(seq_len+1) = "
-                        f"{2 * row} needed for one training and one validation sequence")
+        raise DataError(
+            f"data.sources yielded {len(tokens)} tokens, fewer than the 2*(seq_len+1) = "
+            f"{2 * row} needed for one training and one validation sequence"
+        )
     rows = tokens[: n_rows * row].reshape(n_rows, row)
     rows = rows[np.random.default_rng(cfg.seed).permutation(n_rows)]
     n_val = min(n_rows - 1, max(1, round(n_rows * cfg.val_fraction)))
     meta = {
-        "format_version": 1, "seq_len": seq_len, "tokenizer": tokenizer_spec,
-        "train_rows": n_rows - n_val, "val_rows": n_val, "train_tokens": (n_rows - n_val) * seq_len,
-        "num_documents": n_docs, "sources": [str(p) for p in paths], "seed": cfg.seed,
+        "format_version": 1,
+        "seq_len": seq_len,
+        "tokenizer": tokenizer_spec,
+        "train_rows": n_rows - n_val,
+        "val_rows": n_val,
+        "train_tokens": (n_rows - n_val) * seq_len,
+        "num_documents": n_docs,
+        "sources": [str(p) for p in paths],
+        "seed": cfg.seed,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     staging = storage.begin_tree(out)
@@ -87,7 +97,7 @@ def _write_split(d: str, rows: np.ndarray, per_shard: int) -> None:
     storage.makedirs(d)
     width = rows.shape[1]
     for i, start in enumerate(range(0, len(rows), per_shard)):
-        part = rows[start:start + per_shard]
+        part = rows[start : start + per_shard]
         # fixed_size_list keeps rows rectangular: Ray Data hands each batch over as one 2-D array.
         col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1), pa.int32()), width)
         pq.write_table(pa.table({"tokens": col}), storage.join(d, f"part-{i:05d}.parquet"))
@@ -98,8 +108,9 @@ def read_meta(path: str) -> dict:
     if not storage.exists(path):
         raise DataError(f"data.path '{path}' does not exist; run `modelfleet prepare CONFIG` first")
     if not storage.exists(storage.join(path, "meta.json")):
-        raise DataError(f"data.path '{path}' holds no prepared dataset (no meta.json); run "
-                        "`modelfleet prepare CONFIG` first")
+        raise DataError(
+            f"data.path '{path}' holds no prepared dataset (no meta.json); run `modelfleet prepare CONFIG` first"
+        )
     meta = storage.read_json(path, "meta.json")
     if meta.get("train_rows", 0) == 0:
         raise DataError(f"data.path '{path}' is an empty dataset (0 training sequences)")
@@ -108,5 +119,7 @@ def read_meta(path: str) -> dict:
 
 def check_seq_len(meta: dict, block_size: int) -> None:
     if meta["seq_len"] != block_size:
-        raise DataError(f"data.path holds sequences of {meta['seq_len']} tokens but model.block_size is "
-                        f"{block_size}; re-run `modelfleet prepare` with this config")
+        raise DataError(
+            f"data.path holds sequences of {meta['seq_len']} tokens but model.block_size is "
+            f"{block_size}; re-run `modelfleet prepare` with this config"
+        )

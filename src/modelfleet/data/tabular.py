@@ -24,8 +24,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _dump(p: Any) -> dict[str, Any]:
-    return _jsonable({"type": p.get_preprocessor_class_id(), "version": p.get_version(),
-                      "fields": p._get_serializable_fields(), "stats": p._get_stats()})
+    return _jsonable(
+        {
+            "type": p.get_preprocessor_class_id(),
+            "version": p.get_version(),
+            "fields": p._get_serializable_fields(),
+            "stats": p._get_stats(),
+        }
+    )
 
 
 def _load(spec: dict[str, Any]) -> Any:
@@ -49,21 +55,31 @@ class TabularTransform(Transform):
         self.steps = [_load(s) for s in state["steps"]]
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, *, target: str, task: str, minmax_columns: list[str] = (),
-            ordinal_columns: list[str] = ()) -> "TabularTransform":
+    def fit(
+        cls,
+        train: pd.DataFrame,
+        *,
+        target: str,
+        task: str,
+        minmax_columns: list[str] = (),
+        ordinal_columns: list[str] = (),
+    ) -> "TabularTransform":
         import ray
         from ray.data.preprocessors import MinMaxScaler, OneHotEncoder, OrdinalEncoder, SimpleImputer, StandardScaler
-
 
         features = [c for c in train.columns if c != target]
         categorical = [c for c in features if not pd.api.types.is_numeric_dtype(train[c])]
         numeric = [c for c in features if c not in categorical]
-        for key, cols, pool in (("minmax_columns", minmax_columns, numeric),
-                                ("ordinal_columns", ordinal_columns, categorical)):
+        for key, cols, pool in (
+            ("minmax_columns", minmax_columns, numeric),
+            ("ordinal_columns", ordinal_columns, categorical),
+        ):
             bad = [c for c in cols if c not in pool]
             if bad:
-                raise ConfigError(f"model.params.{key}: {bad} are not {'numeric' if pool is numeric else 'categorical'} "
-                                  f"columns of the table; valid: {pool}")
+                raise ConfigError(
+                    f"model.params.{key}: {bad} are not {'numeric' if pool is numeric else 'categorical'} "
+                    f"columns of the table; valid: {pool}"
+                )
         standard = [c for c in numeric if c not in minmax_columns]
         onehot = [c for c in categorical if c not in ordinal_columns]
         steps = [SimpleImputer(numeric, strategy="mean")] if numeric else []
@@ -77,8 +93,13 @@ class TabularTransform(Transform):
         for p in steps:  # each step is fitted on the training rows as the previous steps left them
             ds = p.fit_transform(ds)
         state: dict[str, Any] = {
-            "kind": "tabular", "task": task, "target": target, "features": features,
-            "numeric": numeric, "categorical": categorical, "onehot": onehot,
+            "kind": "tabular",
+            "task": task,
+            "target": target,
+            "features": features,
+            "numeric": numeric,
+            "categorical": categorical,
+            "onehot": onehot,
             "steps": [_dump(p) for p in steps],
         }
         y = train[target].to_numpy()
@@ -102,8 +123,11 @@ class TabularTransform(Transform):
         parts = [df[self.state["numeric"]].to_numpy(np.float32)] if self.state["numeric"] else []
         for c in self.state["categorical"]:
             col = df[c]
-            parts.append(np.stack([np.asarray(v, np.float32) for v in col]) if c in self.state["onehot"]
-                         else col.to_numpy(np.float32)[:, None])
+            parts.append(
+                np.stack([np.asarray(v, np.float32) for v in col])
+                if c in self.state["onehot"]
+                else col.to_numpy(np.float32)[:, None]
+            )
         return np.concatenate(parts, axis=1)
 
     def apply(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,5 +148,7 @@ class TabularTransform(Transform):
         return y * self.state["target_std"] + self.state["target_mean"]
 
     def meta(self) -> dict[str, Any]:
-        return {"in_features": self.state["in_features"],
-                "num_outputs": 1 if self.state["task"] == "regression" else len(self.state["classes"])}
+        return {
+            "in_features": self.state["in_features"],
+            "num_outputs": 1 if self.state["task"] == "regression" else len(self.state["classes"]),
+        }

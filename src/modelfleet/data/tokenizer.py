@@ -43,8 +43,7 @@ class ByteTokenizer:
 
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable description that ``tokenizer_from_spec`` rebuilds this from."""
-        return {"type": self.type, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "eos_token": self.eos_token}
+        return {"type": self.type, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "eos_token": self.eos_token}
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -59,6 +58,5 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> ByteTokenizer:
     # A spec that disagrees with the code would silently shift ids: refuse it.
     for key, want in tok.spec().items():
         if key in spec and spec[key] != want:
-            raise ValueError(f"tokenizer spec: {key}={spec[key]!r} does not match the byte "
-                             f"tokenizer's {want!r}")
+            raise ValueError(f"tokenizer spec: {key}={spec[key]!r} does not match the byte tokenizer's {want!r}")
     return tok

@@ -30,9 +30,11 @@ class Decision:
         op = "<" if self.metric in LOWER_IS_BETTER else ">"
         verdict = "promote" if self.promote else "refuse"
         held = "holds" if self.promote else "does not hold"
-        return (f"{verdict}: candidate {self.candidate} {self.metric}={self.candidate_value:.4f} vs served "
-                f"{self.served} {self.metric}={self.served_value:.4f} on {self.rows} rows of {self.data}/raw/test "
-                f"(needs candidate {op} served, which {held})")
+        return (
+            f"{verdict}: candidate {self.candidate} {self.metric}={self.candidate_value:.4f} vs served "
+            f"{self.served} {self.metric}={self.served_value:.4f} on {self.rows} rows of {self.data}/raw/test "
+            f"(needs candidate {op} served, which {held})"
+        )
 
 
 def _label(ref: registry.ArtifactRef) -> str:
@@ -54,8 +56,10 @@ def check(cfg: ServeConfig, model: str, artifact: str, metric: str, *, data: str
         results[role] = evaluate_artifact(ref.uri, data)["metrics"]
         if not isinstance(results[role].get(metric), (int, float)):
             valid = [k for k, v in results[role].items() if isinstance(v, float)]
-            raise ConfigError(f"--if-better: metric {metric!r} is not reported for the {role} artifact "
-                              f"{_label(ref)}; valid metrics: {', '.join(valid)}")
+            raise ConfigError(
+                f"--if-better: metric {metric!r} is not reported for the {role} artifact "
+                f"{_label(ref)}; valid metrics: {', '.join(valid)}"
+            )
     c, s = float(results["candidate"][metric]), float(results["served"][metric])
     better = c < s if metric in LOWER_IS_BETTER else c > s
     rows = int(results["candidate"].get("n", results["candidate"].get("tokens", 0)))

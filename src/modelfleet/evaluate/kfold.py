@@ -45,25 +45,39 @@ def kfold(cfg: Config, k: int, data_path: str, *, show_progress: bool = False) -
     for i in range(k):
         rest = pool[folds != i].reset_index(drop=True)
         inner = fold_ids(rest, max(2, round(1 / cfg.data.val_fraction)), cfg.data.seed + 1, group)
-        splits = {"train": rest[inner != 0].reset_index(drop=True), "val": rest[inner == 0].reset_index(drop=True),
-                  "test": pool[folds == i].reset_index(drop=True)}
+        splits = {
+            "train": rest[inner != 0].reset_index(drop=True),
+            "val": rest[inner == 0].reset_index(drop=True),
+            "test": pool[folds == i].reset_index(drop=True),
+        }
         c = copy.deepcopy(cfg)
         for key in family.from_data:  # sizes come from this fold's data
             c.model.params[key] = 0
         c.data.path = join(StorageLayout(cfg.storage.path).kfold(), base, f"fold-{i}")
-        write_splits(family, c.model, splits, c.data.path, {"fold": i, "k": k, "source": data_path},
-                     overwrite=True)
+        write_splits(family, c.model, splits, c.data.path, {"fold": i, "k": k, "source": data_path}, overwrite=True)
         c.storage.run_name = f"{base}-fold{i}"
         c.storage.model_name = f"{name}-kfold"
         res = train(c, show_progress=show_progress)
         if res.artifact is None:
             raise ConfigError(f"--kfold: fold {i} left no complete checkpoint to evaluate")
         ev = evaluate_artifact(res.artifact.uri, c.data.path)
-        results.append({"fold": i, "artifact": res.artifact.uri, "rows_held_out": len(splits["test"]),
-                        "metrics": ev["metrics"]})
+        results.append(
+            {"fold": i, "artifact": res.artifact.uri, "rows_held_out": len(splits["test"]), "metrics": ev["metrics"]}
+        )
     numeric = [m for m, v in results[0]["metrics"].items() if isinstance(v, float)]
-    summary = {m: {"mean": float(np.mean([r["metrics"][m] for r in results])),
-                   "std": float(np.std([r["metrics"][m] for r in results])),
-                   "scores": [r["metrics"][m] for r in results]} for m in numeric}
-    return {"k": k, "family": family.name, "primary_metric": family.primary_metric,
-            "scores": summary[family.primary_metric]["scores"], "summary": summary, "folds": results}
+    summary = {
+        m: {
+            "mean": float(np.mean([r["metrics"][m] for r in results])),
+            "std": float(np.std([r["metrics"][m] for r in results])),
+            "scores": [r["metrics"][m] for r in results],
+        }
+        for m in numeric
+    }
+    return {
+        "k": k,
+        "family": family.name,
+        "primary_metric": family.primary_metric,
+        "scores": summary[family.primary_metric]["scores"],
+        "summary": summary,
+        "folds": results,
+    }

@@ -64,8 +64,9 @@ def write_report(result: dict[str, Any], out_dir: str, *, run_dir: str | None = 
         ax.legend()
         files.append(_save(fig, out_dir, "loss_curves.png"))
         result = {**result, "loss_curve": curve}
-    storage.write_text(files[0], json.dumps({**result, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                  time.gmtime())}, indent=1))
+    storage.write_text(
+        files[0], json.dumps({**result, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1)
+    )
     return files
 
 

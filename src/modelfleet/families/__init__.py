@@ -33,8 +33,9 @@ def get_family(name: str) -> Family:
     try:
         module, _, cls = FAMILIES[name].partition(":")
     except (KeyError, TypeError):
-        raise ConfigError(f"model.family: unknown family {name!r}; valid families: "
-                          f"{', '.join(sorted(FAMILIES))}") from None
+        raise ConfigError(
+            f"model.family: unknown family {name!r}; valid families: {', '.join(sorted(FAMILIES))}"
+        ) from None
     return getattr(importlib.import_module(module), cls)()
 
 

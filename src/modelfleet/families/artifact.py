@@ -48,4 +48,3 @@ def _load_adapter(uri: str, local: str, manifest: dict[str, Any], device: str) -
     family = get_family(manifest["family"])
     model = family.set_peft_root(model, lora.peft().PeftModel.from_pretrained(family.peft_root(model), local))
     return model.eval(), family.load_preprocessor(local, manifest), manifest
-

@@ -67,21 +67,24 @@ class DataHooks:
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
         """Fill data-derived params (``from_data``) and refuse ones that contradict the dataset."""
         if meta.get("family") != self.name:
-            raise ConfigError(f"data.path: {cfg.data.path} was prepared for family {meta.get('family')!r}, "
-                              f"not model.family={self.name!r}; run `modelfleet prepare` with this config")
+            raise ConfigError(
+                f"data.path: {cfg.data.path} was prepared for family {meta.get('family')!r}, "
+                f"not model.family={self.name!r}; run `modelfleet prepare` with this config"
+            )
         for key in self.from_data:
             have, want = cfg.model.params.get(key, 0), meta[key]
             if have not in (0, want):
-                raise ConfigError(f"model.params.{key}: {have} does not match the dataset's {want}; "
-                                  "set it to 0 to take it from the data")
+                raise ConfigError(
+                    f"model.params.{key}: {have} does not match the dataset's {want}; "
+                    "set it to 0 to take it from the data"
+                )
             cfg.model.params[key] = want
 
     # artifacts
     def write_preprocessor(self, out_dir: str, cfg: Config, transform: dict[str, Any] | None) -> dict[str, Any]:
         """Save what turns raw input into model input beside the weights; returns manifest keys."""
         if transform is None:
-            raise ConfigError(f"model.family {self.name!r}: an artifact needs the fitted transform.json of "
-                              "its dataset")
+            raise ConfigError(f"model.family {self.name!r}: an artifact needs the fitted transform.json of its dataset")
         dump_json(out_dir, "transform.json", transform)
         return {"transform": "transform.json"}
 
@@ -196,12 +199,20 @@ def classify(logits: Any, classes: list[str]) -> list[dict[str, Any]]:
     import torch
 
     probs = torch.softmax(logits.float(), dim=-1)
-    return [{"label": classes[int(p.argmax())], "class_id": int(p.argmax()),
-             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}} for p in probs]
+    return [
+        {
+            "label": classes[int(p.argmax())],
+            "class_id": int(p.argmax()),
+            "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)},
+        }
+        for p in probs
+    ]
 
 
 def instances_frame(instances: list[BaseModel]) -> dict[str, np.ndarray]:
     """Validated request instances -> raw columns, as evaluation reads them from Parquet."""
     rows = [i.model_dump() for i in instances]
-    return {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], (str, type(None))) else None)
-            for k in rows[0]}
+    return {
+        k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], (str, type(None))) else None)
+        for k in rows[0]
+    }

@@ -38,8 +38,9 @@ class ImageRequest(BaseModel):
     @classmethod
     def _shape(cls, v: list[list[float]]) -> list[list[float]]:
         if len(v) != SIDE or any(len(r) != SIDE for r in v):
-            raise ValueError(f"must be {SIDE} rows of {SIDE} numbers, got {len(v)} rows of "
-                             f"{sorted({len(r) for r in v})} numbers")
+            raise ValueError(
+                f"must be {SIDE} rows of {SIDE} numbers, got {len(v)} rows of {sorted({len(r) for r in v})} numbers"
+            )
         if any(not 0 <= x <= 255 for r in v for x in r):
             raise ValueError("pixel values must be in [0, 255]")
         return v
@@ -58,8 +59,15 @@ class CNNFamily(Family):
     def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> Transform:
         img = np.stack(train_raw["image"].to_numpy()).astype(np.float64)
         classes = [str(c) for c in sorted(np.unique(train_raw["label"]).tolist())]
-        return ImageTransform({"kind": "image", "mean": float(img.mean()), "std": float(img.std() or 1.0),
-                               "shape": [SIDE, SIDE], "classes": classes})
+        return ImageTransform(
+            {
+                "kind": "image",
+                "mean": float(img.mean()),
+                "std": float(img.std() or 1.0),
+                "shape": [SIDE, SIDE],
+                "classes": classes,
+            }
+        )
 
     def load_transform(self, state: dict[str, Any]) -> Transform:
         return ImageTransform(state)

@@ -110,12 +110,16 @@ class GPTFamily(TokenRows, LoraHooks, Family):
             base = read_json(fetch(cfg.model.params["lora"]["base"]), "config.json")
             for k in ARCH_KEYS:
                 if base.get(k) != getattr(cfg.model, k):
-                    raise ConfigError(f"model.{k}: {getattr(cfg.model, k)} does not match the LoRA base artifact's "
-                                      f"{base.get(k)}; an adapter trains over the base's own architecture")
+                    raise ConfigError(
+                        f"model.{k}: {getattr(cfg.model, k)} does not match the LoRA base artifact's "
+                        f"{base.get(k)}; an adapter trains over the base's own architecture"
+                    )
         check_seq_len(meta, cfg.model.block_size)
         if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
-                              f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})")
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
+                f"tokenizer vocabulary ({meta['tokenizer']['vocab_size']})"
+            )
 
     def write_preprocessor(self, out_dir: str, cfg: Config, transform: dict[str, Any] | None) -> dict[str, Any]:
         spec = ByteTokenizer().spec()
@@ -125,7 +129,6 @@ class GPTFamily(TokenRows, LoraHooks, Family):
     def load_preprocessor(self, local_dir: str, manifest: dict[str, Any]) -> Any:
         import json
         import os
-
 
         with open(os.path.join(local_dir, "tokenizer.json")) as f:
             return tokenizer_from_spec(json.load(f))

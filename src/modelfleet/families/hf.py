@@ -87,8 +87,9 @@ class HFCausalLMFamily(TokenRows, LoraHooks, Family):
     def build_for_artifact(self, cfg: ModelConfig, local_dir: str) -> nn.Module:
         """The architecture from the artifact's own Hugging Face config; weights load after."""
         t = _transformers()
-        hf = t.AutoModelForCausalLM.from_config(t.AutoConfig.from_pretrained(os.path.join(local_dir, HF_DIR)),
-                                                dtype=torch.float32)
+        hf = t.AutoModelForCausalLM.from_config(
+            t.AutoConfig.from_pretrained(os.path.join(local_dir, HF_DIR)), dtype=torch.float32
+        )
         return HFCausalLM(hf, self.parse_params(cfg.params).block_size)
 
     def tokenizer(self, path: str) -> HFTokenizer:
@@ -100,19 +101,28 @@ class HFCausalLMFamily(TokenRows, LoraHooks, Family):
 
         p = self.parse_params(cfg.model.params)
         tok = self.tokenizer(p.path)
-        return write_token_rows(cfg.data, p.block_size, tok.encode, tok.eos_id,
-                                {"type": "hf", "path": p.path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-                                overwrite=overwrite)
+        return write_token_rows(
+            cfg.data,
+            p.block_size,
+            tok.encode,
+            tok.eos_id,
+            {"type": "hf", "path": p.path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            overwrite=overwrite,
+        )
 
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
         self.resolve_lora_base(cfg)
         p = self.parse_params(cfg.model.params)
         if meta.get("seq_len") != p.block_size:
-            raise ConfigError(f"model.params.block_size: {p.block_size} does not match the dataset's "
-                              f"{meta.get('seq_len')}-token rows; re-run `modelfleet prepare` with this config")
+            raise ConfigError(
+                f"model.params.block_size: {p.block_size} does not match the dataset's "
+                f"{meta.get('seq_len')}-token rows; re-run `modelfleet prepare` with this config"
+            )
         if meta["tokenizer"].get("type") != "hf":
-            raise ConfigError(f"data.path: {cfg.data.path} was tokenized with {meta['tokenizer'].get('type')!r}, "
-                              "not this model's tokenizer; re-run `modelfleet prepare` with this config")
+            raise ConfigError(
+                f"data.path: {cfg.data.path} was tokenized with {meta['tokenizer'].get('type')!r}, "
+                "not this model's tokenizer; re-run `modelfleet prepare` with this config"
+            )
 
     # ---------------------------------------------------------------- training
     # collate, loss, forward and probe: TokenRows (the same token-row layout as gpt)

@@ -30,8 +30,9 @@ class LinearFamily(Family):
     def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> Transform:
         p = self.parse_params(cfg.params)
         task = "regression" if train_raw[p.target].dtype.kind == "f" else "classification"
-        return TabularTransform.fit(train_raw, target=p.target, task=task, minmax_columns=p.minmax_columns,
-                                    ordinal_columns=p.ordinal_columns)
+        return TabularTransform.fit(
+            train_raw, target=p.target, task=task, minmax_columns=p.minmax_columns, ordinal_columns=p.ordinal_columns
+        )
 
     def load_transform(self, state: dict[str, Any]) -> Transform:
         return TabularTransform(state)

@@ -69,12 +69,17 @@ class LoraHooks:
             raise ConfigError(f"model.params.lora.base: {e}") from None
         manifest = registry.read_json(ref.uri, "manifest.json")
         if manifest.get("kind", "model") != "model" or manifest.get("family") != cfg.model.family:
-            raise ConfigError(f"model.params.lora.base: {p.base!r} is a {manifest.get('family')} "
-                              f"{manifest.get('kind', 'model')} artifact; the base must be a full "
-                              f"{cfg.model.family} model")
-        cfg.model.params["lora"] = {**cfg.model.params["lora"], "base": ref.uri,
-                                    "base_ref": f"{ref.name}@{ref.version}" if ref.name else ref.uri,
-                                    "base_sha256": manifest["weights_sha256"]}
+            raise ConfigError(
+                f"model.params.lora.base: {p.base!r} is a {manifest.get('family')} "
+                f"{manifest.get('kind', 'model')} artifact; the base must be a full "
+                f"{cfg.model.family} model"
+            )
+        cfg.model.params["lora"] = {
+            **cfg.model.params["lora"],
+            "base": ref.uri,
+            "base_ref": f"{ref.name}@{ref.version}" if ref.name else ref.uri,
+            "base_sha256": manifest["weights_sha256"],
+        }
 
 
 def base_of(cfg: ModelConfig) -> dict[str, Any]:
@@ -91,20 +96,24 @@ def write_adapter_dir(model: nn.Module, cfg: Config, extra: dict[str, Any]) -> s
     weights = os.path.join(out, lora.ADAPTER_WEIGHTS)
     dump_json(out, "config.json", cfg.model.__dict__)
     spec = family.write_preprocessor(out, cfg, None)
-    dump_json(out, "manifest.json", {
-        "format_version": 1,
-        "kind": KIND_ADAPTER,
-        "family": cfg.model.family,
-        "config": cfg.to_dict(),
-        **spec,
-        "weights_file": lora.ADAPTER_WEIGHTS,
-        "weights_sha256": sha256_file(weights),
-        "adapter_bytes": os.path.getsize(weights),
-        "base": base_of(cfg.model),
-        "lora": cfg.model.params["lora"],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    })
+    dump_json(
+        out,
+        "manifest.json",
+        {
+            "format_version": 1,
+            "kind": KIND_ADAPTER,
+            "family": cfg.model.family,
+            "config": cfg.to_dict(),
+            **spec,
+            "weights_file": lora.ADAPTER_WEIGHTS,
+            "weights_sha256": sha256_file(weights),
+            "adapter_bytes": os.path.getsize(weights),
+            "base": base_of(cfg.model),
+            "lora": cfg.model.params["lora"],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        },
+    )
     return out
 
 
@@ -114,8 +123,9 @@ def check_adapter(local: str, uri: str, manifest: dict[str, Any]) -> str:
     if not os.path.isfile(weights) or not os.path.isfile(os.path.join(local, lora.ADAPTER_CONFIG)):
         raise ArtifactError(f"adapter artifact {uri!r} lacks {lora.ADAPTER_WEIGHTS} or {lora.ADAPTER_CONFIG}")
     if sha256_file(weights) != manifest.get("weights_sha256"):
-        raise ArtifactError(f"adapter artifact {uri!r}: {lora.ADAPTER_WEIGHTS} does not match the sha256 "
-                            "in manifest.json")
+        raise ArtifactError(
+            f"adapter artifact {uri!r}: {lora.ADAPTER_WEIGHTS} does not match the sha256 in manifest.json"
+        )
     return weights
 
 
@@ -130,13 +140,16 @@ def check_base(base_manifest: dict[str, Any], base: dict[str, Any], uri: str) ->
     """The base an adapter is put on must be the weights it was trained over."""
     want = base.get("weights_sha256")
     if want and base_manifest.get("weights_sha256") != want:
-        raise ArtifactError(f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
-                            f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}...")
+        raise ArtifactError(
+            f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
+            f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}..."
+        )
 
 
 def check_variant(manifest: dict[str, Any], base_manifest: dict[str, Any], artifact: str) -> None:
     """A pool's variant must be a LoRA adapter trained over exactly the pool's base weights."""
     if manifest.get("kind") != KIND_ADAPTER:
-        raise ArtifactError(f"variant artifact {artifact!r} is a full model, not a LoRA adapter; serve it as its "
-                            "own model")
+        raise ArtifactError(
+            f"variant artifact {artifact!r} is a full model, not a LoRA adapter; serve it as its own model"
+        )
     check_base(base_manifest, adapter_base(manifest, artifact), artifact)

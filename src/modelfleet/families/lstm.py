@@ -17,6 +17,7 @@ from modelfleet.models.lstm import PAD, UNK, LSTMClassifier, LSTMParams
 
 _WORD = re.compile(r"[a-z0-9']+")
 
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
@@ -32,7 +33,7 @@ class TextTransform(Transform):
         length = np.ones(n, np.int64)
         for i, text in enumerate(raw["text"]):
             ids = [self.index.get(w, UNK) for w in words(str(text))][:max_len] or [UNK]
-            tokens[i, :len(ids)] = ids
+            tokens[i, : len(ids)] = ids
             length[i] = len(ids)
         out = {"tokens": tokens, "length": length}
         if "label" in raw:

@@ -49,8 +49,9 @@ class MFFamily(Family):
         seen = [[] for _ in range(n_users)]
         for u, i in zip(train_raw["user"], train_raw["item"]):
             seen[int(u)].append(int(i))
-        return InteractionTransform({"kind": "interactions", "num_users": n_users, "num_items": n_items,
-                                     "seen": [sorted(s) for s in seen]})
+        return InteractionTransform(
+            {"kind": "interactions", "num_users": n_users, "num_items": n_items, "seen": [sorted(s) for s in seen]}
+        )
 
     def load_transform(self, state: dict[str, Any]) -> Transform:
         return InteractionTransform(state)
@@ -69,10 +70,12 @@ class MFFamily(Family):
     def request_model(self, transform: Transform) -> type[BaseModel]:
         n = transform.state["num_users"]
         return create_model(
-            "RecommendRequest", __config__=ConfigDict(extra="forbid"),
+            "RecommendRequest",
+            __config__=ConfigDict(extra="forbid"),
             user=(int, Field(ge=0, lt=n, description=f"User id, 0..{n - 1}.")),
             k=(int, Field(10, ge=1, le=transform.state["num_items"], description="How many items to return.")),
-            exclude_seen=(bool, Field(True, description="Leave out items the user had in training.")))
+            exclude_seen=(bool, Field(True, description="Leave out items the user had in training.")),
+        )
 
     def top_k(self, model: Any, transform: Transform, users: np.ndarray, k: int, exclude_seen: Any) -> tuple[Any, Any]:
         import torch
@@ -86,13 +89,19 @@ class MFFamily(Family):
 
     def predict(self, model: Any, transform: Transform, instances: list[BaseModel]) -> list[dict[str, Any]]:
         users = np.array([i.user for i in instances])
-        vals, idx = self.top_k(model, transform, users, max(i.k for i in instances), [i.exclude_seen for i in instances])
+        vals, idx = self.top_k(
+            model, transform, users, max(i.k for i in instances), [i.exclude_seen for i in instances]
+        )
         # k may reach the catalogue size: items excluded as seen score -inf and are left out, so
         # a user may get fewer than k items (never a non-finite score).
-        return [{"user": int(i.user),
-                 "items": [int(x) for x, v in zip(idx[r, :i.k], vals[r, :i.k]) if np.isfinite(float(v))],
-                 "scores": [round(float(v), 6) for v in vals[r, :i.k] if np.isfinite(float(v))]}
-                for r, i in enumerate(instances)]
+        return [
+            {
+                "user": int(i.user),
+                "items": [int(x) for x, v in zip(idx[r, : i.k], vals[r, : i.k]) if np.isfinite(float(v))],
+                "scores": [round(float(v), 6) for v in vals[r, : i.k] if np.isfinite(float(v))],
+            }
+            for r, i in enumerate(instances)
+        ]
 
     def eval_rows(self, raw: Any) -> Any:
         grouped = raw.groupby("user")["item"].apply(lambda s: np.array(sorted(s), np.int64))

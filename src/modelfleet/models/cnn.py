@@ -30,10 +30,20 @@ class CNN(nn.Module):
         super().__init__()
         c = p.channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * 7 * 7, p.hidden), nn.ReLU(),
-                                  nn.Dropout(p.dropout), nn.Linear(p.hidden, max(1, p.num_classes)))
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * c * 7 * 7, p.hidden),
+            nn.ReLU(),
+            nn.Dropout(p.dropout),
+            nn.Linear(p.hidden, max(1, p.num_classes)),
+        )
 
     def forward(self, x: Any) -> Any:
         return self.head(self.features(x.view(-1, 1, SIDE, SIDE)))

@@ -30,8 +30,17 @@ class KVCache:
     ``length`` by ``T``.
     """
 
-    def __init__(self, *, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -48,8 +57,8 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k``/``v`` ([B, H, T, D]) after the filled slots; return all keys/values so far."""
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -62,8 +71,17 @@ class SlotCache:
     its own filled prefix. A slot is reused by the next sequence without clearing (the mask hides
     what the previous one left)."""
 
-    def __init__(self, *, n_layer: int, num_slots: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        num_slots: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (n_layer, num_slots, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -91,8 +109,11 @@ class SlotCache:
         lists, as a scheduler has them: no device-to-host reads, and when the slots are consecutive
         (a full batch usually is) each layer reads its keys as a view instead of a gathered copy."""
         lo = slots[0]
-        self._rows: slice | Tensor = (slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots)))
-                                      else torch.tensor(slots, device=device))
+        self._rows: slice | Tensor = (
+            slice(lo, lo + len(slots))
+            if slots == list(range(lo, lo + len(slots)))
+            else torch.tensor(slots, device=device)
+        )
         self._index = torch.tensor(slots, device=device)[:, None]
         self._write = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # [B, T]
         self._end = max(starts) + T  # keys up to the longest row
@@ -103,7 +124,7 @@ class SlotCache:
         # Advanced indices around a slice put their [B, T] dims first: the target is [B, T, H, D].
         self.k[layer][self._index, :, self._write] = k.transpose(1, 2)
         self.v[layer][self._index, :, self._write] = v.transpose(1, 2)
-        return self.k[layer][self._rows, :, :self._end], self.v[layer][self._rows, :, :self._end]
+        return self.k[layer][self._rows, :, : self._end], self.v[layer][self._rows, :, : self._end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,7 +146,11 @@ class CausalSelfAttention(nn.Module):
         # mask is None only for a plain causal pass over a fresh sequence: let SDPA pick its
         # fused causal kernel instead of materialising a [T, T] mask.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -152,8 +177,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | SlotCache | None = None,
-                layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache: KVCache | SlotCache | None = None, layer: int = 0
+    ) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -197,24 +223,37 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of up to ``max_len`` (<= block_size) tokens."""
         if not 0 < max_len <= self.cfg.block_size:
-            raise ValueError(f"KV cache max_len must be in [1, model.block_size={self.cfg.block_size}], "
-                             f"got {max_len}")
-        return KVCache(n_layer=self.cfg.n_layer, batch_size=batch_size, n_head=self.cfg.n_head,
-                       max_len=max_len, head_dim=self.cfg.n_embd // self.cfg.n_head,
-                       dtype=dtype or self.wte.weight.dtype, device=device or self.wte.weight.device)
+            raise ValueError(f"KV cache max_len must be in [1, model.block_size={self.cfg.block_size}], got {max_len}")
+        return KVCache(
+            n_layer=self.cfg.n_layer,
+            batch_size=batch_size,
+            n_head=self.cfg.n_head,
+            max_len=max_len,
+            head_dim=self.cfg.n_embd // self.cfg.n_head,
+            dtype=dtype or self.wte.weight.dtype,
+            device=device or self.wte.weight.device,
+        )
 
-    def new_slot_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> SlotCache:
+    def new_slot_cache(
+        self, num_slots: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> SlotCache:
         """A pool of ``num_slots`` sequence slots of up to ``max_len`` (<= block_size) tokens each."""
         if not 0 < max_len <= self.cfg.block_size:
             raise ValueError(f"slot max_len must be in [1, model.block_size={self.cfg.block_size}], got {max_len}")
-        return SlotCache(n_layer=self.cfg.n_layer, num_slots=num_slots, n_head=self.cfg.n_head, max_len=max_len,
-                         head_dim=self.cfg.n_embd // self.cfg.n_head, dtype=dtype or self.wte.weight.dtype,
-                         device=device or self.wte.weight.device)
+        return SlotCache(
+            n_layer=self.cfg.n_layer,
+            num_slots=num_slots,
+            n_head=self.cfg.n_head,
+            max_len=max_len,
+            head_dim=self.cfg.n_embd // self.cfg.n_head,
+            dtype=dtype or self.wte.weight.dtype,
+            device=device or self.wte.weight.device,
+        )
 
     def forward_slots(self, idx: Tensor, cache: SlotCache, slots: list[int], starts: list[int]) -> Tensor:
         """Logits ``[B, T, vocab]`` of ``idx`` ([B, T]) continuing the sequences in ``slots``, each
@@ -223,8 +262,7 @@ class GPT(nn.Module):
         decode alone (continuous batching: rows of different lengths in one forward)."""
         B, T = idx.shape
         if max(starts) + T > cache.max_len:
-            raise ValueError(f"a sequence of {max(starts)} + {T} tokens does not fit a slot of "
-                             f"{cache.max_len} tokens")
+            raise ValueError(f"a sequence of {max(starts)} + {T} tokens does not fit a slot of {cache.max_len} tokens")
         cache.prepare(slots, starts, T, idx.device)
         pos = cache._write  # [B, T] positions = the slot entries written
         keys = torch.arange(cache._end, device=idx.device)
@@ -234,8 +272,14 @@ class GPT(nn.Module):
             x = block(x, mask, cache, i)
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """Logits ``[B, T, vocab]``, or the mean cross-entropy loss when ``targets`` is given.
 
         With ``cache``, ``idx`` holds the next ``T`` tokens after the cached ones.
@@ -247,15 +291,21 @@ class GPT(nn.Module):
         total = start + T
         if total > self.cfg.block_size:
             where = f"cached length {start} + " if cache is not None else ""
-            raise ValueError(f"input length {where}{T} tokens exceeds model.block_size="
-                             f"{self.cfg.block_size}; shorten the input to at most "
-                             f"{self.cfg.block_size - start} tokens")
+            raise ValueError(
+                f"input length {where}{T} tokens exceeds model.block_size="
+                f"{self.cfg.block_size}; shorten the input to at most "
+                f"{self.cfg.block_size - start} tokens"
+            )
         if cache is not None and (total > cache.max_len or B != cache.batch_size):
-            raise ValueError(f"input of batch {B} and length {start} + {T} does not fit a KV cache "
-                             f"of batch {cache.batch_size} and max_len {cache.max_len}")
+            raise ValueError(
+                f"input of batch {B} and length {start} + {T} does not fit a KV cache "
+                f"of batch {cache.batch_size} and max_len {cache.max_len}"
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != (B, total):
-            raise ValueError(f"attention_mask must have shape [{B}, {total}] (batch, cached + new "
-                             f"tokens), got {list(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have shape [{B}, {total}] (batch, cached + new "
+                f"tokens), got {list(attention_mask.shape)}"
+            )
 
         pos, mask = self._positions_and_mask(B, T, start, attention_mask, cache is not None, idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
@@ -269,12 +319,12 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     @staticmethod
-    def _positions_and_mask(B: int, T: int, start: int, attention_mask: Tensor | None,
-                            cached: bool, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    def _positions_and_mask(
+        B: int, T: int, start: int, attention_mask: Tensor | None, cached: bool, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
         """Position ids [B or 1, T] and a boolean SDPA mask [B or 1, 1, T, start + T] (True =
         attend), or None when a plain causal pass suffices."""
         total = start + T
@@ -311,8 +361,9 @@ def num_params(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
     """
     params = {id(p): p for p in model.parameters()}
     if exclude_embeddings:
-        used_as_weight = {id(p) for m in model.modules() if not isinstance(m, nn.Embedding)
-                          for p in m.parameters(recurse=False)}
+        used_as_weight = {
+            id(p) for m in model.modules() if not isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
+        }
         for m in model.modules():
             if isinstance(m, nn.Embedding) and id(m.weight) not in used_as_weight:
                 params.pop(id(m.weight), None)
@@ -335,9 +386,16 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
 
 @torch.no_grad()
-def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None,
-             eos_id: int | None = None) -> Tensor:
+def generate(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> Tensor:
     """Reference decoder: extend ``idx`` ([B, T], unpadded) by up to ``max_new_tokens`` tokens.
 
     One prefill then one token per step through the KV cache, each drawn by
@@ -354,8 +412,10 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
         raise ValueError("generate needs a prompt of at least one token")
     limit = model.cfg.block_size
     if T + max_new_tokens > limit:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
-                         f"model.block_size={limit}; ask for at most {max(limit - T, 0)} new tokens")
+        raise ValueError(
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
+            f"model.block_size={limit}; ask for at most {max(limit - T, 0)} new tokens"
+        )
     if max_new_tokens <= 0:
         return idx
     was_training = model.training
@@ -377,4 +437,3 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
-

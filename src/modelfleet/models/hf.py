@@ -26,8 +26,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ConfigError("model.family: hf-causal-lm needs transformers; install the extra with "
-                          "`pip install 'modelfleet[hf]'`") from None
+        raise ConfigError(
+            "model.family: hf-causal-lm needs transformers; install the extra with `pip install 'modelfleet[hf]'`"
+        ) from None
     transformers.logging.set_verbosity_error()
     return transformers
 
@@ -94,14 +95,19 @@ class HFCausalLM(nn.Module):
             slot, start = slots[b], starts[b]
             pos = torch.arange(start, start + idx.size(1), device=idx.device)[None]
             with adapter_rows(None if rows is None else [rows[b]]):  # this row's adapter (pools)
-                o = self.hf(input_ids=idx[b:b + 1], past_key_values=cache.pkv[slot], position_ids=pos,
-                            use_cache=True)
+                o = self.hf(input_ids=idx[b : b + 1], past_key_values=cache.pkv[slot], position_ids=pos, use_cache=True)
             cache.pkv[slot] = o.past_key_values
             out.append(o.logits)
         return torch.cat(out)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: _Cache | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: _Cache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         kw: dict[str, Any] = {}
         if attention_mask is not None:
             # Left padding: positions count real tokens, as in our GPT's batched decoding.

@@ -31,8 +31,9 @@ def peft() -> Any:
     try:
         import peft as _peft
     except ImportError:
-        raise ConfigError("model.params.lora: LoRA needs peft; install the extra with "
-                          "`pip install 'modelfleet[hf]'`") from None
+        raise ConfigError(
+            "model.params.lora: LoRA needs peft; install the extra with `pip install 'modelfleet[hf]'`"
+        ) from None
     return _peft
 
 
@@ -62,14 +63,14 @@ class LoraParams:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.params.lora.dropout: must be in [0, 1), got {self.dropout}")
         if not self.base:
-            raise ConfigError("model.params.lora.base: is empty; name the artifact the adapter trains over "
-                              "(e.g. base: tiny@v1)")
+            raise ConfigError(
+                "model.params.lora.base: is empty; name the artifact the adapter trains over (e.g. base: tiny@v1)"
+            )
 
 
 def lora_config(p: LoraParams, default_targets: list[str] | None) -> Any:
     targets = p.target_modules or default_targets
-    return peft().LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
-                             bias="none")
+    return peft().LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets, bias="none")
 
 
 def wrap(model: nn.Module, p: LoraParams, default_targets: list[str] | None) -> Any:

@@ -37,7 +37,8 @@ class LSTMClassifier(nn.Module):
         self.head = nn.Linear(p.hidden, max(1, p.num_classes))
 
     def forward(self, tokens: Any, length: Any) -> Any:
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), length.clamp(min=1).cpu(),
-                                                   batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), length.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
         _, (h, _) = self.lstm(packed)
         return self.head(h[-1])

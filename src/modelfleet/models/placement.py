@@ -38,9 +38,11 @@ def placement(num_gpus: float, dtype: DType, *, cuda_available: bool, simulated:
     else:
         device = torch.device("cpu")
         if num_gpus > 0 and not simulated:
-            problem = (f"{who} reserves num_gpus={num_gpus:g} but CUDA is unusable in its process "
-                       "(torch.cuda.is_available() is False: no driver, a CPU-only torch build, or an empty "
-                       "CUDA_VISIBLE_DEVICES); fix the node's GPU setup or set num_gpus: 0")
+            problem = (
+                f"{who} reserves num_gpus={num_gpus:g} but CUDA is unusable in its process "
+                "(torch.cuda.is_available() is False: no driver, a CPU-only torch build, or an empty "
+                "CUDA_VISIBLE_DEVICES); fix the node's GPU setup or set num_gpus: 0"
+            )
     if dtype == "auto":
         return Placement(device, torch.bfloat16 if device.type == "cuda" else torch.float32, problem)
     return Placement(device, _DTYPES[dtype], problem)

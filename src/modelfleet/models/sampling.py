@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 
-def sample(logits: Tensor, temperature: float, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Tensor:
+def sample(logits: Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """Token ids ``[...]`` drawn from ``logits`` ``[..., vocab]``; ``temperature=0`` is greedy.
 
     ``top_p < 1`` keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (the

@@ -65,9 +65,11 @@ def resolve_storage_path(path: str) -> str:
     expanded = os.path.expandvars(path)
     unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
     if unset:
-        raise ConfigError(f"serve.storage_path {path!r}: environment variable {unset.group(1)} is not set "
-                          "where the application is built; set it in the application's runtime_env.env_vars "
-                          "(or the cluster's environment), or give a path or URI")
+        raise ConfigError(
+            f"serve.storage_path {path!r}: environment variable {unset.group(1)} is not set "
+            "where the application is built; set it in the application's runtime_env.env_vars "
+            "(or the cluster's environment), or give a path or URI"
+        )
     if is_remote(expanded):
         return expanded
     return os.path.abspath(os.path.expanduser(expanded))
@@ -126,9 +128,12 @@ def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
     if m.variants is not None:
         opts["user_config"] = {"artifact": m.artifact, "variants": dict(m.variants)}
         opts["request_router_config"] = RequestRouterConfig(
-            request_router_class=VariantRouter, request_router_kwargs={"max_models": m.max_models_per_replica})
-        opts.update(_internal=True, version=stable_version("pool", _init_spec(m), cfg.storage_path,
-                                                            m.ray_actor_options.to_serve()))
+            request_router_class=VariantRouter, request_router_kwargs={"max_models": m.max_models_per_replica}
+        )
+        opts.update(
+            _internal=True,
+            version=stable_version("pool", _init_spec(m), cfg.storage_path, m.ray_actor_options.to_serve()),
+        )
     return opts
 
 
@@ -145,16 +150,19 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
             # Overload is answered by the front's guard in OpenAI's error envelope (Serve's own
             # direct-ingress refusal is plain text): Serve admits more than the limit, so the
             # request past it reaches the guard at once instead of queueing unseen.
-            opts.update(max_ongoing_requests=m.max_ongoing_requests + m.max_queued_requests + 64,
-                        max_queued_requests=-1)
+            opts.update(
+                max_ongoing_requests=m.max_ongoing_requests + m.max_queued_requests + 64, max_queued_requests=-1
+            )
         front = LMIngress if _is_lm(m.artifact, cfg.storage_path) else PredictIngress
         return front.options(**opts).bind(cfg.model_dump(), cfg.storage_path)
     handles, lms = {}, []
     for m in cfg.models:
         lm = _is_lm(m.artifact, cfg.storage_path)
         if m.variants is not None and not lm:
-            raise ConfigError(f"serve.models: {m.name!r} has variants, but its artifact {m.artifact!r} is not a "
-                              "language model; pools serve LoRA adapters of gpt and hf-causal-lm bases")
+            raise ConfigError(
+                f"serve.models: {m.name!r} has variants, but its artifact {m.artifact!r} is not a "
+                "language model; pools serve LoRA adapters of gpt and hf-causal-lm bases"
+            )
         lms += [m.name] if lm else []
         server = LMServer if lm else Predictor
         handles[m.name] = server.options(**_model_options(cfg, m)).bind(_init_spec(m), cfg.storage_path)
@@ -162,8 +170,11 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
     front = cfg.model_copy(update={"models": [ModelSpec.model_validate(_init_spec(m)) for m in cfg.models]})
     opts: dict[str, Any] = {}
     if cfg.has_pools:
-        opts = dict(user_config={"variants": {m.name: dict(m.variants) for m in cfg.models if m.variants is not None}},
-                    _internal=True, version=stable_version("ingress", front.model_dump(), sorted(handles), lms))
+        opts = dict(
+            user_config={"variants": {m.name: dict(m.variants) for m in cfg.models if m.variants is not None}},
+            _internal=True,
+            version=stable_version("ingress", front.model_dump(), sorted(handles), lms),
+        )
     return Ingress.options(
         name="ingress",
         num_replicas=cfg.ingress.num_replicas,
@@ -197,8 +208,11 @@ def _failure_detail(app_name: str) -> str:
     if app is None:
         return ""
     # A failed constructor's message is a traceback; its last line is the error itself.
-    messages = [f"{name}: {dep.message.strip().splitlines()[-1]}" for name, dep in app.deployments.items()
-                if dep.message and dep.message.strip()]
+    messages = [
+        f"{name}: {dep.message.strip().splitlines()[-1]}"
+        for name, dep in app.deployments.items()
+        if dep.message and dep.message.strip()
+    ]
     return "; ".join(messages)[:2000]
 
 
@@ -213,18 +227,21 @@ def verify_auth(cfg: ServeConfig) -> dict[str, Any]:
         here = None  # e.g. an api_key_file that only exists on the cluster's nodes
     if here is not None and auth.fingerprint(here) != state["fingerprint"]:
         what = "no API key" if not state["auth"] else "a different API key"
-        raise ConfigError(f"app {cfg.app_name!r} is running but its HTTP front holds {what} than "
-                          f"{cfg.api_key_env!r} in this shell: the key is read where the cluster runs (its "
-                          "environment, a Kubernetes Secret, or serve.api_key_file on its nodes), not here; set "
-                          "it there and restart the cluster, or run `modelfleet serve` on a cluster this shell starts")
+        raise ConfigError(
+            f"app {cfg.app_name!r} is running but its HTTP front holds {what} than "
+            f"{cfg.api_key_env!r} in this shell: the key is read where the cluster runs (its "
+            "environment, a Kubernetes Secret, or serve.api_key_file on its nodes), not here; set "
+            "it there and restart the cluster, or run `modelfleet serve` on a cluster this shell starts"
+        )
     return state
 
 
 def running_config(app_name: str) -> ServeConfig:
     """The config a running application was deployed with (asked of its ingress)."""
     if app_name not in serve.status().applications:
-        raise ConfigError(f"no Serve application named {app_name!r} is running; start one with "
-                          "`modelfleet serve CONFIG`")
+        raise ConfigError(
+            f"no Serve application named {app_name!r} is running; start one with `modelfleet serve CONFIG`"
+        )
     return parse_serve_config(serve.get_app_handle(app_name).serve_config.remote().result(timeout_s=60))
 
 
@@ -239,8 +256,10 @@ def update_model(app_name: str, model: str, artifact: str) -> str:
     if re.fullmatch(r"v\d+|latest", artifact):
         base = spec.artifact.partition("@")[0]
         if "/" in base:
-            raise ConfigError(f"--artifact {artifact!r}: model {model!r} serves a path ({spec.artifact}), "
-                              "so give a full name@version or another path")
+            raise ConfigError(
+                f"--artifact {artifact!r}: model {model!r} serves a path ({spec.artifact}), "
+                "so give a full name@version or another path"
+            )
         artifact = f"{base}@{artifact}"
     ref = registry.resolve(cfg.storage_path, artifact)  # fails fast on a bad reference
     models = [m.model_copy(update={"artifact": artifact}) if m.name == model else m for m in cfg.models]
@@ -253,15 +272,16 @@ def update_model(app_name: str, model: str, artifact: str) -> str:
             except ConfigError:
                 stale.append(name)
         if stale:
-            raise ConfigError(f"--artifact {artifact!r}: pool {model!r}'s variants {', '.join(stale)} were trained "
-                              f"over its current base, not over {artifact!r}; remove them first "
-                              f"(modelfleet deploy {model} --remove NAME) or serve the new base as another pool")
+            raise ConfigError(
+                f"--artifact {artifact!r}: pool {model!r}'s variants {', '.join(stale)} were trained "
+                f"over its current base, not over {artifact!r}; remove them first "
+                f"(modelfleet deploy {model} --remove NAME) or serve the new base as another pool"
+            )
     serve.run(build_app(cfg.model_copy(update={"models": models})), name=app_name, route_prefix=cfg.route_prefix)
     return f"{ref.name}@{ref.version}" if ref.name else ref.uri
 
 
-def update_pool(app_name: str, pool: str, *, add: tuple[str, str] | None = None,
-                remove: str | None = None) -> str:
+def update_pool(app_name: str, pool: str, *, add: tuple[str, str] | None = None, remove: str | None = None) -> str:
     """Add (``add=(name, artifact)``) or remove a variant of a running pool. The adapter is checked
     first (an adapter of the pool's base weights); then only the pool's and the ingress's
     ``user_config`` change, so their replicas reconfigure in place: no restart, no failed request."""
@@ -273,16 +293,20 @@ def update_pool(app_name: str, pool: str, *, add: tuple[str, str] | None = None,
     if add is not None:
         name, artifact = add
         if name in variants or any(name == m.name or name in (m.variants or {}) for m in cfg.models):
-            raise ConfigError(f"--add {name!r}: the application already serves a model or variant of that name; "
-                              "--remove it first, or pick another name")
+            raise ConfigError(
+                f"--add {name!r}: the application already serves a model or variant of that name; "
+                "--remove it first, or pick another name"
+            )
         ref = registry.resolve(cfg.storage_path, artifact)  # fails fast on a bad reference
         _check_variant(cfg, spec, ref.uri, artifact)
         variants[name] = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         what = f"added variant {name} ({variants[name]})"
     elif remove is not None:
         if remove not in variants:
-            raise ConfigError(f"--remove {remove!r}: pool {pool!r} has no such variant; its variants: "
-                              f"{', '.join(sorted(variants)) or 'none'}")
+            raise ConfigError(
+                f"--remove {remove!r}: pool {pool!r} has no such variant; its variants: "
+                f"{', '.join(sorted(variants)) or 'none'}"
+            )
         del variants[remove]
         what = f"removed variant {remove}"
     else:
@@ -308,9 +332,17 @@ def status() -> list[dict[str, Any]]:
     for app_name, app in serve.status().applications.items():
         for dep_name, dep in app.deployments.items():
             states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
-            rows.append({"app": app_name, "app_status": str(getattr(app.status, "value", app.status)),
-                         "deployment": dep_name, "status": str(getattr(dep.status, "value", dep.status)),
-                         "replicas": states, "running": states.get("RUNNING", 0), "message": dep.message})
+            rows.append(
+                {
+                    "app": app_name,
+                    "app_status": str(getattr(app.status, "value", app.status)),
+                    "deployment": dep_name,
+                    "status": str(getattr(dep.status, "value", dep.status)),
+                    "replicas": states,
+                    "running": states.get("RUNNING", 0),
+                    "message": dep.message,
+                }
+            )
     return rows
 
 

@@ -59,6 +59,8 @@ def check_exposure(cfg: ServeConfig, key: str | None) -> None:
     """Fail closed: no API key on an address other than loopback is refused unless
     ``insecure_no_auth`` says it is meant."""
     if key is None and cfg.host not in LOOPBACK and not cfg.insecure_no_auth:
-        raise ConfigError(f"serve.host: {cfg.host} is reachable from other machines but no API key is configured "
-                          f"(env {cfg.api_key_env!r} or serve.api_key_file, read where the cluster runs); set one, "
-                          "or pass --insecure-no-auth (serve.insecure_no_auth: true) to serve without authentication")
+        raise ConfigError(
+            f"serve.host: {cfg.host} is reachable from other machines but no API key is configured "
+            f"(env {cfg.api_key_env!r} or serve.api_key_file, read where the cluster runs); set one, "
+            "or pass --insecure-no-auth (serve.insecure_no_auth: true) to serve without authentication"
+        )

@@ -33,8 +33,9 @@ APP_HEADER = "x-modelfleet-ingress-pid"
 class ServeRequestError(RuntimeError):
     """The server answered with an error status; the message is the server's."""
 
-    def __init__(self, message: str, *, status: int = 0, retry_after_s: float | None = None,
-                 from_proxy: bool = False) -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, retry_after_s: float | None = None, from_proxy: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
@@ -66,9 +67,12 @@ def _raise_for(resp: httpx.Response) -> None:
         except (ValueError, KeyError, TypeError):
             msg = resp.text[:200]
         proxy = APP_HEADER not in resp.headers
-        raise ServeRequestError(f"HTTP {resp.status_code} from {resp.request.url}"
-                                f"{' (the proxy, not the app)' if proxy else ''}: {msg}",
-                                status=resp.status_code, retry_after_s=_retry_after(resp), from_proxy=proxy)
+        raise ServeRequestError(
+            f"HTTP {resp.status_code} from {resp.request.url}{' (the proxy, not the app)' if proxy else ''}: {msg}",
+            status=resp.status_code,
+            retry_after_s=_retry_after(resp),
+            from_proxy=proxy,
+        )
 
 
 def retryable(e: BaseException) -> bool:
@@ -83,11 +87,21 @@ class Client:
 
     ``retried`` counts retries over the client's life (how often a request had to be resent)."""
 
-    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 4, backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+    ) -> None:
         if max_retries < 0 or backoff_s < 0 or max_backoff_s < backoff_s:
-            raise ValueError(f"retries: need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s, got "
-                             f"max_retries={max_retries}, backoff_s={backoff_s}, max_backoff_s={max_backoff_s}")
+            raise ValueError(
+                f"retries: need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s, got "
+                f"max_retries={max_retries}, backoff_s={backoff_s}, max_backoff_s={max_backoff_s}"
+            )
         self.url = url.rstrip("/")
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
         self.retried = 0
@@ -104,8 +118,9 @@ class Client:
         self._http.close()
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        backoff = tenacity.wait_exponential_jitter(initial=self.backoff_s, max=self.max_backoff_s,
-                                                   jitter=self.backoff_s)(state)
+        backoff = tenacity.wait_exponential_jitter(
+            initial=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s
+        )(state)
         hint = getattr(state.outcome.exception() if state.outcome else None, "retry_after_s", None)
         return min(self.max_backoff_s, max(backoff, hint or 0.0))
 
@@ -114,9 +129,13 @@ class Client:
             self.retried += 1
 
     def _retrying(self) -> tenacity.Retrying:
-        return tenacity.Retrying(stop=tenacity.stop_after_attempt(self.max_retries + 1), wait=self._wait,
-                                 retry=tenacity.retry_if_exception(retryable), before_sleep=self._count,
-                                 reraise=True)
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception(retryable),
+            before_sleep=self._count,
+            reraise=True,
+        )
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in self._retrying():
@@ -132,8 +151,9 @@ class Client:
 
     def chat(self, messages: list[dict[str, str]], *, model: str | None = None, **params: Any) -> dict[str, Any]:
         """POST /v1/chat/completions; returns the OpenAI response body."""
-        return self._post("/v1/chat/completions",
-                          {"messages": messages, **({"model": model} if model else {}), **params})
+        return self._post(
+            "/v1/chat/completions", {"messages": messages, **({"model": model} if model else {}), **params}
+        )
 
     def models(self) -> dict[str, Any]:
         """GET /v1/models."""
@@ -166,15 +186,31 @@ class Client:
                         yield choice["text"]
 
 
-def complete(url: str, prompt: str, *, model: str | None = None, api_key: str | None = None,
-             timeout_s: float = 120.0, max_retries: int = 4, **params: Any) -> dict[str, Any]:
+def complete(
+    url: str,
+    prompt: str,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_retries: int = 4,
+    **params: Any,
+) -> dict[str, Any]:
     """POST /v1/completions (retried as the module docstring says); returns the response body."""
     with Client(url, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries) as c:
         return c.complete(prompt, model=model, **params)
 
 
-def stream_completion(url: str, prompt: str, *, model: str | None = None, api_key: str | None = None,
-                      timeout_s: float = 120.0, max_retries: int = 4, **params: Any) -> Iterator[str]:
+def stream_completion(
+    url: str,
+    prompt: str,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_retries: int = 4,
+    **params: Any,
+) -> Iterator[str]:
     """POST /v1/completions with ``stream: true``; yields text pieces as they arrive."""
     with Client(url, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries) as c:
         yield from c.stream_completion(prompt, model=model, **params)
@@ -185,7 +221,7 @@ def iter_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             return
         yield json.loads(data)

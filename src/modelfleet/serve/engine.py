@@ -94,8 +94,15 @@ class StepOutput:
 class Engine:
     """A continuous-batching decoder over one model (see the module docstring)."""
 
-    def __init__(self, model: Any, *, eos_id: int, decode: Callable[[list[int]], str],
-                 config: EngineConfig | None = None, adapters: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_id: int,
+        decode: Callable[[list[int]], str],
+        config: EngineConfig | None = None,
+        adapters: Any = None,
+    ) -> None:
         self.model = model
         self.adapters = adapters
         """Pools: the ``AdapterPool`` whose adapters rows select (``Job.adapter``); each forward
@@ -121,13 +128,16 @@ class Engine:
         if not job.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(job.prompt_ids) + job.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_tokens}) exceeds "
-                             f"the engine's {self.max_len}-token sequence slots")
+            raise ValueError(
+                f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_tokens}) exceeds "
+                f"the engine's {self.max_len}-token sequence slots"
+            )
         seq = Sequence(next(self._ids), job, _Row(job, self.eos_id, self.decode))
         with self._lock:
             if len(self.waiting) >= self.cfg.max_waiting:
-                raise EngineFull(f"{len(self.waiting)} requests already wait for one of "
-                                 f"{self.cfg.max_num_seqs} sequence slots")
+                raise EngineFull(
+                    f"{len(self.waiting)} requests already wait for one of {self.cfg.max_num_seqs} sequence slots"
+                )
             self.waiting.append(seq)
         return seq
 
@@ -175,10 +185,13 @@ class Engine:
         while budget > 0 and self.prefilling:
             head = self.prefilling[0]
             n = min(len(head.job.prompt_ids) - head.filled, budget)
-            group = [s for s in self.prefilling if len(s.job.prompt_ids) - s.filled >= n
-                     and (s is head or len(s.job.prompt_ids) - s.filled == n)][:max(1, budget // n)]
+            group = [
+                s
+                for s in self.prefilling
+                if len(s.job.prompt_ids) - s.filled >= n and (s is head or len(s.job.prompt_ids) - s.filled == n)
+            ][: max(1, budget // n)]
             group.sort(key=lambda s: s.slot)
-            ids = torch.tensor([s.job.prompt_ids[s.filled:s.filled + n] for s in group], device=self.device)
+            ids = torch.tensor([s.job.prompt_ids[s.filled : s.filled + n] for s in group], device=self.device)
             logits = self._forward(group, ids)[:, -1]
             budget -= n * len(group)
             for i, seq in enumerate(group):
@@ -194,8 +207,9 @@ class Engine:
     def _decode(self, out: list[tuple[Sequence, Step]]) -> int:
         just_prefilled = _emitted(out)  # their first token came from the prefill: they decode next step
         # In slot order: consecutive slots let the cache hand out views instead of copies.
-        batch = sorted((s for s in self.running if not s.finished and id(s) not in just_prefilled),
-                       key=lambda s: s.slot)
+        batch = sorted(
+            (s for s in self.running if not s.finished and id(s) not in just_prefilled), key=lambda s: s.slot
+        )
         if not batch:
             return 0
         tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
@@ -208,11 +222,17 @@ class Engine:
     def _forward(self, seqs: list[Sequence], idx: torch.Tensor) -> torch.Tensor:
         """Last-position logits of each row, on the host in float32: one device-to-host copy per
         forward (sampling, stop strings and streaming need the tokens there anyway)."""
-        rows = (adapter_rows([s.job.adapter or BASE_ROW for s in seqs]) if self.adapters is not None
-                else contextlib.nullcontext())
+        rows = (
+            adapter_rows([s.job.adapter or BASE_ROW for s in seqs])
+            if self.adapters is not None
+            else contextlib.nullcontext()
+        )
         with rows:
-            return self.model.forward_slots(idx, self.cache, [s.slot for s in seqs],
-                                            [s.filled for s in seqs])[:, -1:].float().cpu()
+            return (
+                self.model.forward_slots(idx, self.cache, [s.slot for s in seqs], [s.filled for s in seqs])[:, -1:]
+                .float()
+                .cpu()
+            )
 
     def adapters_in_use(self) -> set[str]:
         """Adapters that a waiting, prefilling or running sequence needs."""
@@ -258,8 +278,9 @@ class EngineLoop:
     ``deliver(step_output, loop)`` is called from that thread once per step: it is the only cross-thread
     wake-up per decode step. Requests enter with ``submit`` from any thread."""
 
-    def __init__(self, engine: Engine, deliver: Callable[[StepOutput, "EngineLoop"], None], *,
-                 name: str = "engine") -> None:
+    def __init__(
+        self, engine: Engine, deliver: Callable[[StepOutput, "EngineLoop"], None], *, name: str = "engine"
+    ) -> None:
         self.engine = engine
         self.deliver = deliver
         self._wake = threading.Condition()

@@ -59,14 +59,13 @@ class _Row:
         else:
             self.ids.append(token)
         text = self.decode(self.ids)
-        cut = min((i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.job.stop) if i >= 0),
-                  default=-1)
+        cut = min((i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.job.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.finish_reason = text[:cut], "stop"
         elif self.finish_reason is None and len(self.ids) >= self.job.max_tokens:
             self.finish_reason = "length"
         end = len(text) if self.finish_reason else _safe_end(text, self.job.stop)
-        delta, self.shown = text[self.shown:end], max(self.shown, end)
+        delta, self.shown = text[self.shown : end], max(self.shown, end)
         return Step(delta, int(token != self.eos_id), self.finish_reason)
 
 
@@ -96,8 +95,8 @@ class _Group:
         self.mask = torch.zeros(len(rows), plen, dtype=torch.long)
         for b, (_, r) in enumerate(rows):
             p = r.job.prompt_ids
-            idx[b, plen - len(p):] = torch.tensor(p)
-            self.mask[b, plen - len(p):] = 1
+            idx[b, plen - len(p) :] = torch.tensor(p)
+            self.mask[b, plen - len(p) :] = 1
         self.cache = model.new_cache(len(rows), plen + self.budget)
         self.logits = model(idx, cache=self.cache, attention_mask=self.mask)[:, -1]
         self.steps = 0
@@ -128,8 +127,14 @@ def _groups(jobs: Sequence[Job], limit: int) -> list[list[int]]:
     groups: list[list[int]] = []
     for i in order:
         g = groups[-1] if groups else None
-        if g is not None and (max(len(jobs[i].prompt_ids), *(len(jobs[j].prompt_ids) for j in g))
-                              + max(jobs[i].max_tokens, *(jobs[j].max_tokens for j in g))) <= limit:
+        if (
+            g is not None
+            and (
+                max(len(jobs[i].prompt_ids), *(len(jobs[j].prompt_ids) for j in g))
+                + max(jobs[i].max_tokens, *(jobs[j].max_tokens for j in g))
+            )
+            <= limit
+        ):
             g.append(i)
         else:
             groups.append([i])
@@ -137,8 +142,9 @@ def _groups(jobs: Sequence[Job], limit: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def generate_steps(model: torch.nn.Module, jobs: Sequence[Job], *, eos_id: int,
-                   decode: Callable[[list[int]], str]) -> Iterator[list[Step | None]]:
+def generate_steps(
+    model: torch.nn.Module, jobs: Sequence[Job], *, eos_id: int, decode: Callable[[list[int]], str]
+) -> Iterator[list[Step | None]]:
     """Yield, per decoding step, one ``Step`` per job (None once a job has finished).
 
     Every job must satisfy ``len(prompt_ids) >= 1`` and ``len(prompt_ids) + max_tokens <=

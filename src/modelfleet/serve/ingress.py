@@ -52,16 +52,27 @@ _ROUTES = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
 class APIError(Exception):
     """An error answered in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(oa.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
-                        status_code=exc.status, headers=exc.headers)
+    return JSONResponse(
+        oa.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
+        status_code=exc.status,
+        headers=exc.headers,
+    )
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,8 +87,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 # Bodies that json.loads cannot read for reasons other than syntax reach FastAPI's bare
 # "There was an error parsing the body"; name the reason instead.
-_BODY_ERRORS = {UnicodeDecodeError: "request body is not valid UTF-8 JSON",
-                RecursionError: "request body JSON is nested too deeply to parse"}
+_BODY_ERRORS = {
+    UnicodeDecodeError: "request body is not valid UTF-8 JSON",
+    RecursionError: "request body JSON is nested too deeply to parse",
+}
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -111,7 +124,7 @@ class _Guard:
         # Under a route prefix the ASGI path still includes it (root_path); match routes without it.
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         headers: dict[bytes, bytes] = {}
         for k, v in scope["headers"]:  # the first of a repeated header counts, as in Starlette
             if k in (b"authorization", b"content-length"):
@@ -120,14 +133,20 @@ class _Guard:
         length = headers[b"content-length"].decode("latin-1").strip() if b"content-length" in headers else None
         reject: Response | None = None
         if path not in auth.PUBLIC_PATHS and not auth.authorized(
-                headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None, st.api_key):
-            reject = _reject(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                             "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None, st.api_key
+        ):
+            reject = _reject(
+                401,
+                "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+                {"WWW-Authenticate": "Bearer"},
+            )
         elif length is not None and not length.isdigit():
             reject = _reject(400, f"Content-Length {length[:40]!r} is not a number of bytes", "invalid_value")
         elif length is not None and int(length) > st.max_body:
-            reject = _reject(413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes",
-                             "body_too_large")
+            reject = _reject(
+                413, f"request body of {length} bytes exceeds the limit of {st.max_body} bytes", "body_too_large"
+            )
         elif scope["method"] == "POST":
             # Read the whole body here, within body_timeout_s, so a client that declares a body and
             # stops sending (or trickles it) holds a slot for that long at most; a chunked body has
@@ -141,8 +160,12 @@ class _Guard:
                             return  # the client went away
                         body, more = body + msg.get("body", b""), msg.get("more_body", False)
             except TimeoutError:
-                reject = _reject(408, f"request body not received within {st.body_timeout_s:g} s "
-                                      f"({len(body)} bytes arrived)", "request_timeout", {"Connection": "close"})
+                reject = _reject(
+                    408,
+                    f"request body not received within {st.body_timeout_s:g} s ({len(body)} bytes arrived)",
+                    "request_timeout",
+                    {"Connection": "close"},
+                )
             else:
                 if len(body) > st.max_body:
                     reject = _reject(413, f"request body exceeds the limit of {st.max_body} bytes", "body_too_large")
@@ -160,9 +183,13 @@ class _Guard:
         if reject is None and st.limit is not None and route not in ("/healthz", "other"):
             if st.in_flight >= st.limit:
                 retry = st.retry_after_s
-                reject = _reject(st.overload_status, f"server overloaded ({st.in_flight} requests in flight on "
-                                 f"this replica, limit {st.limit}); retry after {retry:g} s", "overloaded",
-                                 {"Retry-After": str(max(1, round(retry)))})
+                reject = _reject(
+                    st.overload_status,
+                    f"server overloaded ({st.in_flight} requests in flight on "
+                    f"this replica, limit {st.limit}); retry after {retry:g} s",
+                    "overloaded",
+                    {"Retry-After": str(max(1, round(retry)))},
+                )
         if reject is not None:
             await reject(scope, receive, send_tagged)
             return
@@ -182,8 +209,9 @@ class _Guard:
                 await self.app(scope, receive, send_started)
         except TimeoutError:
             if not started:
-                await _reject(504, f"no answer within {st.request_timeout_s:g} s; retry with fewer max_tokens",
-                              "timeout")(scope, receive, send_tagged)
+                await _reject(
+                    504, f"no answer within {st.request_timeout_s:g} s; retry with fewer max_tokens", "timeout"
+                )(scope, receive, send_tagged)
         finally:
             st.in_flight -= 1
 
@@ -209,7 +237,6 @@ def _count(st: Any, route: str, status: int, t0: float) -> None:
         st.m_errors.inc(tags=tags)
 
 
-
 # Helpers live above the deployment class: Serve pickles the class when it is decorated, so
 # module globals defined after it would be missing in the replica.
 async def _first(gen: Any) -> dict[str, Any]:
@@ -218,22 +245,35 @@ async def _first(gen: Any) -> dict[str, Any]:
 
 def _overloaded(e: BackPressureError) -> APIError:
     retry = e.retry_after_s if e.retry_after_s is not None else 1
-    return APIError(e.status_code, f"server overloaded ({e.message}); retry after {retry:g} s",
-                    type="server_error", code="overloaded", headers={"Retry-After": str(max(1, round(retry)))})
+    return APIError(
+        e.status_code,
+        f"server overloaded ({e.message}); retry after {retry:g} s",
+        type="server_error",
+        code="overloaded",
+        headers={"Retry-After": str(max(1, round(retry)))},
+    )
 
 
 def _replica_lost(e: RayActorError) -> APIError:
     # The replica died or became unreachable mid-request (killed, crashed, node lost). Nothing was
     # sent to the client yet and generation has no side effects: a retry is safe and will reach
     # a live replica, so answer 503 with Retry-After (the client retries; a 500 would not be).
-    return APIError(503, f"the model replica handling this request stopped before answering "
-                         f"({type(e).__name__}); retry the request", type="server_error",
-                    code="replica_unavailable", headers={"Retry-After": "1"})
+    return APIError(
+        503,
+        f"the model replica handling this request stopped before answering ({type(e).__name__}); retry the request",
+        type="server_error",
+        code="replica_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _headers(r: dict[str, Any]) -> dict[str, str]:
-    return {"x-modelfleet-replica-pid": str(r["pid"]), "x-modelfleet-batch-size": str(r["batch_size"]),
-            "x-modelfleet-artifact": r["artifact"], **_variant_headers(r)}
+    return {
+        "x-modelfleet-replica-pid": str(r["pid"]),
+        "x-modelfleet-batch-size": str(r["batch_size"]),
+        "x-modelfleet-artifact": r["artifact"],
+        **_variant_headers(r),
+    }
 
 
 def _variant_headers(r: dict[str, Any]) -> dict[str, str]:
@@ -255,10 +295,19 @@ async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usag
     def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
             delta = oa.ChatDelta(role="assistant" if role else None, content=text)
-            return oa.sse(oa.ChatCompletionChunk(id=cid, created=created, model=name,
-                                                 choices=[oa.ChatChunkChoice(delta=delta, finish_reason=finish)]))
-        return oa.sse(oa.CompletionResponse(id=cid, created=created, model=name,
-                                            choices=[oa.CompletionChoice(text=text or "", finish_reason=finish)]))
+            return oa.sse(
+                oa.ChatCompletionChunk(
+                    id=cid, created=created, model=name, choices=[oa.ChatChunkChoice(delta=delta, finish_reason=finish)]
+                )
+            )
+        return oa.sse(
+            oa.CompletionResponse(
+                id=cid,
+                created=created,
+                model=name,
+                choices=[oa.CompletionChoice(text=text or "", finish_reason=finish)],
+            )
+        )
 
     try:
         if chat:
@@ -269,8 +318,13 @@ async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usag
                 yield chunk(step["text"], step["finish_reason"])
         if include_usage:
             usage = oa.Usage.of(prompt_tokens, completion)
-            yield oa.sse((oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
-                          if chat else oa.CompletionResponse(id=cid, created=created, model=name, choices=[], usage=usage)))
+            yield oa.sse(
+                (
+                    oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
+                    if chat
+                    else oa.CompletionResponse(id=cid, created=created, model=name, choices=[], usage=usage)
+                )
+            )
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
         logger.warning("stream failed: %s", e)
         yield oa.sse(json.dumps(oa.error_body(str(e), type="server_error")))
@@ -307,8 +361,9 @@ class _Front:
     http: HttpState
     models: dict[str, Any]
 
-    def _init_front(self, config: dict[str, Any], models: dict[str, Any], lms: set[str],
-                    limit: int | None = None) -> None:
+    def _init_front(
+        self, config: dict[str, Any], models: dict[str, Any], lms: set[str], limit: int | None = None
+    ) -> None:
         self.cfg = parse_serve_config(config)
         self.models = models
         self.lms = lms  # names of the language models (the others answer /predict only)
@@ -316,19 +371,33 @@ class _Front:
         key = auth.load_api_key(self.cfg)
         auth.check_exposure(self.cfg, key)
         self.http = HttpState(
-            api_key=key, max_body=self.cfg.max_body_bytes,
-            m_requests=metrics.Counter("modelfleet_http_requests", "HTTP requests by route and status.",
-                                       tag_keys=("route", "status")),
-            m_errors=metrics.Counter("modelfleet_http_errors", "HTTP error responses by status.",
-                                     tag_keys=("route", "status")),
-            m_latency=metrics.Histogram("modelfleet_http_latency_seconds", "Time to response headers.",
-                                        boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-                                        tag_keys=("route",)),
-            limit=limit, overload_status=first.overload_status, retry_after_s=first.retry_after_s,
-            body_timeout_s=self.cfg.body_timeout_s, request_timeout_s=self.cfg.request_timeout_s)
+            api_key=key,
+            max_body=self.cfg.max_body_bytes,
+            m_requests=metrics.Counter(
+                "modelfleet_http_requests", "HTTP requests by route and status.", tag_keys=("route", "status")
+            ),
+            m_errors=metrics.Counter(
+                "modelfleet_http_errors", "HTTP error responses by status.", tag_keys=("route", "status")
+            ),
+            m_latency=metrics.Histogram(
+                "modelfleet_http_latency_seconds",
+                "Time to response headers.",
+                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                tag_keys=("route",),
+            ),
+            limit=limit,
+            overload_status=first.overload_status,
+            retry_after_s=first.retry_after_s,
+            body_timeout_s=self.cfg.body_timeout_s,
+            request_timeout_s=self.cfg.request_timeout_s,
+        )
         # Only where the key comes from is logged, never the key.
-        logger.info("HTTP front up (pid %d): models %s, auth %s", os.getpid(), list(models),
-                    "on" if self.http.api_key else "off")
+        logger.info(
+            "HTTP front up (pid %d): models %s, auth %s",
+            os.getpid(),
+            list(models),
+            "on" if self.http.api_key else "off",
+        )
 
     _ready_at: float = float("-inf")
     _ready_ok: bool = False
@@ -373,8 +442,10 @@ class _Front:
     """Pool name -> {variant name: adapter artifact} (the multi-model ``Ingress`` sets it)."""
 
     def _served(self) -> str:
-        return "; ".join(f"{n} (variants: {', '.join(sorted(self.pools[n])) or 'none'})" if n in self.pools else n
-                         for n in self.models)
+        return "; ".join(
+            f"{n} (variants: {', '.join(sorted(self.pools[n])) or 'none'})" if n in self.pools else n
+            for n in self.models
+        )
 
     def _handle(self, model: str | None, *, lm: bool) -> tuple[str, Any]:
         """The model's handle; ``lm`` says which kind the route needs (a mismatch is a 400). A
@@ -385,18 +456,31 @@ class _Front:
             if name in variants:
                 handle = self.models[pool].options(multiplexed_model_id=variant_id(name, variants[name]))
                 if not lm:
-                    raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
-                                   code="wrong_endpoint")
+                    raise APIError(
+                        400,
+                        f"model {name!r} is a language model; use /v1/completions",
+                        param="model",
+                        code="wrong_endpoint",
+                    )
                 return name, handle
         if name not in self.models:
-            raise APIError(404, f"model {name!r} does not exist; served models: {self._served()}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; served models: {self._served()}",
+                param="model",
+                code="model_not_found",
+            )
         if lm and name not in self.lms:
-            raise APIError(400, f"model {name!r} is not a language model; use POST /v1/models/{name}/predict",
-                           param="model", code="wrong_endpoint")
+            raise APIError(
+                400,
+                f"model {name!r} is not a language model; use POST /v1/models/{name}/predict",
+                param="model",
+                code="wrong_endpoint",
+            )
         if not lm and name in self.lms:
-            raise APIError(400, f"model {name!r} is a language model; use /v1/completions", param="model",
-                           code="wrong_endpoint")
+            raise APIError(
+                400, f"model {name!r} is a language model; use /v1/completions", param="model", code="wrong_endpoint"
+            )
         return name, self.models[name]
 
 
@@ -464,8 +548,15 @@ async def list_models() -> oa.ModelList:
     now = int(time.time())
     cards = []
     for i in infos:
-        card = oa.ModelCard(id=i["name"], created=now, artifact=i["artifact"], context_length=i["context_length"],
-                            replica_pid=i["pid"], device=i["device"], dtype=i["dtype"])
+        card = oa.ModelCard(
+            id=i["name"],
+            created=now,
+            artifact=i["artifact"],
+            context_length=i["context_length"],
+            replica_pid=i["pid"],
+            device=i["device"],
+            dtype=i["dtype"],
+        )
         cards.append(card)
         for variant, artifact in sorted(front.pools.get(i["name"], {}).items()):
             cards.append(card.model_copy(update={"id": variant, "artifact": artifact, "pool": i["name"]}))
@@ -477,8 +568,11 @@ async def completions(body: oa.CompletionRequest) -> Response:
     if body.stream:
         return await _stream(handle, name, body.prompt, body, chat=False)
     r = await _call(handle.complete.remote(body.prompt, body.sampling()))
-    resp = oa.CompletionResponse(model=name, choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
-                                 usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
+    resp = oa.CompletionResponse(
+        model=name,
+        choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
+        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]),
+    )
     return JSONResponse(resp.model_dump(), headers=_headers(r))
 
 
@@ -487,9 +581,11 @@ async def chat_completions(body: oa.ChatCompletionRequest) -> Response:
     if body.stream:
         return await _stream(handle, name, body.prompt(), body, chat=True)
     r = await _call(handle.complete.remote(body.prompt(), body.sampling()))
-    resp = oa.ChatCompletionResponse(model=name, choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]),
-                                                                        finish_reason=r["finish_reason"])],
-                                     usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]))
+    resp = oa.ChatCompletionResponse(
+        model=name,
+        choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]), finish_reason=r["finish_reason"])],
+        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]),
+    )
     return JSONResponse(resp.model_dump(), headers=_headers(r))
 
 
@@ -498,8 +594,12 @@ async def predict(name: str, body: Any = Body(None)) -> Response:
     schema (it knows the artifact), so a bad field is a 422 naming it."""
     name, handle = _front()._handle(name, lm=False)
     if _depth(body) > MAX_BODY_DEPTH:
-        raise APIError(422, f"request body is nested more than {MAX_BODY_DEPTH} levels deep; the body is "
-                            '{"instances": [...]}', param="instances", code="invalid_value")
+        raise APIError(
+            422,
+            f'request body is nested more than {MAX_BODY_DEPTH} levels deep; the body is {{"instances": [...]}}',
+            param="instances",
+            code="invalid_value",
+        )
     try:
         r = await handle.predict.remote(body)
     except BackPressureError as e:
@@ -509,8 +609,13 @@ async def predict(name: str, body: Any = Body(None)) -> Response:
     except RayActorError as e:
         raise _replica_lost(e) from None
     if "error" in r:
-        raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                       code="invalid_value", headers={"x-modelfleet-replica-pid": str(r["pid"])})
+        raise APIError(
+            r["error"]["status"],
+            r["error"]["message"],
+            param=r["error"]["param"],
+            code="invalid_value",
+            headers={"x-modelfleet-replica-pid": str(r["pid"])},
+        )
     return JSONResponse({k: r[k] for k in ("model", "artifact", "predictions")}, headers=_headers(r))
 
 
@@ -527,10 +632,16 @@ async def _call(pending: Any) -> dict[str, Any]:
         headers = {"x-modelfleet-replica-pid": str(r["pid"])}
         if "retry_after" in r:  # the replica's engine queue is full: overload, retryable
             headers["Retry-After"] = str(max(1, round(r["retry_after"])))
-            raise APIError(r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded",
-                           headers=headers)
-        raise APIError(r["error"]["status"], r["error"]["message"], param=r["error"]["param"],
-                       code=r["error"].get("code", "context_length_exceeded"), headers=headers)
+            raise APIError(
+                r["error"]["status"], r["error"]["message"], type="server_error", code="overloaded", headers=headers
+            )
+        raise APIError(
+            r["error"]["status"],
+            r["error"]["message"],
+            param=r["error"]["param"],
+            code=r["error"].get("code", "context_length_exceeded"),
+            headers=headers,
+        )
     return r
 
 
@@ -539,10 +650,11 @@ async def _stream(handle: Any, name: str, prompt: str, body: oa._Sampling, *, ch
     first = await _call(_first(gen))  # errors and overload surface before headers are sent
     meta = first["meta"]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(gen, name, chat, meta["prompt_tokens"], include_usage),
-                             media_type="text/event-stream",
-                             headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache",
-                                      **_variant_headers(meta)})
+    return StreamingResponse(
+        _sse(gen, name, chat, meta["prompt_tokens"], include_usage),
+        media_type="text/event-stream",
+        headers={"x-modelfleet-replica-pid": str(meta["pid"]), "cache-control": "no-cache", **_variant_headers(meta)},
+    )
 
 
 def build_openai_app() -> FastAPI:
@@ -571,9 +683,14 @@ class Ingress(_Front):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apps with pools: a variant was added or removed; route by the new list, no restart."""
         self.pools = {p: dict(v) for p, v in (user_config.get("variants") or {}).items()}
-        self.cfg = self.cfg.model_copy(update={"models": [
-            m.model_copy(update={"variants": dict(self.pools[m.name])}) if m.name in self.pools else m
-            for m in self.cfg.models]})
+        self.cfg = self.cfg.model_copy(
+            update={
+                "models": [
+                    m.model_copy(update={"variants": dict(self.pools[m.name])}) if m.name in self.pools else m
+                    for m in self.cfg.models
+                ]
+            }
+        )
         logger.info("pools: %s", {p: sorted(v) for p, v in self.pools.items()})
 
 

@@ -62,10 +62,16 @@ class LMReplica(ReplicaBase):
         super().__init__(spec, storage_path)
         self.m_tokens = self.counter("modelfleet_tokens_generated", "Tokens generated.")
         self.m_prompt = self.counter("modelfleet_prompt_tokens", "Prompt tokens processed.")
-        self.m_ttft = self.histogram("modelfleet_time_to_first_token_seconds",
-                                     "Arrival at the replica to the first generated token.", TTFT_BUCKETS)
-        self.m_tpot = self.histogram("modelfleet_time_per_output_token_seconds",
-                                     "Mean time between a request's tokens after the first.", TPOT_BUCKETS)
+        self.m_ttft = self.histogram(
+            "modelfleet_time_to_first_token_seconds",
+            "Arrival at the replica to the first generated token.",
+            TTFT_BUCKETS,
+        )
+        self.m_tpot = self.histogram(
+            "modelfleet_time_per_output_token_seconds",
+            "Mean time between a request's tokens after the first.",
+            TPOT_BUCKETS,
+        )
         self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
         self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
         self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache slots in use.")
@@ -78,7 +84,8 @@ class LMReplica(ReplicaBase):
                 return await self._load_variant(model_id)
 
             self._variant_lru = serve.multiplexed(max_num_models_per_replica=self.spec.max_models_per_replica)(
-                load_variant)
+                load_variant
+            )
             self.m_variant_loads = self.counter("modelfleet_variant_loads", "Adapters loaded into a pool replica.")
             lora.peft()  # imported now (seconds), not inside the first variant's cold load
 
@@ -86,21 +93,34 @@ class LMReplica(ReplicaBase):
         b = self.spec.batching
         # Serve (or a one-hop front's guard) bounds what reaches the replica; the engine's own
         # bound is the same number, a backstop.
-        waiting = self.spec.max_ongoing_requests + (self.spec.max_queued_requests
-                                                    if self.spec.max_queued_requests >= 0 else 4096)
+        waiting = self.spec.max_ongoing_requests + (
+            self.spec.max_queued_requests if self.spec.max_queued_requests >= 0 else 4096
+        )
         pool = None
         if self.spec.variants is not None:
             pool = AdapterPool(model, get_family(manifest["family"]), next(model.parameters()).device)
-        engine = Engine(model, eos_id=preprocessor.eos_id, decode=preprocessor.decode,
-                        config=EngineConfig(max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens,
-                                            max_waiting=waiting), adapters=pool)
+        engine = Engine(
+            model,
+            eos_id=preprocessor.eos_id,
+            decode=preprocessor.decode,
+            config=EngineConfig(
+                max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens, max_waiting=waiting
+            ),
+            adapters=pool,
+        )
         old = self.loaded
         if isinstance(old, _LMLoaded):
             old.loop.stop()  # finishes the requests it holds, then its thread ends
-        logger.info("engine: %d sequence slots x %d tokens, KV cache %.1f MiB, prefill chunk %d", b.max_batch_size,
-                    engine.max_len, engine.cache.nbytes / 2**20, b.prefill_chunk_tokens)
-        return _LMLoaded(model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"),
-                         pool)
+        logger.info(
+            "engine: %d sequence slots x %d tokens, KV cache %.1f MiB, prefill chunk %d",
+            b.max_batch_size,
+            engine.max_len,
+            engine.cache.nbytes / 2**20,
+            b.prefill_chunk_tokens,
+        )
+        return _LMLoaded(
+            model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"), pool
+        )
 
     # ---------------------------------------------------------------- pools
     def _configure(self, user_config: dict[str, Any]) -> None:
@@ -151,8 +171,9 @@ class LMReplica(ReplicaBase):
         try:
             return await self._variant_lru(model_id)
         except (ArtifactError, ValueError, FileNotFoundError) as e:
-            return self._error(404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model",
-                               "model_not_found")
+            return self._error(
+                404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model", "model_not_found"
+            )
 
     def check_health(self) -> None:
         super().check_health()
@@ -174,25 +195,41 @@ class LMReplica(ReplicaBase):
         if special and special in prompt:
             # Like tiktoken's default: special tokens sent as text are refused, not silently
             # encoded as plain bytes a caller may believe ended the document.
-            raise PromptError(f"prompt contains the special token {special!r}; special tokens cannot be "
-                              "sent as text (remove it, or end the prompt where it stands)", "prompt")
+            raise PromptError(
+                f"prompt contains the special token {special!r}; special tokens cannot be "
+                "sent as text (remove it, or end the prompt where it stands)",
+                "prompt",
+            )
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # empty prompt = start of a document
         n = len(ids)
         if n >= limit:
-            raise PromptError(f"prompt is {n} tokens but model {self.spec.name!r} has a context of {limit} "
-                              f"tokens; send at most {limit - 1} prompt tokens", "prompt")
+            raise PromptError(
+                f"prompt is {n} tokens but model {self.spec.name!r} has a context of {limit} "
+                f"tokens; send at most {limit - 1} prompt tokens",
+                "prompt",
+            )
         max_tokens = sampling.get("max_tokens")
         if max_tokens is None:
             max_tokens = min(self.spec.default_max_tokens, limit - n)
         elif n + max_tokens > limit:
-            raise PromptError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds model "
-                              f"{self.spec.name!r}'s context of {limit} tokens; ask for at most "
-                              f"{limit - n} tokens", "max_tokens")
-        return Job(prompt_ids=ids, max_tokens=max_tokens, temperature=sampling["temperature"],
-                   top_p=sampling["top_p"], seed=sampling.get("seed"), stop=list(sampling.get("stop") or []))
+            raise PromptError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds model "
+                f"{self.spec.name!r}'s context of {limit} tokens; ask for at most "
+                f"{limit - n} tokens",
+                "max_tokens",
+            )
+        return Job(
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            seed=sampling.get("seed"),
+            stop=list(sampling.get("stop") or []),
+        )
 
-    async def _start(self, prompt: str, sampling: dict[str, Any]
-                     ) -> tuple[Job, _LMLoaded, Variant | None, dict[str, Any]] | dict[str, Any]:
+    async def _start(
+        self, prompt: str, sampling: dict[str, Any]
+    ) -> tuple[Job, _LMLoaded, Variant | None, dict[str, Any]] | dict[str, Any]:
         """The request's job on the current engine (and its variant, in a pool, with how it was
         found: ``variant_cold`` when this request waited for the adapter to load), or the error."""
         t0 = time.perf_counter()
@@ -223,8 +260,14 @@ class LMReplica(ReplicaBase):
                 return step
             parts.append(step["text"])
             out = {**step, "batch_size": max(step["batch_size"], out.get("batch_size", 1))}
-        return {**out, **info, "text": "".join(parts), "prompt_tokens": len(job.prompt_ids), "pid": self.pid,
-                **self._pool_stats(lo)}
+        return {
+            **out,
+            **info,
+            "text": "".join(parts),
+            "prompt_tokens": len(job.prompt_ids),
+            "pid": self.pid,
+            **self._pool_stats(lo),
+        }
 
     def _pool_stats(self, lo: _LMLoaded) -> dict[str, Any]:
         return {"tensor_bytes": lo.pool.stats()["tensor_bytes"]} if lo.pool is not None else {}
@@ -266,8 +309,10 @@ class LMReplica(ReplicaBase):
 
                     seq = await asyncio.wrap_future(lo.loop.call(admit))
             except EngineFull as e:
-                yield {**self._error(self.spec.overload_status, f"server overloaded ({e}); retry later", "model"),
-                       "retry_after": self.spec.retry_after_s}
+                yield {
+                    **self._error(self.spec.overload_status, f"server overloaded ({e}); retry later", "model"),
+                    "retry_after": self.spec.retry_after_s,
+                }
                 return
             self.m_prompt.inc(len(job.prompt_ids))
             while True:
@@ -295,14 +340,28 @@ class LMReplica(ReplicaBase):
                 ttft.append(seq.first_token_at - seq.arrived)
             if step.finish_reason and seq.produced > 1 and seq.first_token_at is not None:
                 tpot.append((now - seq.first_token_at) / (seq.produced - 1))
-            items.append((id(seq.job), {"text": step.text, "tokens": step.tokens, "finish_reason": step.finish_reason,
-                                        "completion_tokens": seq.produced, "batch_size": len(result.outputs)}))
+            items.append(
+                (
+                    id(seq.job),
+                    {
+                        "text": step.text,
+                        "tokens": step.tokens,
+                        "finish_reason": step.finish_reason,
+                        "completion_tokens": seq.produced,
+                        "batch_size": len(result.outputs),
+                    },
+                )
+            )
         # The loop that stepped, not self.loaded's: after a reconfigure the old one drains.
         error, use = loop.error, loop.engine.cache_use
         aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use))
 
-    def _dispatch(self, items: list[tuple[int, dict[str, Any]]], error: BaseException | None,
-                  stats: tuple[StepOutput, list[float], list[float], float]) -> None:
+    def _dispatch(
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        error: BaseException | None,
+        stats: tuple[StepOutput, list[float], list[float], float],
+    ) -> None:
         """On the event loop: each request's step into its queue, then the step's metrics."""
         if error is not None:
             for q in self._queues.values():

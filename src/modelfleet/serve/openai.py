@@ -66,8 +66,13 @@ class _Sampling(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """The generation parameters the model deployment needs (plain data: crosses processes)."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(self.stop or []), "seed": self.seed}
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop or []),
+            "seed": self.seed,
+        }
 
 
 class CompletionRequest(_Sampling):
@@ -90,8 +95,10 @@ class ChatMessage(BaseModel):
         # a system or assistant turn (prompt injection), so it is refused rather than passed on.
         m = _TURN_HEADER.search(v)
         if m:
-            raise ValueError(f"contains the chat turn header {m.group(0)!r} at the start of a line, which "
-                             "would forge another turn; remove it or indent it")
+            raise ValueError(
+                f"contains the chat turn header {m.group(0)!r} at the start of a line, which "
+                "would forge another turn; remove it or indent it"
+            )
         return v
 
 
@@ -115,8 +122,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 FinishReason = Literal["stop", "length"]
@@ -196,8 +206,9 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

@@ -126,4 +126,3 @@ class Variant:
                 self.release(self.key)
             except Exception:  # noqa: BLE001 - the replica may be shutting down
                 pass
-

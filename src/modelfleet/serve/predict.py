@@ -61,8 +61,11 @@ class PredictReplica(ReplicaBase):
         return _Loaded(model, preprocessor, artifact, family, family.request_model(preprocessor))
 
     def _describe(self, lo: _Loaded) -> dict[str, Any]:
-        return {"family": lo.family.name, "task": lo.family.task_of(lo.preprocessor),
-                "schema": lo.schema.model_json_schema()}
+        return {
+            "family": lo.family.name,
+            "task": lo.family.task_of(lo.preprocessor),
+            "schema": lo.schema.model_json_schema(),
+        }
 
     async def predict(self, body: Any) -> dict[str, Any]:
         """``{"instances": [...]}`` -> ``{"predictions": [...]}``, or an ``error`` naming the field."""
@@ -70,8 +73,8 @@ class PredictReplica(ReplicaBase):
         if not isinstance(body, dict) or set(body) != {"instances"}:
             extra = sorted(set(body) - {"instances"}) if isinstance(body, dict) else []
             if extra:
-                return self._error(422, f"{extra[0]}: unknown field; the body is {{\"instances\": [...]}}", extra[0])
-            return self._error(422, "instances: field required; the body is {\"instances\": [...]}", "instances")
+                return self._error(422, f'{extra[0]}: unknown field; the body is {{"instances": [...]}}', extra[0])
+            return self._error(422, 'instances: field required; the body is {"instances": [...]}', "instances")
         instances = body["instances"]
         if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_INSTANCES:
             return self._error(422, f"instances: must be a list of 1 to {MAX_INSTANCES} objects", "instances")
@@ -89,10 +92,19 @@ class PredictReplica(ReplicaBase):
         outs = await asyncio.gather(*(self._batched(v) for v in valid))
         for i, (o, _) in enumerate(outs):
             if not _finite(o):
-                return self._error(422, f"instances.{i}: the model's output for this input is not a finite number "
-                                        "(a value far outside what the model was trained on)", f"instances.{i}")
-        return {"model": self.spec.name, "artifact": lo.artifact, "predictions": [o for o, _ in outs],
-                "batch_size": max(n for _, n in outs), "pid": self.pid}
+                return self._error(
+                    422,
+                    f"instances.{i}: the model's output for this input is not a finite number "
+                    "(a value far outside what the model was trained on)",
+                    f"instances.{i}",
+                )
+        return {
+            "model": self.spec.name,
+            "artifact": lo.artifact,
+            "predictions": [o for o, _ in outs],
+            "batch_size": max(n for _, n in outs),
+            "pid": self.pid,
+        }
 
     @serve.batch()  # sized from spec.batching in __init__
     async def _batched(self, instances: list[BaseModel]) -> list[tuple[dict[str, Any], int]]:

@@ -52,13 +52,18 @@ class ReplicaBase:
         self.pid = os.getpid()
         self.loaded: Loaded | None = None
         gpus = self.spec.ray_actor_options.num_gpus
-        self.placement: Placement = placement(gpus, self.spec.dtype, cuda_available=torch.cuda.is_available(),
-                                              simulated=gpus > 0 and gpus_are_simulated(),
-                                              who=f"model {self.spec.name}'s replica")
+        self.placement: Placement = placement(
+            gpus,
+            self.spec.dtype,
+            cuda_available=torch.cuda.is_available(),
+            simulated=gpus > 0 and gpus_are_simulated(),
+            who=f"model {self.spec.name}'s replica",
+        )
         # One intra-op thread per reserved CPU: more would contend with the replicas beside it.
         torch.set_num_threads(max(1, int(self.spec.ray_actor_options.num_cpus or 1)))
-        self.m_batch = self.histogram("modelfleet_batch_size", "Requests handled together per batch.",
-                                      BATCH_SIZE_BUCKETS)
+        self.m_batch = self.histogram(
+            "modelfleet_batch_size", "Requests handled together per batch.", BATCH_SIZE_BUCKETS
+        )
 
     def counter(self, name: str, description: str) -> metrics.Counter:
         """A counter tagged with this model's name."""
@@ -98,9 +103,15 @@ class ReplicaBase:
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         self.base_manifest = manifest
         self.loaded = self._prepare(model, preprocessor, manifest, label)
-        logger.info("model %s loaded %s artifact %s (sha256 %s) on %s as %s", self.spec.name,
-                    manifest.get("family", "?"), label, str(manifest.get("weights_sha256", ""))[:12],
-                    self.placement.device, self.placement.dtype)
+        logger.info(
+            "model %s loaded %s artifact %s (sha256 %s) on %s as %s",
+            self.spec.name,
+            manifest.get("family", "?"),
+            label,
+            str(manifest.get("weights_sha256", ""))[:12],
+            self.placement.device,
+            self.placement.dtype,
+        )
 
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> Loaded:
         return Loaded(model, preprocessor, artifact)
@@ -115,8 +126,14 @@ class ReplicaBase:
     def info(self) -> dict[str, Any]:
         """What ``/v1/models`` and ``/healthz`` report for this replica."""
         lo = self._require()
-        return {"name": self.spec.name, "artifact": lo.artifact, "context_length": 0, "pid": self.pid,
-                **self.placement.describe(), **self._describe(lo)}
+        return {
+            "name": self.spec.name,
+            "artifact": lo.artifact,
+            "context_length": 0,
+            "pid": self.pid,
+            **self.placement.describe(),
+            **self._describe(lo),
+        }
 
     def _describe(self, lo: Any) -> dict[str, Any]:
         return {}
@@ -129,5 +146,7 @@ class ReplicaBase:
     def _error(self, status: int, message: str, param: str, code: str | None = None) -> dict[str, Any]:
         """A refused request, as the ingress turns it into an HTTP error naming ``param``."""
         logger.info("rejected request: %s", message)
-        return {"error": {"status": status, "message": message, "param": param,
-                          **({"code": code} if code else {})}, "pid": self.pid}
+        return {
+            "error": {"status": status, "message": message, "param": param, **({"code": code} if code else {})},
+            "pid": self.pid,
+        }

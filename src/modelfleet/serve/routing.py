@@ -32,8 +32,7 @@ import logging
 import random
 from typing import Any, List, Optional
 
-from ray.serve.request_router import (FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter,
-                                      RunningReplica)
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,8 +49,9 @@ class VariantRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self._lru: dict[ReplicaID, collections.OrderedDict[str, None]] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=window)
         self._counts: collections.Counter[str] = collections.Counter()
-        logger.info("pool %s: variant-sticky request router (%d variants per replica)",
-                    self._deployment_id.name, max_models)
+        logger.info(
+            "pool %s: variant-sticky request router (%d variants per replica)", self._deployment_id.name, max_models
+        )
 
     def _holds(self, r: RunningReplica, model_id: str) -> bool:
         lru = self._lru.get(r.replica_id)
@@ -67,15 +67,19 @@ class VariantRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         victim = loaded[0] if lru is not None else min(loaded, key=lambda m: self._counts[m])
         return (1, float(self._counts[victim]))
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
+    ) -> List[List[RunningReplica]]:
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every rank below was offered
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if not model_id:
             return [candidate_replicas]
-        holders = sorted((r for r in candidate_replicas if self._holds(r, model_id)),
-                         key=lambda r: _affinity(model_id, r), reverse=True)
+        holders = sorted(
+            (r for r in candidate_replicas if self._holds(r, model_id)),
+            key=lambda r: _affinity(model_id, r),
+            reverse=True,
+        )
         others = [r for r in candidate_replicas if not self._holds(r, model_id)]
         if holders:
             return [[h] for h in holders] + ([others] if others else [])

@@ -28,7 +28,6 @@ ZERO0_WEIGHTS = "module.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -88,14 +87,16 @@ def validate(fs: pafs.FileSystem, ckpt: str, *, verify_hashes: bool = True) -> d
         for rel, meta in marker["files"].items():
             fi = fs.get_file_info(f"{ckpt}/{rel}")
             if fi.type != pafs.FileType.File or fi.size != meta["size"]:
-                raise CheckpointError(f"checkpoint {name} is corrupt: rank {rank}'s file {rel} is "
-                                      f"missing or has the wrong size")
+                raise CheckpointError(
+                    f"checkpoint {name} is corrupt: rank {rank}'s file {rel} is missing or has the wrong size"
+                )
             if verify_hashes:
                 with fs.open_input_stream(f"{ckpt}/{rel}") as f:
                     digest = sha256_stream(f)
                 if digest != meta["sha256"]:
-                    raise CheckpointError(f"checkpoint {name} is corrupt: rank {rank}'s file {rel} "
-                                          f"does not match its recorded sha256")
+                    raise CheckpointError(
+                        f"checkpoint {name} is corrupt: rank {rank}'s file {rel} does not match its recorded sha256"
+                    )
     # Markers cannot vouch for content (whoever writes the storage can rewrite them): DeepSpeed
     # unpickles its shards, so each pickle must hold only data before anything loads it.
     try:
@@ -136,8 +137,7 @@ def download(c: CheckpointInfo, local_dir: str) -> str:
     if isinstance(c.fs, pafs.LocalFileSystem):
         return c.uri
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(c.uri, local_dir, source_filesystem=c.fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(c.uri, local_dir, source_filesystem=c.fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
 
 
@@ -160,11 +160,16 @@ def to_universal(local_ckpt: str, out_dir: str) -> str:
     from deepspeed.checkpoint import ds_to_universal
 
     os.makedirs(out_dir, exist_ok=True)
-    args = argparse.Namespace(input_folder=os.path.join(local_ckpt, DS_TAG),
-                              output_folder=os.path.join(out_dir, UNIVERSAL_TAG), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              # ZeRO-1/2 checkpoints lack the version record the converter wants; we have no
-                              # tensor or pipeline parallelism to declare in it.
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=os.path.join(local_ckpt, DS_TAG),
+        output_folder=os.path.join(out_dir, UNIVERSAL_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # ZeRO-1/2 checkpoints lack the version record the converter wants; we have no
+        # tensor or pipeline parallelism to declare in it.
+        inject_missing_state=True,
+    )
     ds_to_universal.main(args)
     return out_dir

@@ -20,8 +20,10 @@ HOST_READS = {"count": 0}
 def all_reduce(tensor: torch.Tensor, device: Any, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
     """``dist.all_reduce`` in place, refusing a tensor that is not on the engine's ``device``."""
     if tensor.device != torch.device(device):
-        raise RuntimeError(f"collective on a {tensor.device} tensor while the engine computes on {device}: "
-                           "create it on engine.device (NCCL cannot reduce CPU tensors)")
+        raise RuntimeError(
+            f"collective on a {tensor.device} tensor while the engine computes on {device}: "
+            "create it on engine.device (NCCL cannot reduce CPU tensors)"
+        )
     dist.all_reduce(tensor, op=op)
     return tensor
 

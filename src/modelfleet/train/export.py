@@ -38,18 +38,22 @@ def consolidate(local_ckpt: str, zero_stage: int, *, adapter_only: bool = False)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with pickles.weights_only_loads(f"checkpoint {local_ckpt}"):  # files may change after the scan
-        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG,
-                                                      exclude_frozen_parameters=adapter_only)
+        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
     return {k: v.to(torch.float32) for k, v in sd.items()}
 
 
-def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None = None,
-                      storage_path: str | None = None, merge: bool = False) -> registry.ArtifactRef:
+def export_checkpoint(
+    c: ck.CheckpointInfo,
+    *,
+    run_name: str,
+    name: str | None = None,
+    storage_path: str | None = None,
+    merge: bool = False,
+) -> registry.ArtifactRef:
     """Validate, consolidate, verify against the live engine's probe logits, publish. A LoRA run
     publishes an adapter artifact, or with ``merge`` the base with the adapter folded in."""
     import torch
     from safetensors.torch import load_file
-
 
     ck.validate(c.fs, c.uri)
     local = ck.download(c, tempfile.mkdtemp(prefix="mf-export-"))
@@ -59,8 +63,9 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
     family = get_family(cfg.model.family)
     adapter_only = family.lora_params(cfg.model) is not None
     if merge and not adapter_only:
-        raise ck.CheckpointError(f"--merge: run {run_name!r} trained every weight (no model.params.lora); "
-                                 "there is no adapter to merge")
+        raise ck.CheckpointError(
+            f"--merge: run {run_name!r} trained every weight (no model.params.lora); there is no adapter to merge"
+        )
     model = build_model(cfg.model)
     sd = _fill_tied(model, consolidate(local, cfg.deepspeed.zero_stage, adapter_only=adapter_only))
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -68,8 +73,9 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
         adapter = trainable_state(model)
         missing = [k for k in missing if k in adapter]
     if missing or unexpected:
-        raise ck.CheckpointError(f"checkpoint {c.uri} does not match model config: missing {missing}, "
-                                 f"unexpected {unexpected}")
+        raise ck.CheckpointError(
+            f"checkpoint {c.uri} does not match model config: missing {missing}, unexpected {unexpected}"
+        )
     model.eval()
     verify_diff = None
     verify_path = os.path.join(local, ck.VERIFY_FILE)
@@ -81,21 +87,28 @@ def export_checkpoint(c: ck.CheckpointInfo, *, run_name: str, name: str | None =
         verify_diff = float((logits.float() - probe["logits"]).abs().max())
         tol = VERIFY_TOLERANCE[cfg.train.precision]
         if verify_diff > tol:
-            raise ck.CheckpointError(f"export of {c.uri}: consolidated logits differ from the live "
-                                     f"engine's by {verify_diff:.3g} (> {tol}); not publishing")
+            raise ck.CheckpointError(
+                f"export of {c.uri}: consolidated logits differ from the live "
+                f"engine's by {verify_diff:.3g} (> {tol}); not publishing"
+            )
     name = registry.check_name(name or cfg.storage.model_name or cfg.preset)
 
     transform_path = os.path.join(local, TRANSFORM_FILE)
     transform = json.load(open(transform_path)) if os.path.isfile(transform_path) else None
-    extra = {"run_id": run_name, "step": tstate["state"]["step"], "metrics": tstate.get("metrics", {}),
-             "export_max_abs_logit_diff": verify_diff}
+    extra = {
+        "run_id": run_name,
+        "step": tstate["state"]["step"],
+        "metrics": tstate.get("metrics", {}),
+        "export_max_abs_logit_diff": verify_diff,
+    }
     if adapter_only and not merge:
         out = write_adapter_dir(model, cfg, extra)
     elif adapter_only:
         merged_cfg = Config.from_dict(cfg.to_dict())
         merged_cfg.model.params = {k: v for k, v in cfg.model.params.items() if k != "lora"}
-        out = write_artifact_dir(family.merged(model), merged_cfg, transform=transform,
-                                 extra={**extra, "lora_base": base_of(cfg.model)})
+        out = write_artifact_dir(
+            family.merged(model), merged_cfg, transform=transform, extra={**extra, "lora_base": base_of(cfg.model)}
+        )
     else:
         out = write_artifact_dir(model, cfg, transform=transform, extra=extra)
     return registry.publish(storage_path or cfg.storage.path, name, out)
@@ -114,13 +127,13 @@ def _fill_tied(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
-def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any], *,
-                       transform: dict[str, Any] | None = None) -> str:
+def write_artifact_dir(
+    model: Any, cfg: Config, extra: dict[str, Any], *, transform: dict[str, Any] | None = None
+) -> str:
     """A local directory in artifact layout for ``registry.publish`` (also used by tests and
     benchmarks that need an artifact without a training run). ``transform`` is the fitted
     preprocessing state of families other than gpt (saved as transform.json)."""
     from safetensors.torch import save_model
-
 
     out = tempfile.mkdtemp(prefix="mf-artifact-")
     weights = os.path.join(out, registry.WEIGHTS)
@@ -129,15 +142,19 @@ def write_artifact_dir(model: Any, cfg: Config, extra: dict[str, Any], *,
     family = get_family(cfg.model.family)
     spec = family.write_preprocessor(out, cfg, transform)
     family.write_extra(model, cfg, out)
-    dump_json(out, "manifest.json", {
-        "format_version": 1,
-        "family": cfg.model.family,
-        "config": cfg.to_dict(),
-        **spec,
-        "weights_sha256": sha256_file(weights),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    })
+    dump_json(
+        out,
+        "manifest.json",
+        {
+            "format_version": 1,
+            "family": cfg.model.family,
+            "config": cfg.to_dict(),
+            **spec,
+            "weights_sha256": sha256_file(weights),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        },
+    )
     return out
 
 
@@ -146,8 +163,9 @@ def dump_json(d: str, name: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
-def export_run(storage_path: str, run_name: str, *, name: str | None = None,
-               merge: bool = False) -> registry.ArtifactRef:
+def export_run(
+    storage_path: str, run_name: str, *, name: str | None = None, merge: bool = False
+) -> registry.ArtifactRef:
     """``modelfleet export RUN``: the newest complete checkpoint of a run becomes an artifact."""
     root = StorageLayout(storage_path).runs()
     found, skipped = ck.latest_complete(root, run_name)

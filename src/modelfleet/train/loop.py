@@ -89,14 +89,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # checkpoints (it is the base artifact, read again on resume and export).
     adapter_only = family.lora_params(cfg.model) is not None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     t_init = time.time()
-    largest_local = all_reduce(torch.tensor([storage["local_bytes"]], dtype=torch.float64, device=engine.device),
-                               engine.device, torch.distributed.ReduceOp.MAX)
-    progress.send("built", sharded=sharded, world=world, full_bytes=storage["full_bytes"],
-                  max_local_bytes=int(to_host(largest_local)[0]), transient_bytes=storage["transient_bytes"])
+    largest_local = all_reduce(
+        torch.tensor([storage["local_bytes"]], dtype=torch.float64, device=engine.device),
+        engine.device,
+        torch.distributed.ReduceOp.MAX,
+    )
+    progress.send(
+        "built",
+        sharded=sharded,
+        world=world,
+        full_bytes=storage["full_bytes"],
+        max_local_bytes=int(to_host(largest_local)[0]),
+        transient_bytes=storage["transient_bytes"],
+    )
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_in_epoch": 0}
     if found is not None:
@@ -114,9 +125,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         progress.send("resume", step=state["step"], skipped=skipped)
         if resized_from != world:
             check = _restored_logit_diff(engine, family, local)
-            progress.send("reshard", step=state["step"], from_workers=resized_from, to_workers=world,
-                          grad_accum=cfg.train.grad_accum_at(world), restore_s=round(time.time() - t_load, 3),
-                          **({} if check is None else {"max_abs_logit_diff": check}))
+            progress.send(
+                "reshard",
+                step=state["step"],
+                from_workers=resized_from,
+                to_workers=world,
+                grad_accum=cfg.train.grad_accum_at(world),
+                restore_s=round(time.time() - t_load, 3),
+                **({} if check is None else {"max_abs_logit_diff": check}),
+            )
         if local != found.uri:  # a downloaded copy (object stores), not the checkpoint itself
             shutil.rmtree(local, ignore_errors=True)
 
@@ -137,8 +154,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # change in the number of ranks; a checkpoint from before it had only the per-rank count.
         seen = state["samples_in_epoch"] or state["batch_in_epoch"] * mbs * resized_from
         skip, n_batches = seen // (mbs * world), 0
-        batches = cached if cached else train_shard.iter_batches(batch_size=mbs, drop_last=True,
-                                                                 batch_format="numpy", prefetch_batches=2)
+        batches = (
+            cached
+            if cached
+            else train_shard.iter_batches(batch_size=mbs, drop_last=True, batch_format="numpy", prefetch_batches=2)
+        )
         for i, batch in enumerate(batches):
             if cached is not None and batches is not cached:
                 cached.append(batch)
@@ -159,9 +179,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_value = None
             if step % t.log_every == 0 or final:
                 loss_value = to_host(step_loss)
-                progress.send("step", step=step, max_steps=t.max_steps, loss=loss_value,
-                              lr=engine.get_lr()[0], tokens_per_s=tokens_per_step / (now - last),
-                              elapsed_s=now - t_start, epoch=state["epoch"])
+                progress.send(
+                    "step",
+                    step=step,
+                    max_steps=t.max_steps,
+                    loss=loss_value,
+                    lr=engine.get_lr()[0],
+                    tokens_per_s=tokens_per_step / (now - last),
+                    elapsed_s=now - t_start,
+                    epoch=state["epoch"],
+                )
             if not first_step_done:
                 first_step_done = True
                 progress.send("first_step", init_s=t_init - t_start, first_step_s=now - t_start)
@@ -170,8 +197,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save = (t.checkpoint_every and step % t.checkpoint_every == 0) or final
             if not (evaluate or save):
                 continue
-            metrics: dict[str, Any] = {"step": step, "loss": loss_value if loss_value is not None
-                                       else to_host(step_loss)}
+            metrics: dict[str, Any] = {
+                "step": step,
+                "loss": loss_value if loss_value is not None else to_host(step_loss),
+            }
             if evaluate:
                 if val_batches is None:
                     val_batches = list(_eval_batches(val_shard, cfg, family))
@@ -186,8 +215,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if final:
                 break
         if n_batches == 0:
-            raise RuntimeError("data: this worker's train shard is empty; the train split has fewer "
-                               "rows than train.micro_batch_size x train.num_workers")
+            raise RuntimeError(
+                "data: this worker's train shard is empty; the train split has fewer "
+                "rows than train.micro_batch_size x train.num_workers"
+            )
         if step < t.max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = state["samples_in_epoch"] = 0
@@ -199,6 +230,7 @@ def param_storage(model: Any) -> dict[str, int]:
     """Bytes of parameter storage this rank holds (ZeRO-3 partitions count their shard), of the
     whole model, and of the largest single module's own full tensors (the transient peak of a
     sharded build, which gathers one module at a time)."""
+
     def full(p: Any) -> int:
         return getattr(p, "ds_numel", p.numel()) * p.element_size()
 
@@ -241,8 +273,10 @@ def _evaluate(engine: Any, batches: list[Any], family: Any) -> float:
     engine.train()
     loss_sum, count = to_host(all_reduce(total, engine.device))
     if count == 0:
-        raise RuntimeError("data: the validation split has fewer rows than train.micro_batch_size "
-                           "x train.num_workers; raise data.val_fraction")
+        raise RuntimeError(
+            "data: the validation split has fewer rows than train.micro_batch_size "
+            "x train.num_workers; raise data.val_fraction"
+        )
     return loss_sum / count
 
 
@@ -276,8 +310,17 @@ def _restored_logit_diff(engine: Any, family: Any, local: str) -> float | None:
     return float((now - logits).abs().max())
 
 
-def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world: int,
-          verify: dict | None, *, adapter_only: bool = False) -> None:
+def _save(
+    engine: Any,
+    cfg: Config,
+    state: dict,
+    metrics: dict,
+    rank: int,
+    world: int,
+    verify: dict | None,
+    *,
+    adapter_only: bool = False,
+) -> None:
     """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
     import torch.distributed as dist
     from safetensors.torch import save_file, save_model
@@ -291,8 +334,9 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
         engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
         if rank == 0:
             with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
-                json.dump({"state": state, "metrics": metrics, "world_size": world,
-                           "config": cfg.to_dict()}, f, indent=1)
+                json.dump(
+                    {"state": state, "metrics": metrics, "world_size": world, "config": cfg.to_dict()}, f, indent=1
+                )
             if cfg.deepspeed.zero_stage == 0:
                 # ZeRO-0 keeps whole parameters in the module: export reads them from here
                 # rather than unpickling DeepSpeed's model-states file.
@@ -306,8 +350,9 @@ def _save(engine: Any, cfg: Config, state: dict, metrics: dict, rank: int, world
             if storage_io.exists(transform):  # the fitted preprocessing travels with the weights
                 storage_io.download_file(transform, os.path.join(local, TRANSFORM_FILE))
         ck.write_rank_marker(local, rank, world, step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=ck.step_dir_name(step))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=ck.step_dir_name(step)
+        )
         dist.barrier()
         if rank == 0:
             ck.write_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step, world)

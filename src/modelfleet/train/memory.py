@@ -67,8 +67,12 @@ def model_state_bytes(params: int, stage: int, world: int, precision: str) -> tu
     opt = 12.0  # fp32 master + Adam m + v (DeepSpeed keeps the fp32 master in fp32 training too)
     if stage == 0:
         opt -= 0 if half else 4.0  # plain data parallel in fp32: the weights are the master copy
-    per = {0: (w, g, opt), 1: (w, g, opt / world), 2: (w, g / world, opt / world),
-           3: (w / world, g / world, opt / world)}[stage]
+    per = {
+        0: (w, g, opt),
+        1: (w, g, opt / world),
+        2: (w, g / world, opt / world),
+        3: (w / world, g / world, opt / world),
+    }[stage]
     return tuple(params * b for b in per)  # type: ignore[return-value]
 
 
@@ -105,30 +109,54 @@ def plan(cfg: Config, *, gpu_memory_gib: float, params: int | None = None) -> Me
         buffers += 4.0 * params / (world if stage >= 1 else 1)  # fp32 gradient accumulator
     if stage >= 2:
         buffers += min(REDUCE_BUCKET, params) * (2 if prec != "fp32" else 4)
-    return MemoryPlan(params=params, world=world, weights=weights, grads=grads, optimizer=opt,
-                      buffers=buffers, activations=activation_bytes(cfg), overhead=RUNTIME_OVERHEAD,
-                      capacity=gpu_memory_gib * GIB)
+    return MemoryPlan(
+        params=params,
+        world=world,
+        weights=weights,
+        grads=grads,
+        optimizer=opt,
+        buffers=buffers,
+        activations=activation_bytes(cfg),
+        overhead=RUNTIME_OVERHEAD,
+        capacity=gpu_memory_gib * GIB,
+    )
 
 
 def format_plan(p: MemoryPlan, cfg: Config) -> str:
-    rows = [("weights", p.weights), ("gradients", p.grads), ("optimizer states", p.optimizer),
-            ("DeepSpeed buffers", p.buffers), ("activations", p.activations),
-            ("runtime overhead", p.overhead), ("total per GPU", p.total), ("GPU memory", p.capacity)]
-    head = (f"{cfg.preset}: {p.params / 1e6:,.1f} M params, ZeRO-{cfg.deepspeed.zero_stage}, "
-            f"{cfg.train.precision}, {p.world} GPUs, micro-batch {cfg.train.micro_batch_size} x "
-            f"{cfg.model.block_size}, activation checkpointing "
-            f"{'on' if cfg.train.activation_checkpointing else 'off'}")
+    rows = [
+        ("weights", p.weights),
+        ("gradients", p.grads),
+        ("optimizer states", p.optimizer),
+        ("DeepSpeed buffers", p.buffers),
+        ("activations", p.activations),
+        ("runtime overhead", p.overhead),
+        ("total per GPU", p.total),
+        ("GPU memory", p.capacity),
+    ]
+    head = (
+        f"{cfg.preset}: {p.params / 1e6:,.1f} M params, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"{cfg.train.precision}, {p.world} GPUs, micro-batch {cfg.train.micro_batch_size} x "
+        f"{cfg.model.block_size}, activation checkpointing "
+        f"{'on' if cfg.train.activation_checkpointing else 'off'}"
+    )
     return "\n".join([head, *(f"  {k:<18} {v / GIB:8.2f} GiB" for k, v in rows)])
 
 
 def refusal(p: MemoryPlan, fix: str | None = None) -> str:
     """One sentence saying why a plan does not fit and what would make it fit."""
-    levers = ("turn on train.activation_checkpointing, raise deepspeed.zero_stage or train.num_workers, lower "
-              "train.micro_batch_size, or offload with deepspeed.offload_optimizer")
-    advice = (f"the cheapest change that fits: --set {fix} (or: {levers})" if fix
-              else f"no single change fits; combine: {levers}")
-    return (f"train: the config needs about {p.total / GIB:.1f} GiB per GPU but a GPU has "
-            f"{p.capacity / GIB:.1f} GiB; {advice}")
+    levers = (
+        "turn on train.activation_checkpointing, raise deepspeed.zero_stage or train.num_workers, lower "
+        "train.micro_batch_size, or offload with deepspeed.offload_optimizer"
+    )
+    advice = (
+        f"the cheapest change that fits: --set {fix} (or: {levers})"
+        if fix
+        else f"no single change fits; combine: {levers}"
+    )
+    return (
+        f"train: the config needs about {p.total / GIB:.1f} GiB per GPU but a GPU has "
+        f"{p.capacity / GIB:.1f} GiB; {advice}"
+    )
 
 
 def _changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]:
@@ -136,14 +164,22 @@ def _changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]:
     smaller steps < more GPUs)."""
     t, out = cfg.train, []
     if not t.activation_checkpointing:
-        out.append(("train.activation_checkpointing=true", lambda c: setattr(c.train, "activation_checkpointing", True)))
+        out.append(
+            ("train.activation_checkpointing=true", lambda c: setattr(c.train, "activation_checkpointing", True))
+        )
     for stage in range(cfg.deepspeed.zero_stage + 1, 4):
         out.append((f"deepspeed.zero_stage={stage}", lambda c, s=stage: setattr(c.deepspeed, "zero_stage", s)))
     mbs = t.micro_batch_size // 2
     while mbs >= 1:  # the same global batch: accumulate more micro-steps
-        out.append((f"train.micro_batch_size={mbs} train.grad_accum={t.grad_accum * t.micro_batch_size // mbs}",
-                    lambda c, m=mbs: (setattr(c.train, "grad_accum", c.train.grad_accum * c.train.micro_batch_size // m),
-                                      setattr(c.train, "micro_batch_size", m))))
+        out.append(
+            (
+                f"train.micro_batch_size={mbs} train.grad_accum={t.grad_accum * t.micro_batch_size // mbs}",
+                lambda c, m=mbs: (
+                    setattr(c.train, "grad_accum", c.train.grad_accum * c.train.micro_batch_size // m),
+                    setattr(c.train, "micro_batch_size", m),
+                ),
+            )
+        )
         mbs //= 2
     out.append((f"train.num_workers={2 * t.min_workers}", lambda c: setattr(c.train, "num_workers", 2 * t.min_workers)))
     return out

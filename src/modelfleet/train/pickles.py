@@ -48,8 +48,13 @@ def _refused(e: pickle.UnpicklingError, name: str) -> UnsafePickleError:
     # torch names the global ("GLOBAL posix.system ...") or the instruction it refused.
     m = re.search(r"GLOBAL ([\w.]+)", str(e))
     detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
-    what = (f"global {m.group(1)} is not an allowed type" if m
-            else detail.group(1).strip()[:120] if detail else "it holds more than tensors and plain data")
+    what = (
+        f"global {m.group(1)} is not an allowed type"
+        if m
+        else detail.group(1).strip()[:120]
+        if detail
+        else "it holds more than tensors and plain data"
+    )
     return UnsafePickleError(f"{name} could run code when loaded ({what}); refusing to load it")
 
 
@@ -84,13 +89,16 @@ def check_pickle(read: Callable[[], Any], name: str) -> None:
     try:
         with torch.serialization.safe_globals(_allowed()):
             # mmap: tensors of a local file stay on disk; only the pickle itself is interpreted.
-            torch.load(src, map_location="cpu", weights_only=True,
-                       mmap=isinstance(src, str) and zipfile.is_zipfile(src))
+            torch.load(
+                src, map_location="cpu", weights_only=True, mmap=isinstance(src, str) and zipfile.is_zipfile(src)
+            )
     except pickle.UnpicklingError as e:
         raise _refused(e, name) from None
     except Exception as e:  # noqa: BLE001 - not a torch.save file we can read safely (legacy, truncated)
-        raise UnsafePickleError(f"{name} is not a checkpoint file that can be read safely "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise UnsafePickleError(
+            f"{name} is not a checkpoint file that can be read safely "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
 
 
 def check_dir(fs: pafs.FileSystem, root: str) -> int:
@@ -99,7 +107,7 @@ def check_dir(fs: pafs.FileSystem, root: str) -> int:
     for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if fi.type != pafs.FileType.File or not fi.base_name.endswith(PICKLE_SUFFIXES):
             continue
-        rel = fi.path[len(root.rstrip("/")) + 1:]
+        rel = fi.path[len(root.rstrip("/")) + 1 :]
         if isinstance(fs, pafs.LocalFileSystem):
             check_pickle(lambda: fi.path, rel)
         else:  # object stores: read it whole (what the sha256 check does anyway)

@@ -24,8 +24,17 @@ from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
 from modelfleet.families import get_family
-from modelfleet.storage import (StorageLayout, StorageUnavailableError, check_writable, describe_error,
-                                dump_json, exists, is_remote, read_text, write_text)
+from modelfleet.storage import (
+    StorageLayout,
+    StorageUnavailableError,
+    check_writable,
+    describe_error,
+    dump_json,
+    exists,
+    is_remote,
+    read_text,
+    write_text,
+)
 from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
@@ -65,7 +74,8 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
             raise ConfigError(
                 f"data.path: the {split} split of {cfg.data.path} has {meta[f'{split}_rows']} sequences, "
                 f"fewer than train.micro_batch_size x train.num_workers = {per_step}; add data or "
-                f"lower the batch")
+                f"lower the batch"
+            )
     root = StorageLayout(cfg.storage.path).runs()
     fs, base = pafs.FileSystem.from_uri(root)
     if resume:
@@ -74,14 +84,17 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
             raise ConfigError(f"--resume: run {resume!r} does not exist under {root}")
         found, skipped = ck.latest_complete(root, resume)
         if found is None and skipped:
-            raise ck.CheckpointError(f"--resume: run {resume!r} has no complete checkpoint to resume "
-                                     f"from ({'; '.join(skipped)})")
+            raise ck.CheckpointError(
+                f"--resume: run {resume!r} has no complete checkpoint to resume from ({'; '.join(skipped)})"
+            )
     else:
         if not cfg.storage.run_name:
             cfg.storage.run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
         if fs.get_file_info(f"{base}/{cfg.storage.run_name}").type != pafs.FileType.NotFound:
-            raise ConfigError(f"storage.run_name: run {cfg.storage.run_name!r} already exists under {root}; "
-                              f"resume it with --resume {cfg.storage.run_name} or pick another name")
+            raise ConfigError(
+                f"storage.run_name: run {cfg.storage.run_name!r} already exists under {root}; "
+                f"resume it with --resume {cfg.storage.run_name} or pick another name"
+            )
     return meta
 
 
@@ -96,13 +109,14 @@ def check_capacity(cfg: Config) -> None:
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"train.num_workers: {what} workers x {t.cpus_per_worker:g} CPU need "
-                          f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
+        raise ConfigError(
+            f"train.num_workers: {what} workers x {t.cpus_per_worker:g} CPU need "
+            f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}"
+        )
     if not any(n.get("CPU", 0) >= t.cpus_per_worker for n in nodes):
         raise ConfigError(f"train.cpus_per_worker: no node has {t.cpus_per_worker:g} CPUs")
     if t.use_gpu and total.get("GPU", 0) < need:
-        raise ConfigError(f"train.use_gpu: {what} workers need {need} GPUs but the "
-                          f"cluster has {total.get('GPU', 0):g}")
+        raise ConfigError(f"train.use_gpu: {what} workers need {need} GPUs but the cluster has {total.get('GPU', 0):g}")
     if t.use_gpu:
         reserved, holders = serving_reservation()
         if total.get("GPU", 0) - reserved < need:
@@ -110,7 +124,8 @@ def check_capacity(cfg: Config) -> None:
                 f"train.num_workers: {what} GPU workers do not fit beside serving: the cluster has "
                 f"{total.get('GPU', 0):g} GPUs and {reserved:g} are reserved for the minimum replicas of "
                 f"{', '.join(holders)}; train with at most {int(total.get('GPU', 0) - reserved)} workers or "
-                "lower serving's min_replicas")
+                "lower serving's min_replicas"
+            )
 
 
 def worker_gpu_gib(cfg: Config) -> float | None:
@@ -131,8 +146,11 @@ def check_gpu_memory(cfg: Config) -> None:
         return
     gib = worker_gpu_gib(cfg)
     if gib is None:
-        print("train: the workers' GPU memory is unknown (no known accelerator type); set "
-              "train.gpu_memory_gib to check the memory plan before launch", file=sys.stderr)
+        print(
+            "train: the workers' GPU memory is unknown (no known accelerator type); set "
+            "train.gpu_memory_gib to check the memory plan before launch",
+            file=sys.stderr,
+        )
         return
     check_fits(cfg, gib)
 
@@ -158,8 +176,6 @@ def serving_reservation() -> tuple[float, list[str]]:
                 reserved += gpus * min_replicas
                 holders.append(f"{app_name}/{dep_name} ({min_replicas} x {gpus:g} GPU)")
     return reserved, holders
-
-
 
 
 def _local_lines(path: str) -> list[str]:
@@ -255,8 +271,15 @@ class _ProgressSink:
         elif kind == "step":
             if self._resized is not None:
                 took = item["time"] - self._last_step["time"] if self._last_step else None
-                self._write({"kind": "resize", "time": item["time"], "step": self._resized.get("step", 0),
-                             **self._resized, "took_s": None if took is None else round(took, 1)})
+                self._write(
+                    {
+                        "kind": "resize",
+                        "time": item["time"],
+                        "step": self._resized.get("step", 0),
+                        **self._resized,
+                        "took_s": None if took is None else round(took, 1),
+                    }
+                )
                 self._resized = None
             self._last_step = item
 
@@ -278,29 +301,42 @@ class _ProgressSink:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=item["max_steps"], initial=item["step"] - 1, unit="step",
-                                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-            self._bar.set_postfix_str(f"loss {item['loss']:.3f} | {item['tokens_per_s']:,.0f} tok/s "
-                                      f"| lr {item['lr']:.2e}", refresh=False)
+                self._bar = tqdm(
+                    total=item["max_steps"],
+                    initial=item["step"] - 1,
+                    unit="step",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    mininterval=0.5,
+                )
+            self._bar.set_postfix_str(
+                f"loss {item['loss']:.3f} | {item['tokens_per_s']:,.0f} tok/s | lr {item['lr']:.2e}", refresh=False
+            )
             self._bar.update(item["step"] - self._bar.n)
         else:
             msg = {
-                "eval": lambda: f"step {item['step']}: val_loss {item['val_loss']:.4f} "
-                                f"ppl {item['val_ppl']:.2f}",
+                "eval": lambda: f"step {item['step']}: val_loss {item['val_loss']:.4f} ppl {item['val_ppl']:.2f}",
                 "checkpoint": lambda: f"step {item['step']}: checkpoint saved",
-                "resume": lambda: f"resumed from the checkpoint at step {item['step']}"
-                                  + (f" (skipped: {'; '.join(item['skipped'])})" if item["skipped"] else ""),
-                "resize": lambda: f"step {item['step']}: {item['from_workers']} -> {item['to_workers']} workers "
-                                  f"({item['took_s']} s of training lost)",
-                "reshard": lambda: f"step {item['step']}: checkpoint of {item['from_workers']} ranks re-partitioned "
-                                   f"for {item['to_workers']} in {item['restore_s']:.1f} s (grad_accum {item['grad_accum']})",
+                "resume": lambda: (
+                    f"resumed from the checkpoint at step {item['step']}"
+                    + (f" (skipped: {'; '.join(item['skipped'])})" if item["skipped"] else "")
+                ),
+                "resize": lambda: (
+                    f"step {item['step']}: {item['from_workers']} -> {item['to_workers']} workers "
+                    f"({item['took_s']} s of training lost)"
+                ),
+                "reshard": lambda: (
+                    f"step {item['step']}: checkpoint of {item['from_workers']} ranks re-partitioned "
+                    f"for {item['to_workers']} in {item['restore_s']:.1f} s (grad_accum {item['grad_accum']})"
+                ),
             }.get(kind)
             if msg:
                 (self._bar.write if self._bar is not None else print)(msg())
 
 
-def train(cfg: Config, *, resume: str | None = None, export: bool = True,
-          show_progress: bool = True, check_plan: bool = True) -> TrainResult:
+def train(
+    cfg: Config, *, resume: str | None = None, export: bool = True, show_progress: bool = True, check_plan: bool = True
+) -> TrainResult:
     """Run one training job on the connected (or a new local) Ray cluster. GPU workers start only
     if the memory plan fits their GPUs (``check_plan=False``: ``--no-plan``)."""
     import ray
@@ -326,8 +362,13 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
     ctx.print_on_execution_start = False
     # Hard affinity to the driver's node: progress must outlive any worker node a failure takes
     # down (a soft preference may still place it on a worker node).
-    queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)})
+    queue = Queue(
+        maxsize=100_000,
+        actor_options={
+            "num_cpus": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        },
+    )
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -335,14 +376,20 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
         torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and gpus_are_simulated() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(cfg.train.num_workers) if cfg.train.elastic else cfg.train.num_workers,
-            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),
+            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.storage.run_name, storage_path=root,
+            name=cfg.storage.run_name,
+            storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets={"train": ray.data.read_parquet(f"{cfg.data.path}/train"),
-                  "val": ray.data.read_parquet(f"{cfg.data.path}/val")},
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={
+            "train": ray.data.read_parquet(f"{cfg.data.path}/train"),
+            "val": ray.data.read_parquet(f"{cfg.data.path}/val"),
+        },
     )
     sink.start()
     try:
@@ -353,17 +400,29 @@ def train(cfg: Config, *, resume: str | None = None, export: bool = True,
         sink.stop()
         ray.kill(queue.actor)
     found, _ = ck.latest_complete(root, cfg.storage.run_name)
-    res = TrainResult(run_name=cfg.storage.run_name, run_dir=run_dir,
-                      checkpoint_step=found.step if found else None, metrics=dict(result.metrics or {}),
-                      timings={"ray_connect_s": t_ray - t0, **sink.timings, "fit_s": time.time() - t_ray})
+    res = TrainResult(
+        run_name=cfg.storage.run_name,
+        run_dir=run_dir,
+        checkpoint_step=found.step if found else None,
+        metrics=dict(result.metrics or {}),
+        timings={"ray_connect_s": t_ray - t0, **sink.timings, "fit_s": time.time() - t_ray},
+    )
     if export and found is not None:
         t_exp = time.time()
         res.artifact = export_checkpoint(found, run_name=cfg.storage.run_name)
         res.timings["export_s"] = time.time() - t_exp
     res.timings["total_s"] = time.time() - t0
-    dump_json(run_dir, "result.json", {"run": res.run_name, "step": res.checkpoint_step, "metrics": res.metrics,
-                                       "artifact": res.artifact.uri if res.artifact else None,
-                                       "timings": res.timings})
+    dump_json(
+        run_dir,
+        "result.json",
+        {
+            "run": res.run_name,
+            "step": res.checkpoint_step,
+            "metrics": res.metrics,
+            "artifact": res.artifact.uri if res.artifact else None,
+            "timings": res.timings,
+        },
+    )
     return res
 
 
@@ -371,10 +430,15 @@ def _failure_message(cfg: Config, root: str, e: BaseException) -> str:
     """What failed, that the restart budget is spent, and where a resubmission would resume."""
     name, budget = cfg.storage.run_name, cfg.train.max_failures
     found, _ = ck.latest_complete(root, name)
-    where = (f"its last complete checkpoint is step {found.step}; continue it with --resume {name} "
-             "once the cause is fixed" if found else "it left no complete checkpoint")
-    return (f"training run {name!r} failed and train.max_failures={budget} allows no more restarts: "
-            f"{_root_cause(e)}; {where}")
+    where = (
+        f"its last complete checkpoint is step {found.step}; continue it with --resume {name} once the cause is fixed"
+        if found
+        else "it left no complete checkpoint"
+    )
+    return (
+        f"training run {name!r} failed and train.max_failures={budget} allows no more restarts: "
+        f"{_root_cause(e)}; {where}"
+    )
 
 
 def _root_cause(e: BaseException) -> str:
