@@ -33,11 +33,14 @@ demo: $(STAMP)
 	@echo "make demo: prepares a corpus, trains the tiny preset with DeepSpeed ZeRO-3 on 2 Ray workers, exports and serves it (minutes; the first DeepSpeed run JIT-builds a C++ op, ~90 s on 2 cores, then cached)"
 	$(VENV)/bin/modelfleet demo
 
-# CI runs `make test`: the import-linter layer contracts (.importlinter), then every test not marked
+# CI runs `make test`: the import-linter layer contracts (.importlinter), ruff (lint rules in
+# pyproject.toml, and the format), then every test not marked
 # slow. `make test-slow` runs the tests that need more than ~3 minutes (long drills, soaks).
 test: $(STAMP)
 	@echo "make test: import-linter contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (~20 min on 2 cores; the first DeepSpeed run JIT-builds a C++ op, ~90 s, then cached)"
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VPY) -m pytest -q --durations=40 -m "not slow" tests
 
 test-slow: $(STAMP)

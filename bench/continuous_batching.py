@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import median, save, table
-from modelfleet.cluster.haproxy import haproxy_env
 from serve_common import BODY, PROMPT, Uvicorn, load, model_spec, publish_tiny, ray_start, ray_stop, serve_app
+
+from modelfleet.cluster.haproxy import haproxy_env
 
 CONC = 16
 N_REQUESTS = 48

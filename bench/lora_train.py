@@ -68,17 +68,16 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
     )
+    import deepspeed
     import numpy as np
     import torch
-
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
+    from zero_memory import _engine_bytes
 
     from modelfleet.config import Config
     from modelfleet.families import build_model, get_family
     from modelfleet.registry import fetch
     from modelfleet.train.deepspeed import build_ds_config, lr_lambda
-    from zero_memory import _engine_bytes
 
     ds_logger.setLevel("ERROR")
     torch.set_num_threads(spec["threads"])  # what a Ray Train worker with that many CPUs gets

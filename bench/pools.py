@@ -36,10 +36,10 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
 from common import median, pct, save, table
-from modelfleet.cluster.haproxy import haproxy_env
 from serve_common import publish_tiny, ray_start, ray_stop, serve_app
+
+from modelfleet.cluster.haproxy import haproxy_env
 
 N_VARIANTS = 20
 PER_REPLICA = 8

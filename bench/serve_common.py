@@ -144,7 +144,7 @@ class Uvicorn:
             text=True,
         )
 
-    def __enter__(self) -> "Uvicorn":
+    def __enter__(self) -> Uvicorn:
         import httpx
 
         deadline = time.monotonic() + 60

@@ -9,7 +9,7 @@ default params), so ``config/`` stays a leaf. An empty ``data.path`` means the s
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from modelfleet.config import Config, DataConfig, DeepSpeedConfig, ModelConfig, TrainConfig
 from modelfleet.config import load as _load

@@ -3,8 +3,8 @@ their pod templates and containers, and every Service (including the RayService'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "modelfleet"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml

@@ -44,8 +44,8 @@ def test_check_mode_reports_a_stale_schema_and_regeneration_fixes_it(gen, tmp_pa
     assert gen.main(["--check", "--schema", str(stale)]) == 1
     diff = capsys.readouterr().out
     lines = diff.splitlines()
-    assert any(l.startswith("+") and '"max_surge_percent": {' in l for l in lines), diff
-    assert any(l.startswith("-") and '"replicas": {' in l for l in lines), diff
+    assert any(ln.startswith("+") and '"max_surge_percent": {' in ln for ln in lines), diff
+    assert any(ln.startswith("-") and '"replicas": {' in ln for ln in lines), diff
     assert "is stale" in diff
     assert stale.read_text() == before, "--check must not write"
 

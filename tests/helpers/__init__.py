@@ -44,8 +44,8 @@ process and leaves by condition, not by time:
 
 from .cli import BIN, ROOT, cli_env, job_status, mf, run_cli, wait_job
 from .cluster import SimCluster
-from .s3 import MotoS3
 from .ray_procs import pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids, wait_no_train_workers
+from .s3 import MotoS3
 from .serving import (
     LoadResult,
     deploy_app,

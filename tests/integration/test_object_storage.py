@@ -30,10 +30,9 @@ ROOT = f"s3://{BUCKET}/it"
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, s3):
-    from modelfleet.cli.commands import cmd_prepare
-    from modelfleet.cli import build_parser
-
     from helpers import TEST_SOURCES
+    from modelfleet.cli import build_parser
+    from modelfleet.cli.commands import cmd_prepare
 
     args = build_parser().parse_args(
         [

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 wait_until(
-                    lambda: (
+                    lambda before=before: (
                         running_replicas(APP).get("RUNNING", 0) == 2
                         and set(serve_replica_pids(APP, "model-tiny", me)) - set(before)
                     ),

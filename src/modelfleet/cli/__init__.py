@@ -8,7 +8,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from modelfleet.cluster import JOBS
 from modelfleet.cluster.local import use_local_cluster_env

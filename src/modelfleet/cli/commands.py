@@ -12,10 +12,10 @@ from modelfleet import registry
 from modelfleet import storage as storage_io
 from modelfleet.cluster import connect
 from modelfleet.config import Config
+from modelfleet.errors import StorageError
 from modelfleet.evaluate import evaluate_artifact, run_dir_of, write_report
 from modelfleet.evaluate.kfold import kfold
 from modelfleet.families import get_family
-from modelfleet.errors import StorageError
 from modelfleet.presets import load_config
 from modelfleet.storage import StorageLayout, is_remote
 from modelfleet.train.export import export_run

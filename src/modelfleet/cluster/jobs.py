@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from modelfleet.cluster import JOBS
 from modelfleet.cluster.local import use_local_cluster_env

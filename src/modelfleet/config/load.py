@@ -4,8 +4,9 @@ merged key by key (unknown keys are errors) and built into a ``Config``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 

@@ -8,8 +8,9 @@ time with a ``ConfigError`` that names the key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from modelfleet.config.coerce import build, check
 from modelfleet.config.serve import ServeConfig, parse_serve_config
@@ -272,5 +273,5 @@ class Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
         return build(cls, d, "")

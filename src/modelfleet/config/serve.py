@@ -10,7 +10,8 @@ read the same schema. Errors name the key path, e.g. ``serve.models[0].autoscali
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,7 +54,7 @@ class AutoscalingSpec(_Strict):
     look_back_period_s: float = Field(30.0, gt=0, description="Window the load is averaged over; > metrics_interval_s.")
 
     @model_validator(mode="after")
-    def _replica_bounds(self) -> "AutoscalingSpec":
+    def _replica_bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise _FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
@@ -82,7 +83,7 @@ class ActorResources(_Strict):
     memory: int | None = Field(None, gt=0, description="Bytes of memory to reserve per replica.")
 
     @model_validator(mode="after")
-    def _whole_or_fraction(self) -> "ActorResources":
+    def _whole_or_fraction(self) -> ActorResources:
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
             raise _FieldError("num_gpus", f"must be a fraction <= 1 or a whole number, got {self.num_gpus}")
         return self
@@ -169,7 +170,7 @@ class ModelSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelSpec":
+    def _consistent(self) -> ModelSpec:
         for v in self.variants or {}:
             if not _NAME.fullmatch(v):
                 raise _FieldError(
@@ -247,7 +248,7 @@ class ServeConfig(_Strict):
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Replica logging.")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "ServeConfig":
+    def _unique_names(self) -> ServeConfig:
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in seen:

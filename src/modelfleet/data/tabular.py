@@ -63,7 +63,7 @@ class TabularTransform(Transform):
         task: str,
         minmax_columns: list[str] = (),
         ordinal_columns: list[str] = (),
-    ) -> "TabularTransform":
+    ) -> TabularTransform:
         import ray
         from ray.data.preprocessors import MinMaxScaler, OneHotEncoder, OrdinalEncoder, SimpleImputer, StandardScaler
 

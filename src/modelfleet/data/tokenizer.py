@@ -6,7 +6,8 @@ and the artifact's tokenizer a three-key JSON spec.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -9,7 +9,7 @@ entry in ``FAMILIES``. Entries are import paths so that optional extras (``trans
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from modelfleet.config import Config, ModelConfig
@@ -27,7 +27,7 @@ FAMILIES: dict[str, str] = {
 """Family name (``model.family``) -> ``module:Class`` of its ``Family``."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_family(name: str) -> Family:
     """The family registered as ``name``; ConfigError naming model.family otherwise."""
     try:

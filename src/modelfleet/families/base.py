@@ -49,11 +49,11 @@ class DataHooks:
         """Deterministic train/val/test split of the raw table (from ``data.seed``)."""
         return family_data.split_rows(raw, data)
 
-    def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> "Transform":
+    def fit_transform(self, train_raw: Any, cfg: ModelConfig) -> Transform:
         """Fit the preprocessing on the raw training split only."""
         raise NotImplementedError
 
-    def task_of(self, transform: "Transform") -> str:
+    def task_of(self, transform: Transform) -> str:
         """The task this artifact solves (``linear`` does regression or classification)."""
         return self.task
 
@@ -61,7 +61,7 @@ class DataHooks:
         """Raw held-out rows -> the rows evaluation maps over (recommenders group by user)."""
         return raw
 
-    def load_transform(self, state: dict[str, Any]) -> "Transform":
+    def load_transform(self, state: dict[str, Any]) -> Transform:
         raise NotImplementedError
 
     def preflight(self, cfg: Config, meta: dict[str, Any]) -> None:
@@ -141,19 +141,19 @@ class ServeHooks:
     """Serving and evaluation: request schemas, predictions, metrics."""
 
     # serving and evaluation
-    def request_model(self, transform: "Transform") -> type[BaseModel]:
+    def request_model(self, transform: Transform) -> type[BaseModel]:
         """The pydantic schema of one instance in ``POST /v1/models/{name}/predict``."""
         raise NotImplementedError
 
-    def predict(self, model: Any, transform: "Transform", instances: list[BaseModel]) -> list[dict[str, Any]]:
+    def predict(self, model: Any, transform: Transform, instances: list[BaseModel]) -> list[dict[str, Any]]:
         """Validated instances -> one JSON-able prediction each (one batched forward)."""
         raise NotImplementedError
 
-    def predict_batch(self, model: Any, transform: "Transform", raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict_batch(self, model: Any, transform: Transform, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raw evaluation rows -> prediction columns (the evaluation's map_batches UDF)."""
         raise NotImplementedError
 
-    def metrics(self, results: dict[str, np.ndarray], transform: "Transform") -> dict[str, Any]:
+    def metrics(self, results: dict[str, np.ndarray], transform: Transform) -> dict[str, Any]:
         """Metrics from the collected ``predict_batch`` columns."""
         return metrics.metrics_for(self.task_of(transform), results, transform)
 

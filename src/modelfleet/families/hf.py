@@ -15,8 +15,8 @@ from modelfleet.errors import ConfigError
 from modelfleet.families.base import Family
 from modelfleet.families.gpt import TokenRows, lm_predict_batch
 from modelfleet.families.lora import LoraHooks
-from modelfleet.registry import fetch
 from modelfleet.models.hf import HF_DIR, HFCausalLM, HFParams, _transformers
+from modelfleet.registry import fetch
 
 
 class HFTokenizer:

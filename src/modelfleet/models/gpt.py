@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +202,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied: one Parameter, counted and updated once
         self.init_weights()
 
-    def init_weights(self, gather: Callable[[list[nn.Parameter]], ContextManager[Any]] | None = None) -> None:
+    def init_weights(self, gather: Callable[[list[nn.Parameter]], AbstractContextManager[Any]] | None = None) -> None:
         """GPT-2's initialisation, in ``nn.Module.apply`` order (so a seed gives the same weights
         however the model was built). ``gather(params)`` wraps each module's write: under ZeRO-3's
         sharded construction the parameters are partitions, and DeepSpeed's

@@ -13,9 +13,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ray
 from ray import serve
@@ -23,17 +24,17 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from modelfleet import registry
-from modelfleet.serve import auth
+from modelfleet import storage as storage_io
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
+from modelfleet.serve import auth
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
 from modelfleet.serve.routing import VariantRouter
-from modelfleet import storage as storage_io
 from modelfleet.storage import is_remote
 
 

@@ -19,7 +19,8 @@ import contextlib
 import json
 import os
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import tenacity
@@ -108,7 +109,7 @@ class Client:
         self._lock = threading.Lock()
         self._http = httpx.Client(headers=_headers(api_key), timeout=timeout_s)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:

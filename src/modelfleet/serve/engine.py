@@ -29,8 +29,9 @@ import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -279,7 +280,7 @@ class EngineLoop:
     wake-up per decode step. Requests enter with ``submit`` from any thread."""
 
     def __init__(
-        self, engine: Engine, deliver: Callable[[StepOutput, "EngineLoop"], None], *, name: str = "engine"
+        self, engine: Engine, deliver: Callable[[StepOutput, EngineLoop], None], *, name: str = "engine"
     ) -> None:
         self.engine = engine
         self.deliver = deliver

@@ -24,8 +24,9 @@ import os
 import reprlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -319,11 +320,9 @@ async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usag
         if include_usage:
             usage = oa.Usage.of(prompt_tokens, completion)
             yield oa.sse(
-                (
-                    oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
-                    if chat
-                    else oa.CompletionResponse(id=cid, created=created, model=name, choices=[], usage=usage)
-                )
+                oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
+                if chat
+                else oa.CompletionResponse(id=cid, created=created, model=name, choices=[], usage=usage)
             )
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
         logger.warning("stream failed: %s", e)
@@ -504,7 +503,7 @@ class _Local:
     def __init__(self, target: Any) -> None:
         self._target = target
 
-    def options(self, **_: Any) -> "_Local":
+    def options(self, **_: Any) -> _Local:
         return self
 
     def __getattr__(self, name: str) -> _LocalMethod:

@@ -30,7 +30,7 @@ import collections
 import hashlib
 import logging
 import random
-from typing import Any, List, Optional
+from typing import Any
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -68,8 +68,8 @@ class VariantRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         return (1, float(self._counts[victim]))
 
     async def choose_replicas(
-        self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
-    ) -> List[List[RunningReplica]]:
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every rank below was offered
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""

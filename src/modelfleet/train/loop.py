@@ -16,16 +16,17 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import ray.train
 
+from modelfleet import storage as storage_io
 from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
 from modelfleet.models.lora import trainable_state
-from modelfleet import storage as storage_io
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles

@@ -14,8 +14,9 @@ block's input (``2*s*b*h``) stays, plus one block's full activations during its 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from modelfleet.config import Config
 from modelfleet.errors import ConfigError

@@ -23,7 +23,8 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -109,10 +110,10 @@ def check_dir(fs: pafs.FileSystem, root: str) -> int:
             continue
         rel = fi.path[len(root.rstrip("/")) + 1 :]
         if isinstance(fs, pafs.LocalFileSystem):
-            check_pickle(lambda: fi.path, rel)
+            check_pickle(lambda path=fi.path: path, rel)
         else:  # object stores: read it whole (what the sha256 check does anyway)
             with fs.open_input_stream(fi.path) as f:
                 data = f.read()
-            check_pickle(lambda: io.BytesIO(data), rel)
+            check_pickle(lambda blob=data: io.BytesIO(blob), rel)
         n += 1
     return n
