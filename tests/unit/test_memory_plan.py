@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from helpers import tiny_config
 from modelfleet.cli import main
+from modelfleet.errors import ConfigError
+from modelfleet.families import get_family
+from modelfleet.models.gpt import GPT
+from modelfleet.models.hf import HFCausalLM
 from modelfleet.presets import load_config
-from modelfleet.train.memory import GIB, model_state_bytes, plan
+from modelfleet.train.memory import GIB, activation_bytes, check_fits, model_shape, model_state_bytes, plan
+from modelfleet.train.trainer import train, worker_gpu_gib
+
+
+def _counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, requires_grad) parameters of a built model, each tied tensor once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -57,12 +70,13 @@ def test_checkpointing_and_more_workers_lower_the_plan():
     assert p.total > 30 * GIB
 
 
-def test_train_refuses_a_plan_that_cannot_fit_naming_the_cheapest_fix():
+def test_train_refuses_a_plan_that_cannot_fit_naming_the_cheapest_fix(tiny_data, tmp_path):
     """What `modelfleet train` checks before it launches GPU workers (train.gpu_memory_gib)."""
-    from modelfleet.errors import ConfigError
-    from modelfleet.train.memory import check_fits
-    from modelfleet.train.trainer import worker_gpu_gib
-
+    # Through train() itself: a set gpu_memory_gib is checked on logical GPUs too, before Ray starts.
+    small = tiny_config(tmp_path, tiny_data, ["train.use_gpu=true", "train.gpu_memory_gib=1"])
+    with pytest.raises(ConfigError, match=r"needs about 1\.\d GiB per GPU but a GPU has 1\.0 GiB; no single change"):
+        train(small, export=False, show_progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing launched
     big = load_config(
         preset="gpt-1b",
         overrides=[
@@ -97,8 +111,6 @@ def test_train_refuses_a_plan_that_cannot_fit_naming_the_cheapest_fix():
 
 
 def test_gpu_memory_gib_must_not_be_negative():
-    from modelfleet.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"train\.gpu_memory_gib: must be >= 0"):
         load_config(preset="tiny", overrides=["train.gpu_memory_gib=-1"])
 
@@ -108,3 +120,54 @@ def test_an_elastic_run_is_planned_at_its_minimum():
     elastic = load_config(preset="gpt-1b", overrides=["train.num_workers=[2, 8]"])
     at_min = load_config(preset="gpt-1b", overrides=["train.num_workers=2"])
     assert plan(elastic, gpu_memory_gib=80).total == plan(at_min, gpu_memory_gib=80).total
+
+
+def test_a_lora_run_is_planned_with_a_frozen_base():
+    """Gradients, Adam states and DeepSpeed's buffers only for the adapter; the base keeps weights."""
+    lora = ["model.params.lora.base=tiny@v1", "model.params.lora.r=4"]
+    full_cfg = load_config(preset="gpt2-124m", overrides=["train.num_workers=1", "deepspeed.zero_stage=2"])
+    lora_cfg = load_config(preset="gpt2-124m", overrides=["train.num_workers=1", "deepspeed.zero_stage=2", *lora])
+    family = get_family("gpt")
+    model = family.with_lora(GPT(lora_cfg.model), family.lora_params(lora_cfg.model))
+    total, trainable = _counts(model)  # the real model, built and wrapped by peft
+    assert trainable < total / 100
+    full, p = plan(full_cfg, gpu_memory_gib=80), plan(lora_cfg, gpu_memory_gib=80)
+    assert (p.params, p.trainable) == (total, trainable)
+    assert p.weights == pytest.approx(full.weights * total / full.params)  # the frozen base is held
+    w, g, o = model_state_bytes(trainable, 2, 1, lora_cfg.train.precision)
+    assert (p.grads, p.optimizer) == (pytest.approx(g), pytest.approx(o))
+    assert p.grads < full.grads / 100 and p.optimizer < full.optimizer / 100
+    assert p.activations == full.activations  # backward still runs through every frozen block
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=400, n_positions=128, n_embd=96, n_layer=3, n_head=4)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+    return str(path)
+
+
+def test_hf_causal_lm_is_planned_from_the_checkpoints_own_dimensions(hf_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = ["model.family=hf-causal-lm", f"model.params.path={hf_dir}", "model.params.block_size=64"]
+    cfg = load_config(preset="tiny", overrides=["train.num_workers=1", *hf])
+    real = HFCausalLM(transformers.AutoModelForCausalLM.from_pretrained(hf_dir), 64)
+    total, trainable = _counts(real)
+    p = plan(cfg, gpu_memory_gib=80)
+    assert (p.params, p.trainable) == (total, total)
+    # Activations of 3 blocks of width 96 over 64 tokens and a 400-row vocabulary (not model.*'s GPT).
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) != (3, 96, 400)
+    s, b, elem = 64, cfg.train.micro_batch_size, 4
+    assert p.activations == pytest.approx(3 * 34 * s * b * 96 * elem / 2 + s * b * 400 * (elem + 8))
+    assert activation_bytes(cfg, plan_shape := model_shape(cfg)) == p.activations and plan_shape.hidden == 96
+    lora = load_config(
+        preset="tiny", overrides=["train.num_workers=1", *hf, "model.params.lora.base=x@v1", "model.params.lora.r=2"]
+    )
+    family = get_family("hf-causal-lm")
+    wrapped = family.with_lora(
+        HFCausalLM(transformers.AutoModelForCausalLM.from_pretrained(hf_dir), 64), family.lora_params(lora.model)
+    )
+    q = plan(lora, gpu_memory_gib=80)
+    assert (q.params, q.trainable) == _counts(wrapped) and q.trainable < q.params / 10

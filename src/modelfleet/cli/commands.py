@@ -103,7 +103,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(cfg, gpu_memory_gib=gib)
     print(format_plan(p, cfg))
     if not p.fits:
-        print(f"modelfleet plan: error: {refusal(p, cheapest_fix(cfg, gib, p.params))}", file=sys.stderr)
+        print(f"modelfleet plan: error: {refusal(p, cheapest_fix(cfg, gib))}", file=sys.stderr)
         return 2
     print(f"fits: {p.total / 2**30:.1f} of {gib:g} GiB per GPU")
     return 0

@@ -9,6 +9,11 @@ ZeRO-2 reduce bucket. Activations follow Korthikanti et al. 2022 (``34*s*b*h`` b
 16-bit, SDPA's fused kernels keep no ``s*s`` scores); with activation checkpointing only each
 block's input (``2*s*b*h``) stays, plus one block's full activations during its recompute.
 ``docs/benchmarks.md`` compares these predictions with peaks measured on an H100.
+
+What is counted is the model the run trains (``ModelShape``): a LoRA run's frozen base holds its
+16-bit weights (sharded at ZeRO-3) but no gradients, fp32 master or Adam moments (DeepSpeed gets
+only the adapter's parameters), and ``hf-causal-lm`` is sized from the checkpoint's own
+``config.json`` (hidden size, layers, vocabulary), not ``model.*``'s GPT defaults.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 
 from modelfleet.config import Config
 from modelfleet.errors import ConfigError
-from modelfleet.families import build_model
-from modelfleet.models import num_params
+from modelfleet.families import build_model, get_family
+from modelfleet.models.gpt import GPT
+from modelfleet.models.hf import HFCausalLM, _transformers
 
 GIB = 2**30
 # DeepSpeed's default ZeRO-2 reduce bucket (elements) when the config does not set one.
@@ -34,10 +40,65 @@ RUNTIME_OVERHEAD = 1.5 * GIB
 ACCELERATOR_GIB = {"H100": 80.0, "H200": 141.0, "B200": 180.0, "L40S": 48.0, "L4": 24.0, "A10G": 24.0, "T4": 16.0}
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of the model a run trains."""
+
+    params: int
+    """Parameters the ranks hold (each tied tensor once), frozen ones included."""
+    trainable: int
+    """Parameters with gradients and optimizer state (all of them unless LoRA freezes a base)."""
+    n_layer: int
+    hidden: int
+    vocab: int
+    seq: int
+    """Training sequence length in tokens."""
+
+
+def _architecture(cfg: Config) -> tuple[Any, int, int, int, int]:
+    """The run's model built on the meta device (no memory, no weights read) and its (layers,
+    hidden, vocab, seq). A LoRA run's base is this architecture: ``gpt`` checks at preflight
+    that ``model.*`` equals the base artifact's, and ``hf-causal-lm``'s ``params.path`` is the
+    checkpoint the base was trained from."""
+    m = cfg.model
+    family = get_family(m.family)
+    lora_p = family.lora_params(m) if hasattr(family, "lora_params") else None
+    if m.family == "hf-causal-lm":
+        p = family.parse_params(m.params)
+        hf_cfg = _transformers().AutoConfig.from_pretrained(p.path)
+        model = HFCausalLM(_transformers().AutoModelForCausalLM.from_config(hf_cfg), p.block_size)
+        dims = (hf_cfg.num_hidden_layers, hf_cfg.hidden_size, hf_cfg.vocab_size, p.block_size)
+    else:
+        model = GPT(m) if lora_p is not None else build_model(m)
+        dims = (m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+    if lora_p is not None:
+        model = family.with_lora(model, lora_p)
+    return (model, *dims)
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """Counts of the model ``cfg`` trains, built on the meta device (gpt-1b would need 5 GB)."""
+    import torch
+
+    with torch.device("meta"):
+        model, n_layer, hidden, vocab, seq = _architecture(cfg)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return ModelShape(
+        params=sum(p.numel() for p in unique),
+        trainable=sum(p.numel() for p in unique if p.requires_grad),
+        n_layer=n_layer,
+        hidden=hidden,
+        vocab=vocab,
+        seq=seq,
+    )
+
+
 @dataclass
 class MemoryPlan:
     params: int
     """Parameter count (each tied tensor once)."""
+    trainable: int
+    """Parameters with gradients and optimizer state (fewer than ``params`` for LoRA)."""
     world: int
     """Data-parallel ranks the states are sharded over."""
     weights: float
@@ -77,47 +138,48 @@ def model_state_bytes(params: int, stage: int, world: int, precision: str) -> tu
     return tuple(params * b for b in per)  # type: ignore[return-value]
 
 
-def activation_bytes(cfg: Config) -> float:
-    """Activation memory of one micro-batch per rank (forward kept for backward)."""
-    m, t = cfg.model, cfg.train
-    s, b, h, L = m.block_size, t.micro_batch_size, m.n_embd, m.n_layer
+def activation_bytes(cfg: Config, shape: ModelShape) -> float:
+    """Activation memory of one micro-batch per rank (forward kept for backward). A frozen base
+    keeps the same activations: the adapters' gradients flow back through every block."""
+    t = cfg.train
+    s, b, h, L = shape.seq, t.micro_batch_size, shape.hidden, shape.n_layer
     elem = 2 if t.precision in ("bf16", "fp16") else 4
     per_layer = 34 * s * b * h * elem / 2  # Korthikanti's 34 counts 16-bit elements
     # Logits in the compute dtype plus the fp32 copy cross-entropy makes, and its gradient.
-    logits = s * b * m.vocab_size * (elem + 8)
+    logits = s * b * shape.vocab * (elem + 8)
     if t.activation_checkpointing:
         return L * s * b * h * elem + per_layer + logits
     return L * per_layer + logits
 
 
-def plan(cfg: Config, *, gpu_memory_gib: float, params: int | None = None) -> MemoryPlan:
+def plan(cfg: Config, *, gpu_memory_gib: float, shape: ModelShape | None = None) -> MemoryPlan:
     """Predict per-GPU memory for ``cfg`` on ``cfg.train.num_workers`` GPUs of ``gpu_memory_gib``
     (an elastic run at its minimum: the fewest ranks hold the largest shards)."""
 
-    if params is None:
-        import torch
-
-        with torch.device("meta"):  # count without allocating: gpt-1b would need 5 GB here
-            params = num_params(build_model(cfg.model))
+    shape = shape or model_shape(cfg)
+    params, trainable = shape.params, shape.trainable
     world, stage, prec = cfg.train.min_workers, cfg.deepspeed.zero_stage, cfg.train.precision
-    weights, grads, opt = model_state_bytes(params, stage, world, prec)
+    weights, _, _ = model_state_bytes(params, stage, world, prec)
+    # Frozen parameters: weights only (fp32 training keeps no separate master for them either).
+    _, grads, opt = model_state_bytes(trainable, stage, world, prec)
     if cfg.deepspeed.offload_optimizer:
         opt = 0.0
     if cfg.deepspeed.offload_params:
         weights = 0.0
     buffers = 0.0
     if prec == "bf16":
-        buffers += 4.0 * params / (world if stage >= 1 else 1)  # fp32 gradient accumulator
+        buffers += 4.0 * trainable / (world if stage >= 1 else 1)  # fp32 gradient accumulator
     if stage >= 2:
-        buffers += min(REDUCE_BUCKET, params) * (2 if prec != "fp32" else 4)
+        buffers += min(REDUCE_BUCKET, trainable) * (2 if prec != "fp32" else 4)
     return MemoryPlan(
         params=params,
+        trainable=trainable,
         world=world,
         weights=weights,
         grads=grads,
         optimizer=opt,
         buffers=buffers,
-        activations=activation_bytes(cfg),
+        activations=activation_bytes(cfg, shape),
         overhead=RUNTIME_OVERHEAD,
         capacity=gpu_memory_gib * GIB,
     )
@@ -135,7 +197,9 @@ def format_plan(p: MemoryPlan, cfg: Config) -> str:
         ("GPU memory", p.capacity),
     ]
     head = (
-        f"{cfg.preset}: {p.params / 1e6:,.1f} M params, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"{cfg.preset}: {p.params / 1e6:,.1f} M params"
+        + (f" ({p.trainable / 1e6:,.2f} M trainable)" if p.trainable != p.params else "")
+        + f", ZeRO-{cfg.deepspeed.zero_stage}, "
         f"{cfg.train.precision}, {p.world} GPUs, micro-batch {cfg.train.micro_batch_size} x "
         f"{cfg.model.block_size}, activation checkpointing "
         f"{'on' if cfg.train.activation_checkpointing else 'off'}"
@@ -186,19 +250,21 @@ def _changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]:
     return out
 
 
-def cheapest_fix(cfg: Config, gpu_memory_gib: float, params: int) -> str | None:
+def cheapest_fix(cfg: Config, gpu_memory_gib: float, shape: ModelShape | None = None) -> str | None:
     """The first single change (in ``_changes`` order) whose plan fits, or None."""
+    shape = shape or model_shape(cfg)
     for text, change in _changes(cfg):
         c = copy.deepcopy(cfg)
         change(c)
-        if plan(c, gpu_memory_gib=gpu_memory_gib, params=params).fits:
+        if plan(c, gpu_memory_gib=gpu_memory_gib, shape=shape).fits:
             return text
     return None
 
 
 def check_fits(cfg: Config, gpu_memory_gib: float) -> MemoryPlan:
     """The plan, or a ConfigError with its numbers and the cheapest change that would fit."""
-    p = plan(cfg, gpu_memory_gib=gpu_memory_gib)
+    shape = model_shape(cfg)
+    p = plan(cfg, gpu_memory_gib=gpu_memory_gib, shape=shape)
     if not p.fits:
-        raise ConfigError(refusal(p, cheapest_fix(cfg, gpu_memory_gib, p.params)))
+        raise ConfigError(refusal(p, cheapest_fix(cfg, gpu_memory_gib, shape)))
     return p

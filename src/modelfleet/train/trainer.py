@@ -141,8 +141,15 @@ def worker_gpu_gib(cfg: Config) -> float | None:
 
 def check_gpu_memory(cfg: Config) -> None:
     """Refuse, before any GPU worker starts, a config whose memory plan does not fit the workers'
-    GPUs (the driver may not see them). Simulated logical GPUs compute on CPU: no check."""
-    if not cfg.train.use_gpu or gpus_are_simulated():
+    GPUs (the driver may not see them). A set ``train.gpu_memory_gib`` is checked always (the
+    user said what the GPUs hold; ``train`` checks it before connecting); otherwise simulated
+    logical GPUs compute on CPU and are not checked."""
+    if not cfg.train.use_gpu:
+        return
+    if cfg.train.gpu_memory_gib:
+        check_fits(cfg, cfg.train.gpu_memory_gib)
+        return
+    if gpus_are_simulated():
         return
     gib = worker_gpu_gib(cfg)
     if gib is None:
@@ -347,13 +354,15 @@ def train(
 
     t0 = time.time()
     preflight(cfg, resume=resume)
+    if check_plan and cfg.train.gpu_memory_gib:
+        check_gpu_memory(cfg)  # needs no cluster: refuse in seconds, before Ray starts
     connect()
     t_ray = time.time()
     check_capacity(cfg)
     # Before any worker: storage and data a worker on another node could not see fail here.
     check_visible_everywhere(cfg.storage.path, "storage.path")
     check_visible_everywhere(cfg.data.path, "data.path")
-    if check_plan:
+    if check_plan and not cfg.train.gpu_memory_gib:
         check_gpu_memory(cfg)
     layout = StorageLayout(cfg.storage.path)
     root, run_dir = layout.runs(), layout.run(cfg.storage.run_name)
