@@ -4,6 +4,7 @@ ServeConfig, the RayJob's config loads with load_config and its entrypoint exist
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 
@@ -120,7 +121,10 @@ def test_one_cluster_spec_for_service_job_and_cluster(render):
             pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "train-config"]
             for c in pod["containers"]:
                 c["env"] = [
-                    e for e in c["env"] if e["name"] != "MODELFLEET_API_KEY" and not e["name"].startswith("RAY_SERVE_")
+                    e
+                    for e in c["env"]
+                    if e["name"] != "MODELFLEET_API_KEY"
+                    and not e["name"].startswith(("RAY_SERVE_", "MODELFLEET_HAPROXY_"))
                 ]  # serving's ingress mode
                 c["ports"] = [p for p in c["ports"] if p["name"] != "serve"]
                 c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "train-config"]
@@ -141,8 +145,20 @@ def test_serving_pods_start_serve_in_haproxy_mode_unless_switched_off(render):
     assert serving and all(
         e["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         and e["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
-        and "empty-response" in e["RAY_SERVE_HAPROXY_RETRY_ON"]
+        and e["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
+        and e["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/modelfleet/src/modelfleet/cluster/haproxy_edge.py"
+        and e["MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S"] == "10"
+        and e["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "310"
+        and e["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "310"
         for e in serving
+    )
+    # The wrapper the env names is the one shipped in the image: the repo file, executable, and
+    # the Dockerfile copies src/ to image.appDir and keeps it executable.
+    assert os.access(ROOT / "src/modelfleet/cluster/haproxy_edge.py", os.X_OK)
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    assert (
+        "WORKDIR /home/ray/modelfleet" in dockerfile
+        and "chmod 0755 src/modelfleet/cluster/haproxy_edge.py" in dockerfile
     )
     assert not any("RAY_SERVE_ENABLE_HA_PROXY" in e for e in envs(docs, "RayJob"))
     off = envs(render(None, "serving.haproxy.enabled=false"), "RayService")

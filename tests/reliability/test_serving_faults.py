@@ -42,10 +42,11 @@ def _replaced(app: str, old: set[int], want: int) -> bool:
 def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_registry):
     """500 greedy requests at concurrency 8; one of the 2 replicas is frozen (SIGSTOP) after 100
     and SIGKILLed once a request is stuck on it (unanswered while 8 later ones were answered by the
-    other replica: in flight on it, by condition). HAProxy re-sends the requests the dead replica
-    never answered (retry-on empty-response, redispatch); what it cannot re-send reaches the client
-    as the proxy's 500 (Ray normalises HAProxy's 502/503/504) and the project client retries it:
-    zero failures, every answer right, and Serve has a new replica RUNNING within 30 s."""
+    other replica: in flight on it, by condition). HAProxy replays only what no replica received
+    (retry-on conn-failure): the requests the dead replica held reach the client as the proxy's 500
+    (Ray normalises HAProxy's 502/503/504) and the project client retries them, so "0 lost" is the
+    client's retries (retried >= 1): zero failures, every answer right, and Serve has a new replica
+    RUNNING within 30 s."""
     storage, answers = tiny_registry
     url = deploy_app(storage, PORT, "kill", [_model(num_replicas=2)])
     n, drill = 500, {}
@@ -112,6 +113,7 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
     assert res.sent == n and not res.failed, res.failed[:5]
     assert res.texts == {answers["v1"]: n}, res.texts  # retried answers are the right ones too
     assert drill.get("stuck"), "no request was held by the frozen replica: the kill hit nothing in flight"
+    assert retried >= 1, "no client retry: the held request was replayed by HAProxy (retry-on beyond conn-failure?)"
     assert drill["replaced_s"] <= 30, drill
 
 

