@@ -288,7 +288,7 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
 
     shipped = (CHART / "dashboards" / "modelfleet.json").read_text()
     queried = set(re.findall(r"ray_(modelfleet_[a-z_]+?)(?:_bucket)?\{", shipped))
-    source = "".join(p.read_text() for p in (ROOT / "src" / "modelfleet" / "serve").glob("*.py"))
+    source = "".join(p.read_text() for d in ("serve", "train") for p in (ROOT / "src" / "modelfleet" / d).glob("*.py"))
     defined = set(re.findall(r'"(modelfleet_[a-z_]+)"', source))
     assert queried and queried <= defined, queried - defined
     assert {
@@ -297,6 +297,10 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
         "modelfleet_running_sequences",
         "modelfleet_waiting_sequences",
         "modelfleet_kv_cache_usage",
+        "modelfleet_train_tokens_per_second",
+        "modelfleet_train_mfu",
+        "modelfleet_train_loss",
+        "modelfleet_train_step_time_seconds",
     } <= queried
 
 

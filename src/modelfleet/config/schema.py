@@ -132,6 +132,10 @@ class TrainConfig:
     """Complete checkpoints to keep (older ones are deleted by Ray Train)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do from the last complete checkpoint."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one worker's device that ``mfu`` in metrics.jsonl is measured against;
+    0 takes the GPU's data-sheet peak for train.precision (H100, H200, A100, ...), and on CPU a
+    matmul rate measured on the worker (the record's ``mfu_basis`` says which)."""
     gpu_memory_gib: float = 0.0
     """Memory of one worker GPU for the memory plan ``modelfleet train`` checks before launching GPU
     workers; 0 takes it from the cluster's accelerator type (H100, H200, L4, ...). Simulated GPUs
@@ -174,6 +178,7 @@ class TrainConfig:
             check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0 = from the device), got {self.peak_tflops}")
         check(
             self.gpu_memory_gib >= 0,
             "train.gpu_memory_gib",

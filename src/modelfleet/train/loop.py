@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
+from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
 
 
 def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -141,7 +143,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     t, mbs, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum_at(world)
-    tokens_per_step = mbs * ga * world * family.units_per_sample(cfg)
+    samples_per_step = mbs * ga * world
+    lm = family.task == "lm"  # tokens, model FLOPs and MFU; the other families count samples
+    tokens_per_step = samples_per_step * family.units_per_sample(cfg) if lm else None
+    flops_per_token = (
+        model_flops_per_token(engine.module, *lm_dims(engine.module, cfg), family.units_per_sample(cfg)) if lm else None
+    )
+    # Only rank 0 reports; the CPU peak is a GEMM timed here, once, before the first step.
+    peak = device_peak(t.peak_tflops, t.precision, on_gpu) if rank == 0 and lm else Peak(None, "none")
     step, micro = state["step"], 0
     meter = LossMeter(engine.device, world)
     last = time.time()
@@ -186,7 +195,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     max_steps=t.max_steps,
                     loss=loss_value,
                     lr=engine.get_lr()[0],
-                    tokens_per_s=tokens_per_step / (now - last),
+                    grad_norm=_grad_norm(engine),
+                    **asdict(
+                        step_rates(
+                            step_time_s=now - last,
+                            samples=samples_per_step,
+                            tokens=tokens_per_step,
+                            flops_per_token=flops_per_token,
+                            world=world,
+                            peak=peak,
+                            device=engine.device,
+                        )
+                    ),
                     elapsed_s=now - t_start,
                     epoch=state["epoch"],
                 )
@@ -225,6 +245,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["batch_in_epoch"] = state["samples_in_epoch"] = 0
             resized_from = world
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), as DeepSpeed computed
+    it; None where DeepSpeed keeps none (ZeRO-0 without gradient clipping)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def param_storage(model: Any) -> dict[str, int]:

@@ -24,6 +24,7 @@ from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.errors import ConfigError, TrainingFailedError
 from modelfleet.families import get_family
+from modelfleet.raycompat import serve_details
 from modelfleet.storage import (
     StorageLayout,
     StorageUnavailableError,
@@ -39,6 +40,7 @@ from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
 from modelfleet.train.memory import ACCELERATOR_GIB, check_fits
+from modelfleet.train.throughput import TrainingGauges
 
 
 @dataclass
@@ -164,12 +166,9 @@ def check_gpu_memory(cfg: Config) -> None:
 
 def serving_reservation() -> tuple[float, list[str]]:
     """GPUs that running Serve deployments keep for their minimum replicas (training gets the rest)."""
-    from ray.serve.context import _get_global_client
-
     try:
         # Serve's own instance details (what `serve status -v` and the dashboard read).
-        details = _get_global_client(raise_if_no_controller_running=False)
-        details = details.get_serve_details() if details else {}
+        details = serve_details() or {}
     except Exception:  # noqa: BLE001 - no Serve on this cluster: nothing reserved
         return 0.0, []
     reserved, holders = 0.0, []
@@ -222,6 +221,7 @@ class _ProgressSink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
+        self.gauges = TrainingGauges.for_run(cfg.storage.run_name)  # Prometheus: see train/throughput.py
 
     def start(self) -> None:
         self._thread.start()
@@ -299,6 +299,8 @@ class _ProgressSink:
         elif self.remote:
             self._lines.append(json.dumps(item) + "\n")
         kind = item["kind"]
+        if kind == "step":
+            self.gauges.record(item)
         if kind == "first_step":
             self.timings["time_to_first_step_s"] = item["time"] - self.t0
             self.timings["worker_init_s"] = item["init_s"]
@@ -316,9 +318,13 @@ class _ProgressSink:
                     dynamic_ncols=True,
                     mininterval=0.5,
                 )
-            self._bar.set_postfix_str(
-                f"loss {item['loss']:.3f} | {item['tokens_per_s']:,.0f} tok/s | lr {item['lr']:.2e}", refresh=False
+            rate = (
+                f"{item['tokens_per_s']:,.0f} tok/s"
+                if item.get("tokens_per_s") is not None
+                else f"{item['samples_per_s']:,.0f} samples/s"
             )
+            mfu = f" | MFU {item['mfu']:.1%}" if item.get("mfu") is not None else ""
+            self._bar.set_postfix_str(f"loss {item['loss']:.3f} | {rate}{mfu} | lr {item['lr']:.2e}", refresh=False)
             self._bar.update(item["step"] - self._bar.n)
         else:
             msg = {
