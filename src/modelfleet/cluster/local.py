@@ -26,6 +26,7 @@ import yaml
 
 from modelfleet.cluster.haproxy import apply_haproxy_env
 from modelfleet.errors import ConfigError
+from modelfleet.raycompat import available_resources_per_node, node_ip_address
 
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
 DEFAULTS: dict[str, Any] = {
@@ -301,10 +302,8 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
             token.chmod(0o600)  # Ray writes it readable by every local user; it grants the Jobs API
     temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
     apply_haproxy_env(f"{temp_dir}/hap")  # Serve's ingress mode: every `ray start` below inherits it
-    from ray._private.services import get_node_ip_address
-
     # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.
-    st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(), node_ip=get_node_ip_address())
+    st = ClusterState(spec=spec, temp_dir=temp_dir, nodes=[], started_at=time.time(), node_ip=node_ip_address())
     # A SIGTERM (a supervisor's timeout, `kill`) must unwind through the cleanup below too.
     main = threading.current_thread() is threading.main_thread()  # signals: main thread only
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
@@ -409,8 +408,8 @@ def status(st: ClusterState) -> list[dict[str, Any]]:
     from ray.util.state import list_nodes
 
     nodes = {n.node_id: n for n in list_nodes(address=st.dashboard_url, limit=100, raise_on_missing_output=False)}
-    ray = _driver(st)
-    free = ray._private.state.available_resources_per_node()  # noqa: SLF001 - no public per-node view
+    _driver(st)
+    free = available_resources_per_node()
     rows = []
     for node in st.nodes:
         info = nodes.get(node.node_id)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from modelfleet.data.transform import Transform
 from modelfleet.errors import ConfigError
+from modelfleet.raycompat import preprocessor_from_state, preprocessor_state
 
 
 def _jsonable(obj: Any) -> Any:
@@ -24,27 +25,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _dump(p: Any) -> dict[str, Any]:
-    return _jsonable(
-        {
-            "type": p.get_preprocessor_class_id(),
-            "version": p.get_version(),
-            "fields": p._get_serializable_fields(),
-            "stats": p._get_stats(),
-        }
-    )
+    return _jsonable(preprocessor_state(p))
 
 
 def _load(spec: dict[str, Any]) -> Any:
-    """The inverse of ``_dump``: Ray's ``deserialize`` minus the pickle envelope."""
-    from ray.data.preprocessors.utils import StatComputationPlan
-    from ray.data.preprocessors.version_support import _lookup_class
-
-    cls = _lookup_class(spec["type"])
-    obj = cls.__new__(cls)
-    obj._stat_computation_plan = StatComputationPlan()
-    obj._set_serializable_fields(fields=spec["fields"], version=spec["version"])
-    obj._set_stats(stats=spec["stats"])
-    return obj
+    return preprocessor_from_state(spec)
 
 
 class TabularTransform(Transform):

@@ -30,6 +30,7 @@ from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
+from modelfleet.raycompat import pinned_version_options
 from modelfleet.serve import auth
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
@@ -132,8 +133,9 @@ def _model_options(cfg: ServeConfig, m: ModelSpec) -> dict[str, Any]:
             request_router_class=VariantRouter, request_router_kwargs={"max_models": m.max_models_per_replica}
         )
         opts.update(
-            _internal=True,
-            version=stable_version("pool", _init_spec(m), cfg.storage_path, m.ray_actor_options.to_serve()),
+            pinned_version_options(
+                stable_version("pool", _init_spec(m), cfg.storage_path, m.ray_actor_options.to_serve())
+            )
         )
     return opts
 
@@ -173,8 +175,7 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
     if cfg.has_pools:
         opts = dict(
             user_config={"variants": {m.name: dict(m.variants) for m in cfg.models if m.variants is not None}},
-            _internal=True,
-            version=stable_version("ingress", front.model_dump(), sorted(handles), lms),
+            **pinned_version_options(stable_version("ingress", front.model_dump(), sorted(handles), lms)),
         )
     return Ingress.options(
         name="ingress",

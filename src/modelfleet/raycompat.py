@@ -1,0 +1,78 @@
+"""Every use of Ray's private or internal API, in one place (a leaf: imports nothing of ours).
+
+Ray does not promise these names across releases, so each one is wrapped here in a small typed
+function and checked by tests/unit/test_raycompat.py (the name exists, takes the arguments we pass,
+returns the type we read). A Ray upgrade that moves one fails that test by name instead of a
+deploy or a cluster start. tests/unit/test_layers.py checks no other module touches them.
+
+Ray is imported inside each function: ``modelfleet cluster`` and ``modelfleet --help`` must stay
+light, and this module sits below every layer that may need it (serve, train, cluster).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pinned_version_options(version: str) -> dict[str, Any]:
+    """``Deployment.options`` keywords that pin a deployment's version ourselves.
+
+    Serve removed the public ``version`` option; it still accepts it from its own callers
+    (``_internal=True``). A pool pins it so that adding a variant (a ``user_config`` change) is a
+    lightweight in-place reconfigure instead of a rolling restart of every replica."""
+    return {"_internal": True, "version": version}
+
+
+def serve_details() -> dict[str, Any] | None:
+    """Serve's instance details (what ``serve status -v`` and the dashboard read), or None when
+    no Serve controller runs on the connected cluster. There is no public call for them."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    details = client.get_serve_details()
+    if not isinstance(details, dict):
+        raise TypeError(f"Serve's instance details are a {type(details).__name__}, expected a dict")
+    return details
+
+
+def node_ip_address() -> str:
+    """The address Ray advertises for this machine (what ``ray start`` would pick): Ray's own
+    choice, so the nodes we start agree with the drivers that join them."""
+    from ray._private.services import get_node_ip_address
+
+    return str(get_node_ip_address())
+
+
+def available_resources_per_node() -> dict[str, dict[str, float]]:
+    """Free resources of each live node, keyed by node id (hex). The caller must be a Ray
+    driver; the public ``ray.available_resources()`` sums the whole cluster."""
+    from ray._private.state import available_resources_per_node as per_node
+
+    return {str(node): {str(k): float(v) for k, v in res.items()} for node, res in per_node().items()}
+
+
+def preprocessor_state(p: Any) -> dict[str, Any]:
+    """A fitted Ray Data preprocessor's state in Ray's own serialization layout (type id, version,
+    fields, stats) without its pickle envelope, so an artifact can carry it as JSON. Ray's
+    ``serialize`` pickles; the layout's parts are private methods."""
+    return {
+        "type": p.get_preprocessor_class_id(),
+        "version": p.get_version(),
+        "fields": p._get_serializable_fields(),
+        "stats": p._get_stats(),
+    }
+
+
+def preprocessor_from_state(spec: dict[str, Any]) -> Any:
+    """The inverse of ``preprocessor_state``: Ray's ``deserialize`` minus the pickle envelope."""
+    from ray.data.preprocessors.utils import StatComputationPlan
+    from ray.data.preprocessors.version_support import _lookup_class
+
+    cls = _lookup_class(spec["type"])
+    obj = cls.__new__(cls)
+    obj._stat_computation_plan = StatComputationPlan()
+    obj._set_serializable_fields(fields=spec["fields"], version=spec["version"])
+    obj._set_stats(stats=spec["stats"])
+    return obj
