@@ -25,6 +25,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from modelfleet.errors import StorageError
+
 
 def is_remote(uri: str) -> bool:
     """True for a pyarrow URI (``s3://...``, ``gs://...``); False for a local path."""
@@ -158,10 +160,6 @@ def download_file(uri: str, local: str) -> str:
     return local
 
 
-class StorageUnavailableError(RuntimeError):
-    """The storage root cannot be written; the message names the URI and the cause."""
-
-
 def check_writable(uri: str) -> None:
     """Write and delete a probe object under ``uri``, so a missing bucket, refused credentials or
     an unreachable endpoint fail here, naming the URI and the cause, instead of in every worker.
@@ -176,7 +174,7 @@ def check_writable(uri: str) -> None:
             f.write(b"ok")
         fs.delete_file(path)
     except (OSError, ValueError) as e:
-        raise StorageUnavailableError(f"storage {uri} cannot be written: {describe_error(str(e))}") from None
+        raise StorageError(f"storage {uri} cannot be written: {describe_error(str(e))}") from None
 
 
 def check_readable(uri: str) -> None:
@@ -189,9 +187,9 @@ def check_readable(uri: str) -> None:
         fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
         missing = fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound  # listing it says nothing
     except (OSError, ValueError) as e:
-        raise StorageUnavailableError(f"storage {uri} cannot be read: {describe_error(str(e))}") from None
+        raise StorageError(f"storage {uri} cannot be read: {describe_error(str(e))}") from None
     if missing:
-        raise StorageUnavailableError(f"storage {uri} cannot be read: the bucket does not exist")
+        raise StorageError(f"storage {uri} cannot be read: the bucket does not exist")
 
 
 def _probing_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

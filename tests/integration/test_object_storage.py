@@ -21,7 +21,7 @@ import pytest
 
 from helpers import read_records, serve_on, tiny_config, train_worker_pids, wait_no_train_workers
 from modelfleet import storage
-from modelfleet.errors import ConfigError, DataError
+from modelfleet.errors import DataError, StorageError
 
 PORT = 8260  # ours alone (see the other suites' ports)
 BUCKET = "modelfleet"
@@ -172,7 +172,7 @@ def test_bad_bucket_credentials_or_endpoint_fail_before_any_worker(prepared, mon
         monkeypatch.setenv(k, v)
     cfg = tiny_config(root, prepared, ["storage.run_name=never"])
     t0 = time.monotonic()
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(StorageError) as err:
         train(cfg, show_progress=False)
     took = time.monotonic() - t0
     assert f"storage.path: storage {root} cannot be written: {cause}" in str(err.value), err.value
@@ -200,7 +200,7 @@ def test_serving_from_a_missing_bucket_fails_before_serve_is_touched(s3):
     from modelfleet.serve.app import deploy
 
     with pytest.raises(
-        ConfigError,
+        StorageError,
         match=r"serve.storage_path: storage s3://no-such-bucket/x cannot be read: "
         r"the bucket does not exist",
     ):

@@ -54,7 +54,7 @@ def _writable(uri: str, key: str) -> None:
     """Object stores: fail at once, naming the URI and the cause, before any work."""
     try:
         storage_io.check_writable(uri)
-    except storage_io.StorageUnavailableError as e:
+    except StorageError as e:
         raise StorageError(f"{key}: {e}") from None
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from modelfleet import storage
 from modelfleet.config import DataConfig
 from modelfleet.data.ingest import iter_documents, resolve_sources
-from modelfleet.errors import DataError
+from modelfleet.errors import DataError, StorageError
 
 
 def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer: Any, *, overwrite: bool = False) -> dict:
@@ -87,8 +87,8 @@ def check_destination(path: str, overwrite: bool) -> None:
     endpoint) and holds no dataset unless ``overwrite``."""
     try:
         storage.check_writable(path)
-    except storage.StorageUnavailableError as e:
-        raise DataError(f"data.path: {e}") from None
+    except StorageError as e:
+        raise StorageError(f"data.path: {e}") from None
     if storage.has_files(path) and not overwrite:
         raise DataError(f"data.path '{path}' already holds data; pass --overwrite to replace it")
 

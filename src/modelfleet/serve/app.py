@@ -26,7 +26,7 @@ from ray.serve.config import RequestRouterConfig
 from modelfleet import registry
 from modelfleet import storage as storage_io
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
-from modelfleet.errors import ArtifactError, ConfigError
+from modelfleet.errors import ArtifactError, ConfigError, StorageError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
@@ -194,8 +194,8 @@ def deploy(cfg: ServeConfig | Mapping[str, Any]) -> ServeConfig:
     cfg = config_from_args(cfg)
     try:  # an object store the replicas could not read fails here, not in every replica
         storage_io.check_readable(cfg.storage_path)
-    except storage_io.StorageUnavailableError as e:
-        raise ConfigError(f"serve.storage_path: {e}") from None
+    except StorageError as e:
+        raise StorageError(f"serve.storage_path: {e}") from None
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)

@@ -22,12 +22,11 @@ from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.cluster.visibility import check_visible_everywhere
 from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
-from modelfleet.errors import ConfigError, TrainingFailedError
+from modelfleet.errors import ConfigError, StorageError, TrainingFailedError
 from modelfleet.families import get_family
 from modelfleet.raycompat import serve_details
 from modelfleet.storage import (
     StorageLayout,
-    StorageUnavailableError,
     check_writable,
     describe_error,
     dump_json,
@@ -62,8 +61,8 @@ def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
     # naming the URI and the cause, not in every worker after the cluster has started them.
     try:
         check_writable(cfg.storage.path)
-    except StorageUnavailableError as e:
-        raise ConfigError(f"storage.path: {e}") from None
+    except StorageError as e:
+        raise StorageError(f"storage.path: {e}") from None
     try:
         meta = read_meta(cfg.data.path)
     except OSError as e:
