@@ -30,6 +30,11 @@ class JobError(RuntimeError):
     """A Ray job could not be submitted, or ended in a state other than SUCCEEDED."""
 
 
+class ClusterError(RuntimeError):
+    """The local cluster cannot do what was asked (a node did not start or register, a port is
+    taken, the cluster is already up, a node is not in the state the operation needs)."""
+
+
 class StorageError(ValueError):
     """A storage URI or path cannot be used; the message names it and the cause."""
 
@@ -42,5 +47,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     TrainingFailedError,
     JobError,
     StorageError,
+    ClusterError,
 )
 """What the CLI reports as one line (exit 2 for config errors, 1 otherwise)."""

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from modelfleet.cluster.haproxy import apply_haproxy_env
-from modelfleet.errors import ConfigError
+from modelfleet.errors import ClusterError, ConfigError
 from modelfleet.raycompat import available_resources_per_node, node_ip_address
 
 # cluster/local.yaml in a checkout; these built-in values are the same when it is absent.
@@ -139,7 +139,7 @@ class ClusterState:
         for n in self.nodes:
             if n.name == name:
                 return n
-        raise ConfigError(f"no simulated node named {name!r}; nodes: {', '.join(n.name for n in self.nodes)}")
+        raise ClusterError(f"no simulated node named {name!r}; nodes: {', '.join(n.name for n in self.nodes)}")
 
 
 def state_dir() -> Path:
@@ -281,7 +281,7 @@ def _start(cmd: list[str], spec: ClusterSpec, what: str, *, quiet: bool = False)
     if r.returncode != 0:
         # quiet: the command's output is a secret (the auth token); never echo it.
         tail = "" if quiet else "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
-        raise ConfigError(f"starting the {what} failed (exit {r.returncode}):\n{tail}")
+        raise ClusterError(f"starting the {what} failed (exit {r.returncode}):\n{tail}")
 
 
 def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
@@ -289,7 +289,7 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
     os.environ["RAY_AUTH_MODE"] = spec.auth  # before Ray is imported: it reads the mode once
     old = read_state()
     if old is not None and any(_alive(n) for n in old.nodes):
-        raise ConfigError(
+        raise ClusterError(
             f"a simulated cluster is already up (GCS {old.gcs_address}); run `modelfleet cluster down` first"
         )
     _check_ports_free(spec)
@@ -364,7 +364,7 @@ def _check_ports_free(spec: ClusterSpec) -> None:
     ):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                raise ConfigError(
+                raise ClusterError(
                     f"cluster.{what}: port {port} on 127.0.0.1 is already in use; "
                     f"choose another with --{what.replace('_', '-')}"
                 )
@@ -390,7 +390,7 @@ def _resolve_node_ids(st: ClusterState, timeout_s: float = 60) -> None:
             return
         if time.time() > deadline:
             missing = [n.name for n in st.nodes if not n.node_id]
-            raise ConfigError(f"nodes {missing} did not register with the head within {timeout_s:g} s")
+            raise ClusterError(f"nodes {missing} did not register with the head within {timeout_s:g} s")
         time.sleep(0.5)
 
 
@@ -449,9 +449,9 @@ def kill_node(st: ClusterState, name: str) -> NodeState:
     """SIGKILL one worker node's raylet and everything under it (a failure drill)."""
     node = st.node(name)
     if node.name == "head":
-        raise ConfigError("kill-node head would take the whole cluster down; use `modelfleet cluster down`")
+        raise ClusterError("kill-node head would take the whole cluster down; use `modelfleet cluster down`")
     if not _alive(node):
-        raise ConfigError(f"node {name!r} is not running")
+        raise ClusterError(f"node {name!r} is not running")
     _kill_tree(node.pids, signal.SIGKILL)
     return node
 
@@ -461,9 +461,9 @@ def restart_node(st: ClusterState, name: str) -> NodeState:
     capacity an elastic training run grows back into)."""
     node = st.node(name)
     if node.name == "head":
-        raise ConfigError("restart-node head: the head cannot be restarted alone; use `cluster down` and `up`")
+        raise ClusterError("restart-node head: the head cannot be restarted alone; use `cluster down` and `up`")
     if _alive(node):
-        raise ConfigError(f"node {name!r} is running; kill it first (`modelfleet cluster kill-node {name}`)")
+        raise ClusterError(f"node {name!r} is running; kill it first (`modelfleet cluster kill-node {name}`)")
     i = st.nodes.index(node)
     before = _ours(st.temp_dir, daemons_only=True, gcs=st.gcs_address)
     os.environ["RAY_AUTH_MODE"] = st.spec.auth
