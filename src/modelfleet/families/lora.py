@@ -10,6 +10,7 @@ are the ones peft and transformers use for that model on their own).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -107,6 +108,8 @@ def write_adapter_dir(model: nn.Module, cfg: Config, extra: dict[str, Any]) -> s
             **spec,
             "weights_file": lora.ADAPTER_WEIGHTS,
             "weights_sha256": sha256_file(weights),
+            # peft applies whatever adapter_config.json asks: it is hashed like the weights.
+            "adapter_config_sha256": sha256_file(os.path.join(out, lora.ADAPTER_CONFIG)),
             "adapter_bytes": os.path.getsize(weights),
             "base": base_of(cfg.model),
             "lora": cfg.model.params["lora"],
@@ -126,7 +129,26 @@ def check_adapter(local: str, uri: str, manifest: dict[str, Any]) -> str:
         raise ArtifactError(
             f"adapter artifact {uri!r}: {lora.ADAPTER_WEIGHTS} does not match the sha256 in manifest.json"
         )
+    conf_path = os.path.join(local, lora.ADAPTER_CONFIG)
+    if sha256_file(conf_path) != manifest.get("adapter_config_sha256"):
+        raise ArtifactError(
+            f"adapter artifact {uri!r}: {lora.ADAPTER_CONFIG} does not match adapter_config_sha256 in "
+            "manifest.json (re-export the adapter to record it)"
+        )
+    try:
+        family = get_family(str(manifest.get("family")))
+        lora.check_adapter_config(_read_json(conf_path), getattr(family, "lora_targets", None), uri)
+    except (ConfigError, ValueError) as e:
+        raise ArtifactError(str(e)) from None
     return weights
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        conf = json.load(f)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{lora.ADAPTER_CONFIG} is a JSON {type(conf).__name__}, not an object")
+    return conf
 
 
 def adapter_base(manifest: dict[str, Any], uri: str) -> dict[str, Any]:
@@ -139,7 +161,9 @@ def adapter_base(manifest: dict[str, Any], uri: str) -> dict[str, Any]:
 def check_base(base_manifest: dict[str, Any], base: dict[str, Any], uri: str) -> None:
     """The base an adapter is put on must be the weights it was trained over."""
     want = base.get("weights_sha256")
-    if want and base_manifest.get("weights_sha256") != want:
+    if not want:
+        raise ArtifactError(f"adapter {uri!r}: manifest.json names no base weights_sha256; re-export the adapter")
+    if base_manifest.get("weights_sha256") != want:
         raise ArtifactError(
             f"adapter {uri!r} was trained over base weights sha256 {want[:12]}..., but "
             f"{base.get('ref', base['uri'])!r} has {str(base_manifest.get('weights_sha256'))[:12]}..."

@@ -11,9 +11,11 @@ breaks a request in flight.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -74,11 +76,24 @@ class AdapterPool:
             return 0.0
         t0 = time.perf_counter()
         root = self.family.peft_root(self.model)
+        # Checked against the base before anything touches it; the load itself is all or nothing.
+        conf = json.loads((Path(local_dir) / lora.ADAPTER_CONFIG).read_text())
+        lora.check_adapter_config(conf, getattr(self.family, "lora_targets", None), name)
+        lora.check_adapter_tensors(str(Path(local_dir) / lora.ADAPTER_WEIGHTS), root, conf, name)
         kw = {"torch_device": str(self.device)} if self.device is not None else {}
         if isinstance(root, lora.peft().PeftModel):
-            root.load_adapter(local_dir, adapter_name=name, **kw)
+            try:
+                root.load_adapter(local_dir, adapter_name=name, **kw)
+            except Exception:
+                if name in root.peft_config:
+                    root.delete_adapter(name)
+                raise
         else:
-            root = lora.peft().PeftModel.from_pretrained(root, local_dir, adapter_name=name, **kw)
+            try:
+                root = lora.peft().PeftModel.from_pretrained(root, local_dir, adapter_name=name, **kw)
+            except Exception:
+                lora.uninject(root)
+                raise
             self.model = self.family.set_peft_root(self.model, root)
         root.eval()
         lora.install_row_hooks(root)
