@@ -98,6 +98,8 @@ def test_out_of_blocks_preempts_the_latest_admitted_and_its_stream_continues_unc
     preempted = [q for o in outs for q in o.preempted]
     assert preempted and set(preempted) == {b} and s.num_preemptions == len(preempted)
     assert b.num_preemptions == len(preempted) and a.num_preemptions == 0
+    for o in outs:  # a step that had to preempt admits nobody (not even the sequence it just preempted)
+        assert not {x.seq for x in o.scheduled} & set(o.preempted)
     # Recomputed from prompt + tokens so far: the streams equal those of an unconstrained run.
     assert a.output_ids == [106 + i for i in range(6)] and b.output_ids == [106 + i for i in range(6)]
     ref = _sched(num_blocks=64)
