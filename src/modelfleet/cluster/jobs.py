@@ -31,6 +31,11 @@ EXCLUDES = [
     "**/__pycache__/",
     "*.egg-info/",
     ".pytest_cache/",
+    # Secrets that sit in working directories: never uploaded to the cluster with a job.
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
 ]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
