@@ -246,14 +246,43 @@ def _node_args(spec: ClusterSpec, i: int, temp_dir: str) -> list[str]:
     ]
 
 
-def _isolate(cmd: list[str]) -> list[str]:
+def _under_tmp_paths() -> list[str]:
+    """The paths under /tmp that a node's ``ray start`` needs (the interpreter, the venv, the
+    checkout, the working directory, the Python path): bound back into its private /tmp, so a
+    checkout or venv under the system temp directory (CI clones there) still runs; every other
+    /tmp path stays private. Outermost only: a venv inside the checkout comes with it."""
+    here = Path(__file__).resolve()
+    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent)]
+    wanted += [str(here.parents[3]), str(here.parents[1]), os.getcwd()]
+    wanted += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    found = sorted({str(Path(p).resolve()) for p in wanted if Path(p).resolve().is_relative_to("/tmp")})
+    found = [p for p in found if p != "/tmp"]
+    return [p for p in found if not any(p != q and Path(p).is_relative_to(q) for q in found)]
+
+
+# Inside the new namespace: keep the host /tmp open on fd 3 (a bind source after it is covered),
+# mount the private tmpfs, then bind each needed host path back at its own place.
+_ISOLATE_SH = (
+    "exec 3</tmp && mount -t tmpfs -o mode=1777 modelfleet-node /tmp && "
+    'while [ "$1" != -- ]; do mkdir -p "$1" && mount --no-canonicalize --rbind "/proc/self/fd/3/${1#/tmp/}" "$1" && shift; done && '
+    'shift && exec 3<&- && exec "$@"'
+)
+
+
+def _isolate(cmd: list[str], keep: list[str] | None = None) -> list[str]:
     """``cmd`` in a new mount namespace whose /tmp is an empty tmpfs: the node's processes (its
-    raylet and every worker it starts) see only their own /tmp. Not root: a user namespace too."""
+    raylet and every worker it starts) see only their own /tmp, plus ``keep`` (default: the paths
+    under /tmp this environment runs from, see ``_under_tmp_paths``) bound back from the host.
+    Not root: a user namespace too."""
     import shutil
 
     unshare = shutil.which("unshare")
     if unshare is None:
         raise ConfigError("cluster.isolated: needs the `unshare` command (util-linux) to give each node its own /tmp")
+    keep = _under_tmp_paths() if keep is None else keep
+    for p in keep:
+        if not Path(p).is_absolute() or not Path(p).is_relative_to("/tmp") or p.rstrip("/") == "/tmp":
+            raise ConfigError(f"cluster.isolated: a path to keep must be absolute and under /tmp, got {p!r}")
     userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return [
         unshare,
@@ -264,8 +293,10 @@ def _isolate(cmd: list[str]) -> list[str]:
         "--",
         "sh",
         "-c",
-        'mount -t tmpfs -o mode=1777 modelfleet-node /tmp && exec "$@"',
+        _ISOLATE_SH,
         "sh",
+        *keep,
+        "--",
         *cmd,
     ]
 
