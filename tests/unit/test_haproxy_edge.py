@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
@@ -154,3 +155,21 @@ def test_wrapper_runs_haproxy_as_ray_does_and_cuts_trickled_headers(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         backend.shutdown()
+
+
+def test_cluster_dir_planted_by_another_user_or_a_symlink_is_refused(tmp_path):
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="mfd-", dir="/tmp"))
+    try:
+        env = haproxy_env(top / "hap")  # fresh: created owner-only
+        assert env and (os.stat(top / "hap").st_mode & 0o777) == 0o700
+        os.symlink(top / "hap", top / "link")
+        with pytest.raises(ValueError, match="symlink"):
+            haproxy_env(top / "link")
+        (top / "other").mkdir()
+        os.chown(top / "other", 65534, 65534)
+        with pytest.raises(ValueError, match="belongs to uid 65534"):
+            haproxy_env(top / "other")
+    finally:
+        shutil.rmtree(top)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -69,8 +70,7 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
         raise ValueError(
             f"HAProxy state directory {str(base)!r} is too long for its unix sockets (at most {97 - 70} characters)"
         )
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o700)
+    _owner_only_dir(base)
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
@@ -116,6 +116,34 @@ def _edge_binary() -> dict[str, str]:
         except (ImportError, OSError):
             real = shutil.which("haproxy") or ""
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": wrapper, haproxy_edge.REAL_BINARY: real}
+
+
+def _refuse_foreign(path: Path) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"cluster directory {str(path)!r} is a symlink or not a directory; remove it or use another")
+    if st.st_uid != os.geteuid():
+        raise ValueError(
+            f"cluster directory {str(path)!r} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}); "
+            "another user may have planted it: remove it or use another port"
+        )
+
+
+def _owner_only_dir(base: Path) -> None:
+    """Create ``base`` 0700 (its parent too when missing), or accept it only when it is ours and
+    a real directory: a directory another local user made first (``/tmp/modelfleet-<port>`` is
+    predictable) could hold a planted HAProxy config."""
+    for d in (base.parent, base):
+        if str(d) in ("/", "/tmp"):
+            continue
+        try:
+            os.mkdir(d, 0o700)  # created owner-only from the start, no wider moment
+        except FileExistsError:
+            _refuse_foreign(d)
+        except FileNotFoundError:
+            os.makedirs(d, 0o700)
+    _refuse_foreign(base)
+    base.chmod(0o700)
 
 
 def apply_haproxy_env(root: str | Path | None = None) -> dict[str, str]:
