@@ -1,5 +1,10 @@
 """serve-latency, serve-throughput and batching, each against its baseline in the same run.
 
+Variant measured: Serve's Python HTTP proxy in front of a replica that batches with
+``@serve.batch``. That is NOT the path the product ships (one hop through HAProxy into the
+replica's continuous-batching engine): bench/continuous_batching.py measures that one. Kept in
+``make bench-quick`` as the reference for Serve's own proxy and batching overheads.
+
 * latency: p50/p99 at concurrency 1 through Ray Serve over HTTP vs the in-process forward pass
   and generation vs the same model behind plain uvicorn + FastAPI (target: Serve p50 - in-process
   generation <= 3 ms);
