@@ -71,7 +71,7 @@ def main_app(serve_up, registry_dir, tmp_path_factory):
     (tmp / "key").write_text(KEY + "\n")
     logs = tmp / "logs"
     batched = {
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+        "batching": {"max_batch_size": 8},  # an LM: continuous batching, no wait timeout
         "max_ongoing_requests": 8,
         "max_queued_requests": 8,
         "overload_status": 503,

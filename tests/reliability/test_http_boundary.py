@@ -45,7 +45,7 @@ def app(serve_8300, tiny_registry, tmp_path_factory):
                 "artifact": "tiny@v1",
                 "ray_actor_options": {"num_cpus": 0.5},
                 "max_ongoing_requests": 16,
-                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3},
+                "batching": {"max_batch_size": 8},
             }
         ],
         api_key_file=str(keyfile),

@@ -69,7 +69,7 @@ DEMO_SERVE: dict = {
         {
             "name": "tiny",
             "ray_actor_options": {"num_cpus": 1},
-            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+            "batching": {"max_batch_size": 4},
             "max_ongoing_requests": 4,
             "autoscaling": {
                 "min_replicas": 1,

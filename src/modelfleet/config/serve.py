@@ -103,7 +103,11 @@ class BatchingSpec(_Strict):
         description="Most requests decoded together; for language models the KV-cache slots (sequences) per replica.",
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=10, description="Predict families: how long the first request waits for others."
+        0.01,
+        ge=0,
+        le=10,
+        description="Predict families (@serve.batch): how long the first request waits for others; "
+        "language models ignore it (continuous batching never waits: a request joins the next decode step).",
     )
     prefill_chunk_tokens: int = Field(
         64,
