@@ -13,11 +13,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+import transformers  # the dev extra installs it: a broken install must fail here, not skip
 
 from helpers import TEST_SOURCES, serve_on
 from modelfleet.families.artifact import load_artifact
-
-transformers = pytest.importorskip("transformers")  # the `hf` extra (the dev extra installs it)
 
 PORT = 8250
 PROBE = "def loads(s, *, cls=None):"

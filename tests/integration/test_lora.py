@@ -12,12 +12,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import peft  # noqa: F401  the dev extra installs it: a broken install must fail here, not skip
 import pytest
 import torch
 
 from helpers import read_records, tiny_config
-
-pytest.importorskip("peft")
 
 ADAPTER_SOURCES = ["stdlib:encodings/cp125*.py"]
 LORA = {"base": "base", "r": 8, "alpha": 16}

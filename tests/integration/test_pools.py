@@ -10,11 +10,10 @@ import threading
 from types import SimpleNamespace
 
 import httpx
+import peft  # noqa: F401  the dev extra installs it: a broken install must fail here, not skip
 import pytest
 
 from helpers import publish_adapters, publish_tiny_models, run_load, serve_on, serve_replica_pids
-
-pytest.importorskip("peft")
 
 PORT = 8270
 PROBE = "def main("
