@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # the dev extra installs it: a broken install must fail, not skip
 
 from helpers import tiny_config
 from modelfleet.cli import main
@@ -142,7 +143,6 @@ def test_a_lora_run_is_planned_with_a_frozen_base():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> str:
-    transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("hf") / "gpt2"
     cfg = transformers.GPT2Config(vocab_size=400, n_positions=128, n_embd=96, n_layer=3, n_head=4)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
@@ -150,7 +150,6 @@ def hf_dir(tmp_path_factory) -> str:
 
 
 def test_hf_causal_lm_is_planned_from_the_checkpoints_own_dimensions(hf_dir):
-    transformers = pytest.importorskip("transformers")
     hf = ["model.family=hf-causal-lm", f"model.params.path={hf_dir}", "model.params.block_size=64"]
     cfg = load_config(preset="tiny", overrides=["train.num_workers=1", *hf])
     real = HFCausalLM(transformers.AutoModelForCausalLM.from_pretrained(hf_dir), 64)

@@ -8,10 +8,7 @@ import copy
 
 import pytest
 import torch
-
-pytest.importorskip("peft")
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # the dev extra installs peft: a broken install must fail
 
 from modelfleet.config import ModelConfig  # noqa: E402
 from modelfleet.families import get_family  # noqa: E402
