@@ -50,7 +50,9 @@ def _ray_config(tmp_path, frontend_port: int = 8000) -> str:
 def _check(tmp_path, text: str) -> subprocess.CompletedProcess:
     p = tmp_path / "check.cfg"
     p.write_text(text)
-    return subprocess.run([get_haproxy_binary(), "-c", "-f", str(p)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [haproxy_edge.bundled_haproxy(), "-c", "-f", str(p)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_hardened_ray_config_has_header_deadline_loopback_listeners_and_is_valid(tmp_path):
@@ -87,12 +89,19 @@ def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(mon
         monkeypatch.delenv(k, raising=False)
     env = haproxy_env()  # a new owner-only directory in /tmp (the test's tmp_path is too long a socket path)
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == WRAPPER and os.access(WRAPPER, os.X_OK)
-    assert os.path.realpath(env[haproxy_edge.REAL_BINARY]) == os.path.realpath(get_haproxy_binary())
+    bundled = get_haproxy_binary()  # the variable unset: Ray's own pick
+    assert os.path.realpath(env[haproxy_edge.REAL_BINARY]) == os.path.realpath(bundled)
     assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
     # An operator's own HAProxy becomes the one the wrapper runs; it does not bypass the wrapper.
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/opt/haproxy")
     env = haproxy_env(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == WRAPPER and env[haproxy_edge.REAL_BINARY] == "/opt/haproxy"
+    # Once a cluster is set up in this process the variable names the wrapper; a second setup
+    # (another cluster, a test after a Serve fixture) still finds the real binary, not the wrapper.
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", WRAPPER)
+    env = haproxy_env(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert os.path.realpath(env[haproxy_edge.REAL_BINARY]) == os.path.realpath(bundled)
+    assert os.path.realpath(haproxy_edge.real_binary({})) == os.path.realpath(bundled)
     shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
 
 
@@ -117,12 +126,18 @@ def _get(port: int, request_id: str) -> bytes:
     return data
 
 
-def _answers(port: int) -> bool:
-    """HAProxy is up and proxies: a refused connection only means it is still starting."""
+def _answers(port: int, proc: subprocess.Popen, seen: list[bytes]) -> bool:
+    """HAProxy is up and proxies: a refused connection only means it is still starting; an HAProxy
+    that exited never will, so that fails at once with what it printed."""
+    if proc.poll() is not None:
+        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        raise AssertionError(f"the wrapper or HAProxy exited with {proc.returncode}: {out[-2000:]}")
     try:
-        return _get(port, "ok-1").endswith(b"ok-1")
+        got = _get(port, "ok-1")
     except ConnectionRefusedError:
         return False
+    seen[:] = [got[:300]]
+    return got.endswith(b"ok-1")
 
 
 def test_wrapper_runs_haproxy_as_ray_does_and_cuts_trickled_headers(tmp_path):
@@ -135,12 +150,20 @@ def test_wrapper_runs_haproxy_as_ray_does_and_cuts_trickled_headers(tmp_path):
     cfg = cfg.replace("\n    # Routes endpoint\n", "\n    use_backend echo if { path /x }\n    # Routes endpoint\n", 1)
     path = tmp_path / "haproxy.cfg"
     path.write_text(cfg)
-    env = {**os.environ, haproxy_edge.REAL_BINARY: get_haproxy_binary(), haproxy_edge.HTTP_REQUEST_TIMEOUT: "2"}
+    env = {
+        **os.environ,
+        haproxy_edge.REAL_BINARY: haproxy_edge.bundled_haproxy(),
+        haproxy_edge.HTTP_REQUEST_TIMEOUT: "2",
+    }
     proc = subprocess.Popen(
         [WRAPPER, "-db", "-f", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        wait_until(lambda: _answers(front), 30, "HAProxy via the wrapper to answer")
+        seen: list[bytes] = []
+        try:
+            wait_until(lambda: _answers(front, proc, seen), 30, "HAProxy via the wrapper to answer")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; last answer {seen}") from e
         assert _get(front, "a" * 200).endswith(b"-")  # oversized id dropped, not echoed
         assert _get(front, "bad\x7fid").endswith(b"-")
         with socket.create_connection(("127.0.0.1", front), timeout=30) as s:

