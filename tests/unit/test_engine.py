@@ -170,7 +170,7 @@ def test_a_full_cache_queues_requests_and_a_full_queue_refuses(model):
     seqs = [engine.add(Job(prompt_ids=[i + 1], max_tokens=5, temperature=0)) for i in range(4)]
     with pytest.raises(EngineFull, match="4 requests already wait for one of 2 sequence slots"):
         engine.add(Job(prompt_ids=[1], max_tokens=5))
-    with pytest.raises(ValueError, match="exceeds the engine's 64-token sequence slots"):
+    with pytest.raises(ValueError, match="exceeds the engine's 64-token context"):
         engine.add(Job(prompt_ids=[1] * 60, max_tokens=5))
     peak = []
     got = _drain(engine, seqs, on_step=lambda n, r: peak.append((r.running, r.waiting)))
@@ -226,10 +226,10 @@ def test_a_failed_decoding_thread_reports_once_and_refuses_new_work(model):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def new_slot_cache(self, n, max_len, device=None):
-            return model.new_slot_cache(n, max_len)
+        def new_paged_cache(self, num_blocks, block_size, device=None):
+            return model.new_paged_cache(num_blocks, block_size)
 
-        def forward_slots(self, *args):
+        def forward_paged(self, *args):
             raise RuntimeError("CUDA error: device-side assert")
 
     engine = Engine(Broken(), eos_id=EOS, decode=_text, config=EngineConfig(max_num_seqs=2))

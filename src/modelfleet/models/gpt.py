@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from modelfleet.config import ModelConfig
+from modelfleet.models.paged_kv import PagedKVCache
 from modelfleet.models.sampling import sample
 
 
@@ -139,10 +140,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | SlotCache | None, layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | SlotCache | PagedKVCache | None, layer: int
+    ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if isinstance(cache, PagedKVCache):
+            # The step's N tokens come as N one-token rows ([N, 1, C], so per-row adapters apply
+            # per token); attention regroups them by sequence (see paged_kv).
+            y = cache.attend(layer, *(t.transpose(0, 2) for t in (q, k, v)))  # [1, H, N, D]
+            return self.resid_dropout(self.c_proj(y[0].transpose(0, 1).reshape(B, T, C)))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # mask is None only for a plain causal pass over a fresh sequence: let SDPA pick its
@@ -180,7 +188,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, cache: KVCache | SlotCache | None = None, layer: int = 0
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        cache: KVCache | SlotCache | PagedKVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -256,6 +268,39 @@ class GPT(nn.Module):
             dtype=dtype or self.wte.weight.dtype,
             device=device or self.wte.weight.device,
         )
+
+    def new_paged_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> PagedKVCache:
+        """A pool of ``num_blocks`` KV blocks of ``block_size`` tokens (the engine's paged cache)."""
+        return PagedKVCache(
+            n_layer=self.cfg.n_layer,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            n_head=self.cfg.n_head,
+            head_dim=self.cfg.n_embd // self.cfg.n_head,
+            dtype=dtype or self.wte.weight.dtype,
+            device=device or self.wte.weight.device,
+        )
+
+    def forward_paged(
+        self, ids: Tensor, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lens: list[int]
+    ) -> Tensor:
+        """Logits ``[B, vocab]`` at each sequence's last new token. ``ids`` ([N]) are the step's new
+        tokens, sequence after sequence (a per-row adapter list, ``adapter_rows``, names one adapter
+        per token): ``lens[b]`` of sequence b, at positions ``starts[b] ..``,
+        which already has ``starts[b]`` tokens' KV in its blocks ``tables[b]``."""
+        if max(s + n for s, n in zip(starts, lens)) > self.cfg.block_size:
+            raise ValueError(f"a sequence runs past the model's {self.cfg.block_size}-token context")
+        pos = cache.prepare(tables, starts, lens)
+        x = self.drop(self.wte(ids) + self.wpe(pos))[:, None]  # [N, 1, C]: one row per token
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, cache, i)
+        return self.lm_head(self.ln_f(x[cache.last_token_index, 0]))
 
     def forward_slots(self, idx: Tensor, cache: SlotCache, slots: list[int], starts: list[int]) -> Tensor:
         """Logits ``[B, T, vocab]`` of ``idx`` ([B, T]) continuing the sequences in ``slots``, each

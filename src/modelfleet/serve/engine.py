@@ -1,32 +1,32 @@
-"""Continuous batching for the language-model families (``gpt``, ``hf-causal-lm``), with no Ray
-or HTTP in it: the replica drives it from one thread, benchmarks and tests drive it in process.
+"""The paged engine: continuous batching over a paged KV cache with automatic prefix caching, for
+the language-model families, with no Ray or HTTP in it (the replica drives it from one thread,
+benchmarks and tests drive it in process).
 
-The shape of vLLM's v1 scheduler (and nano-vllm's compact copy of it), at this project's scale:
+``step()`` is schedule -> run -> update, in roles after nano-vllm and vLLM v1:
 
-- a **waiting** queue (bounded: ``max_waiting``) and a **running** set of at most
-  ``max_num_seqs`` sequences, each owning one slot of a preallocated KV-cache pool
-  (``model.new_slot_cache``: ``max_num_seqs`` slots x ``max_len`` tokens);
-- every ``step()`` first admits waiting requests into free slots, prefills at most
-  ``prefill_chunk`` prompt tokens (a long prompt takes several steps, so running streams keep
-  flowing between its chunks), then decodes one token for every running sequence in one forward;
-- a sequence leaves the moment it finishes (EOS, a stop string, ``max_tokens``) and its slot
-  takes the next waiting request on the next step: nobody waits for a batch-mate.
+- the ``Scheduler`` (``serve/scheduler.py``) picks the step's sequences and how many tokens each
+  computes: running sequences first (one token each once decoding, prompt chunks of at most
+  ``prefill_chunk`` before), then waiting ones while the token budget, a sequence slot and KV
+  blocks allow; when blocks run out the newest running sequence is preempted and recomputed later;
+- the ``BlockManager`` (``serve/blocks.py``) hands out KV blocks and publishes full ones under a
+  hash chain, so a prompt that starts like an earlier one skips that prefix's prefill;
+- the ``ModelRunner`` (``serve/model_runner.py``) runs one forward over all scheduled tokens;
+- the update samples a token for every sequence whose step reached its last token, streams it,
+  and finishes the sequence at EOS, a stop string or ``max_tokens`` (its blocks return at once,
+  its cached prefix stays for the next request).
 
-Sampling is per request through ``models.sampling.sample`` with a private generator per
-sequence, so a seeded request produces the same tokens whatever shares its batch; greedy decoding
-in a batch matches decoding alone (fp32: logits equal up to matmul rounding).
+Sampling is per request with a private generator, so a seeded request produces the same tokens
+whatever shares its batch, and a preempted one continues without repeating or changing a token
+(recomputing restores the KV; the sampled tokens and the generator's state were kept).
 
-``EngineLoop`` runs the engine on its own thread and hands each step's outputs to one callback
-per step, which is the only cross-thread wake-up (the replica turns it into one
-``call_soon_threadsafe``).
+Models without ``forward_paged`` (``hf-causal-lm``) run on the slot engine
+(``serve/slot_engine.py``): ``new_engine`` picks. ``EngineLoop`` runs either on its own thread.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -35,65 +35,41 @@ from typing import Any
 
 import torch
 
-from modelfleet.models.lora import BASE_ROW, adapter_rows
 from modelfleet.models.sampling import sample
+from modelfleet.serve.blocks import BlockManager
+from modelfleet.serve.engine_types import EngineConfig, EngineFull, StepOutput
 from modelfleet.serve.generation import Job, Step, _Row
+from modelfleet.serve.model_runner import ModelRunner
+from modelfleet.serve.scheduler import Scheduler, SchedulerConfig
+from modelfleet.serve.sequence import Sequence as _SchedSeq
+from modelfleet.serve.sequence import SequenceStatus
+from modelfleet.serve.slot_engine import SlotEngine
 
-
-class EngineFull(RuntimeError):
-    """The waiting queue is at ``max_waiting``: the caller answers overload (429/503)."""
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 8
-    """Sequences decoded together, one KV-cache slot each."""
-    max_len: int = 0
-    """Tokens per slot (prompt + generated); 0 = the model's context."""
-    prefill_chunk: int = 64
-    """Most prompt tokens prefilled per step; longer prompts are split across steps."""
-    max_waiting: int = 64
-    """Requests queued for a slot before ``add`` refuses with ``EngineFull``."""
+__all__ = ["Engine", "EngineConfig", "EngineFull", "EngineLoop", "Request", "SlotEngine", "StepOutput", "new_engine"]
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One request inside the engine."""
+class Request(_SchedSeq):
+    """One request in the paged engine: the scheduler's sequence plus its sampling and stream state."""
 
-    id: int
-    job: Job
-    row: _Row
+    job: Job | None = None
+    row: _Row | None = None
     arrived: float = field(default_factory=time.perf_counter)
-    slot: int = -1
-    filled: int = 0
-    """Tokens written to the slot (prompt tokens prefilled, then one per decode)."""
-    next_token: int | None = None
-    """The last sampled token, fed on the next decode step."""
+    first_token_at: float | None = None
     produced: int = 0
     """Tokens generated (EOS not counted)."""
     emitted: int = 0
-    """Steps that produced output for this sequence."""
-    first_token_at: float | None = None
-    cancelled: bool = False
+    """Steps that produced output for this request."""
+    next_token: int | None = None
+    """The last sampled token (EOS included)."""
 
     @property
     def finished(self) -> bool:
-        return self.row.finish_reason is not None
-
-
-@dataclass
-class StepOutput:
-    """What one engine step produced: ``(sequence, step)`` pairs and the running batch size."""
-
-    outputs: list[tuple[Sequence, Step]]
-    running: int
-    waiting: int
-    decoded: int
-    """Sequences in this step's decode forward."""
+        return self.status.done or (self.row is not None and self.row.finish_reason is not None)
 
 
 class Engine:
-    """A continuous-batching decoder over one model (see the module docstring)."""
+    """The paged continuous-batching decoder over one model (see the module docstring)."""
 
     def __init__(
         self,
@@ -103,174 +79,111 @@ class Engine:
         decode: Callable[[list[int]], str],
         config: EngineConfig | None = None,
         adapters: Any = None,
+        base_sha: str = "",
     ) -> None:
         self.model = model
         self.adapters = adapters
-        """Pools: the ``AdapterPool`` whose adapters rows select (``Job.adapter``); each forward
-        runs every row with its own adapter (peft's mixed batch), so variants share steps."""
+        """Pools: the ``AdapterPool`` whose adapters rows select (``Job.adapter``)."""
         self.eos_id, self.decode = eos_id, decode
-        self.cfg = config or EngineConfig()
+        self.cfg = cfg = config or EngineConfig()
         limit = int(model.cfg.block_size)
-        self.max_len = min(self.cfg.max_len or limit, limit)
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = model.new_slot_cache(self.cfg.max_num_seqs, self.max_len, device=param.device)
-        self.free = list(range(self.cfg.max_num_seqs))[::-1]  # pop() hands out low slots first
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.prefilling: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
-        self._ids = itertools.count()
-        self._lock = threading.Lock()  # add/cancel come from other threads than step
+        self.max_len = min(cfg.max_len or limit, limit)
+        per_seq = -(-self.max_len // cfg.block_size)
+        num_blocks = cfg.num_kv_blocks or cfg.max_num_seqs * per_seq
+        self.blocks = BlockManager(
+            num_blocks, cfg.block_size, base_sha=base_sha, enable_prefix_caching=cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens or cfg.prefill_chunk + cfg.max_num_seqs,
+                prefill_chunk=cfg.prefill_chunk,
+                max_waiting=cfg.max_waiting,
+            ),
+        )
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size, pooled=adapters is not None)
+        self.cache = self.runner.cache
 
     # ------------------------------------------------------------------ requests
-    def add(self, job: Job) -> Sequence:
-        """Queue ``job``; thread-safe. Raises ``ValueError`` for a request no slot can hold and
-        ``EngineFull`` when ``max_waiting`` requests already wait."""
+    def add(self, job: Job) -> Request:
+        """Queue ``job``; thread-safe. Raises ``ValueError`` for a request the engine can never
+        hold and ``EngineFull`` when ``max_waiting`` requests already wait."""
         if not job.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(job.prompt_ids) + job.max_tokens > self.max_len:
             raise ValueError(
                 f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_tokens}) exceeds "
-                f"the engine's {self.max_len}-token sequence slots"
+                f"the engine's {self.max_len}-token context"
             )
-        seq = Sequence(next(self._ids), job, _Row(job, self.eos_id, self.decode))
-        with self._lock:
-            if len(self.waiting) >= self.cfg.max_waiting:
-                raise EngineFull(
-                    f"{len(self.waiting)} requests already wait for one of {self.cfg.max_num_seqs} sequence slots"
-                )
-            self.waiting.append(seq)
-        return seq
+        req = Request(
+            list(job.prompt_ids),
+            job.max_tokens,
+            adapter_sha=job.adapter,
+            job=job,
+            row=_Row(job, self.eos_id, self.decode),
+        )
+        self.scheduler.add(req)
+        return req
 
-    def cancel(self, seq: Sequence) -> None:
-        """Stop ``seq`` (its client went away); its slot frees on the next step. Thread-safe."""
-        seq.cancelled = True
+    def cancel(self, req: Request) -> None:
+        """Stop ``req`` (its client went away); its blocks free on the next step. Thread-safe."""
+        self.scheduler.cancel(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return self.scheduler.has_work
 
     @property
     def cache_use(self) -> float:
-        """Fraction of KV-cache slots held by a sequence."""
-        return 1 - len(self.free) / self.cfg.max_num_seqs
+        """KV blocks in use / blocks."""
+        return self.blocks.usage
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters that a waiting or running request needs."""
+        with self.scheduler._lock:
+            waiting = list(self.scheduler.waiting)
+        return {s.job.adapter for s in (*waiting, *self.scheduler.running) if s.job.adapter}
 
     # ------------------------------------------------------------------ the loop body
     @torch.inference_mode()
     def step(self) -> StepOutput:
-        """Admit, prefill up to ``prefill_chunk`` prompt tokens, decode one token per running sequence."""
-        out: list[tuple[Sequence, Step]] = []
-        self._drop_cancelled()
-        self._admit()
-        self._prefill(out)
-        decoded = self._decode(out)
-        for s in [s for s, _ in out if s.finished]:
-            self._release(s)
+        """Schedule, run one forward over every scheduled token, sample and stream."""
+        sched = self.scheduler.schedule()
+        batch = sched.scheduled
+        out: list[tuple[Request, Step]] = []
+        if batch:
+            logits = self.runner.run(batch, [s.seq.job.adapter for s in batch])
+            self.scheduler.commit(sched)  # before the sampled tokens are appended (their KV is next step's)
+            for i, s in enumerate(batch):
+                if s.samples:
+                    self._emit(s.seq, logits[i], out)
         if self.adapters is not None and self.adapters.evicted:  # evicted ones go once no sequence uses them
             self.adapters.collect(self.adapters_in_use())
-        return StepOutput(out, len(self.running) + len(self.prefilling), len(self.waiting), decoded)
+        return StepOutput(out, len(self.scheduler.running), len(self.scheduler.waiting), len(batch))
 
-    def _admit(self) -> None:
-        with self._lock:
-            while self.free and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot = self.free.pop()
-                self.cache.reset(seq.slot)
-                self.prefilling.append(seq)
-
-    def _prefill(self, out: list[tuple[Sequence, Step]]) -> None:
-        """Up to ``prefill_chunk`` prompt tokens: sequences whose next chunks have the same length
-        share one forward (a burst of equal prompts prefills together); a prompt longer than the
-        budget takes one chunk per step, so the running batch keeps decoding in between."""
-        budget = self.cfg.prefill_chunk
-        while budget > 0 and self.prefilling:
-            head = self.prefilling[0]
-            n = min(len(head.job.prompt_ids) - head.filled, budget)
-            group = [
-                s
-                for s in self.prefilling
-                if len(s.job.prompt_ids) - s.filled >= n and (s is head or len(s.job.prompt_ids) - s.filled == n)
-            ][: max(1, budget // n)]
-            group.sort(key=lambda s: s.slot)
-            ids = torch.tensor([s.job.prompt_ids[s.filled : s.filled + n] for s in group], device=self.device)
-            logits = self._forward(group, ids)[:, -1]
-            budget -= n * len(group)
-            for i, seq in enumerate(group):
-                seq.filled += n
-                if seq.filled < len(seq.job.prompt_ids):
-                    continue  # more chunks next step; decoding of the running batch goes on meanwhile
-                self.prefilling.remove(seq)
-                self.running.append(seq)
-                self._emit(seq, logits[i], out)
-            if head.filled < len(head.job.prompt_ids):
-                break
-
-    def _decode(self, out: list[tuple[Sequence, Step]]) -> int:
-        just_prefilled = _emitted(out)  # their first token came from the prefill: they decode next step
-        # In slot order: consecutive slots let the cache hand out views instead of copies.
-        batch = sorted(
-            (s for s in self.running if not s.finished and id(s) not in just_prefilled), key=lambda s: s.slot
-        )
-        if not batch:
-            return 0
-        tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
-        logits = self._forward(batch, tokens)[:, -1]
-        for i, s in enumerate(batch):
-            s.filled += 1
-            self._emit(s, logits[i], out)
-        return len(batch)
-
-    def _forward(self, seqs: list[Sequence], idx: torch.Tensor) -> torch.Tensor:
-        """Last-position logits of each row, on the host in float32: one device-to-host copy per
-        forward (sampling, stop strings and streaming need the tokens there anyway)."""
-        rows = (
-            adapter_rows([s.job.adapter or BASE_ROW for s in seqs])
-            if self.adapters is not None
-            else contextlib.nullcontext()
-        )
-        with rows:
-            return (
-                self.model.forward_slots(idx, self.cache, [s.slot for s in seqs], [s.filled for s in seqs])[:, -1:]
-                .float()
-                .cpu()
-            )
-
-    def adapters_in_use(self) -> set[str]:
-        """Adapters that a waiting, prefilling or running sequence needs."""
-        with self._lock:
-            waiting = list(self.waiting)
-        return {s.job.adapter for s in (*waiting, *self.prefilling, *self.running) if s.job.adapter}
-
-    def _emit(self, seq: Sequence, logits: torch.Tensor, out: list[tuple[Sequence, Step]]) -> None:
-        job = seq.job
-        tok = int(sample(logits, job.temperature, job.top_p, seq.row.gen))
-        step = seq.row.push(tok)
-        seq.produced += step.tokens
-        seq.emitted += 1
-        seq.next_token = tok
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
-        out.append((seq, step))
-
-    def _release(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq.slot >= 0:
-            self.free.append(seq.slot)
-            seq.slot = -1
-
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
-        for s in [s for s in (*self.prefilling, *self.running) if s.cancelled]:
-            if s in self.prefilling:
-                self.prefilling.remove(s)
-            self._release(s)
+    def _emit(self, req: Request, logits: torch.Tensor, out: list[tuple[Request, Step]]) -> None:
+        job = req.job
+        tok = int(sample(logits, job.temperature, job.top_p, req.row.gen))
+        step = req.row.push(tok)
+        req.produced += step.tokens
+        req.emitted += 1
+        req.next_token = tok
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        out.append((req, step))
+        if step.finish_reason:
+            self.scheduler.finish(req, SequenceStatus.FINISHED)
+        else:
+            req.append_token(tok)
 
 
-def _emitted(out: list[tuple[Sequence, Step]]) -> set[int]:
-    """Ids of the sequences that already produced a token this step."""
-    return {id(s) for s, _ in out}
+def new_engine(model: Any, **kw: Any) -> Engine | SlotEngine:
+    """The paged engine for models with a paged forward (``gpt``), else the slot engine."""
+    if hasattr(model, "forward_paged"):
+        return Engine(model, **kw)
+    kw.pop("base_sha", None)
+    return SlotEngine(model, **kw)
 
 
 class EngineLoop:
@@ -280,7 +193,7 @@ class EngineLoop:
     wake-up per decode step. Requests enter with ``submit`` from any thread."""
 
     def __init__(
-        self, engine: Engine, deliver: Callable[[StepOutput, EngineLoop], None], *, name: str = "engine"
+        self, engine: Engine | SlotEngine, deliver: Callable[[StepOutput, EngineLoop], None], *, name: str = "engine"
     ) -> None:
         self.engine = engine
         self.deliver = deliver
@@ -291,7 +204,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> Sequence:
+    def submit(self, job: Job) -> Request | Any:
         if self.error is not None or self._stopped:
             raise EngineFull(f"the decoding thread is {'down' if self.error else 'stopping'}; retry on another replica")
         seq = self.engine.add(job)
@@ -299,7 +212,7 @@ class EngineLoop:
             self._wake.notify()
         return seq
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: Request | Any) -> None:
         self.engine.cancel(seq)
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:

@@ -23,7 +23,7 @@ from modelfleet.errors import ArtifactError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_adapter, check_variant
 from modelfleet.models import lora
-from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, Sequence, StepOutput
+from modelfleet.serve.engine import EngineConfig, EngineFull, EngineLoop, Request, StepOutput, new_engine
 from modelfleet.serve.generation import Job
 from modelfleet.serve.pool import AdapterPool, Variant, adapter_key, parse_variant_id
 from modelfleet.serve.replica import Loaded, ReplicaBase
@@ -100,7 +100,7 @@ class LMReplica(ReplicaBase):
         pool = None
         if self.spec.variants is not None:
             pool = AdapterPool(model, get_family(manifest["family"]), next(model.parameters()).device)
-        engine = Engine(
+        engine = new_engine(
             model,
             eos_id=preprocessor.eos_id,
             decode=preprocessor.decode,
@@ -108,12 +108,18 @@ class LMReplica(ReplicaBase):
                 max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens, max_waiting=waiting
             ),
             adapters=pool,
+            # In every prefix-cache key: KV computed with other weights is never matched.
+            base_sha=str(manifest.get("weights_sha256", "")),
         )
         old = self.loaded
         if isinstance(old, _LMLoaded):
             old.loop.stop()  # finishes the requests it holds, then its thread ends
         logger.info(
-            "engine: %d sequence slots x %d tokens, KV cache %.1f MiB, prefill chunk %d",
+            "engine: %s, %d sequences of up to %d tokens, KV cache %.1f MiB, prefill chunk %d",
+            f"paged ({engine.blocks.num_blocks} blocks of {engine.blocks.block_size} tokens, prefix caching "
+            f"{'on' if engine.blocks.enable_prefix_caching else 'off'})"
+            if hasattr(engine, "blocks")
+            else "slots (one forward per row: this model has no paged forward)",
             b.max_batch_size,
             engine.max_len,
             engine.cache.nbytes / 2**20,
@@ -296,7 +302,7 @@ class LMReplica(ReplicaBase):
         self._aloop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[id(job)] = queue  # before submit: the engine thread may answer at once
-        seq: Sequence | None = None
+        seq: Request | None = None
         try:
             try:
                 if variant is None:
@@ -304,7 +310,7 @@ class LMReplica(ReplicaBase):
                 else:
                     # On the decoding thread: the adapter is (re)loaded if an eviction or a new base
                     # dropped it, and the job queued in the same call, so no eviction falls between.
-                    def admit() -> Sequence:
+                    def admit() -> Request:
                         lo.pool.load(variant.key, variant.local_dir)
                         return lo.loop.engine.add(job)
 
