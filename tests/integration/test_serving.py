@@ -111,7 +111,19 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
         assert body["choices"][0]["text"] == main_app["answers"]["v1"]  # served greedy == reference sampler
         assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"] == {"prompt_tokens": len(PROBE), "completion_tokens": 8, "total_tokens": len(PROBE) + 8}
+        assert body["usage"] == {
+            "prompt_tokens": len(PROBE),
+            "completion_tokens": 8,
+            "total_tokens": len(PROBE) + 8,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        # A repeated prompt: its full 16-token KV blocks come from the prefix cache, the answer is
+        # the same (greedy), and OpenAI's field says how many prompt tokens were cached.
+        long = "# prefix cache probe\n" + PROBE * 4  # 57 tokens: 3 full blocks before the last token
+        cold, warm = (_complete(c, url, model="tiny", prompt=long).json() for _ in range(2))
+        assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
+        assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
 
         r = _complete(c, url, model="tiny-path")  # the same app serves a second artifact, by path
         assert r.json()["choices"][0]["text"] == main_app["answers"]["v2"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelfleet.config import ModelConfig
-from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, StepOutput
+from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, SlotEngine, StepOutput
 from modelfleet.serve.generation import Job, generate_steps
 
 EOS = 256
@@ -226,13 +226,15 @@ def test_a_failed_decoding_thread_reports_once_and_refuses_new_work(model):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def new_paged_cache(self, num_blocks, block_size, device=None):
-            return model.new_paged_cache(num_blocks, block_size)
+        def new_slot_cache(self, n, max_len, device=None):
+            return model.new_slot_cache(n, max_len)
 
-        def forward_paged(self, *args):
+        def forward_slots(self, *args):
             raise RuntimeError("CUDA error: device-side assert")
 
-    engine = Engine(Broken(), eos_id=EOS, decode=_text, config=EngineConfig(max_num_seqs=2))
+    # The slot engine lets a step's error end the loop (the paged engine fails only that step's
+    # sequences: test_paged_engine.py); the loop reports it once and refuses new work.
+    engine = SlotEngine(Broken(), eos_id=EOS, decode=_text, config=EngineConfig(max_num_seqs=2))
     seen, failed = [], threading.Event()
     loop = EngineLoop(engine, lambda result, lp: (seen.append(lp.error), failed.set()))
     loop.submit(Job(prompt_ids=[1], max_tokens=3))

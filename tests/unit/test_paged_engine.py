@@ -131,3 +131,60 @@ def test_preempted_sequences_continue_their_streams_without_a_changed_token(mode
     assert got == roomy
     assert got[:4] == [_alone(model, j) for j in jobs[:4]]
     assert tight.blocks.num_used_blocks == 0
+
+
+def _engine(model, **cfg) -> Engine:
+    return Engine(model, eos_id=EOS, decode=_text, config=EngineConfig(**{"max_num_seqs": 4, "block_size": 4, **cfg}))
+
+
+def test_non_finite_logits_in_one_row_fail_that_request_alone(model):
+    engine = _engine(model)
+    jobs = [Job(prompt_ids=p, max_tokens=10, temperature=0) for p in PROMPTS[:3]]
+    reqs = [engine.add(j) for j in jobs]
+    real, steps = engine.runner.run, [0]
+
+    def poisoned(batch, adapters):  # the third step: the second request's row goes NaN
+        logits = real(batch, adapters)
+        steps[0] += 1
+        if steps[0] == 3:
+            logits[[s.seq for s in batch].index(reqs[1])] = float("nan")
+        return logits
+
+    engine.runner.run = poisoned
+    text: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    while engine.has_work:
+        for r, st in engine.step().outputs:
+            text[id(r)] = text.get(id(r), "") + st.text
+            reasons[id(r)] = st.finish_reason or reasons.get(id(r), "")
+    assert reasons[id(reqs[1])] == "error" and "non-finite logits" in reqs[1].error
+    assert reqs[1].status.name == "FAILED" and not reqs[1].block_table
+    for j, r in zip(jobs, reqs):
+        if r is not reqs[1]:
+            assert text[id(r)] == _alone(model, j) and reasons[id(r)] == "length"
+    assert engine.healthy and engine.blocks.num_used_blocks == 0
+
+
+def test_a_failed_step_fails_its_sequences_frees_their_blocks_and_the_engine_serves_on(model):
+    engine = _engine(model, max_failed_steps=2)
+    real = engine.runner.run
+
+    def broken(batch, adapters):
+        raise RuntimeError("CUDA out of memory")
+
+    engine.runner.run = broken
+    doomed = [engine.add(Job(prompt_ids=p, max_tokens=5, temperature=0)) for p in PROMPTS[:2]]
+    out = engine.step()
+    assert {id(r) for r, st in out.outputs if st.finish_reason == "error"} == {id(r) for r in doomed}
+    assert all("out of memory" in r.error for r in doomed)
+    assert engine.blocks.num_used_blocks == 0 and engine.blocks.num_cached_blocks == 0  # nothing published
+    assert engine.healthy  # one failed step is not a broken replica
+    engine.runner.run = real
+    job = Job(prompt_ids=PROMPTS[0], max_tokens=6, temperature=0)
+    got, _ = _run(engine, [job])
+    assert got == [_alone(model, job)] and engine.failed_steps_in_a_row == 0
+    engine.runner.run = broken
+    for _ in range(2):
+        engine.add(Job(prompt_ids=[1], max_tokens=2))
+        engine.step()
+    assert not engine.healthy  # two in a row (max_failed_steps=2): the health check fails

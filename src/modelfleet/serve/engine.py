@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from modelfleet.serve.sequence import Sequence as _SchedSeq
 from modelfleet.serve.sequence import SequenceStatus
 from modelfleet.serve.slot_engine import SlotEngine
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["Engine", "EngineConfig", "EngineFull", "EngineLoop", "Request", "SlotEngine", "StepOutput", "new_engine"]
 
 
@@ -62,6 +65,8 @@ class Request(_SchedSeq):
     """Steps that produced output for this request."""
     next_token: int | None = None
     """The last sampled token (EOS included)."""
+    error: str | None = None
+    """Why it failed (``status`` FAILED; its last output has finish_reason ``"error"``)."""
 
     @property
     def finished(self) -> bool:
@@ -103,6 +108,7 @@ class Engine:
             ),
         )
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size, pooled=adapters is not None)
+        self.failed_steps_in_a_row = 0
         self.cache = self.runner.cache
 
     # ------------------------------------------------------------------ requests
@@ -153,19 +159,55 @@ class Engine:
         batch = sched.scheduled
         out: list[tuple[Request, Step]] = []
         if batch:
-            logits = self.runner.run(batch, [s.seq.job.adapter for s in batch])
+            try:
+                logits = self.runner.run(batch, [s.seq.job.adapter for s in batch])
+            except Exception as e:  # noqa: BLE001 - a fault of the whole step fails its sequences only
+                self.failed_steps_in_a_row += 1
+                logger.warning("engine step failed (%d in a row): %r", self.failed_steps_in_a_row, e)
+                for req in self.scheduler.fail_step(sched):  # blocks back, nothing half-written published
+                    self._fail(req, f"the decoding step failed: {e!r}", out)
+                return self._output(out, sched)
+            self.failed_steps_in_a_row = 0
             self.scheduler.commit(sched)  # before the sampled tokens are appended (their KV is next step's)
             for i, s in enumerate(batch):
                 if s.samples:
                     self._emit(s.seq, logits[i], out)
         if self.adapters is not None and self.adapters.evicted:  # evicted ones go once no sequence uses them
             self.adapters.collect(self.adapters_in_use())
-        return StepOutput(out, len(self.scheduler.running), len(self.scheduler.waiting), len(batch))
+        return self._output(out, sched)
+
+    @property
+    def healthy(self) -> bool:
+        """False after ``max_failed_steps`` failed steps in a row (the model or device is broken,
+        not one request): the replica's health check fails and Serve replaces it."""
+        return self.failed_steps_in_a_row < self.cfg.max_failed_steps
+
+    def _output(self, out: list[tuple[Request, Step]], sched: Any) -> StepOutput:
+        return StepOutput(
+            out,
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            len(sched.scheduled),
+            len(sched.preempted),
+        )
+
+    def _fail(self, req: Request, why: str, out: list[tuple[Request, Step]]) -> None:
+        if not req.status.done:
+            self.scheduler.finish(req, SequenceStatus.FAILED)
+        req.error = why
+        out.append((req, Step("", 0, "error")))
 
     def _emit(self, req: Request, logits: torch.Tensor, out: list[tuple[Request, Step]]) -> None:
         job = req.job
-        tok = int(sample(logits, job.temperature, job.top_p, req.row.gen))
-        step = req.row.push(tok)
+        try:
+            if not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError("non-finite logits in its row")
+            tok = int(sample(logits, job.temperature, job.top_p, req.row.gen))
+            step = req.row.push(tok)
+        except Exception as e:  # noqa: BLE001 - a fault of one row fails that request alone
+            logger.warning("request %d failed: %r", req.seq_id, e)
+            self._fail(req, f"decoding this request failed: {e!r}", out)
+            return
         req.produced += step.tokens
         req.emitted += 1
         req.next_token = tok

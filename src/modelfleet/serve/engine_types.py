@@ -33,9 +33,13 @@ class EngineConfig:
     prefill chunk beside a decode for every running sequence)."""
     enable_prefix_caching: bool = True
     """Paged engine: share the KV of identical prompt prefixes across requests."""
+    max_failed_steps: int = 3
+    """Paged engine: consecutive failed steps after which the engine reports itself unhealthy (the
+    replica's health check then fails and Serve replaces it); a single failed step fails only the
+    sequences in it."""
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "prefill_chunk", "block_size"):
+        for name in ("max_num_seqs", "prefill_chunk", "block_size", "max_failed_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be at least 1")
         for name in ("max_len", "max_waiting", "num_kv_blocks", "max_num_batched_tokens"):
@@ -52,3 +56,5 @@ class StepOutput:
     waiting: int
     decoded: int
     """Sequences in this step's forward."""
+    preempted: int = 0
+    """Sequences preempted this step (their blocks given back; recomputed later)."""

@@ -292,6 +292,7 @@ def _variant_headers(r: dict[str, Any]) -> dict[str, str]:
 async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI chunk format: one event per token, a last chunk with finish_reason, then [DONE]."""
     cid, created, completion = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), 0
+    cached = 0
 
     def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
@@ -314,11 +315,11 @@ async def _sse(gen: Any, name: str, chat: bool, prompt_tokens: int, include_usag
         if chat:
             yield chunk("", None, role=True)
         async for step in gen:
-            completion = step["completion_tokens"]
+            completion, cached = step["completion_tokens"], step.get("cached_tokens", 0)
             if step["text"] or step["finish_reason"]:
                 yield chunk(step["text"], step["finish_reason"])
         if include_usage:
-            usage = oa.Usage.of(prompt_tokens, completion)
+            usage = oa.Usage.of(prompt_tokens, completion, cached)
             yield oa.sse(
                 oa.ChatCompletionChunk(id=cid, created=created, model=name, choices=[], usage=usage)
                 if chat
@@ -570,7 +571,7 @@ async def completions(body: oa.CompletionRequest) -> Response:
     resp = oa.CompletionResponse(
         model=name,
         choices=[oa.CompletionChoice(text=r["text"], finish_reason=r["finish_reason"])],
-        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]),
+        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"], r.get("cached_tokens", 0)),
     )
     return JSONResponse(resp.model_dump(), headers=_headers(r))
 
@@ -583,7 +584,7 @@ async def chat_completions(body: oa.ChatCompletionRequest) -> Response:
     resp = oa.ChatCompletionResponse(
         model=name,
         choices=[oa.ChatChoice(message=oa.AssistantMessage(content=r["text"]), finish_reason=r["finish_reason"])],
-        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"]),
+        usage=oa.Usage.of(r["prompt_tokens"], r["completion_tokens"], r.get("cached_tokens", 0)),
     )
     return JSONResponse(resp.model_dump(), headers=_headers(r))
 

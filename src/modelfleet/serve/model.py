@@ -75,7 +75,16 @@ class LMReplica(ReplicaBase):
         )
         self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
         self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
-        self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache slots in use.")
+        self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache blocks (or slots) in use.")
+        self.m_prefix_queried = self.counter(
+            "modelfleet_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
+        )
+        self.m_prefix_hit = self.counter(
+            "modelfleet_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (prefill skipped)."
+        )
+        self.m_preemptions = self.counter(
+            "modelfleet_preemptions", "Sequences that gave their KV blocks back and were recomputed later."
+        )
         self.variants: dict[str, str] = {}
         self._variant_lru: Any = None
         if self.spec.variants is not None:
@@ -188,6 +197,10 @@ class LMReplica(ReplicaBase):
         if isinstance(lo, _LMLoaded) and lo.loop.error is not None:
             # The decoding thread ended on an error: Serve replaces a replica whose check fails.
             raise RuntimeError(f"model {self.spec.name}: decoding thread failed: {lo.loop.error!r}")
+        if isinstance(lo, _LMLoaded) and not getattr(lo.loop.engine, "healthy", True):
+            raise RuntimeError(
+                f"model {self.spec.name}: {lo.loop.engine.failed_steps_in_a_row} decoding steps failed in a row"
+            )
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
         out: dict[str, Any] = {"context_length": lo.model.cfg.block_size}
@@ -342,9 +355,15 @@ class LMReplica(ReplicaBase):
         if aloop is None or aloop.is_closed():
             return
         now, items, ttft, tpot = time.perf_counter(), [], [], []
+        queried = hit = 0
         for seq, step in result.outputs:
+            cached = max(getattr(seq, "num_cached_tokens", 0), 0)  # the slot engine caches nothing
             if seq.emitted == 1 and seq.first_token_at is not None:  # its first step (even a lone EOS)
                 ttft.append(seq.first_token_at - seq.arrived)
+                queried, hit = queried + len(seq.job.prompt_ids), hit + cached
+            if step.finish_reason == "error":  # this request alone failed; the engine goes on
+                items.append((id(seq.job), RuntimeError(seq.error)))
+                continue
             if step.finish_reason and seq.produced > 1 and seq.first_token_at is not None:
                 tpot.append((now - seq.first_token_at) / (seq.produced - 1))
             items.append(
@@ -355,19 +374,20 @@ class LMReplica(ReplicaBase):
                         "tokens": step.tokens,
                         "finish_reason": step.finish_reason,
                         "completion_tokens": seq.produced,
+                        "cached_tokens": cached,
                         "batch_size": len(result.outputs),
                     },
                 )
             )
         # The loop that stepped, not self.loaded's: after a reconfigure the old one drains.
         error, use = loop.error, loop.engine.cache_use
-        aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use))
+        aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use, queried, hit))
 
     def _dispatch(
         self,
-        items: list[tuple[int, dict[str, Any]]],
+        items: list[tuple[int, dict[str, Any] | BaseException]],
         error: BaseException | None,
-        stats: tuple[StepOutput, list[float], list[float], float],
+        stats: tuple[StepOutput, list[float], list[float], float, int, int],
     ) -> None:
         """On the event loop: each request's step into its queue, then the step's metrics."""
         if error is not None:
@@ -378,8 +398,14 @@ class LMReplica(ReplicaBase):
             q = self._queues.get(key)
             if q is not None:
                 q.put_nowait(item)
-        result, ttft, tpot, use = stats
-        new_tokens = sum(item["tokens"] for _, item in items)
+        result, ttft, tpot, use, queried, hit = stats
+        if queried:
+            self.m_prefix_queried.inc(queried)
+            if hit:
+                self.m_prefix_hit.inc(hit)
+        if result.preempted:
+            self.m_preemptions.inc(result.preempted)
+        new_tokens = sum(item["tokens"] for _, item in items if isinstance(item, dict))
         if new_tokens:
             self.m_tokens.inc(new_tokens)
         for v in ttft:
