@@ -78,6 +78,9 @@ def test_root_config_serve_section_is_validated(tmp_path):
 def test_request_schemas():
     req = oa.CompletionRequest(prompt="hi", stop="\n")
     assert req.sampling()["stop"] == ["\n"] and req.sampling()["max_tokens"] is None
+    assert oa.CompletionRequest(prompt="hi", stop=["s" * 256]).stop == ["s" * 256]
+    with pytest.raises(ValidationError, match=r"stop\n.*at most 256 characters"):
+        oa.CompletionRequest(prompt="hi", stop=["ok", "s" * 257])
     with pytest.raises(ValidationError, match="max_tokenz"):
         oa.CompletionRequest.model_validate({"prompt": "hi", "max_tokenz": 3})
     with pytest.raises(ValidationError):

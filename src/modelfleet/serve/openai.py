@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+MAX_STOP_CHARS = 256
+"""Longest stop string accepted (characters)."""
+
 # The byte model has no chat tokens: turns are plain-text headers and the next header stops
 # generation, so a model trained on this format ends its answer where the next turn begins.
 CHAT_TURN = "### {role}:\n"
@@ -47,7 +50,9 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation (not returned).")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 strings of at most 256 characters that end generation (not returned)."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
     stream: bool = Field(False, description="Stream Server-Sent Events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
@@ -62,6 +67,10 @@ class _Sampling(BaseModel):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("must be up to 4 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            # Each token re-checks the output's tail against every stop: a bounded stop keeps that
+            # cost per token small and independent of the other requests sharing the replica.
+            raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
         return [_unicode(s) for s in stops]
 
     def sampling(self) -> dict[str, Any]:
