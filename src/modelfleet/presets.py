@@ -37,6 +37,15 @@ def small() -> Config:
     return c
 
 
+def bench_lm() -> Config:
+    """The serving benchmarks' language model: ``small``'s 4 layers x 256 width with a 1,024-token
+    context (long enough for shared system prompts and 512-token decodes)."""
+    c = small()
+    c.preset = "bench-lm"
+    c.model = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=1024)
+    return c
+
+
 def gpt2_124m() -> Config:
     """GPT-2 small (124M) for GPU clusters: bf16, ZeRO-2, one GPU per worker."""
     c = small()
@@ -132,6 +141,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "breast-cancer-linear": breast_cancer_linear,
     "topics-lstm": topics_lstm,
     "interactions-mf": interactions_mf,
+    "bench-lm": bench_lm,
 }
 
 

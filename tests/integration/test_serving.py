@@ -80,7 +80,7 @@ def main_app(serve_up, registry_dir, tmp_path_factory):
     _deploy(
         storage,
         "main",
-        [_model("tiny", "tiny@v1", **batched), _model("tiny-path", str(storage / "models" / "tiny" / "v2"))],
+        [_model("tiny", "tiny@v1", **batched), _model("tiny-path", str(storage / "models" / "tiny" / "v2"), max_model_len=96)],
         api_key_file=str(tmp / "key"),
         max_body_bytes=4096,
         logging={"encoding": "JSON", "logs_dir": str(logs)},
@@ -142,7 +142,13 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         models = c.get(f"{url}/v1/models", headers=_auth()).json()
         assert models["object"] == "list"
         assert {(m["id"], m["artifact"]) for m in models["data"]} == {("tiny", "tiny@v1"), ("tiny-path", "tiny@v2")}
-        assert all(m["object"] == "model" and m["context_length"] == 128 for m in models["data"])
+        assert all(m["object"] == "model" for m in models["data"])
+        # tiny-path is served with max_model_len 96 (the model's context is 128): reported and enforced.
+        assert {m["id"]: m["context_length"] for m in models["data"]} == {"tiny": 128, "tiny-path": 96}
+        r = _complete(c, url, model="tiny-path", max_tokens=96 - len(PROBE) + 1)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert "max_model_len of 96 tokens" in r.json()["error"]["message"]
+        assert _complete(c, url, model="tiny-path", max_tokens=96 - len(PROBE)).status_code == 200
 
         health = c.get(f"{url}/healthz")  # no key needed: probes carry no credentials
         assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -117,6 +117,22 @@ class BatchingSpec(_Strict):
         "per decode step (long prompts take several "
         "steps, so running streams keep flowing).",
     )
+    kv_block_size: int = Field(
+        16, ge=1, le=256, description="Language models (paged engine): tokens per KV-cache block."
+    )
+    kv_cache_tokens: int = Field(
+        0,
+        ge=0,
+        le=16_777_216,
+        description="Language models (paged engine): tokens the KV-cache pool holds, shared by all running "
+        "sequences; 0 = max_batch_size full-length sequences. When it runs out the newest sequence is "
+        "preempted and recomputed later.",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Language models (paged engine): reuse the KV of a prompt prefix an earlier request computed "
+        "(cached tokens are reported in usage.prompt_tokens_details.cached_tokens).",
+    )
 
 
 class ModelSpec(_Strict):
@@ -130,6 +146,12 @@ class ModelSpec(_Strict):
         min_length=1, description="Registry `name`, `name@vN`, a local artifact dir or a pyarrow URI."
     )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count when `autoscaling` is not set.")
+    max_model_len: int = Field(
+        0,
+        ge=0,
+        description="Language models: most tokens of one request (prompt + max_tokens); 0 = the model's "
+        "context. Reported as context_length in /v1/models; more than the model's context or the KV pool is refused.",
+    )
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling; replaces num_replicas.")
     max_ongoing_requests: int = Field(
         16, ge=1, description="Requests one replica works on at once (>= max_batch_size)."

@@ -79,7 +79,7 @@ class PagedKVCache:
         pos = (start[:, None] + t[None, :])[self._row, self._col]  # [N]
         self._slot = table[self._row, pos // bs] * bs + pos % bs  # where each new token's KV goes
         j = torch.arange(end, device=dev)
-        self._gather = table[:, j // bs] * bs + j % bs  # [B, end]: each sequence's keys in order
+        self._gather = (table[:, j // bs] * bs + j % bs).view(-1)  # [B * end]: each sequence's keys in order
         # Padded query rows (t >= len) attend to key 0 only: finite, and never read back.
         q_pos = torch.where(valid, start[:, None] + t[None, :], 0)  # [B, T]
         self._mask = (j[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, T, end]
@@ -98,9 +98,10 @@ class PagedKVCache:
         kl, vl = self.k[layer], self.v[layer]
         kl[self._slot] = k[0].transpose(0, 1).to(kl.dtype)  # [N, H, D]
         vl[self._slot] = v[0].transpose(0, 1).to(vl.dtype)
-        keys = kl[self._gather].transpose(1, 2)  # [B, H, end, D]
-        values = vl[self._gather].transpose(1, 2)
         B, T = self._shape
+        # index_select, not advanced indexing: a one-dimension gather runs several times faster.
+        keys = kl.index_select(0, self._gather).view(B, -1, *kl.shape[1:]).transpose(1, 2)  # [B, H, end, D]
+        values = vl.index_select(0, self._gather).view(B, -1, *vl.shape[1:]).transpose(1, 2)
         H, D = q.size(1), q.size(3)
         qp = q.new_zeros(B, T, H, D)
         qp[self._row, self._col] = q[0].transpose(0, 1)

@@ -19,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from modelfleet import registry
-from modelfleet.errors import ArtifactError
+from modelfleet.errors import ArtifactError, ConfigError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_adapter, check_variant
 from modelfleet.models import lora
@@ -51,6 +51,10 @@ class _LMLoaded(Loaded):
     """The decoding thread of this artifact's engine (a reconfigure drains the old one)."""
     pool: AdapterPool | None = None
     """Pools: the adapters loaded into this base (changed only on the decoding thread)."""
+
+
+TOKENIZE_INLINE_CHARS = 4096
+"""Prompts at least this long are tokenized off the event loop."""
 
 
 class LMReplica(ReplicaBase):
@@ -114,7 +118,13 @@ class LMReplica(ReplicaBase):
             eos_id=preprocessor.eos_id,
             decode=preprocessor.decode,
             config=EngineConfig(
-                max_num_seqs=b.max_batch_size, prefill_chunk=b.prefill_chunk_tokens, max_waiting=waiting
+                max_num_seqs=b.max_batch_size,
+                prefill_chunk=b.prefill_chunk_tokens,
+                max_waiting=waiting,
+                max_len=self._max_model_len(model),
+                block_size=b.kv_block_size,
+                num_kv_blocks=-(-b.kv_cache_tokens // b.kv_block_size),
+                enable_prefix_caching=b.prefix_caching,
             ),
             adapters=pool,
             # In every prefix-cache key: KV computed with other weights is never matched.
@@ -203,14 +213,32 @@ class LMReplica(ReplicaBase):
             )
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
-        out: dict[str, Any] = {"context_length": lo.model.cfg.block_size}
+        context = lo.loop.engine.max_len if isinstance(lo, _LMLoaded) else lo.model.cfg.block_size
+        out: dict[str, Any] = {"context_length": context}
         if isinstance(lo, _LMLoaded) and lo.pool is not None:
             out.update(variants=sorted(self.variants), **lo.pool.stats())
         return out
 
+    def _max_model_len(self, model: Any) -> int:
+        """``max_model_len``, checked against the model's context and the KV pool."""
+        context, want = int(model.cfg.block_size), self.spec.max_model_len
+        if want > context:
+            raise ConfigError(
+                f"serve model {self.spec.name!r}: max_model_len {want} exceeds the model's context of {context} tokens"
+            )
+        pool = self.spec.batching.kv_cache_tokens
+        if pool and pool < (want or context):
+            if want:
+                raise ConfigError(
+                    f"serve model {self.spec.name!r}: max_model_len {want} exceeds batching.kv_cache_tokens "
+                    f"({pool}): one request could never fit the KV pool"
+                )
+            want = pool  # a pool smaller than the context caps what one request may use
+        return want or context
+
     def _job(self, prompt: str, sampling: dict[str, Any]) -> Job:
         lo = self._require()
-        tokenizer, limit = lo.preprocessor, lo.model.cfg.block_size
+        tokenizer, limit = lo.preprocessor, lo.loop.engine.max_len
         special = getattr(tokenizer, "eos_token", None)
         if special and special in prompt:
             # Like tiktoken's default: special tokens sent as text are refused, not silently
@@ -224,8 +252,8 @@ class LMReplica(ReplicaBase):
         n = len(ids)
         if n >= limit:
             raise PromptError(
-                f"prompt is {n} tokens but model {self.spec.name!r} has a context of {limit} "
-                f"tokens; send at most {limit - 1} prompt tokens",
+                f"prompt is {n} tokens but model {self.spec.name!r} serves at most {limit} tokens per "
+                f"request (max_model_len); send at most {limit - 1} prompt tokens",
                 "prompt",
             )
         max_tokens = sampling.get("max_tokens")
@@ -234,7 +262,7 @@ class LMReplica(ReplicaBase):
         elif n + max_tokens > limit:
             raise PromptError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds model "
-                f"{self.spec.name!r}'s context of {limit} tokens; ask for at most "
+                f"{self.spec.name!r}'s max_model_len of {limit} tokens; ask for at most "
                 f"{limit - n} tokens",
                 "max_tokens",
             )
@@ -257,7 +285,14 @@ class LMReplica(ReplicaBase):
         if isinstance(variant, dict):
             return variant
         try:
-            job = self._job(prompt, sampling)
+            # A long prompt is tokenized on a worker thread: the event loop keeps streaming other
+            # requests' tokens meanwhile (Hugging Face's Rust tokenizers release the GIL). Short
+            # ones stay here, where a thread hop would cost more than the encode.
+            job = (
+                self._job(prompt, sampling)
+                if len(prompt) < TOKENIZE_INLINE_CHARS
+                else await asyncio.to_thread(self._job, prompt, sampling)
+            )
         except PromptError as e:
             return self._error(400, str(e), e.param)
         info: dict[str, Any] = {}
