@@ -80,7 +80,10 @@ def main_app(serve_up, registry_dir, tmp_path_factory):
     _deploy(
         storage,
         "main",
-        [_model("tiny", "tiny@v1", **batched), _model("tiny-path", str(storage / "models" / "tiny" / "v2"), max_model_len=96)],
+        [
+            _model("tiny", "tiny@v1", **batched),
+            _model("tiny-path", str(storage / "models" / "tiny" / "v2"), max_model_len=96),
+        ],
         api_key_file=str(tmp / "key"),
         max_body_bytes=4096,
         logging={"encoding": "JSON", "logs_dir": str(logs)},

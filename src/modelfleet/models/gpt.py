@@ -201,6 +201,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer built from a ``ModelConfig``."""
 
+    supports_paged = True
+    """Runs through the paged engine (``forward_paged``)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -7,6 +7,7 @@ tokenizer. Needs the ``hf`` extra (``pip install 'modelfleet[hf]'``); nothing is
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from modelfleet.errors import ConfigError
 from modelfleet.models.lora import LoraParams, adapter_rows, current_rows
+from modelfleet.models.paged_kv import PagedKVCache
 
 HF_DIR = "hf"
 """Artifact subdirectory holding the Hugging Face copy (``from_pretrained`` loads it)."""
@@ -30,6 +32,8 @@ def _transformers() -> Any:
             "model.family: hf-causal-lm needs transformers; install the extra with `pip install 'modelfleet[hf]'`"
         ) from None
     transformers.logging.set_verbosity_error()
+    if PAGED_ATTENTION not in transformers.AttentionInterface._global_mapping:
+        transformers.AttentionInterface.register(PAGED_ATTENTION, _paged_attention)
     return transformers
 
 
@@ -72,6 +76,35 @@ class _SlotCache:
         self.pkv[slot] = None
 
 
+PAGED_ATTENTION = "modelfleet_paged"
+"""The attention function registered with transformers' ``AttentionInterface`` for paged serving."""
+PAGED_MODEL_TYPES = ("gpt2", "llama")
+"""Architectures whose attention modules the paged path is tested against (tests/unit/test_hf_paged.py);
+other models keep the per-row path."""
+_paged = threading.local()  # the cache of the paged forward running on this thread
+
+
+def _paged_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any
+) -> tuple[Tensor, None]:
+    """transformers' attention-function contract over our paged cache: the step's N tokens come as
+    N one-token rows (``[N, H, 1, D]``, keys after RoPE where the model has it); returns
+    ``[N, 1, H, D]``. The model's own modules keep every projection, norm, RoPE variant and
+    peft's LoRA wrappers; only softmax(QK^T)V is ours. ``attention_mask`` is ignored: the cache's
+    per-sequence causal mask replaces it."""
+    cache: PagedKVCache = _paged.cache
+    q, k, v = (t.transpose(0, 2) for t in (query, key, value))  # [1, H, N, D]
+    y = cache.attend(
+        module.layer_idx,
+        q,
+        k,
+        v,
+        scale=kwargs.get("scaling"),
+        upcast=bool(getattr(module, "reorder_and_upcast_attn", False)),
+    )
+    return y[0].transpose(0, 1)[:, None], None
+
+
 class HFCausalLM(nn.Module):
     """A Hugging Face causal LM behind the interface of our GPT (logits, loss, KV-cache decoding),
     so the training loop, export and the batched generator use it unchanged."""
@@ -84,6 +117,42 @@ class HFCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype: Any = None, device: Any = None) -> _Cache:
         return _Cache()
+
+    @property
+    def supports_paged(self) -> bool:
+        """This architecture runs through the paged engine (one forward for all rows per step)."""
+        return getattr(self.hf.config, "model_type", "") in PAGED_MODEL_TYPES
+
+    def new_paged_cache(self, num_blocks: int, block_size: int, dtype: Any = None, device: Any = None) -> PagedKVCache:
+        c = self.hf.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        param = next(self.hf.parameters())
+        return PagedKVCache(
+            n_layer=c.num_hidden_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            n_head=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )
+
+    def forward_paged(
+        self, ids: Tensor, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lens: list[int]
+    ) -> Tensor:
+        """Logits ``[B, vocab]`` at each sequence's last new token (the contract of ``GPT.forward_paged``)."""
+        _transformers()  # registers the attention function once
+        if max(s + n for s, n in zip(starts, lens)) > self.cfg.block_size:
+            raise ValueError(f"a sequence runs past the model's {self.cfg.block_size}-token context")
+        pos = cache.prepare(tables, starts, lens)
+        config, before = self.hf.config, self.hf.config._attn_implementation
+        _paged.cache, config._attn_implementation = cache, PAGED_ATTENTION
+        try:
+            out = self.hf(input_ids=ids[:, None], position_ids=pos[:, None], use_cache=False)
+        finally:
+            _paged.cache, config._attn_implementation = None, before
+        return out.logits[cache.last_token_index, 0]
 
     def new_slot_cache(self, num_slots: int, max_len: int, dtype: Any = None, device: Any = None) -> _SlotCache:
         return _SlotCache(num_slots, max_len)

@@ -92,9 +92,12 @@ class PagedKVCache:
         """Flat indices of each sequence's last token this step (the rows whose logits sample)."""
         return self._last
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Write ``k``/``v`` and attend: ``q``, ``k``, ``v`` are ``[1, H, N, D]`` for the flattened
-        tokens; returns ``[1, H, N, D]``."""
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, upcast: bool = False
+    ) -> Tensor:
+        """Write ``k``/``v`` and attend: ``q`` is ``[1, H, N, D]`` for the flattened tokens, ``k``
+        and ``v`` ``[1, H_kv, N, D]`` (``H_kv`` < ``H``: grouped-query attention); returns
+        ``[1, H, N, D]``. ``scale`` overrides ``1/sqrt(D)``; ``upcast`` attends in float32."""
         kl, vl = self.k[layer], self.v[layer]
         kl[self._slot] = k[0].transpose(0, 1).to(kl.dtype)  # [N, H, D]
         vl[self._slot] = v[0].transpose(0, 1).to(vl.dtype)
@@ -105,7 +108,13 @@ class PagedKVCache:
         H, D = q.size(1), q.size(3)
         qp = q.new_zeros(B, T, H, D)
         qp[self._row, self._col] = q[0].transpose(0, 1)
+        dt = torch.float32 if upcast else q.dtype
         y = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=self._mask
-        )
+            qp.transpose(1, 2).to(dt),
+            keys.to(dt),
+            values.to(dt),
+            attn_mask=self._mask,
+            scale=scale,
+            enable_gqa=keys.size(1) != H,
+        ).to(q.dtype)
         return y.transpose(1, 2)[self._row, self._col].transpose(0, 1)[None]  # [1, H, N, D]

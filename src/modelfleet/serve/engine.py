@@ -221,8 +221,9 @@ class Engine:
 
 
 def new_engine(model: Any, **kw: Any) -> Engine | SlotEngine:
-    """The paged engine for models with a paged forward (``gpt``), else the slot engine."""
-    if hasattr(model, "forward_paged"):
+    """The paged engine for models with a tested paged forward (``gpt``; ``hf-causal-lm`` for GPT-2
+    and Llama architectures), else the slot engine."""
+    if getattr(model, "supports_paged", False):
         return Engine(model, **kw)
     kw.pop("base_sha", None)
     return SlotEngine(model, **kw)
