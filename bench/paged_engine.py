@@ -229,6 +229,9 @@ def main() -> None:
         },
     ]
     print(table(rows, ["figure", "value", "target"]))
+    keys = ("decode_step_paged_over_slot", "ttft_hit_over_cold", "caching_on_over_off", "block_manager_share")
+    keys += ("unused_kv_in_blocks", "running_paged_over_slot", "hf_paged_over_per_row")
+    ratios = {k: r["value"] for k, r in zip(keys, rows)}
     out = save(
         "paged_engine",
         {
@@ -238,6 +241,7 @@ def main() -> None:
             "no_hit_cost": cost,
             "kv_memory": mem,
             "hf": hf,
+            "ratios": ratios,
             "rows": rows,
         },
     )
