@@ -33,14 +33,14 @@ from common import median, save, table
 SEED = 25
 
 
-def _model():
+def _model(device: str = "cpu"):
     import torch
 
     from modelfleet.families import build_model
     from modelfleet.presets import load_config
 
     torch.manual_seed(SEED)
-    return build_model(load_config(preset="bench-lm").model).eval()
+    return build_model(load_config(preset="bench-lm").model).eval().to(device)
 
 
 def _engine(model, kind: str, **cfg):
@@ -164,7 +164,7 @@ def kv_memory(model, n: int) -> dict[str, float]:
     return result
 
 
-def hf_batched(n: int, max_tokens: int) -> dict[str, float]:
+def hf_batched(n: int, max_tokens: int, device: str = "cpu") -> dict[str, float]:
     """tokens/s at concurrency 16 for a GPT-2-architecture model built with transformers (the
     bench-lm shape): the paged engine (one forward per step) vs the per-row slot path."""
     import transformers
@@ -178,7 +178,7 @@ def hf_batched(n: int, max_tokens: int) -> dict[str, float]:
     cfg = transformers.GPT2Config(
         n_layer=4, n_head=4, n_embd=256, n_positions=1024, vocab_size=264, bos_token_id=0, eos_token_id=0
     )
-    model = HFCausalLM(transformers.GPT2LMHeadModel(cfg).eval(), block_size=1024)
+    model = HFCausalLM(transformers.GPT2LMHeadModel(cfg).eval().to(device), block_size=1024)
     out = {}
     for kind in ("slot", "paged"):
         rng = random.Random(SEED + 4)
@@ -197,16 +197,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the models run (cuda on the GPU run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = _model()
+    model = _model(args.device)
     q = args.quick
     with torch.inference_mode():
         dec = decode_step(model, 16, 512, 8 if q else 30)
         hit = prefix_hit(model, 2 if q else 5)
         cost = no_hit_cost(model, 3 if q else 9, 24 if q else 48)
         mem = kv_memory(model, 24 if q else 64)
-        hf = hf_batched(16 if q else 32, 16 if q else 32)
+        hf = hf_batched(16 if q else 32, 16 if q else 32, args.device)
     rows = [
         {"figure": "decode step paged / slot (16 x 512)", "value": dec["paged"] / dec["slot"], "target": "<= 1.15"},
         {
@@ -236,6 +237,7 @@ def main() -> None:
         "paged_engine",
         {
             "quick": q,
+            "device": args.device,
             "decode_step_s": dec,
             "prefix_hit": hit,
             "no_hit_cost": cost,

@@ -6,7 +6,8 @@
 #    loop, 30 steps each, and exports the ZeRO-2 run;
 # 3. serves it (`modelfleet serve`, replica num_gpus 1) and checks /v1/models says cuda and
 #    /v1/completions answers;
-# 4. runs bench/gpu_mfu.py (engine-only MFU) on the same GPU.
+# 4. runs bench/gpu_mfu.py (engine-only MFU) on the same GPU;
+# 5. runs bench/paged_engine.py --quick on the GPU (the paged serving engine's figures).
 # Everything it measures goes to $OUT (or bench/results/gpu-run) for docs/benchmarks.md.
 set -euo pipefail
 KIT=${1:?usage: run.sh GPU_KIT.tar.xz}
@@ -53,10 +54,21 @@ req = urllib.request.Request("http://127.0.0.1:8000/v1/completions", method="POS
                              data=json.dumps({"prompt": "def main(", "max_tokens": 32}).encode(),
                              headers={"content-type": "application/json"})
 t = time.perf_counter(); r = json.load(urllib.request.urlopen(req, timeout=60)); dt = time.perf_counter() - t
-json.dump({"models": models, "completion": r, "seconds": dt}, open(f"{out}/serve.json", "w"), indent=1)
+# The paged engine's prefix cache on the GPU: the same 60-token prompt twice, the second cached.
+long = urllib.request.Request("http://127.0.0.1:8000/v1/completions", method="POST",
+                              data=json.dumps({"prompt": "# gpu prefix probe\n" + "def main(x):\n" * 3,
+                                               "max_tokens": 8, "temperature": 0}).encode(),
+                              headers={"content-type": "application/json"})
+cold, warm = (json.load(urllib.request.urlopen(long, timeout=60)) for _ in range(2))
+cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+json.dump({"models": models, "completion": r, "seconds": dt, "prefix": [cold, warm]}, open(f"{out}/serve.json", "w"), indent=1)
+print("serve: prefix cache", cached, "of", warm["usage"]["prompt_tokens"], "prompt tokens cached on the repeat")
+assert cached >= 16 and warm["choices"][0]["text"] == cold["choices"][0]["text"], (cold, warm)
 print("serve:", models["data"][0]["device"], models["data"][0]["dtype"], f"{dt * 1000:.0f} ms", repr(r["choices"][0]["text"][:60]))
 assert models["data"][0]["device"].startswith("cuda"), models
 PY
 kill $SERVE_PID; wait $SERVE_PID || true
 python3 bench/gpu_mfu.py --presets gpt2-124m --stages 2 3 --steps 10 --out "$OUT/gpu_mfu.json"
+# The paged engine on the GPU (same code as on CPU): decode step, prefix hit, KV use, HF batched.
+python3 bench/paged_engine.py --quick --device cuda && cp bench/results/paged_engine.json "$OUT/paged_engine_gpu.json"
 echo "done in $(( $(date +%s) - t0 )) s"
