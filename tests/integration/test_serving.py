@@ -164,6 +164,36 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         assert r.headers["x-request-id"] == "rid-test-42"
 
 
+def test_prefix_cache_counters_reach_prometheus(main_app):
+    """The replica's prefix-cache counters as Prometheus scrapes them: Ray's metrics endpoint of the
+    node (public ``ray.nodes()``) serves ``ray_modelfleet_prefix_cache_{queried,hit}_tokens`` for
+    model tiny, and the hit count covers the repeat just sent (metrics flush every few seconds)."""
+    import re
+
+    import ray
+
+    prompt = "# prometheus prefix probe\n" + PROBE * 4  # 61 tokens: 3 full blocks on the repeat
+    with httpx.Client(timeout=60) as c:
+        for _ in range(2):
+            assert _complete(c, url=main_app["url"], model="tiny", prompt=prompt).status_code == 200
+        ends = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+
+        def scraped() -> dict[str, float] | None:
+            got: dict[str, float] = {}
+            for url in ends:
+                for name, tags, value in re.findall(
+                    r"^ray_modelfleet_prefix_cache_(queried|hit)_tokens(?:_total)?\{([^}]*)\} (\S+)$",
+                    c.get(url).text,
+                    re.M,
+                ):
+                    if 'model="tiny"' in tags:
+                        got[name] = got.get(name, 0.0) + float(value)
+            return got if got.get("hit", 0) >= 48 else None
+
+        got = wait_until(scraped, 60, "the prefix-cache counters of model tiny on the metrics endpoint", 1.0)
+    assert got["queried"] >= 2 * 61 and got["hit"] <= got["queried"]
+
+
 def test_streaming_yields_chunks_then_done(main_app):
     url = main_app["url"]
     with httpx.Client(timeout=60) as c:
