@@ -18,6 +18,7 @@ The kit also lists what it expects the machine to provide (``gpu-kit/provided.tx
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import shutil
 import subprocess
@@ -124,9 +125,15 @@ def build(python: str, out: Path, have: set[str]) -> dict[str, object]:
         (kit / "provided.txt").write_text(
             "# expected on the machine already (the image), not carried:\n" + "\n".join(provided) + "\n"
         )
+        # Every wheel's sha256, checked before anything is installed: a kit copied over a USB stick
+        # or a shared drive is verified on the machine that runs it.
+        (kit / "SHA256SUMS").write_text(
+            "".join(f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}\n" for w in sorted(kit.glob("*.whl")))
+        )
         (kit / "install.sh").write_text(
             "#!/bin/sh\n# Offline install: python3 must already have torch.\nset -e\n"
             'cd "$(dirname "$0")"\n'
+            "sha256sum --check --strict --quiet SHA256SUMS\n"
             'exec "${PYTHON:-python3}" -m pip install --no-index --find-links . modelfleet "$@"\n'
         )
         out.parent.mkdir(parents=True, exist_ok=True)

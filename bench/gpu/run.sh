@@ -17,6 +17,7 @@ W=$(mktemp -d -t mf-gpu-XXXXXX)
 exec > >(tee "$OUT/run.log") 2>&1
 date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 tar -xJf "$KIT" -C "$W"
+(cd "$W/gpu-kit" && sha256sum --check --strict --quiet SHA256SUMS)   # every wheel as built
 python3 -m venv --system-site-packages "$W/venv"   # the image's torch and packages, plus the kit
 PIP_CONFIG_FILE=/dev/null "$W/venv/bin/python" -m pip install -q --no-index --find-links "$W/gpu-kit" modelfleet
 export PATH="$W/venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0
