@@ -325,12 +325,7 @@ def up(spec: ClusterSpec, *, log: Any = print) -> ClusterState:
         )
     _check_ports_free(spec)
     if spec.auth == "token":
-        # `ray start` refuses token mode without a token; on a fresh machine make one
-        # (~/.ray/auth_token, kept if it exists) the way Ray's own CLI documents.
-        _start([_ray_bin(), "get-auth-token", "--generate"], spec, "auth token generation", quiet=True)
-        token = Path.home() / ".ray" / "auth_token"
-        if token.is_file():
-            token.chmod(0o600)  # Ray writes it readable by every local user; it grants the Jobs API
+        ensure_auth_token(spec)
     temp_dir = f"/tmp/modelfleet-{spec.gcs_port}"  # short: Ray's unix socket paths must fit 107 bytes
     apply_haproxy_env(f"{temp_dir}/hap")  # Serve's ingress mode: every `ray start` below inherits it
     # Ray advertises the machine's address, not loopback; HTTP endpoints stay on 127.0.0.1.
@@ -383,6 +378,27 @@ def _start_nodes(st: ClusterState, spec: ClusterSpec, log: Any) -> None:
         st.nodes.append(node)
         _write_state(st)  # after every node: a failed `up` can still be taken `down`
         log(f"started {name} ({spec.cpus_per_node} CPU, {spec.gpus_of(i)} GPU) in {time.time() - t0:.1f} s")
+
+
+def ensure_auth_token(spec: ClusterSpec) -> Path:
+    """``ray start`` refuses token mode without a token; on a fresh machine make one
+    (~/.ray/auth_token, kept if it exists) the way Ray's own CLI documents. The token grants the
+    Jobs API, so it is never readable by other local users, not even for a moment: ~/.ray is made
+    0700 first and Ray's CLI runs under umask 077 (it writes the file with the default mode)."""
+    home = Path.home() / ".ray"
+    home.mkdir(mode=0o700, exist_ok=True)
+    if home.stat().st_uid == os.geteuid():
+        home.chmod(0o700)
+    token = home / "auth_token"
+    existed = token.is_file()
+    old = os.umask(0o077)
+    try:
+        _start([_ray_bin(), "get-auth-token", "--generate"], spec, "auth token generation", quiet=True)
+    finally:
+        os.umask(old)
+    if existed:
+        token.chmod(0o600)  # a token written before this version, with Ray's default mode
+    return token
 
 
 def _check_ports_free(spec: ClusterSpec) -> None:
