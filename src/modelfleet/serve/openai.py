@@ -46,7 +46,8 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Text | None = Field(None, description="Served model id; defaults to the first model.")
+    # Bounded: error messages quote the id back (served ids are at most 63 characters).
+    model: Text | None = Field(None, max_length=128, description="Served model id; defaults to the first model.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
