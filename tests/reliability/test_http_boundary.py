@@ -120,7 +120,6 @@ CASES = [
         "Unicode",
     ),
     ("lone surrogate in stop", lambda c, u: _raw(c, u, b'{"prompt": "x", "stop": ["\\udc00"]}'), 400, "Unicode"),
-    ("a 64 KiB model name", lambda c, u: _post(c, u, json=_good(model="m" * 65536)), 400, "at most 128"),
     ("a 257-character stop", lambda c, u: _post(c, u, json=_good(stop=["s" * 257])), 400, "256 characters"),
     # oversized bodies (Content-Length given, and chunked without one)
     ("2 MiB body", lambda c, u: _post(c, u, json=_good(prompt="x" * (2 << 20))), 413, "limit"),
@@ -138,7 +137,8 @@ CASES = [
     # unknown model names
     ("unknown model", lambda c, u: _post(c, u, json=_good(model="gpt-4")), 404, "does not exist"),
     ("path as model", lambda c, u: _post(c, u, json=_good(model="../../etc/passwd")), 404, "does not exist"),
-    ("64 KiB model name", lambda c, u: _post(c, u, json=_good(model="m" * 65536)), 404, "does not exist"),
+    # a 64 KiB id: refused by its bound before any message quotes it
+    ("64 KiB model name", lambda c, u: _post(c, u, json=_good(model="m" * 65536)), 400, "at most 128"),
     # prompt injection of control tokens
     (
         "special token in prompt",
