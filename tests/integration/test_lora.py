@@ -105,7 +105,15 @@ def test_adapter_artifact_loads_in_peft_with_equal_logits_and_merges(lora_run):
     assert (want - got).abs().max().item() == 0.0
     assert (want - base_logits).abs().max().item() > 1e-3  # the adapter changes the model
 
-    merged_ref = export_run(str(lora_run.storage), "cp", name="cp-merged", merge=True)
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="export-scratch-"))
+    tempfile.tempdir = str(scratch)  # export's own temp directories land here, nowhere else
+    try:
+        merged_ref = export_run(str(lora_run.storage), "cp", name="cp-merged", merge=True)
+    finally:
+        tempfile.tempdir = None
+    assert list(scratch.iterdir()) == []  # the downloaded checkpoint and the staged artifact are gone
     merged, _, merged_manifest = load_artifact(merged_ref.uri)
     assert (
         merged_manifest.get("kind", "model") == "model" and "lora" not in merged_manifest["config"]["model"]["params"]

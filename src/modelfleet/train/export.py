@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -52,11 +53,21 @@ def export_checkpoint(
 ) -> registry.ArtifactRef:
     """Validate, consolidate, verify against the live engine's probe logits, publish. A LoRA run
     publishes an adapter artifact, or with ``merge`` the base with the adapter folded in."""
+
+    ck.validate(c.fs, c.uri)
+    scratch = tempfile.mkdtemp(prefix="mf-export-")
+    try:
+        return _export(c, ck.download(c, scratch), run_name=run_name, name=name, storage_path=storage_path, merge=merge)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the downloaded checkpoint: a model-sized copy
+
+
+def _export(
+    c: ck.CheckpointInfo, local: str, *, run_name: str, name: str | None, storage_path: str | None, merge: bool
+) -> registry.ArtifactRef:
     import torch
     from safetensors.torch import load_file
 
-    ck.validate(c.fs, c.uri)
-    local = ck.download(c, tempfile.mkdtemp(prefix="mf-export-"))
     with open(os.path.join(local, ck.TRAINER_STATE)) as f:
         tstate = json.load(f)
     cfg = Config.from_dict(tstate["config"])
@@ -111,7 +122,10 @@ def export_checkpoint(
         )
     else:
         out = write_artifact_dir(model, cfg, transform=transform, extra=extra)
-    return registry.publish(storage_path or cfg.storage.path, name, out)
+    try:
+        return registry.publish(storage_path or cfg.storage.path, name, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # publish copied it in
 
 
 def _fill_tied(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
