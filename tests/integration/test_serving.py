@@ -282,7 +282,7 @@ def test_bad_inputs_get_their_status_and_the_same_replica_then_answers(main_app)
                 "JSON",
             ),
             ("body too large", lambda: _complete(c, url, prompt="x" * 5000), 413, "4096"),
-            ("prompt too long", lambda: _complete(c, url, prompt="x" * 200), 400, "context of 128"),
+            ("prompt too long", lambda: _complete(c, url, prompt="x" * 200), 400, "at most 128 tokens per request"),
             (
                 "prompt + max_tokens too long",
                 lambda: _complete(c, url, prompt="x" * 100, max_tokens=64),
