@@ -19,8 +19,9 @@ Sampling is per request with a private generator, so a seeded request produces t
 whatever shares its batch, and a preempted one continues without repeating or changing a token
 (recomputing restores the KV; the sampled tokens and the generator's state were kept).
 
-Models without ``forward_paged`` (``hf-causal-lm``) run on the slot engine
-(``serve/slot_engine.py``): ``new_engine`` picks. ``EngineLoop`` runs either on its own thread.
+Models whose paged forward is not tested (``supports_paged`` false: ``hf-causal-lm``
+architectures other than GPT-2 and Llama) run on the slot engine (``serve/slot_engine.py``):
+``new_engine`` picks. ``EngineLoop`` runs either on its own thread.
 """
 
 from __future__ import annotations
@@ -147,9 +148,7 @@ class Engine:
 
     def adapters_in_use(self) -> set[str]:
         """Adapters that a waiting or running request needs."""
-        with self.scheduler._lock:
-            waiting = list(self.scheduler.waiting)
-        return {s.job.adapter for s in (*waiting, *self.scheduler.running) if s.job.adapter}
+        return {s.job.adapter for s in self.scheduler.sequences() if s.job.adapter}
 
     # ------------------------------------------------------------------ the loop body
     @torch.inference_mode()

@@ -116,6 +116,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def sequences(self) -> list[Sequence]:
+        """Every waiting and running sequence (a snapshot; safe from any thread)."""
+        with self._lock:
+            waiting = list(self.waiting)
+        return [*waiting, *self.running]
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
