@@ -25,7 +25,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         help="start from this preset (tiny, small, gpt2-124m, gpt-1b, digits-cnn, "
-        "diabetes-linear, breast-cancer-linear, topics-lstm, interactions-mf)",
+        "diabetes-linear, breast-cancer-linear, topics-lstm, interactions-mf, bench-lm)",
     )
     p.add_argument(
         "--set",
