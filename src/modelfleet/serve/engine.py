@@ -39,7 +39,7 @@ import torch
 
 from modelfleet.models.sampling import sample
 from modelfleet.serve.blocks import BlockManager
-from modelfleet.serve.engine_types import EngineConfig, EngineFull, StepOutput
+from modelfleet.serve.engine_types import EngineConfig, EngineFull, StepOutput, record_output
 from modelfleet.serve.generation import Job, Step, _Row
 from modelfleet.serve.model_runner import ModelRunner
 from modelfleet.serve.scheduler import Scheduler, SchedulerConfig
@@ -168,9 +168,10 @@ class Engine:
                 return self._output(out, sched)
             self.failed_steps_in_a_row = 0
             self.scheduler.commit(sched)  # before the sampled tokens are appended (their KV is next step's)
+            finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check per step, not per row
             for i, s in enumerate(batch):
                 if s.samples:
-                    self._emit(s.seq, logits[i], out)
+                    self._emit(s.seq, logits[i], finite[i], out)
         if self.adapters is not None and self.adapters.evicted:  # evicted ones go once no sequence uses them
             self.adapters.collect(self.adapters_in_use())
         return self._output(out, sched)
@@ -196,10 +197,10 @@ class Engine:
         req.error = why
         out.append((req, Step("", 0, "error")))
 
-    def _emit(self, req: Request, logits: torch.Tensor, out: list[tuple[Request, Step]]) -> None:
+    def _emit(self, req: Request, logits: torch.Tensor, finite: bool, out: list[tuple[Request, Step]]) -> None:
         job = req.job
         try:
-            if not bool(torch.isfinite(logits).all()):
+            if not finite:
                 raise FloatingPointError("non-finite logits in its row")
             tok = int(sample(logits, job.temperature, job.top_p, req.row.gen))
             step = req.row.push(tok)
@@ -207,11 +208,7 @@ class Engine:
             logger.warning("request %d failed: %r", req.seq_id, e)
             self._fail(req, f"decoding this request failed: {e!r}", out)
             return
-        req.produced += step.tokens
-        req.emitted += 1
-        req.next_token = tok
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
+        record_output(req, tok, step)
         out.append((req, step))
         if step.finish_reason:
             self.scheduler.finish(req, SequenceStatus.FINISHED)

@@ -3,6 +3,7 @@ callers: the configuration, the overload error and one step's output."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,3 +59,12 @@ class StepOutput:
     """Sequences in this step's forward."""
     preempted: int = 0
     """Sequences preempted this step (their blocks given back; recomputed later)."""
+
+
+def record_output(seq: Any, token: int, step: Step) -> None:
+    """The stream bookkeeping both engines keep on a sequence after it sampled ``token``."""
+    seq.produced += step.tokens
+    seq.emitted += 1
+    seq.next_token = token
+    if seq.first_token_at is None:
+        seq.first_token_at = time.perf_counter()

@@ -27,7 +27,7 @@ class ModelRunner:
         """Logits ``[len(batch), vocab]`` at each scheduled sequence's last computed token."""
         ids: list[int] = []
         for s in batch:
-            ids += s.seq.token_ids[s.start : s.start + s.num_tokens]
+            ids += s.seq.tokens(s.start, s.start + s.num_tokens)
         lens = [s.num_tokens for s in batch]
         rows = (
             adapter_rows([a or BASE_ROW for a, n in zip(adapters, lens) for _ in range(n)])

@@ -97,5 +97,14 @@ class Sequence:
         """Tokens the next steps must run through the model before it can sample again."""
         return self.num_tokens - self.num_computed_tokens
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]`` without building the whole list (the runner asks every step)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
     def append_token(self, token: int) -> None:
         self.output_ids.append(token)

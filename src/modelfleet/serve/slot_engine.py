@@ -36,7 +36,7 @@ import torch
 
 from modelfleet.models.lora import BASE_ROW, adapter_rows
 from modelfleet.models.sampling import sample
-from modelfleet.serve.engine_types import EngineConfig, EngineFull, StepOutput
+from modelfleet.serve.engine_types import EngineConfig, EngineFull, StepOutput, record_output
 from modelfleet.serve.generation import Job, Step, _Row
 
 
@@ -218,11 +218,7 @@ class SlotEngine:
         job = seq.job
         tok = int(sample(logits, job.temperature, job.top_p, seq.row.gen))
         step = seq.row.push(tok)
-        seq.produced += step.tokens
-        seq.emitted += 1
-        seq.next_token = tok
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
+        record_output(seq, tok, step)
         out.append((seq, step))
 
     def _release(self, seq: Sequence) -> None:
