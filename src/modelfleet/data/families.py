@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from modelfleet import storage
 from modelfleet.config import DataConfig
 from modelfleet.data.prepare import check_destination
+from modelfleet.data.raydata import configure_context
 from modelfleet.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -210,8 +211,7 @@ def write_splits(
     check_destination(out, overwrite)
     transform = family.fit_transform(splits["train"], model)
     staging = storage.begin_tree(out)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    configure_context()
     try:
         for s, df in splits.items():
             storage.makedirs(storage.join(staging, "raw", s))

@@ -17,6 +17,7 @@ from modelfleet import registry, storage
 from modelfleet.cluster import connect
 from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.data.families import read_rows
+from modelfleet.data.raydata import configure_context
 from modelfleet.errors import DataError
 from modelfleet.families import get_family
 from modelfleet.families.artifact import load_artifact
@@ -57,8 +58,7 @@ def batch_predict(
     import ray
 
     connect()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    configure_context()
     n = max(1, min(concurrency * 2, len(rows)))
     ds = ray.data.from_pandas([rows.iloc[i::n].reset_index(drop=True) for i in range(n)])
     out = ds.map_batches(

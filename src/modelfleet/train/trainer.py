@@ -22,6 +22,7 @@ from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.cluster.visibility import check_visible_everywhere
 from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
+from modelfleet.data.raydata import configure_context
 from modelfleet.errors import ConfigError, StorageError, TrainingFailedError
 from modelfleet.families import get_family
 from modelfleet.raycompat import serve_details
@@ -346,6 +347,9 @@ class _ProgressSink:
                 (self._bar.write if self._bar is not None else print)(msg())
 
 
+TRAIN_POLL_INTERVAL_S = 0.5  # see train(): the controller's worker poll
+
+
 def train(
     cfg: Config, *, resume: str | None = None, export: bool = True, show_progress: bool = True, check_plan: bool = True
 ) -> TrainResult:
@@ -371,9 +375,12 @@ def train(
         check_gpu_memory(cfg)
     layout = StorageLayout(cfg.storage.path)
     root, run_dir = layout.runs(), layout.run(cfg.storage.run_name)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress line is the one to read
-    ctx.print_on_execution_start = False
+    configure_context()
+    # Ray Train's controller polls its workers every 2 s by default and takes several polls to
+    # wind a finished group down: 5 s of every run's end on the 2-core machine, 1 s at 0.5 s. A
+    # poll is one small RPC per worker. Read by the controller Ray starts below (Ray propagates
+    # the variable from this process); a value the user set is kept.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     # Hard affinity to the driver's node: progress must outlive any worker node a failure takes
     # down (a soft preference may still place it on a worker node).
     queue = Queue(
