@@ -76,3 +76,15 @@ def preprocessor_from_state(spec: dict[str, Any]) -> Any:
     obj._set_serializable_fields(fields=spec["fields"], version=spec["version"])
     obj._set_stats(stats=spec["stats"])
     return obj
+
+
+PARQUET_PLANNER_LOGGER = "ray.data._internal.datasource.parquet_datasource"
+
+
+def quiet_parquet_planner() -> None:
+    """Keep the INFO lines of Ray Data's parquet planner (encoding ratio, reader batch size, one
+    pair per dataset) off the user's screen; its warnings still show. The logger is named after
+    a private module, so this name is Ray's to move."""
+    import logging
+
+    logging.getLogger(PARQUET_PLANNER_LOGGER).setLevel(logging.WARNING)

@@ -116,3 +116,12 @@ def test_preprocessor_state_round_trips_a_fitted_preprocessor():
     back = raycompat.preprocessor_from_state(spec)
     assert type(back) is StandardScaler
     assert back.transform_batch(pd.DataFrame({"a": [3.0]}))["a"].tolist() == [1.0]
+
+
+def test_the_parquet_planner_still_logs_under_the_name_we_quiet():
+    import importlib
+
+    module = importlib.import_module(raycompat.PARQUET_PLANNER_LOGGER)
+    assert module.logger.name == raycompat.PARQUET_PLANNER_LOGGER
+    raycompat.quiet_parquet_planner()
+    assert not module.logger.isEnabledFor(20) and module.logger.isEnabledFor(30)  # INFO off, WARNING on

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
+
+from modelfleet.raycompat import quiet_parquet_planner
 
 
 def configure_context() -> Any:
@@ -25,5 +26,5 @@ def configure_context() -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.use_datasource_v2 = False
-    logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)
+    quiet_parquet_planner()
     return ctx
