@@ -120,8 +120,9 @@ def test_preprocessor_state_round_trips_a_fitted_preprocessor():
 
 def test_the_parquet_planner_still_logs_under_the_name_we_quiet():
     import importlib
+    import logging
 
     module = importlib.import_module(raycompat.PARQUET_PLANNER_LOGGER)
     assert module.logger.name == raycompat.PARQUET_PLANNER_LOGGER
     raycompat.quiet_parquet_planner()
-    assert not module.logger.isEnabledFor(20) and module.logger.isEnabledFor(30)  # INFO off, WARNING on
+    assert not module.logger.isEnabledFor(logging.INFO) and module.logger.isEnabledFor(logging.WARNING)

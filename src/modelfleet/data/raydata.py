@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from modelfleet.raycompat import quiet_parquet_planner
 
 
-def configure_context() -> Any:
-    """Set this driver's Ray Data context (datasets created afterwards carry it) and return it.
+def configure_context() -> None:
+    """Set this driver's Ray Data context (datasets created afterwards carry it).
 
     - No progress bars or execution banners: our own progress line is the one to read.
     - Parquet through Ray Data's first datasource, not the DataSourceV2 pipeline that is Ray 2.60's
@@ -27,4 +25,3 @@ def configure_context() -> Any:
     ctx.print_on_execution_start = False
     ctx.use_datasource_v2 = False
     quiet_parquet_planner()
-    return ctx
