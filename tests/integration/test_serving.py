@@ -574,6 +574,7 @@ def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refus
     a non-loopback serve.host is refused unless insecure_no_auth says it is meant."""
     from modelfleet.errors import ConfigError
     from modelfleet.serve.app import verify_auth
+    from modelfleet.serve.protocol import AuthState
 
     storage, _ = registry_dir
     monkeypatch.setenv("MF_SHELL_ONLY_KEY", "sk-only-in-this-shell")
@@ -596,6 +597,6 @@ def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refus
             host="0.0.0.0",
             insecure_no_auth=True,
         )
-        assert verify_auth(cfg) == {"auth": False, "fingerprint": None}
+        assert verify_auth(cfg) == AuthState(auth=False, fingerprint=None)
     finally:
         serve_up.delete("meant")

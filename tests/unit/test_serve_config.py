@@ -77,7 +77,7 @@ def test_root_config_serve_section_is_validated(tmp_path):
 
 def test_request_schemas():
     req = oa.CompletionRequest(prompt="hi", stop="\n")
-    assert req.sampling()["stop"] == ["\n"] and req.sampling()["max_tokens"] is None
+    assert req.sampling().stop == ("\n",) and req.sampling().max_tokens is None
     assert oa.CompletionRequest(prompt="hi", stop=["s" * 256]).stop == ["s" * 256]
     with pytest.raises(ValidationError, match=r"stop\n.*at most 256 characters"):
         oa.CompletionRequest(prompt="hi", stop=["ok", "s" * 257])
@@ -89,7 +89,7 @@ def test_request_schemas():
         messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     )
     assert chat.prompt() == "### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\n"
-    assert oa.CHAT_STOP in chat.sampling()["stop"]
+    assert oa.CHAT_STOP in chat.sampling().stop
 
 
 def test_auth(monkeypatch, tmp_path):

@@ -37,7 +37,7 @@ def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = Fa
     sc = deploy(serve_cfg)
     base = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
     print(f"app {sc.app_name} RUNNING at {base}: models {', '.join(f'{m.name} ({m.artifact})' for m in sc.models)}")
-    if verify_auth(sc)["auth"]:
+    if verify_auth(sc).auth:
         print("auth: on (requests need 'Authorization: Bearer <key>')")
     else:
         print(

@@ -35,6 +35,7 @@ from modelfleet.serve import auth
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
+from modelfleet.serve.protocol import AuthState
 from modelfleet.serve.routing import VariantRouter
 from modelfleet.storage import is_remote
 
@@ -218,7 +219,7 @@ def _failure_detail(app_name: str) -> str:
     return "; ".join(messages)[:2000]
 
 
-def verify_auth(cfg: ServeConfig) -> dict[str, Any]:
+def verify_auth(cfg: ServeConfig) -> AuthState:
     """The front reads its key where the cluster runs; a key exported only in this shell never
     reaches it. If this shell has a key (``api_key_env``/``api_key_file``) and the running front
     holds none or another, raise instead of reporting the app as running."""
@@ -227,8 +228,8 @@ def verify_auth(cfg: ServeConfig) -> dict[str, Any]:
         here = auth.load_api_key(cfg.model_copy(update={"require_api_key": False}))
     except ConfigError:
         here = None  # e.g. an api_key_file that only exists on the cluster's nodes
-    if here is not None and auth.fingerprint(here) != state["fingerprint"]:
-        what = "no API key" if not state["auth"] else "a different API key"
+    if here is not None and auth.fingerprint(here) != state.fingerprint:
+        what = "no API key" if not state.auth else "a different API key"
         raise ConfigError(
             f"app {cfg.app_name!r} is running but its HTTP front holds {what} than "
             f"{cfg.api_key_env!r} in this shell: the key is read where the cluster runs (its "

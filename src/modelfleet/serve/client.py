@@ -28,7 +28,7 @@ import tenacity
 # Statuses that mean "not now" rather than "never": overload, a replica that stopped, a gateway.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 APP_HEADER = "x-modelfleet-ingress-pid"
-"""Every response of the app carries it (serve.ingress's guard tags it)."""
+"""Every response of the app carries it (serve.guard tags it)."""
 
 
 class ServeRequestError(RuntimeError):

@@ -10,6 +10,7 @@ tokens to the event loop with one ``call_soon_threadsafe``; each request reads i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from modelfleet.models import lora
 from modelfleet.serve.engine import EngineConfig, EngineFull, EngineLoop, Request, StepOutput, new_engine
 from modelfleet.serve.generation import Job
 from modelfleet.serve.pool import AdapterPool, Variant, adapter_key, parse_variant_id
+from modelfleet.serve.protocol import Chunk, Completion, ReplicaError, Sampling, StreamStart, VariantUse
 from modelfleet.serve.replica import Loaded, ReplicaBase
 from modelfleet.storage import read_json
 
@@ -40,9 +42,9 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 class PromptError(ValueError):
     """A request that cannot run on this model; becomes an HTTP 400 naming ``param``."""
 
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str, code: str = "context_length_exceeded") -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class LMReplica(ReplicaBase):
         if isinstance(lo, _LMLoaded) and lo.pool is not None:
             lo.loop.call(lambda: lo.pool.evict(key))
 
-    async def _variant(self) -> Variant | dict[str, Any] | None:
+    async def _variant(self) -> Variant | ReplicaError | None:
         """The request's variant (``multiplexed_model_id``), None for the base, or the error."""
         model_id = serve.get_multiplexed_model_id()
         if not model_id:
@@ -216,7 +218,7 @@ class LMReplica(ReplicaBase):
         context = lo.loop.engine.max_len if isinstance(lo, _LMLoaded) else lo.model.cfg.block_size
         out: dict[str, Any] = {"context_length": context}
         if isinstance(lo, _LMLoaded) and lo.pool is not None:
-            out.update(variants=sorted(self.variants), **lo.pool.stats())
+            out.update(variants=tuple(sorted(self.variants)), **lo.pool.stats())
         return out
 
     def _max_model_len(self, model: Any) -> int:
@@ -236,7 +238,7 @@ class LMReplica(ReplicaBase):
             want = pool  # a pool smaller than the context caps what one request may use
         return want or context
 
-    def _job(self, prompt: str, sampling: dict[str, Any]) -> Job:
+    def _job(self, prompt: str, sampling: Sampling) -> Job:
         lo = self._require()
         tokenizer, limit = lo.preprocessor, lo.loop.engine.max_len
         special = getattr(tokenizer, "eos_token", None)
@@ -247,6 +249,7 @@ class LMReplica(ReplicaBase):
                 f"prompt contains the special token {special!r}; special tokens cannot be "
                 "sent as text (remove it, or end the prompt where it stands)",
                 "prompt",
+                "invalid_value",
             )
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # empty prompt = start of a document
         n = len(ids)
@@ -256,7 +259,7 @@ class LMReplica(ReplicaBase):
                 f"request (max_model_len); send at most {limit - 1} prompt tokens",
                 "prompt",
             )
-        max_tokens = sampling.get("max_tokens")
+        max_tokens = sampling.max_tokens
         if max_tokens is None:
             max_tokens = min(self.spec.default_max_tokens, limit - n)
         elif n + max_tokens > limit:
@@ -269,20 +272,20 @@ class LMReplica(ReplicaBase):
         return Job(
             prompt_ids=ids,
             max_tokens=max_tokens,
-            temperature=sampling["temperature"],
-            top_p=sampling["top_p"],
-            seed=sampling.get("seed"),
-            stop=list(sampling.get("stop") or []),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop),
         )
 
     async def _start(
-        self, prompt: str, sampling: dict[str, Any]
-    ) -> tuple[Job, _LMLoaded, Variant | None, dict[str, Any]] | dict[str, Any]:
+        self, prompt: str, sampling: Sampling
+    ) -> tuple[Job, _LMLoaded, Variant | None, VariantUse | None] | ReplicaError:
         """The request's job on the current engine (and its variant, in a pool, with how it was
-        found: ``variant_cold`` when this request waited for the adapter to load), or the error."""
+        found: ``cold`` when this request waited for the adapter to load), or the error."""
         t0 = time.perf_counter()
         variant = await self._variant()
-        if isinstance(variant, dict):
+        if isinstance(variant, ReplicaError):
             return variant
         try:
             # A long prompt is tokenized on a worker thread: the event loop keeps streaming other
@@ -294,61 +297,66 @@ class LMReplica(ReplicaBase):
                 else await asyncio.to_thread(self._job, prompt, sampling)
             )
         except PromptError as e:
-            return self._error(400, str(e), e.param)
-        info: dict[str, Any] = {}
+            return self._error(400, str(e), e.param, e.code)
+        use = None
         if variant is not None:
             job.adapter = variant.key
             cold = variant.loaded_at >= t0
-            info = {"variant": variant.name, "variant_cold": cold, "variant_load_s": variant.load_s if cold else 0.0}
-        return job, self._require(), variant, info
+            use = VariantUse(variant.name, cold, variant.load_s if cold else 0.0)
+        return job, self._require(), variant, use
 
-    async def complete(self, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, prompt: str, sampling: Sampling) -> Completion | ReplicaError:
         """The whole completion as one result (non-streaming requests)."""
         started = await self._start(prompt, sampling)
-        if isinstance(started, dict):
+        if isinstance(started, ReplicaError):
             return started
-        job, lo, variant, info = started
+        job, lo, variant, use = started
         parts: list[str] = []
-        out: dict[str, Any] = {}
+        last: Chunk | None = None
+        batch = 1
         async for step in self._generate(job, lo, variant):
-            if "error" in step:
+            if isinstance(step, ReplicaError):
                 return step
-            parts.append(step["text"])
-            out = {**step, "batch_size": max(step["batch_size"], out.get("batch_size", 1))}
-        return {
-            **out,
-            **info,
-            "text": "".join(parts),
-            "prompt_tokens": len(job.prompt_ids),
-            "pid": self.pid,
-            **self._pool_stats(lo),
-        }
+            parts.append(step.text)
+            last, batch = step, max(batch, step.batch_size)
+        assert last is not None  # _generate ends on a chunk with a finish_reason
+        return Completion(
+            text="".join(parts),
+            finish_reason=last.finish_reason,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            batch_size=batch,
+            artifact=lo.artifact,
+            pid=self.pid,
+            variant=use,
+            tensor_bytes=lo.pool.nbytes if lo.pool is not None else None,
+        )
 
-    def _pool_stats(self, lo: _LMLoaded) -> dict[str, Any]:
-        return {"tensor_bytes": lo.pool.stats()["tensor_bytes"]} if lo.pool is not None else {}
-
-    async def stream(self, prompt: str, sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """A first ``meta`` item (or an ``error``), then one item per generated token."""
+    async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[StreamStart | Chunk | ReplicaError]:
+        """A first ``StreamStart`` (or a ``ReplicaError``), then one ``Chunk`` per engine step."""
         started = await self._start(prompt, sampling)
-        if isinstance(started, dict):
+        if isinstance(started, ReplicaError):
             yield started
             return
-        job, lo, variant, info = started
+        job, lo, variant, use = started
         steps = self._generate(job, lo, variant)
         first = await anext(steps, None)
-        if first is not None and "error" in first:
+        if isinstance(first, ReplicaError):
             yield first  # overload: answered before any header is sent
             return
-        yield {"meta": {"pid": self.pid, "prompt_tokens": len(job.prompt_ids), **info}}
+        yield StreamStart(self.pid, len(job.prompt_ids), use)
         if first is not None:
             yield first
         async for step in steps:
             yield step
 
-    async def _generate(self, job: Job, lo: _LMLoaded, variant: Variant | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def _generate(
+        self, job: Job, lo: _LMLoaded, variant: Variant | None = None
+    ) -> AsyncIterator[Chunk | ReplicaError]:
         """This request's steps as the engine thread produces them; leaving early cancels it."""
         self._aloop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self._queues[id(job)] = queue  # before submit: the engine thread may answer at once
         seq: Request | None = None
         try:
@@ -364,19 +372,21 @@ class LMReplica(ReplicaBase):
 
                     seq = await asyncio.wrap_future(lo.loop.call(admit))
             except EngineFull as e:
-                yield {
-                    **self._error(self.spec.overload_status, f"server overloaded ({e}); retry later", "model"),
-                    "retry_after": self.spec.retry_after_s,
-                }
+                yield self._error(
+                    self.spec.overload_status,
+                    f"server overloaded ({e}); retry later",
+                    "model",
+                    "overloaded",
+                    retry_after_s=self.spec.retry_after_s,
+                )
                 return
             self.m_prompt.inc(len(job.prompt_ids))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"model {self.spec.name} decoding failed: {item!r}") from item
-                item["artifact"] = lo.artifact
-                yield item
-                if item["finish_reason"]:
+                yield dataclasses.replace(item, artifact=lo.artifact)
+                if item.finish_reason:
                     return
         finally:
             self._queues.pop(id(job), None)
@@ -404,14 +414,7 @@ class LMReplica(ReplicaBase):
             items.append(
                 (
                     id(seq.job),
-                    {
-                        "text": step.text,
-                        "tokens": step.tokens,
-                        "finish_reason": step.finish_reason,
-                        "completion_tokens": seq.produced,
-                        "cached_tokens": cached,
-                        "batch_size": len(result.outputs),
-                    },
+                    Chunk(step.text, step.tokens, step.finish_reason, seq.produced, cached, len(result.outputs)),
                 )
             )
         # The loop that stepped, not self.loaded's: after a reconfigure the old one drains.
@@ -420,7 +423,7 @@ class LMReplica(ReplicaBase):
 
     def _dispatch(
         self,
-        items: list[tuple[int, dict[str, Any] | BaseException]],
+        items: list[tuple[int, Chunk | BaseException]],
         error: BaseException | None,
         stats: tuple[StepOutput, list[float], list[float], float, int, int],
     ) -> None:
@@ -440,7 +443,7 @@ class LMReplica(ReplicaBase):
                 self.m_prefix_hit.inc(hit)
         if result.preempted:
             self.m_preemptions.inc(result.preempted)
-        new_tokens = sum(item["tokens"] for _, item in items if isinstance(item, dict))
+        new_tokens = sum(item.tokens for _, item in items if isinstance(item, Chunk))
         if new_tokens:
             self.m_tokens.inc(new_tokens)
         for v in ttft:

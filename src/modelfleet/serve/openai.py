@@ -7,6 +7,7 @@ OpenAI clients work unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -14,6 +15,8 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from modelfleet.serve.protocol import Sampling
 
 MAX_STOP_CHARS = 256
 """Longest stop string accepted (characters)."""
@@ -74,15 +77,15 @@ class _Sampling(BaseModel):
             raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
         return [_unicode(s) for s in stops]
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self) -> Sampling:
         """The generation parameters the model deployment needs (plain data: crosses processes)."""
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop or []),
-            "seed": self.seed,
-        }
+        return Sampling(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -119,10 +122,9 @@ class ChatCompletionRequest(_Sampling):
         turns = [CHAT_TURN.format(role=m.role.capitalize()) + m.content + "\n\n" for m in self.messages]
         return "".join(turns) + CHAT_TURN.format(role="Assistant")
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self) -> Sampling:
         s = super().sampling()
-        s["stop"] = [*s["stop"], CHAT_STOP]
-        return s
+        return dataclasses.replace(s, stop=(*s.stop, CHAT_STOP))
 
 
 class PromptTokensDetails(BaseModel):

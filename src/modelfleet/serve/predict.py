@@ -21,6 +21,7 @@ from ray import serve
 
 from modelfleet.families import Family, get_family
 from modelfleet.models.placement import OnDevice
+from modelfleet.serve.protocol import Prediction, ReplicaError
 from modelfleet.serve.replica import Loaded, ReplicaBase
 
 MAX_INSTANCES = 256
@@ -67,17 +68,17 @@ class PredictReplica(ReplicaBase):
             "schema": lo.schema.model_json_schema(),
         }
 
-    async def predict(self, body: Any) -> dict[str, Any]:
-        """``{"instances": [...]}`` -> ``{"predictions": [...]}``, or an ``error`` naming the field."""
+    async def predict(self, body: Any) -> Prediction | ReplicaError:
+        """``{"instances": [...]}`` -> its predictions, or the error naming the field at fault."""
         lo: _Loaded = self._require()
         if not isinstance(body, dict) or set(body) != {"instances"}:
             extra = sorted(set(body) - {"instances"}) if isinstance(body, dict) else []
             if extra:
-                return self._error(422, f'{extra[0]}: unknown field; the body is {{"instances": [...]}}', extra[0])
-            return self._error(422, 'instances: field required; the body is {"instances": [...]}', "instances")
+                return self._invalid(f'{extra[0]}: unknown field; the body is {{"instances": [...]}}', extra[0])
+            return self._invalid('instances: field required; the body is {"instances": [...]}', "instances")
         instances = body["instances"]
         if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_INSTANCES:
-            return self._error(422, f"instances: must be a list of 1 to {MAX_INSTANCES} objects", "instances")
+            return self._invalid(f"instances: must be a list of 1 to {MAX_INSTANCES} objects", "instances")
         valid = []
         for i, inst in enumerate(instances):
             try:
@@ -88,23 +89,19 @@ class PredictReplica(ReplicaBase):
                 msg = f"{field}: {err['msg']}"
                 if err.get("type") != "missing" and "input" in err:
                     msg += f" (got {repr(err['input'])[:60]})"
-                return self._error(422, msg, field)
+                return self._invalid(msg, field)
         outs = await asyncio.gather(*(self._batched(v) for v in valid))
         for i, (o, _) in enumerate(outs):
             if not _finite(o):
-                return self._error(
-                    422,
+                return self._invalid(
                     f"instances.{i}: the model's output for this input is not a finite number "
                     "(a value far outside what the model was trained on)",
                     f"instances.{i}",
                 )
-        return {
-            "model": self.spec.name,
-            "artifact": lo.artifact,
-            "predictions": [o for o, _ in outs],
-            "batch_size": max(n for _, n in outs),
-            "pid": self.pid,
-        }
+        return Prediction(self.spec.name, lo.artifact, [o for o, _ in outs], max(n for _, n in outs), self.pid)
+
+    def _invalid(self, message: str, param: str) -> ReplicaError:
+        return self._error(422, message, param, "invalid_value")
 
     @serve.batch()  # sized from spec.batching in __init__
     async def _batched(self, instances: list[BaseModel]) -> list[tuple[dict[str, Any], int]]:

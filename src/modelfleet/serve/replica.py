@@ -23,6 +23,7 @@ from modelfleet.cluster.local import gpus_are_simulated
 from modelfleet.config.serve import ModelSpec
 from modelfleet.families.artifact import load_artifact
 from modelfleet.models.placement import Placement, place, placement
+from modelfleet.serve.protocol import ReplicaError, ReplicaInfo
 
 # Serve's replica logger adds the request id to every record it formats.
 logger = logging.getLogger("ray.serve")
@@ -124,19 +125,14 @@ class ReplicaBase:
         if self.loaded is None:
             raise RuntimeError(f"model {self.spec.name} has no weights loaded")
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ReplicaInfo:
         """What ``/v1/models`` and ``/healthz`` report for this replica."""
         lo = self._require()
-        return {
-            "name": self.spec.name,
-            "artifact": lo.artifact,
-            "context_length": 0,
-            "pid": self.pid,
-            **self.placement.describe(),
-            **self._describe(lo),
-        }
+        fields: dict[str, Any] = {"context_length": 0, **self.placement.describe(), **self._describe(lo)}
+        return ReplicaInfo(name=self.spec.name, artifact=lo.artifact, pid=self.pid, **fields)
 
     def _describe(self, lo: Any) -> dict[str, Any]:
+        """``ReplicaInfo`` fields a subclass fills in."""
         return {}
 
     def _require(self) -> Any:
@@ -144,10 +140,9 @@ class ReplicaBase:
             raise RuntimeError(f"model {self.spec.name} is still loading")
         return self.loaded
 
-    def _error(self, status: int, message: str, param: str, code: str | None = None) -> dict[str, Any]:
-        """A refused request, as the ingress turns it into an HTTP error naming ``param``."""
+    def _error(
+        self, status: int, message: str, param: str, code: str, retry_after_s: float | None = None
+    ) -> ReplicaError:
+        """A refused request, as the front turns it into an HTTP error naming ``param``."""
         logger.info("rejected request: %s", message)
-        return {
-            "error": {"status": status, "message": message, "param": param, **({"code": code} if code else {})},
-            "pid": self.pid,
-        }
+        return ReplicaError(status, message, param, code, self.pid, retry_after_s)
