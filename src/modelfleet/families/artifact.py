@@ -40,6 +40,17 @@ def load_artifact(uri: str, *, device: str = "cpu") -> tuple[Any, Any, dict[str,
     return model.eval(), family.load_preprocessor(local, manifest), manifest
 
 
+def load_preprocessor(uri: str) -> tuple[Any, dict[str, Any]]:
+    """(preprocessor, manifest) of an artifact, without its weights: what a replica whose engine
+    runs in another process needs (an LM's tokenizer)."""
+    local = fetch(uri)
+    manifest = read_json(local, "manifest.json")
+    if manifest.get("kind") == KIND_ADAPTER:
+        return get_family(manifest["family"]).load_preprocessor(local, manifest), manifest
+    mcfg = ModelConfig(**read_json(local, "config.json"))
+    return get_family(mcfg.family).load_preprocessor(local, manifest), manifest
+
+
 def _load_adapter(uri: str, local: str, manifest: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, Any]]:
     check_adapter(local, uri, manifest)
     base = adapter_base(manifest, uri)

@@ -284,6 +284,10 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after ``stop``: once the submitted requests finished)."""
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._wake:

@@ -2,15 +2,19 @@
 OpenAI-compatible ingress (``complete`` / ``stream``); loading, health and ``info`` come from
 ``ReplicaBase``.
 
-Each loaded artifact gets one ``Engine`` on one decoding thread (``EngineLoop``): requests join the
-running batch between decode steps and leave it when they finish. The thread hands every step's
-tokens to the event loop with one ``call_soon_threadsafe``; each request reads its own queue.
+Each loaded artifact gets one engine core process (``serve/engine_core.py``, driven through
+``CoreClient``): the model, the KV pool, the scheduler and the step loop live there, out of this
+process's GIL, and requests join its running batch between steps. This replica tokenizes and
+validates prompts, keeps each request's asyncio queue, and exports the metrics the core's step
+reports carry; the client's reader thread hands every step's report to the event loop with one
+``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,13 +24,13 @@ from typing import Any
 from ray import serve
 
 from modelfleet import registry
-from modelfleet.errors import ArtifactError, ConfigError
-from modelfleet.families import get_family
+from modelfleet.errors import ArtifactError
+from modelfleet.families.artifact import load_preprocessor
 from modelfleet.families.lora import check_adapter, check_variant
-from modelfleet.models import lora
-from modelfleet.serve.engine import EngineConfig, EngineFull, EngineLoop, Request, StepOutput, new_engine
+from modelfleet.serve import core_messages as cm
+from modelfleet.serve.core_client import CoreClient
 from modelfleet.serve.generation import Job
-from modelfleet.serve.pool import AdapterPool, Variant, adapter_key, parse_variant_id
+from modelfleet.serve.pool import Variant, adapter_key, parse_variant_id
 from modelfleet.serve.protocol import Chunk, Completion, ReplicaError, Sampling, StreamStart, VariantUse
 from modelfleet.serve.replica import Loaded, ReplicaBase
 from modelfleet.storage import read_json
@@ -49,10 +53,12 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class _LMLoaded(Loaded):
-    loop: EngineLoop
-    """The decoding thread of this artifact's engine (a reconfigure drains the old one)."""
-    pool: AdapterPool | None = None
-    """Pools: the adapters loaded into this base (changed only on the decoding thread)."""
+    core: CoreClient
+    """This artifact's engine core process (a reconfigure drains the old one)."""
+    max_len: int
+    """Most tokens per request (prompt + generated)."""
+    pool: bool = False
+    """Pools: the core holds an ``AdapterPool`` over the base."""
 
 
 TOKENIZE_INLINE_CHARS = 4096
@@ -63,7 +69,9 @@ class LMReplica(ReplicaBase):
     """Serves one language-model artifact; the front calls ``complete``/``stream``/``info``."""
 
     def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
-        self._queues: dict[int, asyncio.Queue[Any]] = {}  # id(job) -> that request's steps
+        self._queues: dict[int, asyncio.Queue[Any]] = {}  # request id -> that request's steps
+        self._rids = itertools.count(1)  # request ids, unique across this replica's cores
+        self._pool_stats = (0, 0)  # pools: adapters loaded, tensor bytes (as the core last said)
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._gauges_at = float("-inf")
         super().__init__(spec, storage_path)
@@ -103,51 +111,52 @@ class LMReplica(ReplicaBase):
                 load_variant
             )
             self.m_variant_loads = self.counter("modelfleet_variant_loads", "Adapters loaded into a pool replica.")
-            lora.peft()  # imported now (seconds), not inside the first variant's cold load
 
-    def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> _LMLoaded:
+    def _load(self, artifact: str) -> None:
+        """The tokenizer here; the weights in a new engine core process (see the module docstring)."""
+        ref = registry.resolve(self.storage_path, artifact)
+        tokenizer, manifest = load_preprocessor(ref.uri)
+        label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         b = self.spec.batching
         # Serve (or a one-hop front's guard) bounds what reaches the replica; the engine's own
         # bound is the same number, a backstop.
         waiting = self.spec.max_ongoing_requests + (
             self.spec.max_queued_requests if self.spec.max_queued_requests >= 0 else 4096
         )
-        pool = None
-        if self.spec.variants is not None:
-            pool = AdapterPool(model, get_family(manifest["family"]), next(model.parameters()).device)
-        engine = new_engine(
-            model,
-            eos_id=preprocessor.eos_id,
-            decode=preprocessor.decode,
-            config=EngineConfig(
-                max_num_seqs=b.max_batch_size,
-                prefill_chunk=b.prefill_chunk_tokens,
-                max_waiting=waiting,
-                max_len=self._max_model_len(model),
-                block_size=b.kv_block_size,
-                num_kv_blocks=-(-b.kv_cache_tokens // b.kv_block_size),
-                enable_prefix_caching=b.prefix_caching,
-            ),
-            adapters=pool,
-            # In every prefix-cache key: KV computed with other weights is never matched.
-            base_sha=str(manifest.get("weights_sha256", "")),
+        start = cm.Start(
+            artifact_uri=ref.uri,
+            device=str(self.placement.device),
+            dtype=str(self.placement.dtype).removeprefix("torch."),
+            num_threads=max(1, int(self.spec.ray_actor_options.num_cpus or 1)),
+            max_num_seqs=b.max_batch_size,
+            prefill_chunk=b.prefill_chunk_tokens,
+            max_waiting=waiting,
+            max_model_len=self.spec.max_model_len,
+            kv_cache_tokens=b.kv_cache_tokens,
+            block_size=b.kv_block_size,
+            num_kv_blocks=-(-b.kv_cache_tokens // b.kv_block_size),
+            prefix_caching=b.prefix_caching,
+            pool=self.spec.variants is not None,
+            name=self.spec.name,
         )
-        old = self.loaded
+        core = CoreClient(start, self._deliver, self._refused)
+        self.base_manifest = manifest
+        old, self.loaded = (
+            self.loaded,
+            _LMLoaded(None, tokenizer, label, core, core.started.max_len, self.spec.variants is not None),
+        )
         if isinstance(old, _LMLoaded):
-            old.loop.stop()  # finishes the requests it holds, then its thread ends
+            old.core.stop()  # finishes the requests it holds, then the process ends
         logger.info(
-            "engine: %s, %d sequences of up to %d tokens, KV cache %.1f MiB, prefill chunk %d",
-            f"paged ({engine.blocks.num_blocks} blocks of {engine.blocks.block_size} tokens, prefix caching "
-            f"{'on' if engine.blocks.enable_prefix_caching else 'off'})"
-            if hasattr(engine, "blocks")
-            else "slots (one forward per row: this model has no paged forward)",
-            b.max_batch_size,
-            engine.max_len,
-            engine.cache.nbytes / 2**20,
-            b.prefill_chunk_tokens,
-        )
-        return _LMLoaded(
-            model, preprocessor, artifact, EngineLoop(engine, self._deliver, name=f"engine-{self.spec.name}"), pool
+            "model %s loaded %s artifact %s (sha256 %s) on %s as %s; engine core pid %d: %s",
+            self.spec.name,
+            manifest.get("family", "?"),
+            label,
+            str(manifest.get("weights_sha256", ""))[:12],
+            self.placement.device,
+            self.placement.dtype,
+            core.pid,
+            core.started.summary,
         )
 
     # ---------------------------------------------------------------- pools
@@ -157,10 +166,8 @@ class LMReplica(ReplicaBase):
             return
         self.variants = dict(user_config.get("variants") or {})
         lo = self.loaded
-        if isinstance(lo, _LMLoaded) and lo.pool is not None:
-            keep = {adapter_key(f"{n}={a}") for n, a in self.variants.items()}
-            for key in [k for k in lo.pool.loaded if k not in keep]:
-                lo.loop.call(lambda key=key: lo.pool.evict(key))
+        if isinstance(lo, _LMLoaded) and lo.pool:
+            lo.core.retain(sorted(adapter_key(f"{n}={a}") for n, a in self.variants.items()))
 
     def _fetch_adapter(self, artifact: str) -> str:
         """A local copy of a variant's adapter artifact, checked: an adapter trained over exactly this
@@ -178,7 +185,10 @@ class LMReplica(ReplicaBase):
         name, artifact = parse_variant_id(model_id)
         local = await asyncio.to_thread(self._fetch_adapter, artifact)
         key, lo = adapter_key(model_id), self._require()
-        await asyncio.wrap_future(lo.loop.call(lambda: lo.pool.load(key, local)))
+        done = await asyncio.wrap_future(lo.core.load_adapter(key, local))
+        if done.error is not None:
+            raise RuntimeError(f"variant {name}: the engine core could not load its adapter: {done.error}")
+        self._pool_stats = (done.adapters_loaded, done.tensor_bytes)
         self.m_variant_loads.inc()
         now = time.perf_counter()
         logger.info("variant %s (%s) loaded in %.3f s", name, artifact, now - t0)
@@ -186,8 +196,8 @@ class LMReplica(ReplicaBase):
 
     def _release_variant(self, key: str) -> None:
         lo = self.loaded
-        if isinstance(lo, _LMLoaded) and lo.pool is not None:
-            lo.loop.call(lambda: lo.pool.evict(key))
+        if isinstance(lo, _LMLoaded) and lo.pool:
+            lo.core.evict(key)
 
     async def _variant(self) -> Variant | ReplicaError | None:
         """The request's variant (``multiplexed_model_id``), None for the base, or the error."""
@@ -206,41 +216,21 @@ class LMReplica(ReplicaBase):
     def check_health(self) -> None:
         super().check_health()
         lo = self.loaded
-        if isinstance(lo, _LMLoaded) and lo.loop.error is not None:
-            # The decoding thread ended on an error: Serve replaces a replica whose check fails.
-            raise RuntimeError(f"model {self.spec.name}: decoding thread failed: {lo.loop.error!r}")
-        if isinstance(lo, _LMLoaded) and not getattr(lo.loop.engine, "healthy", True):
-            raise RuntimeError(
-                f"model {self.spec.name}: {lo.loop.engine.failed_steps_in_a_row} decoding steps failed in a row"
-            )
+        problem = lo.core.problem if isinstance(lo, _LMLoaded) else None
+        if problem is not None:
+            # The core died, hangs or fails every step: Serve replaces a replica whose check fails.
+            raise RuntimeError(f"model {self.spec.name}: {problem}")
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
-        context = lo.loop.engine.max_len if isinstance(lo, _LMLoaded) else lo.model.cfg.block_size
-        out: dict[str, Any] = {"context_length": context}
-        if isinstance(lo, _LMLoaded) and lo.pool is not None:
-            out.update(variants=tuple(sorted(self.variants)), **lo.pool.stats())
+        out: dict[str, Any] = {"context_length": lo.max_len}
+        if lo.pool:
+            loaded, nbytes = self._pool_stats
+            out.update(variants=tuple(sorted(self.variants)), adapters_loaded=loaded, tensor_bytes=nbytes)
         return out
-
-    def _max_model_len(self, model: Any) -> int:
-        """``max_model_len``, checked against the model's context and the KV pool."""
-        context, want = int(model.cfg.block_size), self.spec.max_model_len
-        if want > context:
-            raise ConfigError(
-                f"serve model {self.spec.name!r}: max_model_len {want} exceeds the model's context of {context} tokens"
-            )
-        pool = self.spec.batching.kv_cache_tokens
-        if pool and pool < (want or context):
-            if want:
-                raise ConfigError(
-                    f"serve model {self.spec.name!r}: max_model_len {want} exceeds batching.kv_cache_tokens "
-                    f"({pool}): one request could never fit the KV pool"
-                )
-            want = pool  # a pool smaller than the context caps what one request may use
-        return want or context
 
     def _job(self, prompt: str, sampling: Sampling) -> Job:
         lo = self._require()
-        tokenizer, limit = lo.preprocessor, lo.loop.engine.max_len
+        tokenizer, limit = lo.preprocessor, lo.max_len
         special = getattr(tokenizer, "eos_token", None)
         if special and special in prompt:
             # Like tiktoken's default: special tokens sent as text are refused, not silently
@@ -330,7 +320,7 @@ class LMReplica(ReplicaBase):
             artifact=lo.artifact,
             pid=self.pid,
             variant=use,
-            tensor_bytes=lo.pool.nbytes if lo.pool is not None else None,
+            tensor_bytes=self._pool_stats[1] if lo.pool else None,
         )
 
     async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[StreamStart | Chunk | ReplicaError]:
@@ -354,112 +344,99 @@ class LMReplica(ReplicaBase):
     async def _generate(
         self, job: Job, lo: _LMLoaded, variant: Variant | None = None
     ) -> AsyncIterator[Chunk | ReplicaError]:
-        """This request's steps as the engine thread produces them; leaving early cancels it."""
+        """This request's steps as the core produces them; leaving early cancels it there."""
         self._aloop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        self._queues[id(job)] = queue  # before submit: the engine thread may answer at once
-        seq: Request | None = None
+        queue: asyncio.Queue[Chunk | ReplicaError | BaseException] = asyncio.Queue()
+        rid = next(self._rids)
+        self._queues[rid] = queue  # before submit: the reader thread may answer at once
+        finished = False
         try:
-            try:
-                if variant is None:
-                    seq = lo.loop.submit(job)
-                else:
-                    # On the decoding thread: the adapter is (re)loaded if an eviction or a new base
-                    # dropped it, and the job queued in the same call, so no eviction falls between.
-                    def admit() -> Request:
-                        lo.pool.load(variant.key, variant.local_dir)
-                        return lo.loop.engine.add(job)
-
-                    seq = await asyncio.wrap_future(lo.loop.call(admit))
-            except EngineFull as e:
-                yield self._error(
-                    self.spec.overload_status,
-                    f"server overloaded ({e}); retry later",
-                    "model",
-                    "overloaded",
-                    retry_after_s=self.spec.retry_after_s,
-                )
-                return
-            self.m_prompt.inc(len(job.prompt_ids))
+            # Pools: the core (re)loads the adapter first if an eviction dropped it, in the same
+            # call that queues the job, so no eviction falls between.
+            lo.core.submit(rid, job, adapter_dir=variant.local_dir if variant is not None else None)
             while True:
                 item = await queue.get()
+                if isinstance(item, ReplicaError):  # refused: the engine's queue is full
+                    finished = True
+                    yield item
+                    return
                 if isinstance(item, BaseException):
+                    finished = True
                     raise RuntimeError(f"model {self.spec.name} decoding failed: {item!r}") from item
                 yield dataclasses.replace(item, artifact=lo.artifact)
                 if item.finish_reason:
+                    finished = True
                     return
         finally:
-            self._queues.pop(id(job), None)
-            if seq is not None and not seq.finished:
-                lo.loop.cancel(seq)  # the client went away: free the slot
+            self._queues.pop(rid, None)
+            if not finished:
+                lo.core.cancel(rid)  # the client went away: free its sequence and KV blocks
 
-    def _deliver(self, result: StepOutput, loop: EngineLoop) -> None:
-        """Called on the engine thread once per step: reads the sequences there (the thread moves
-        them on), then wakes the event loop once."""
+    def _refused(self, r: cm.Refused) -> None:
+        """The core's reader thread: a request the engine did not queue."""
         aloop = self._aloop
         if aloop is None or aloop.is_closed():
             return
-        now, items, ttft, tpot = time.perf_counter(), [], [], []
-        queried = hit = 0
-        for seq, step in result.outputs:
-            cached = max(getattr(seq, "num_cached_tokens", 0), 0)  # the slot engine caches nothing
-            if seq.emitted == 1 and seq.first_token_at is not None:  # its first step (even a lone EOS)
-                ttft.append(seq.first_token_at - seq.arrived)
-                queried, hit = queried + len(seq.job.prompt_ids), hit + cached
-            if step.finish_reason == "error":  # this request alone failed; the engine goes on
-                items.append((id(seq.job), RuntimeError(seq.error)))
-                continue
-            if step.finish_reason and seq.produced > 1 and seq.first_token_at is not None:
-                tpot.append((now - seq.first_token_at) / (seq.produced - 1))
-            items.append(
-                (
-                    id(seq.job),
-                    Chunk(step.text, step.tokens, step.finish_reason, seq.produced, cached, len(result.outputs)),
-                )
+        if r.overloaded:
+            err: ReplicaError | BaseException = self._error(
+                self.spec.overload_status,
+                f"server overloaded ({r.error}); retry later",
+                "model",
+                "overloaded",
+                retry_after_s=self.spec.retry_after_s,
             )
-        # The loop that stepped, not self.loaded's: after a reconfigure the old one drains.
-        error, use = loop.error, loop.engine.cache_use
-        aloop.call_soon_threadsafe(self._dispatch, items, error, (result, ttft, tpot, use, queried, hit))
+        else:
+            err = RuntimeError(r.error)
+        aloop.call_soon_threadsafe(self._put, r.rid, err)
 
-    def _dispatch(
-        self,
-        items: list[tuple[int, Chunk | BaseException]],
-        error: BaseException | None,
-        stats: tuple[StepOutput, list[float], list[float], float, int, int],
-    ) -> None:
+    def _put(self, rid: int, item: Any) -> None:
+        q = self._queues.get(rid)
+        if q is not None:
+            q.put_nowait(item)
+
+    def _deliver(self, report: cm.StepReport) -> None:
+        """The core's reader thread, once per engine step: wakes the event loop once."""
+        aloop = self._aloop
+        if aloop is not None and not aloop.is_closed():
+            aloop.call_soon_threadsafe(self._dispatch, report)
+
+    def _dispatch(self, report: cm.StepReport) -> None:
         """On the event loop: each request's step into its queue, then the step's metrics."""
-        if error is not None:
-            for q in self._queues.values():
-                q.put_nowait(error)
+        queried = hit = new_tokens = 0
+        for s in report.seqs:
+            if s.ttft is not None:  # its first step (even a lone EOS)
+                self.m_ttft.observe(s.ttft)
+                queried, hit = queried + s.prompt_tokens, hit + s.cached
+                self.m_prompt.inc(s.prompt_tokens)
+            if s.tpot is not None:
+                self.m_tpot.observe(s.tpot)
+            if s.finish_reason == "error":  # this request alone failed; the engine goes on
+                self._put(s.rid, RuntimeError(s.error))
+                continue
+            new_tokens += s.tokens
+            self._put(s.rid, Chunk(s.text, s.tokens, s.finish_reason, s.produced, s.cached, len(report.seqs)))
+        if report.fatal is not None:
             return
-        for key, item in items:
-            q = self._queues.get(key)
-            if q is not None:
-                q.put_nowait(item)
-        result, ttft, tpot, use, queried, hit = stats
+        if report.tensor_bytes:
+            self._pool_stats = (report.adapters_loaded, report.tensor_bytes)
         if queried:
             self.m_prefix_queried.inc(queried)
             if hit:
                 self.m_prefix_hit.inc(hit)
-        if result.preempted:
-            self.m_preemptions.inc(result.preempted)
-        new_tokens = sum(item.tokens for _, item in items if isinstance(item, Chunk))
+        if report.preempted:
+            self.m_preemptions.inc(report.preempted)
         if new_tokens:
             self.m_tokens.inc(new_tokens)
-        for v in ttft:
-            self.m_ttft.observe(v)
-        for v in tpot:
-            self.m_tpot.observe(v)
-        if result.decoded:
-            self.m_batch.observe(result.decoded)
+        if report.decoded:
+            self.m_batch.observe(report.decoded)
         now = time.monotonic()
-        if now - self._gauges_at >= GAUGE_PERIOD_S or not result.running:
+        if now - self._gauges_at >= GAUGE_PERIOD_S or not report.running:
             # Gauges are scraped every few seconds: setting them every decode step only costs
             # (ray.util.metrics took 15% of the front's event-loop time in the c16 profile).
             self._gauges_at = now
-            self.m_running.set(result.running)
-            self.m_waiting.set(result.waiting)
-            self.m_cache.set(use)
+            self.m_running.set(report.running)
+            self.m_waiting.set(report.waiting)
+            self.m_cache.set(report.cache_use)
 
 
 LMServer = serve.deployment(LMReplica)  # every option comes from the ModelSpec, in build_app
