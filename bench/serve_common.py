@@ -133,11 +133,18 @@ class Uvicorn:
     """bench/uvicorn_baseline.py in a subprocess: the same artifact and continuous-batching engine
     behind plain FastAPI, one process, no Ray."""
 
-    def __init__(self, artifact_dir: str, port: int) -> None:
+    def __init__(self, artifact_dir: str, port: int, *, core: bool = False) -> None:
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "uvicorn_baseline.py"), artifact_dir, "--port", str(port)],
+            [
+                sys.executable,
+                str(ROOT / "bench" / "uvicorn_baseline.py"),
+                artifact_dir,
+                "--port",
+                str(port),
+                *(["--core"] if core else []),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

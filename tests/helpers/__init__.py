@@ -44,7 +44,14 @@ process and leaves by condition, not by time:
 
 from .cli import BIN, ROOT, cli_env, job_status, mf, run_cli, wait_job
 from .cluster import SimCluster
-from .ray_procs import pid_alive, ray_process_pids, serve_replica_pids, train_worker_pids, wait_no_train_workers
+from .ray_procs import (
+    engine_core_pids,
+    pid_alive,
+    ray_process_pids,
+    serve_replica_pids,
+    train_worker_pids,
+    wait_no_train_workers,
+)
 from .s3 import MotoS3
 from .serving import (
     LoadResult,
@@ -60,6 +67,7 @@ from .training import TEST_SOURCES, read_records, run_single_rank, tiny_config
 from .waiting import port_free, wait_port_free, wait_until
 
 __all__ = [
+    "engine_core_pids",
     "BIN",
     "ROOT",
     "TEST_SOURCES",

@@ -33,6 +33,25 @@ def serve_replica_pids(app: str, deployment: str, ancestor: int | None = None) -
     return ray_process_pids(f"ray::ServeReplica:{app}:{deployment}", ancestor)
 
 
+def engine_core_pids(replica_pid: int) -> list[int]:
+    """PIDs of the engine core processes an LM replica started (its children running
+    ``modelfleet.serve.engine_core``)."""
+    import psutil
+
+    try:
+        children = psutil.Process(replica_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for c in children:
+        try:
+            if "modelfleet.serve.engine_core" in c.cmdline():
+                out.append(c.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     import psutil

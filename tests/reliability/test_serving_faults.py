@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from helpers import deploy_app, pid_alive, run_load, running_replicas, serve_replica_pids, wait_until
+from helpers import deploy_app, engine_core_pids, pid_alive, run_load, running_replicas, serve_replica_pids, wait_until
 from modelfleet.serve.client import Client, iter_sse
 
 PORT = 8300
@@ -61,6 +61,7 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
                 if stop_killer.is_set():
                     return
                 victim = sorted(before)[0]
+                drill["cores"] = engine_core_pids(victim)  # its engine core must not outlive it
                 # Freeze the victim first so the router keeps handing it requests it never answers,
                 # then kill it once one is stuck there: a request sent before the freeze is still
                 # unanswered while 8 more have been answered (by the other replica). Bounded: after
@@ -76,6 +77,8 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
                 os.kill(victim, signal.SIGKILL)
                 t_kill = time.monotonic()
                 drill.update(victim=victim, at_request=progress["sent"])
+                wait_until(lambda: not any(pid_alive(p) for p in drill["cores"]), 5, "the engine core to exit", 0.05)
+                drill["core_gone_s"] = time.monotonic() - t_kill
                 wait_until(lambda: _replaced("kill", before, 2), 60, "a replacement replica RUNNING", 0.1)
                 drill["replaced_s"] = time.monotonic() - t_kill
 
@@ -106,10 +109,12 @@ def test_kill_one_of_two_replicas_under_load_loses_no_request(serve_8300, tiny_r
     print(
         f"\n[kill-replica] sent={res.sent} ok={res.ok} failed={len(res.failed)} retried={retried} "
         f"killed pid {drill.get('victim')} after {drill.get('at_request')} requests with "
-        f"{drill.get('in_flight')} in flight; replacement RUNNING "
+        f"{drill.get('in_flight')} in flight; its engine core {drill.get('cores')} gone after "
+        f"{drill.get('core_gone_s', float('nan')):.2f} s; replacement RUNNING "
         f"after {drill.get('replaced_s', float('nan')):.1f} s; load took {time.monotonic() - t0:.1f} s"
     )
     assert drill.get("victim"), "no replica was killed: the drill did not run"
+    assert len(drill["cores"]) == 1 and drill.get("core_gone_s") is not None, drill  # no orphaned core
     assert res.sent == n and not res.failed, res.failed[:5]
     assert res.texts == {answers["v1"]: n}, res.texts  # retried answers are the right ones too
     assert drill.get("stuck"), "no request was held by the frozen replica: the kill hit nothing in flight"

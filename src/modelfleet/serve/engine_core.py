@@ -90,7 +90,7 @@ class _Core:
             else "slots (one forward per row: this model has no paged forward)"
         )
         summary += f", {m.max_num_seqs} sequences of up to {engine.max_len} tokens, KV cache "
-        summary += f"{engine.cache.nbytes / 2**20:.1f} MiB, prefill chunk {m.prefill_chunk}, core pid {os.getpid()}"
+        summary += f"{engine.cache.nbytes / 2**20:.1f} MiB, prefill chunk {m.prefill_chunk}"
         self.loop = EngineLoop(engine, self._deliver, name=f"engine-{m.name}")
         self.send(
             cm.Started(

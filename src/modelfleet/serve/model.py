@@ -41,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 GAUGE_PERIOD_S = 0.1
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+SPLIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class PromptError(ValueError):
@@ -86,6 +87,18 @@ class LMReplica(ReplicaBase):
             "modelfleet_time_per_output_token_seconds",
             "Mean time between a request's tokens after the first.",
             TPOT_BUCKETS,
+        )
+        # Framework time apart from engine time (what ray-project/ray#63585 asks of Ray Serve LLM).
+        self.m_front = self.histogram(
+            "modelfleet_front_seconds",
+            "Per request, time in the replica's front: arrival to submission to the engine core, and "
+            "the last token's arrival from the core to the response done.",
+            SPLIT_BUCKETS,
+        )
+        self.m_engine = self.histogram(
+            "modelfleet_engine_seconds",
+            "Per request, submission to the engine core to its last token back in the replica.",
+            SPLIT_BUCKETS,
         )
         self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
         self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
@@ -270,7 +283,7 @@ class LMReplica(ReplicaBase):
 
     async def _start(
         self, prompt: str, sampling: Sampling
-    ) -> tuple[Job, _LMLoaded, Variant | None, VariantUse | None] | ReplicaError:
+    ) -> tuple[Job, _LMLoaded, Variant | None, VariantUse | None, float] | ReplicaError:
         """The request's job on the current engine (and its variant, in a pool, with how it was
         found: ``cold`` when this request waited for the adapter to load), or the error."""
         t0 = time.perf_counter()
@@ -293,18 +306,18 @@ class LMReplica(ReplicaBase):
             job.adapter = variant.key
             cold = variant.loaded_at >= t0
             use = VariantUse(variant.name, cold, variant.load_s if cold else 0.0)
-        return job, self._require(), variant, use
+        return job, self._require(), variant, use, t0
 
     async def complete(self, prompt: str, sampling: Sampling) -> Completion | ReplicaError:
         """The whole completion as one result (non-streaming requests)."""
         started = await self._start(prompt, sampling)
         if isinstance(started, ReplicaError):
             return started
-        job, lo, variant, use = started
+        job, lo, variant, use, t0 = started
         parts: list[str] = []
         last: Chunk | None = None
         batch = 1
-        async for step in self._generate(job, lo, variant):
+        async for step in self._generate(job, lo, variant, t0):
             if isinstance(step, ReplicaError):
                 return step
             parts.append(step.text)
@@ -329,8 +342,8 @@ class LMReplica(ReplicaBase):
         if isinstance(started, ReplicaError):
             yield started
             return
-        job, lo, variant, use = started
-        steps = self._generate(job, lo, variant)
+        job, lo, variant, use, t0 = started
+        steps = self._generate(job, lo, variant, t0)
         first = await anext(steps, None)
         if isinstance(first, ReplicaError):
             yield first  # overload: answered before any header is sent
@@ -342,9 +355,11 @@ class LMReplica(ReplicaBase):
             yield step
 
     async def _generate(
-        self, job: Job, lo: _LMLoaded, variant: Variant | None = None
+        self, job: Job, lo: _LMLoaded, variant: Variant | None, arrived: float
     ) -> AsyncIterator[Chunk | ReplicaError]:
-        """This request's steps as the core produces them; leaving early cancels it there."""
+        """This request's steps as the core produces them; leaving early cancels it there. A
+        request that ends normally records its front and engine time (``arrived``: it reached
+        this replica)."""
         self._aloop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | ReplicaError | BaseException] = asyncio.Queue()
         rid = next(self._rids)
@@ -354,6 +369,7 @@ class LMReplica(ReplicaBase):
             # Pools: the core (re)loads the adapter first if an eviction dropped it, in the same
             # call that queues the job, so no eviction falls between.
             lo.core.submit(rid, job, adapter_dir=variant.local_dir if variant is not None else None)
+            submitted = time.perf_counter()
             while True:
                 item = await queue.get()
                 if isinstance(item, ReplicaError):  # refused: the engine's queue is full
@@ -363,10 +379,13 @@ class LMReplica(ReplicaBase):
                 if isinstance(item, BaseException):
                     finished = True
                     raise RuntimeError(f"model {self.spec.name} decoding failed: {item!r}") from item
-                yield dataclasses.replace(item, artifact=lo.artifact)
                 if item.finish_reason:
-                    finished = True
+                    finished, last = True, time.perf_counter()
+                    yield dataclasses.replace(item, artifact=lo.artifact)
+                    self.m_engine.observe(last - submitted)
+                    self.m_front.observe(submitted - arrived + time.perf_counter() - last)
                     return
+                yield dataclasses.replace(item, artifact=lo.artifact)
         finally:
             self._queues.pop(rid, None)
             if not finished:
