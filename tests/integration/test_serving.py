@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import publish_tiny_models, serve_on, wait_until
+from helpers import engine_core_pids, publish_tiny_models, serve_on, wait_until
 from modelfleet.serve.client import iter_sse
 
 PORT = 8123  # not 8000: another engineer may run Serve there
@@ -515,6 +515,7 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
             front = psutil.Process(listeners.pop())
             exe = Path(front.exe()).name  # the binary itself, not an interpreter running a script
             assert front.name() == exe == "haproxy", (front.name(), front.exe(), front.cmdline()[:2])
+            front_is = f"{front.name()} (pid {front.pid}, {front.exe()})"  # HAProxy may reload later
             # The replica's HTTP listener: Serve binds it on http_options.host (127.0.0.1); its
             # other listeners (Ray's worker RPC, on every interface) are what Ray's own processes use.
             replica_listens = {
@@ -556,10 +557,22 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
             peers = wait_until(
                 peers_during_a_stream, 30, f"a process connected to the replica at {sorted(replica_listens)}"
             )
-        assert peers == {"haproxy"}, peers
+            assert peers == {"haproxy"}, peers
+            # The decoding runs in the replica's engine core child: its CPU time grows with the
+            # tokens generated, the replica's (HTTP, tokenizing, one wake-up per step) far less.
+            cores = engine_core_pids(replica)
+            assert len(cores) == 1, cores
+            procs = (psutil.Process(replica), psutil.Process(cores[0]))
+            before = [sum(p.cpu_times()[:2]) for p in procs]
+            for _ in range(6):
+                r = c.post(f"{url}/v1/completions", json={"prompt": PROBE, "max_tokens": 100, "temperature": 0})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 100, r.text
+            d_replica, d_core = (sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True))
+            assert d_core > 2 * d_replica, (d_core, d_replica)
         print(
-            f"\n[one-hop] client -> {front.name()} (pid {front.pid}, {front.exe()}) -> replica pid {replica} "
-            f"on {sorted(replica_listens)}, connected to by {sorted(peers)} only"
+            f"\n[one-hop] client -> {front_is} -> replica pid {replica} "
+            f"on {sorted(replica_listens)}, connected to by {sorted(peers)} only; 600 tokens cost its engine "
+            f"core (pid {cores[0]}) {d_core:.2f} s of CPU and the replica {d_replica:.2f} s"
         )
     finally:
         serve_up.delete("hop")
