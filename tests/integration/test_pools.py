@@ -95,6 +95,24 @@ def test_serve_routes_each_variant_to_the_replica_holding_it(pool):
     assert not homes["a0"] & homes["a1"], homes  # each variant stays on its own replica
 
 
+def test_a_variant_id_the_pool_was_not_configured_with_is_refused_before_any_fetch(pool):
+    """The replica itself refuses a multiplexed id that is not one of its configured variants (what a
+    client header could carry, or a variant removed since): here a valid adapter under a name the
+    pool does not serve, sent to the pool's deployment through its handle, is never loaded."""
+    from ray import serve
+
+    from modelfleet.serve.protocol import ReplicaError, Sampling
+
+    handle = serve.get_deployment_handle("model-tiny", app_name="pool")
+    r = (
+        handle.options(multiplexed_model_id=f"smuggled={pool.adapters['a0']['ref']}")
+        .complete.remote(PROBE, Sampling(max_tokens=2, temperature=0.0))
+        .result(timeout_s=60)
+    )
+    assert isinstance(r, ReplicaError), r
+    assert r.status == 404 and r.code == "model_not_found" and "not a configured variant" in r.message, r
+
+
 def test_unknown_variant_is_a_404_naming_the_pools_variants(pool):
     r = _ask(pool.url, "a9")
     assert r.status_code == 404

@@ -312,6 +312,42 @@ def test_stalled_bodies_get_408_within_the_bound_and_others_are_served_meanwhile
         assert _pids(c, app["url"]) == pids
 
 
+def test_a_trickled_post_to_the_public_health_route_is_refused_before_its_body(app):
+    """/healthz needs no key, so its POSTs must cost nothing: 200 connections that declare a 1 MB
+    body and send one byte of it are each answered 405 at once (no body read), and authenticated
+    completions sent while they are open keep their idle p50 (within 2x + 50 ms)."""
+    head = b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{"
+    with httpx.Client(timeout=60) as c:
+        pids = _pids(c, app["url"])
+
+        def p50() -> float:
+            lat = []
+            for _ in range(16):
+                t = time.perf_counter()
+                assert _post(c, app["url"], json=_good()).status_code == 200
+                lat.append(time.perf_counter() - t)
+            return sorted(lat)[8]
+
+        idle = p50()
+        t0 = time.monotonic()
+        socks = [_socket("/healthz", head) for _ in range(200)]
+        try:
+            statuses = [_status(s) for s in socks]
+            took = time.monotonic() - t0
+            during = p50()
+        finally:
+            for s in socks:
+                s.close()
+        print(
+            f"\n[healthz-post] 200 trickled POST /healthz: statuses {sorted(set(statuses))}, all answered "
+            f"{took:.2f} s after the first was opened; completion p50 {idle * 1000:.1f} ms idle, "
+            f"{during * 1000:.1f} ms with them open"
+        )
+        assert statuses == [405] * 200 and took <= 5, (sorted(set(statuses)), took)
+        assert during <= 2 * idle + 0.05, (idle, during)
+        assert _pids(c, app["url"]) == pids
+
+
 def test_never_ending_headers_take_no_replica_slot(app):
     """200 connections whose headers never end are held by HAProxy (it reads headers before it
     picks a replica), so the replica (16 ongoing at most) keeps answering every valid request at

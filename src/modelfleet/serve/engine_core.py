@@ -25,8 +25,18 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
+import torch
 
+from modelfleet.errors import ConfigError
+from modelfleet.families import get_family
+from modelfleet.families.artifact import load_artifact
+from modelfleet.models import lora
+from modelfleet.models.placement import Placement, place
 from modelfleet.serve import core_messages as cm
+from modelfleet.serve.engine import EngineConfig, EngineLoop, new_engine
+from modelfleet.serve.engine_types import EngineFull
+from modelfleet.serve.generation import Job
+from modelfleet.serve.pool import AdapterPool
 
 logger = logging.getLogger("modelfleet.engine_core")
 
@@ -50,21 +60,11 @@ class _Core:
 
     # ------------------------------------------------------------------ start
     def start(self, m: cm.Start) -> None:
-        import torch
-
-        from modelfleet.families import get_family
-        from modelfleet.families.artifact import load_artifact
-        from modelfleet.models.placement import Placement, place
-        from modelfleet.serve.engine import EngineConfig, EngineLoop, new_engine
-        from modelfleet.serve.pool import AdapterPool
-
         torch.set_num_threads(max(1, m.num_threads))
         model, tokenizer, manifest = load_artifact(m.artifact_uri)
         placement = Placement(torch.device(m.device), getattr(torch, m.dtype))
         model = place(model, placement)
         if m.pool:
-            from modelfleet.models import lora
-
             lora.peft()  # imported now (seconds), not inside the first variant's cold load
             self.pool = AdapterPool(model, get_family(manifest["family"]), next(model.parameters()).device)
         engine = new_engine(
@@ -100,9 +100,6 @@ class _Core:
 
     # ------------------------------------------------------------------ requests
     def submit(self, m: cm.Submit) -> None:
-        from modelfleet.serve.engine_types import EngineFull
-        from modelfleet.serve.generation import Job
-
         job = Job(m.prompt_ids, m.max_tokens, m.temperature, m.top_p, m.seed, list(m.stop), m.adapter)
         self.rids[id(job)] = m.rid  # before the step thread can see it
         try:
@@ -214,8 +211,6 @@ class _Core:
 def context_limit(name: str, want: int, pool_tokens: int, context: int) -> int:
     """Most tokens per request: ``max_model_len`` (``want``; 0 = the model's context), checked
     against the model's context and the KV pool."""
-    from modelfleet.errors import ConfigError
-
     if want > context:
         raise ConfigError(f"serve model {name!r}: max_model_len {want} exceeds the model's context of {context} tokens")
     if pool_tokens and pool_tokens < (want or context):

@@ -71,7 +71,16 @@ class Guard:
         # RFC 9110 allows optional whitespace around a field value ("2 " is a valid length of 2).
         length = headers[b"content-length"].decode("latin-1").strip() if b"content-length" in headers else None
         reject: Response | None = None
-        if path not in auth.PUBLIC_PATHS and not auth.authorized(
+        if path in auth.PUBLIC_PATHS and scope["method"] not in ("GET", "HEAD"):
+            # Unauthenticated: answered before a byte of any body is read, so a trickled body
+            # holds nothing (the body read below is for authenticated requests only).
+            reject = _reject(
+                405,
+                f"{scope['method']} {path[:64]}: only GET and HEAD are allowed",
+                "method_not_allowed",
+                {"Allow": "GET, HEAD", "Connection": "close"},
+            )
+        elif path not in auth.PUBLIC_PATHS and not auth.authorized(
             headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None, st.api_key
         ):
             reject = _reject(

@@ -51,10 +51,8 @@ class _Front:
     http: HttpState
     models: dict[str, Any]
 
-    def _init_front(
-        self, config: dict[str, Any], models: dict[str, Any], lms: set[str], limit: int | None = None
-    ) -> None:
-        self.cfg = parse_serve_config(config)
+    def _init_front(self, cfg: ServeConfig, models: dict[str, Any], lms: set[str], limit: int | None = None) -> None:
+        self.cfg = cfg
         self.models = models
         self.lms = lms  # names of the language models (the others answer /predict only)
         first = self.cfg.models[0]
@@ -123,10 +121,10 @@ class _Front:
 
     def _init_one_hop(self, config: dict[str, Any], storage_path: str, replica: type, *, lm: bool) -> None:
         """A single model's replica that is also the front: it calls itself in process."""
-        cfg = parse_serve_config(config)
+        cfg = parse_serve_config(config)  # once: the replica and the front share the parsed spec
         m = cfg.models[0]
-        replica.__init__(self, m.model_dump(), storage_path)
-        self._init_front(config, {m.name: _Local(self)}, {m.name} if lm else set(), _one_hop_limit(cfg))
+        replica.__init__(self, m, storage_path)
+        self._init_front(cfg, {m.name: _Local(self)}, {m.name} if lm else set(), _one_hop_limit(cfg))
 
     pools: dict[str, dict[str, str]] = {}
     """Pool name -> {variant name: adapter artifact} (the multi-model ``Ingress`` sets it)."""
@@ -212,7 +210,7 @@ class Ingress(_Front):
     """HTTP front door of a multi-model application: forwards to each model's deployment."""
 
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle], lms: list[str]) -> None:
-        self._init_front(config, models, set(lms))
+        self._init_front(parse_serve_config(config), models, set(lms))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apps with pools: a variant was added or removed; route by the new list, no restart."""

@@ -24,13 +24,14 @@ from typing import Any
 from ray import serve
 
 from modelfleet import registry
+from modelfleet.config.serve import ModelSpec
 from modelfleet.errors import ArtifactError
 from modelfleet.families.artifact import load_preprocessor
 from modelfleet.families.lora import check_adapter, check_variant
 from modelfleet.serve import core_messages as cm
 from modelfleet.serve.core_client import CoreClient
 from modelfleet.serve.generation import Job
-from modelfleet.serve.pool import Variant, adapter_key, parse_variant_id
+from modelfleet.serve.pool import Variant, adapter_key, parse_variant_id, variant_id
 from modelfleet.serve.protocol import Chunk, Completion, ReplicaError, Sampling, StreamStart, VariantUse
 from modelfleet.serve.replica import Loaded, ReplicaBase
 from modelfleet.storage import read_json
@@ -69,7 +70,7 @@ TOKENIZE_INLINE_CHARS = 4096
 class LMReplica(ReplicaBase):
     """Serves one language-model artifact; the front calls ``complete``/``stream``/``info``."""
 
-    def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
+    def __init__(self, spec: dict[str, Any] | ModelSpec, storage_path: str) -> None:
         self._queues: dict[int, asyncio.Queue[Any]] = {}  # request id -> that request's steps
         self._rids = itertools.count(1)  # request ids, unique across this replica's cores
         self._pool_stats = (0, 0)  # pools: adapters loaded, tensor bytes (as the core last said)
@@ -219,6 +220,16 @@ class LMReplica(ReplicaBase):
             return None
         if self._variant_lru is None:
             return self._error(400, f"model {self.spec.name!r} is not a pool of variants", "model", "model_not_found")
+        if model_id not in {variant_id(n, a) for n, a in self.variants.items()}:
+            # Only a configured variant is ever fetched: not an id from a client header, nor one
+            # removed since (Serve's LRU may still name it).
+            return self._error(
+                404,
+                f"{model_id[:80]!r} is not a configured variant of pool {self.spec.name!r}; its variants: "
+                f"{', '.join(sorted(self.variants)) or 'none'}",
+                "model",
+                "model_not_found",
+            )
         try:
             return await self._variant_lru(model_id)
         except (ArtifactError, ValueError, FileNotFoundError) as e:

@@ -3,7 +3,7 @@
 Ray Serve's model multiplexing decides *which* variants a replica holds (``@serve.multiplexed``:
 an LRU of ``max_models_per_replica`` per replica, and routing that prefers a replica already
 holding the requested variant); this module does the holding. Every change to the model's
-modules runs on the engine's decoding thread between two steps (``EngineLoop.call``), and an
+modules runs on the engine core's decoding thread between two steps (``EngineLoop.call``), and an
 evicted adapter stays until no waiting or running sequence needs it, so an eviction never
 breaks a request in flight.
 """

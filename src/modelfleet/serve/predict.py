@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from modelfleet.config.serve import ModelSpec
 from modelfleet.families import Family, get_family
 from modelfleet.models.placement import OnDevice
 from modelfleet.serve.protocol import Prediction, ReplicaError
@@ -49,7 +50,7 @@ def _finite(obj: Any) -> bool:
 class PredictReplica(ReplicaBase):
     """Serves one artifact of a non-LM family; the front calls ``predict`` and ``info``."""
 
-    def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
+    def __init__(self, spec: dict[str, Any] | ModelSpec, storage_path: str) -> None:
         super().__init__(spec, storage_path)
         # Serve builds the batch queue on first use, so these hold from the first request on.
         self._batched.set_max_batch_size(self.spec.batching.max_batch_size)

@@ -48,8 +48,10 @@ class ReplicaBase:
     A subclass may extend ``_prepare`` (what to derive once per artifact) and
     ``_describe`` (fields ``info`` adds)."""
 
-    def __init__(self, spec: dict[str, Any], storage_path: str) -> None:
-        self.spec = ModelSpec.model_validate(spec)
+    def __init__(self, spec: dict[str, Any] | ModelSpec, storage_path: str) -> None:
+        # A dict from Serve (init args cross processes as plain data); a one-hop front passes its
+        # already-parsed spec.
+        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
         self.storage_path = storage_path
         self.pid = os.getpid()
         self.loaded: Loaded | None = None
