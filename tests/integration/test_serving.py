@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -576,6 +577,75 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
         )
     finally:
         serve_up.delete("hop")
+
+
+def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, tmp_path):
+    """A streaming client that closes after its first event and a non-streaming one that closes its
+    connection while the replica decodes it (one-hop: HAProxy -> the replica): each request is cancelled in the engine core
+    (the replica counts it) and the core's batch is empty within 2 s, long before the 900 tokens
+    each asked for would have been decoded. A model with a 1,024-token context makes a request last
+    seconds (the tiny test model finishes its whole context in a tenth of one)."""
+    import torch
+
+    from modelfleet import registry
+    from modelfleet.families import build_model
+    from modelfleet.presets import load_config
+    from modelfleet.train.export import write_artifact_dir
+
+    cfg = load_config(
+        preset="tiny",
+        overrides=[f"storage.path={tmp_path}", "model.block_size=1024", "model.n_layer=4", "model.n_embd=256"],
+    )
+    torch.manual_seed(0)
+    registry.publish(str(tmp_path), "long", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}))
+    _deploy(tmp_path, "cancel", [_model("long", "long@v1")])
+    url = f"{BASE}/cancel"
+    body = {"prompt": PROBE, "max_tokens": 900, "temperature": 0}
+
+    def card() -> dict:
+        return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+
+    try:
+        assert card()["cancelled_requests"] == 0
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as s:
+                assert s.status_code == 200
+                assert next(s.iter_lines()).startswith("data: ")  # decoding has started; then we leave
+        wait_until(
+            lambda: (k := card())["cancelled_requests"] == 1 and k["running_sequences"] == 0,
+            2,
+            "the closed stream cancelled in the engine core",
+            0.05,
+        )
+        # Non-streaming, on a raw connection: closed once the replica reports it decoding.
+        payload = json.dumps(body).encode()
+        sock = socket.create_connection(("127.0.0.1", PORT), timeout=30)
+        try:
+            sock.sendall(
+                b"POST /cancel/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            wait_until(lambda: card()["running_sequences"] == 1, 30, "the non-streaming request decoding", 0.05)
+        finally:
+            sock.close()
+        t0 = time.monotonic()
+        last: list[dict] = []
+
+        def cancelled_and_idle() -> dict | None:
+            last[:] = [card()]
+            return last[0] if last[0]["cancelled_requests"] == 2 and last[0]["running_sequences"] == 0 else None
+
+        try:
+            seen = wait_until(cancelled_and_idle, 2, "both requests cancelled and the engine core's batch empty", 0.05)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; the replica last said {last}") from None
+        print(
+            f"\n[disconnect] a closed stream, then a closed non-streaming connection: cancelled {seen['cancelled_requests']}, "
+            f"running {seen['running_sequences']}, {time.monotonic() - t0:.2f} s after the second client left"
+        )
+    finally:
+        serve_up.delete("cancel")
 
 
 # ---------------------------------------------------------------- fail-closed auth

@@ -101,6 +101,10 @@ class LMReplica(ReplicaBase):
             "Per request, submission to the engine core to its last token back in the replica.",
             SPLIT_BUCKETS,
         )
+        self.cancelled = 0
+        self.m_cancelled = self.counter(
+            "modelfleet_cancelled_requests", "Requests whose client went away before the end (freed in the engine)."
+        )
         self.m_running = self.gauge("modelfleet_running_sequences", "Sequences holding a KV-cache slot.")
         self.m_waiting = self.gauge("modelfleet_waiting_sequences", "Requests waiting for a KV-cache slot.")
         self.m_cache = self.gauge("modelfleet_kv_cache_usage", "Fraction of KV-cache blocks (or slots) in use.")
@@ -246,7 +250,12 @@ class LMReplica(ReplicaBase):
             raise RuntimeError(f"model {self.spec.name}: {problem}")
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
-        out: dict[str, Any] = {"context_length": lo.max_len}
+        last = lo.core.last
+        out: dict[str, Any] = {
+            "context_length": lo.max_len,
+            "running_sequences": last.running if last is not None else 0,
+            "cancelled_requests": self.cancelled,
+        }
         if lo.pool:
             loaded, nbytes = self._pool_stats
             out.update(variants=tuple(sorted(self.variants)), adapters_loaded=loaded, tensor_bytes=nbytes)
@@ -401,6 +410,8 @@ class LMReplica(ReplicaBase):
             self._queues.pop(rid, None)
             if not finished:
                 lo.core.cancel(rid)  # the client went away: free its sequence and KV blocks
+                self.cancelled += 1
+                self.m_cancelled.inc()
 
     def _refused(self, r: cm.Refused) -> None:
         """The core's reader thread: a request the engine did not queue."""

@@ -218,6 +218,10 @@ class ModelCard(BaseModel):
     device: str = Field("cpu", description="Where the replica runs the model (cpu, cuda:0).")
     dtype: str = Field("float32", description="The weights' dtype on the replica.")
     pool: str | None = Field(None, description="Variants: the pool (base model) that serves this LoRA adapter.")
+    running_sequences: int = Field(0, description="Language models: sequences in the answering replica's batch.")
+    cancelled_requests: int = Field(
+        0, description="Language models: requests the answering replica freed because their client went away."
+    )
 
 
 class ModelList(BaseModel):

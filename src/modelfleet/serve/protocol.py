@@ -126,6 +126,10 @@ class ReplicaInfo:
     variants: tuple[str, ...] = ()
     adapters_loaded: int = 0
     tensor_bytes: int = 0
+    running_sequences: int = 0
+    """LMs: sequences in the engine's batch as of its last step."""
+    cancelled_requests: int = 0
+    """LMs: requests whose client went away before the end, freed in the engine since start."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,6 +150,8 @@ async def list_models() -> oa.ModelList:
             replica_pid=i.pid,
             device=i.device,
             dtype=i.dtype,
+            running_sequences=i.running_sequences,
+            cancelled_requests=i.cancelled_requests,
         )
         cards.append(card)
         for variant, artifact in sorted(front.pools.get(i.name, {}).items()):
