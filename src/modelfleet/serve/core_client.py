@@ -231,7 +231,8 @@ class CoreClient:
 
     def _fail_live(self) -> None:
         """Every request this core still holds fails with the cause (and nothing else does)."""
-        lost = [cm.SeqStep(rid, "", 0, "error", 0, 0, 0, error=self.error) for rid in sorted(self._live)]
-        self._live.clear()
+        held = self._live.copy()  # one atomic copy: the event loop's thread may submit meanwhile
+        self._live.difference_update(held)
+        lost = [cm.SeqStep(rid, "", 0, "error", 0, 0, 0, error=self.error) for rid in sorted(held)]
         if lost:
             self.deliver(cm.StepReport(lost, 0, 0, 0, 0, 0.0, False, 0, fatal=self.error))

@@ -125,8 +125,10 @@ class _Core:
             self.requests[m.rid] = seq
 
     def cancel(self, m: cm.Cancel) -> None:
-        seq = self.requests.get(m.rid)
+        seq = self.requests.pop(m.rid, None)
         if seq is not None:
+            # A cancelled sequence leaves without a last output: forget it here, or the tables grow.
+            self.rids.pop(id(seq.job), None)
             self.loop.cancel(seq)  # its blocks free on the next step
 
     def load_adapter(self, m: cm.LoadAdapter) -> None:
