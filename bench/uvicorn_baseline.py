@@ -14,7 +14,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runnable from a bare checkout
+
+
+class Body(BaseModel):
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+
+
+def _response(prompt_tokens: int, text: str, n: int) -> dict:
+    """The OpenAI completion body both variants answer."""
+    return {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": text}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
+    }
 
 
 def build(artifact_dir: str, max_num_seqs: int = 16):
@@ -22,7 +39,6 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
 
     import torch
     from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel
 
     from modelfleet.families.artifact import load_artifact
     from modelfleet.serve.engine import Engine, EngineConfig, EngineFull, EngineLoop, StepOutput
@@ -63,11 +79,6 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
     loop = EngineLoop(engine, deliver, name="engine-uvicorn")
     app = FastAPI()
 
-    class Body(BaseModel):
-        prompt: str
-        max_tokens: int = 16
-        temperature: float = 0.0
-
     @app.get("/healthz")
     def healthz() -> dict:
         if loop.error is not None:
@@ -96,15 +107,7 @@ def build(artifact_dir: str, max_num_seqs: int = 16):
             pending.pop(id(job), None)
             if seq is not None and not seq.finished:
                 loop.cancel(seq)  # the client went away
-        return {
-            "object": "text_completion",
-            "choices": [{"index": 0, "text": text}],
-            "usage": {
-                "prompt_tokens": len(job.prompt_ids),
-                "completion_tokens": n,
-                "total_tokens": len(job.prompt_ids) + n,
-            },
-        }
+        return _response(len(job.prompt_ids), text, n)
 
     return app
 
@@ -115,7 +118,6 @@ def build_core(artifact_dir: str, max_num_seqs: int = 16):
     import itertools
 
     from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel
 
     from modelfleet.families.artifact import load_preprocessor
     from modelfleet.serve import core_messages as cm
@@ -162,11 +164,6 @@ def build_core(artifact_dir: str, max_num_seqs: int = 16):
     )
     app = FastAPI()
 
-    class Body(BaseModel):
-        prompt: str
-        max_tokens: int = 16
-        temperature: float = 0.0
-
     @app.get("/healthz")
     def healthz() -> dict:
         if core.problem is not None:
@@ -191,15 +188,7 @@ def build_core(artifact_dir: str, max_num_seqs: int = 16):
             if not fut.done():
                 core.cancel(rid)  # the client went away
             pending.pop(rid, None)
-        return {
-            "object": "text_completion",
-            "choices": [{"index": 0, "text": text}],
-            "usage": {
-                "prompt_tokens": len(job.prompt_ids),
-                "completion_tokens": n,
-                "total_tokens": len(job.prompt_ids) + n,
-            },
-        }
+        return _response(len(job.prompt_ids), text, n)
 
     return app
 

@@ -264,6 +264,16 @@ def _status(sock: socket.socket) -> int:
     return int(line.split()[1]) if line.startswith(b"HTTP/") else 0
 
 
+def _p50(c: httpx.Client, url: str, n: int) -> float:
+    """Median latency of ``n`` valid completions sent one after another."""
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        assert _post(c, url, json=_good()).status_code == 200
+        lat.append(time.perf_counter() - t)
+    return sorted(lat)[n // 2]
+
+
 def _pids(c: httpx.Client, url: str) -> tuple[str, str]:
     ok = _post(c, url, json=_good())
     assert ok.status_code == 200, ok.text
@@ -320,21 +330,13 @@ def test_a_trickled_post_to_the_public_health_route_is_refused_before_its_body(a
     with httpx.Client(timeout=60) as c:
         pids = _pids(c, app["url"])
 
-        def p50() -> float:
-            lat = []
-            for _ in range(16):
-                t = time.perf_counter()
-                assert _post(c, app["url"], json=_good()).status_code == 200
-                lat.append(time.perf_counter() - t)
-            return sorted(lat)[8]
-
-        idle = p50()
+        idle = _p50(c, app["url"], 16)
         t0 = time.monotonic()
         socks = [_socket("/healthz", head) for _ in range(200)]
         try:
             statuses = [_status(s) for s in socks]
             took = time.monotonic() - t0
-            during = p50()
+            during = _p50(c, app["url"], 16)
         finally:
             for s in socks:
                 s.close()
@@ -356,18 +358,10 @@ def test_never_ending_headers_take_no_replica_slot(app):
     with httpx.Client(timeout=60) as c:
         pids = _pids(c, app["url"])
 
-        def p50() -> float:
-            lat = []
-            for _ in range(15):
-                t = time.perf_counter()
-                assert _post(c, app["url"], json=_good()).status_code == 200
-                lat.append(time.perf_counter() - t)
-            return sorted(lat)[7]
-
-        idle = p50()
+        idle = _p50(c, app["url"], 15)
         socks = [_socket("/v1/completions", b"Authorization: Bearer x\r\nX-Slow: a") for _ in range(200)]
         try:
-            held = p50()
+            held = _p50(c, app["url"], 15)
         finally:
             for s in socks:
                 s.close()

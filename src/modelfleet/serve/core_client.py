@@ -103,7 +103,7 @@ class CoreClient:
         return msg
 
     # ------------------------------------------------------------------ requests
-    def submit(self, rid: int, job: Any, *, adapter_dir: str | None = None, request_id: str = "") -> None:
+    def submit(self, rid: int, job: Any, *, adapter_dir: str | None = None) -> None:
         """Queue ``job`` (``serve.generation.Job``) in the core as request ``rid`` (unique across
         the replica's cores). A refusal (the engine's queue full) comes back through ``refused``."""
         self._check()
@@ -119,7 +119,6 @@ class CoreClient:
                 list(job.stop),
                 job.adapter,
                 adapter_dir,
-                request_id,
             )
         )
 
@@ -170,10 +169,6 @@ class CoreClient:
                 self.proc.wait()
 
         threading.Thread(target=reap, name="engine-core-reaper", daemon=True).start()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
     # ------------------------------------------------------------------ health
     @property

@@ -44,8 +44,6 @@ class Started(msgspec.Struct, tag=True):
     """Most tokens per sequence the engine holds (the replica validates prompts against it)."""
     summary: str
     """The engine's one-line description for the replica's log."""
-    weights_sha256: str
-    family: str
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -59,7 +57,6 @@ class Submit(msgspec.Struct, tag=True):
     adapter: str | None = None
     """Pools: the adapter key; loaded (again) from ``adapter_dir`` first when the pool lacks it."""
     adapter_dir: str | None = None
-    request_id: str = ""
 
 
 class Cancel(msgspec.Struct, tag=True):

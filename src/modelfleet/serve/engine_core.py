@@ -92,11 +92,7 @@ class _Core:
         summary += f", {m.max_num_seqs} sequences of up to {engine.max_len} tokens, KV cache "
         summary += f"{engine.cache.nbytes / 2**20:.1f} MiB, prefill chunk {m.prefill_chunk}"
         self.loop = EngineLoop(engine, self._deliver, name=f"engine-{m.name}")
-        self.send(
-            cm.Started(
-                os.getpid(), engine.max_len, summary, str(manifest.get("weights_sha256", "")), manifest["family"]
-            )
-        )
+        self.send(cm.Started(os.getpid(), engine.max_len, summary))
 
     # ------------------------------------------------------------------ requests
     def submit(self, m: cm.Submit) -> None:

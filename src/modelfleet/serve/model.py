@@ -165,17 +165,7 @@ class LMReplica(ReplicaBase):
         )
         if isinstance(old, _LMLoaded):
             old.core.stop()  # finishes the requests it holds, then the process ends
-        logger.info(
-            "model %s loaded %s artifact %s (sha256 %s) on %s as %s; engine core pid %d: %s",
-            self.spec.name,
-            manifest.get("family", "?"),
-            label,
-            str(manifest.get("weights_sha256", ""))[:12],
-            self.placement.device,
-            self.placement.dtype,
-            core.pid,
-            core.started.summary,
-        )
+        self._log_loaded(manifest, label, f"; engine core pid {core.pid}: {core.started.summary}")
 
     # ---------------------------------------------------------------- pools
     def _configure(self, user_config: dict[str, Any]) -> None:

@@ -107,14 +107,18 @@ class ReplicaBase:
         label = f"{ref.name}@{ref.version}" if ref.name else ref.uri
         self.base_manifest = manifest
         self.loaded = self._prepare(model, preprocessor, manifest, label)
+        self._log_loaded(manifest, label)
+
+    def _log_loaded(self, manifest: dict[str, Any], label: str, where: str = "") -> None:
         logger.info(
-            "model %s loaded %s artifact %s (sha256 %s) on %s as %s",
+            "model %s loaded %s artifact %s (sha256 %s) on %s as %s%s",
             self.spec.name,
             manifest.get("family", "?"),
             label,
             str(manifest.get("weights_sha256", ""))[:12],
             self.placement.device,
             self.placement.dtype,
+            where,
         )
 
     def _prepare(self, model: Any, preprocessor: Any, manifest: dict[str, Any], artifact: str) -> Loaded:
