@@ -88,3 +88,21 @@ def quiet_parquet_planner() -> None:
     import logging
 
     logging.getLogger(PARQUET_PLANNER_LOGGER).setLevel(logging.WARNING)
+
+
+def with_ingress_request_router(app: Any, router: Any) -> Any:
+    """Attach ``router`` (a bound deployment serving ``/internal/route``) to ``app``'s ingress as
+    HAProxy's ingress request router. Ray 2.60 marks ``Application._with_ingress_request_router``
+    internal and unstable; it returns the application it was called on."""
+    attach = app._with_ingress_request_router
+    out = attach(router)
+    return out if out is not None else app
+
+
+def replica_actor_name(handle: Any, selection: Any) -> str:
+    """The actor name HAProxy keys a replica by (its ``REPLICA_TARGETS`` map) for a
+    ``choose_replica`` selection: Ray's ``LLMRouter`` reads it from the selection's private
+    ``_replica``; the public ``replica_id`` is only the unique suffix."""
+    from ray.serve.request_router import ReplicaID
+
+    return str(ReplicaID(unique_id=selection.replica_id, deployment_id=handle.deployment_id).to_full_id_str())

@@ -101,6 +101,12 @@ spec:
         - {name: MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S, value: {{ $v.serving.haproxy.httpRequestTimeoutS | quote }}}
         - {name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S, value: {{ $v.serving.haproxy.timeoutClientS | quote }}}
         - {name: RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S, value: {{ $v.serving.haproxy.timeoutServerS | quote }}}
+        # The cache-aware router reads the prompt (modelfleet.cluster.haproxy: the same values).
+        - {name: RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY, value: "1"}
+        - {name: RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S, value: "1"}
+        - {name: RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE, value: "1114112"}
+        - {name: RAY_SERVE_HAPROXY_MAXCONN, value: "512"}
+        - {name: RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE, value: "2"}
         {{- end }}
         {{- if eq .role "serving" }}
         # Read by the Serve ingress replica (serveConfigV2 args.api_key_env); only a reference here.

@@ -28,6 +28,9 @@ What the variables fix, and why:
 - Time bounds: the body is read by the replica's front within ``serve.body_timeout_s`` (408), and
   response headers are due within ``serve.request_timeout_s`` (504) whatever
   ``x-request-timeout-seconds`` says.
+- The ingress request router (``serve.router``, ``serve/route_front.py``): the body is forwarded
+  to it (``RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY``), HAProxy waits for it at most 1 s
+  (``..._ROUTER_TIMEOUT_S``), and its buffer and ``maxconn`` are sized together (below).
 - ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``: how long a stopping replica keeps serving
   while HAProxy drops it (Ray's default 30 s, for external load balancers; HAProxy reloads in
   well under a second).
@@ -42,6 +45,11 @@ import tempfile
 from pathlib import Path
 
 from modelfleet.cluster import haproxy_edge
+
+ROUTER_BUFSIZE = (1 << 20) + (64 << 10)
+"""HAProxy's buffer with the ingress request router on: a 1 MiB body and 64 KiB of headers."""
+MAXCONN = 512
+"""Connections per HAProxy process: 2 x ROUTER_BUFSIZE x MAXCONN (~1.1 GiB) bounds its buffers."""
 
 ENABLE = "MODELFLEET_HAPROXY"
 """Set to 0 before a cluster starts to keep Serve's Python proxy."""
@@ -92,6 +100,20 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
         # connections nobody is using (a stalled stream, a client that stopped reading).
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "310",
         "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "310",
+        # The cache-aware router (serve.router) reads the prompt: HAProxy forwards the body to it,
+        # waiting for it at most the router timeout (1 s: a pick takes ~1 ms; Ray's 5 s default
+        # would hold every trickled POST that long).
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S": "1",
+        # One buffer holds the largest body the front accepts (ServeConfig.max_body_bytes, 1 MiB)
+        # plus headers, so every allowed body routes whole (a bigger one arrives truncated, is
+        # routed by load and answered 413 by the replica). Ray's 8 MiB default x its maxconn 4096
+        # could ask for 64 GiB; HAProxy's bound is ~2 x bufsize x maxconn = 1.1 GiB here.
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(ROUTER_BUFSIZE),
+        "RAY_SERVE_HAPROXY_MAXCONN": str(MAXCONN),
+        # Router replicas beside each node's HAProxy (Ray's default 1): HAProxy tries the next on
+        # a connection failure, so one router's death leaves requests served.
+        "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE": "2",
     }
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     return {**env, **_edge_binary()}

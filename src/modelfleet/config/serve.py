@@ -225,6 +225,23 @@ class IngressSpec(_Strict):
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs per ingress replica.")
 
 
+class RouterSpec(_Strict):
+    """Cache-aware routing of a one-hop language-model app (HAProxy's ingress request router):
+    prefix cache, token load and session in one score (``serve/prefix_route.py``). How many router
+    replicas run is a cluster property, not an app's: Serve pins
+    ``RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE`` of them beside each node's HAProxy (2, set
+    where clusters are made: ``cluster/haproxy.py``, the Helm pod env)."""
+
+    enabled: bool = Field(True, description="Route by prefix cache and token load; false: HAProxy's leastconn.")
+    num_cpus: float = Field(0.05, ge=0, description="Logical CPUs per router replica (it tokenizes and hashes).")
+    ttft_ceiling_s: float = Field(
+        1.0, gt=0, description="A warm replica whose queued prefill would take longer than this is skipped."
+    )
+    stats_period_s: float = Field(
+        0.5, gt=0, le=60, description="How often replicas publish their prefix cache and load to the router."
+    )
+
+
 class LoggingSpec(_Strict):
     """Serve's per-deployment logging (request ids are added to every record by Serve)."""
 
@@ -270,6 +287,9 @@ class ServeConfig(_Strict):
     )
     ingress: IngressSpec = Field(
         default_factory=IngressSpec, description="Ingress deployment settings (multi-model apps, or one_hop: false)."
+    )
+    router: RouterSpec = Field(
+        default_factory=RouterSpec, description="Cache-aware routing (single-model one-hop language-model apps)."
     )
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Replica logging.")
 

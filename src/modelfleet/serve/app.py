@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -30,14 +31,18 @@ from modelfleet.errors import ArtifactError, ConfigError, StorageError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
-from modelfleet.raycompat import pinned_version_options
+from modelfleet.raycompat import pinned_version_options, with_ingress_request_router
 from modelfleet.serve import auth
+from modelfleet.serve.cache_router import CacheAwareRouter
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
 from modelfleet.serve.model import LMServer
 from modelfleet.serve.predict import Predictor
 from modelfleet.serve.protocol import AuthState
+from modelfleet.serve.route_front import IngressRouter
 from modelfleet.serve.routing import VariantRouter
 from modelfleet.storage import is_remote
+
+logger = logging.getLogger(__name__)
 
 
 def _is_lm(artifact: str, storage_path: str) -> bool:
@@ -103,6 +108,17 @@ def stable_version(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def _routed(cfg: ServeConfig) -> bool:
+    """Cache-aware routing needs HAProxy's ingress (Ray refuses an ingress request router
+    without it); this process builds the app, so its environment says which ingress it gets."""
+    if not cfg.router.enabled:
+        return False
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        logger.warning("serve.router: HAProxy ingress is off here (RAY_SERVE_ENABLE_HA_PROXY); routing by load")
+        return False
+    return True
+
+
 def _init_spec(m: ModelSpec) -> dict[str, Any]:
     """A model's constructor argument: a pool's variants travel in user_config, not here."""
     return m.model_dump() if m.variants is None else m.model_copy(update={"variants": {}}).model_dump()
@@ -157,8 +173,24 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
             opts.update(
                 max_ongoing_requests=m.max_ongoing_requests + m.max_queued_requests + 64, max_queued_requests=-1
             )
-        front = LMIngress if _is_lm(m.artifact, cfg.storage_path) else PredictIngress
-        return front.options(**opts).bind(cfg.model_dump(), cfg.storage_path)
+        lm = _is_lm(m.artifact, cfg.storage_path)
+        if lm and _routed(cfg):
+            opts["request_router_config"] = RequestRouterConfig(
+                request_router_class=CacheAwareRouter,
+                request_router_kwargs={"ttft_ceiling_s": cfg.router.ttft_ceiling_s},
+                request_routing_stats_period_s=cfg.router.stats_period_s,
+                request_routing_stats_timeout_s=max(5.0, 4 * cfg.router.stats_period_s),
+            )
+        app = (LMIngress if lm else PredictIngress).options(**opts).bind(cfg.model_dump(), cfg.storage_path)
+        if lm and _routed(cfg):
+            router = IngressRouter.options(
+                name=f"router-{m.name}",
+                ray_actor_options={"num_cpus": cfg.router.num_cpus},
+                max_ongoing_requests=1024,  # a pick is ~1 ms; HAProxy's timeout bounds the wait
+                logging_config=_logging(cfg),
+            ).bind(app, m.name, m.artifact, cfg.storage_path)
+            app = with_ingress_request_router(app, router)
+        return app
     handles, lms = {}, []
     for m in cfg.models:
         lm = _is_lm(m.artifact, cfg.storage_path)

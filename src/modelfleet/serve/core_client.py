@@ -52,7 +52,7 @@ class CoreClient:
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(cm.FromCore)
         self._ids = itertools.count(1)
-        self._calls: dict[int, concurrent.futures.Future[cm.Done]] = {}
+        self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._send_lock = threading.Lock()
         self.error: str | None = None
         """Why the core ended (set by the reader thread)."""
@@ -140,6 +140,15 @@ class CoreClient:
         self._send(cm.LoadAdapter(cid, key, local_dir))
         return fut
 
+    def digest(self) -> concurrent.futures.Future[cm.CacheDigest]:
+        """The core's prefix-cache keys and queued work (the replica's routing stats)."""
+        self._check()
+        cid = next(self._ids)
+        fut: concurrent.futures.Future[cm.CacheDigest] = concurrent.futures.Future()
+        self._calls[cid] = fut
+        self._send(cm.Digest(cid))
+        return fut
+
     def retain(self, keys: list[str]) -> None:
         """Pools: evict every adapter not in ``keys`` (once unused)."""
         if self.error is None:
@@ -206,7 +215,7 @@ class CoreClient:
                 if msg.fatal is not None:
                     self.error = f"the engine core's step loop failed: {msg.fatal}"
                     self._fail_live()
-            elif isinstance(msg, cm.Done):
+            elif isinstance(msg, (cm.Done, cm.CacheDigest)):
                 fut = self._calls.pop(msg.cid, None)
                 if fut is not None:
                     fut.set_result(msg)

@@ -4,8 +4,8 @@ msgpack through msgspec: typed on both ends, decoded without running code (unlik
 message cannot name a class to construct), and ~4x cheaper than pickle for a step's output (7 µs
 against 28 µs for one message with 16 sequences, send + receive on a pipe, measured on 2 cores
 under load). The replica sends ``Start`` once, then ``Submit``, ``Cancel``, ``LoadAdapter``,
-``Retain``, ``Evict`` and ``Shutdown``; the core answers ``Started`` once, then **one ``StepReport``
-per engine step** carrying every sequence's new tokens, ``Done`` for each numbered call and
+``Retain``, ``Evict``, ``Digest`` and ``Shutdown``; the core answers ``Started`` once, then **one ``StepReport``
+per engine step** carrying every sequence's new tokens, ``Done`` or ``CacheDigest`` for each numbered call and
 ``Refused`` for a request the engine did not queue.
 
 Imports nothing of the project's (``mypy --strict`` checks it with ``serve/protocol.py``).
@@ -14,6 +14,9 @@ Imports nothing of the project's (``mypy --strict`` checks it with ``serve/proto
 from __future__ import annotations
 
 import msgspec
+
+KEY_BYTES = 8
+"""Bytes of each block key a ``CacheDigest`` carries (``BlockManager.published_keys``)."""
 
 
 class Start(msgspec.Struct, tag=True):
@@ -81,6 +84,12 @@ class Evict(msgspec.Struct, tag=True):
     keys: list[str]
 
 
+class Digest(msgspec.Struct, tag=True):
+    """Ask for the core's ``CacheDigest`` (the replica's routing stats, every stats period)."""
+
+    cid: int
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Finish the requests already submitted, then exit."""
 
@@ -130,6 +139,23 @@ class Done(msgspec.Struct, tag=True):
     tensor_bytes: int = 0
 
 
+class CacheDigest(msgspec.Struct, tag=True):
+    """What the cache-aware router needs of this engine (``serve/prefix_route.py``): the prefix
+    cache's published block keys and the work the engine has queued, in tokens."""
+
+    cid: int
+    keys: list[bytes]
+    """The leading ``KEY_BYTES`` of every published block key (empty: no paged prefix cache)."""
+    base_sha: str
+    block_size: int
+    queued_prefill_tokens: int
+    """Prompt tokens waiting or mid-prefill whose KV is not computed yet."""
+    decode_tokens: int
+    """Tokens the decoding sequences may still produce (their max_tokens left)."""
+    prefill_tokens_per_s: float
+    """Measured forward rate over prefill steps (0: nothing measured yet)."""
+
+
 class Refused(msgspec.Struct, tag=True):
     """A ``Submit`` the engine did not queue."""
 
@@ -139,5 +165,5 @@ class Refused(msgspec.Struct, tag=True):
     """The engine's waiting queue is full: retryable (429/503 with Retry-After)."""
 
 
-ToCore = Start | Submit | Cancel | LoadAdapter | Retain | Evict | Shutdown
-FromCore = Started | StepReport | Done | Refused
+ToCore = Start | Submit | Cancel | LoadAdapter | Retain | Evict | Digest | Shutdown
+FromCore = Started | StepReport | Done | Refused | CacheDigest

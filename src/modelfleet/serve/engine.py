@@ -111,6 +111,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size, pooled=adapters is not None)
         self.failed_steps_in_a_row = 0
         self.cache = self.runner.cache
+        self.prefill_tokens_per_s = 0.0
+        """Forward rate over steps that prefilled (an EMA): the router's saturation threshold."""
 
     # ------------------------------------------------------------------ requests
     def add(self, job: Job) -> Request:
@@ -158,6 +160,7 @@ class Engine:
         batch = sched.scheduled
         out: list[tuple[Request, Step]] = []
         if batch:
+            t0 = time.perf_counter()
             try:
                 logits = self.runner.run(batch, [s.seq.job.adapter for s in batch])
             except Exception as e:  # noqa: BLE001 - a fault of the whole step fails its sequences only
@@ -167,6 +170,7 @@ class Engine:
                     self._fail(req, f"the decoding step failed: {e!r}", out)
                 return self._output(out, sched)
             self.failed_steps_in_a_row = 0
+            self._measure(batch, time.perf_counter() - t0)
             self.scheduler.commit(sched)  # before the sampled tokens are appended (their KV is next step's)
             finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check per step, not per row
             for i, s in enumerate(batch):
@@ -175,6 +179,26 @@ class Engine:
         if self.adapters is not None and self.adapters.evicted:  # evicted ones go once no sequence uses them
             self.adapters.collect(self.adapters_in_use())
         return self._output(out, sched)
+
+    def _measure(self, batch: list[Any], seconds: float) -> None:
+        tokens = sum(s.num_tokens for s in batch)
+        if tokens <= len(batch) or seconds <= 0:
+            return  # a pure decode step says little about the prefill rate
+        rate = tokens / seconds
+        self.prefill_tokens_per_s = (
+            rate if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * rate
+        )
+
+    def routing_view(self, key_bytes: int) -> tuple[list[bytes], int, int]:
+        """Published block keys, queued prefill tokens and decode tokens left (on the step thread)."""
+        queued = decode = 0
+        for seq in self.scheduler.sequences():
+            left = seq.num_prompt_tokens - seq.num_computed_tokens
+            if left > 0:
+                queued += left
+            else:
+                decode += max(0, seq.max_tokens - len(seq.output_ids))
+        return self.blocks.published_keys(key_bytes), queued, decode
 
     @property
     def healthy(self) -> bool:

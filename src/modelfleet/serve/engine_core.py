@@ -148,6 +148,22 @@ class _Core:
 
         self.loop.call(evict)
 
+    def digest(self, m: cm.Digest) -> None:
+        """The routing stats: read on the step thread, between steps (the block tables change there)."""
+        engine = self.loop.engine
+        if not hasattr(engine, "routing_view"):  # the slot engine has no paged prefix cache
+            self.send(cm.CacheDigest(m.cid, [], "", 0, 0, 0, 0.0))
+            return
+
+        def view() -> cm.CacheDigest:
+            keys, queued, decode = engine.routing_view(cm.KEY_BYTES)
+            b = engine.blocks
+            return cm.CacheDigest(m.cid, keys, b.base_sha, b.block_size, queued, decode, engine.prefill_tokens_per_s)
+
+        self.loop.call(view).add_done_callback(
+            lambda f: self.send(f.result() if f.exception() is None else cm.CacheDigest(m.cid, [], "", 0, 0, 0, 0.0))
+        )
+
     def _done(self, cid: int, error: BaseException | None) -> cm.Done:
         stats = self.pool.stats() if self.pool is not None else {}
         return cm.Done(
@@ -240,6 +256,7 @@ def main() -> None:
         cm.LoadAdapter: core.load_adapter,
         cm.Retain: core.retain,
         cm.Evict: core.evict,
+        cm.Digest: core.digest,
     }
     try:
         try:

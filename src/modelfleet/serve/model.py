@@ -32,6 +32,7 @@ from modelfleet.serve import core_messages as cm
 from modelfleet.serve.core_client import CoreClient
 from modelfleet.serve.generation import Job
 from modelfleet.serve.pool import Variant, adapter_key, parse_variant_id, variant_id
+from modelfleet.serve.prefix_route import VIEW_KEY, ReplicaView
 from modelfleet.serve.protocol import Chunk, Completion, ReplicaError, Sampling, StreamStart, VariantUse
 from modelfleet.serve.replica import Loaded, ReplicaBase
 from modelfleet.storage import read_json
@@ -63,6 +64,8 @@ class _LMLoaded(Loaded):
     """Pools: the core holds an ``AdapterPool`` over the base."""
 
 
+ROUTING_STATS_TIMEOUT_S = 5.0
+"""A core busy past this on one step publishes nothing this period (the router keeps the last)."""
 TOKENIZE_INLINE_CHARS = 4096
 """Prompts at least this long are tokenized off the event loop."""
 
@@ -238,6 +241,24 @@ class LMReplica(ReplicaBase):
         if problem is not None:
             # The core died, hangs or fails every step: Serve replaces a replica whose check fails.
             raise RuntimeError(f"model {self.spec.name}: {problem}")
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook (every ``stats_period_s``): the core's prefix-cache keys and
+        queued work, for the app's cache-aware router (``serve/prefix_route.py``)."""
+        lo = self.loaded
+        if not isinstance(lo, _LMLoaded) or lo.core.error is not None:
+            return {}
+        d = await asyncio.wait_for(asyncio.wrap_future(lo.core.digest()), ROUTING_STATS_TIMEOUT_S)
+        view = ReplicaView(
+            frozenset(d.keys),
+            d.base_sha,
+            d.block_size,
+            d.queued_prefill_tokens,
+            d.decode_tokens,
+            d.prefill_tokens_per_s,
+            time.time(),
+        )
+        return {VIEW_KEY: view}
 
     def _describe(self, lo: Loaded) -> dict[str, Any]:
         last = lo.core.last

@@ -45,13 +45,16 @@ class VariantRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Sticky, eviction-aware routing of pool variants (module docstring)."""
 
     def initialize_state(self, max_models: int = 8, window: int = 1000, **kwargs: Any) -> None:
+        self._init_variants(max_models, window)
+        logger.info(
+            "pool %s: variant-sticky request router (%d variants per replica)", self._deployment_id.name, max_models
+        )
+
+    def _init_variants(self, max_models: int, window: int) -> None:
         self._max_models = max_models
         self._lru: dict[ReplicaID, collections.OrderedDict[str, None]] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=window)
         self._counts: collections.Counter[str] = collections.Counter()
-        logger.info(
-            "pool %s: variant-sticky request router (%d variants per replica)", self._deployment_id.name, max_models
-        )
 
     def _holds(self, r: RunningReplica, model_id: str) -> bool:
         lru = self._lru.get(r.replica_id)
