@@ -106,3 +106,17 @@ def replica_actor_name(handle: Any, selection: Any) -> str:
     from ray.serve.request_router import ReplicaID
 
     return str(ReplicaID(unique_id=selection.replica_id, deployment_id=handle.deployment_id).to_full_id_str())
+
+
+def serve_builds_for_haproxy(enabled: bool | None = None) -> bool:
+    """Whether Ray's app builder in this process believes Serve runs HAProxy's ingress; with
+    ``enabled``, make it believe so first. Ray reads ``RAY_SERVE_ENABLE_HA_PROXY`` once, when
+    ``ray.serve`` is first imported, and refuses to build an app with an ingress request router
+    without it; but the ingress mode is the cluster's (its controller's environment), and a
+    driver may have imported Serve before it learnt which cluster it drives. The controller
+    checks again with its own flag, so this cannot switch HAProxy on where it is off."""
+    from ray.serve._private import build_app
+
+    if enabled is not None:
+        build_app.RAY_SERVE_ENABLE_HA_PROXY = enabled
+    return bool(build_app.RAY_SERVE_ENABLE_HA_PROXY)

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import engine_core_pids, publish_tiny_models, serve_on, wait_until
+from helpers import engine_core_pids, publish_tiny_models, serve_on, serve_replica_pids, wait_until
 from modelfleet.serve.client import iter_sse
 
 PORT = 8123  # not 8000: another engineer may run Serve there
@@ -577,6 +577,94 @@ def test_a_single_model_app_is_one_non_python_hop_from_the_replica_that_decodes(
         )
     finally:
         serve_up.delete("hop")
+
+
+def _loopback_ports(pid: int) -> list[int]:
+    """The HTTP ports a Serve replica listens on (Serve binds them on 127.0.0.1)."""
+    import psutil
+
+    conns = psutil.Process(pid).net_connections("tcp")
+    return [k.laddr.port for k in conns if k.status == psutil.CONN_LISTEN and k.laddr.ip == "127.0.0.1"]
+
+
+def test_the_router_keeps_each_prefix_on_its_warm_replica_and_survives_a_router_down(serve_up, registry_dir):
+    """Cache-aware routing through HAProxy's ingress request router (serve/route_front.py): two
+    replicas, four customers with their own 80-token prefix. The first turns, sent at once, spread
+    over both replicas (ties spread); every follow-up lands on its customer's replica with the
+    whole prefix cached (HAProxy's leastconn would send about half elsewhere, cold). Then one of
+    the two router replicas is killed: every request is still answered (HAProxy tries the next)."""
+    import os
+    import signal
+
+    storage, _ = registry_dir
+    _deploy(storage, "route", [_model("tiny", "tiny@v1", num_replicas=2, ray_actor_options={"num_cpus": 0.4})])
+    url = f"{BASE}/route/v1/completions"
+    prefixes = [f"customer {c}: ".ljust(80, "abcdefghij"[c]) for c in range(4)]
+
+    def turn(c: httpx.Client, who: int, n: int) -> tuple[int, int, str]:
+        r = c.post(url, json={"prompt": f"{prefixes[who]}q{n}", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        return int(r.headers["x-modelfleet-replica-pid"]), cached, r.headers.get("x-modelfleet-route", "")
+
+    try:
+        with httpx.Client(timeout=60) as c:
+            # Until HAProxy's reloads after the deploy list both routers and both replicas, it
+            # balances by leastconn (Ray's Lua skips an app whose routers it does not know yet) or
+            # recovers a pick of a replica it does not know through Serve's fallback proxy.
+            seen: set[tuple[str, str]] = set()
+
+            def both_routers_and_replicas() -> bool:
+                r = c.post(url, json={"prompt": f"warm-up {len(seen)}", "max_tokens": 1})
+                route = r.headers.get("x-modelfleet-route", "")
+                if route:
+                    seen.add((route.rsplit("router=", 1)[-1], r.headers["x-modelfleet-replica-pid"]))
+                return len({a for a, _ in seen}) == 2 and len({b for _, b in seen}) == 2
+
+            wait_until(both_routers_and_replicas, 60, "HAProxy asking both routers, and both replicas picked")
+            home: dict[int, int] = {}
+
+            def first(who: int) -> None:
+                home[who] = turn(c, who, 0)[0]
+
+            threads = [threading.Thread(target=first, args=(w,)) for w in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert len(home) == 4 and len(set(home.values())) == 2, home
+            # Each router replica learns the other's placements from the replicas' publications
+            # (every 0.5 s): wait until both routers, asked directly, send every customer's next
+            # turn to its warm replica.
+            routers = serve_replica_pids("route", "router-tiny", os.getpid())
+            assert len(routers) == 2, routers
+            ports = [p for pid in routers for p in _loopback_ports(pid)]
+
+            def routes(port: int) -> set[str]:
+                out = set()
+                for who in range(4):
+                    body = {"prompt": f"{prefixes[who]}q9", "max_tokens": 4}
+                    r = c.post(f"http://127.0.0.1:{port}/internal/route", json=body)
+                    route = r.json()["request_headers"]["x-serve-router-route"] if r.status_code == 200 else r.text
+                    out.add(route.split("; router=")[0])
+                return out
+
+            wait_until(lambda: all(routes(p) == {"prefix; cached=80"} for p in ports), 30, "both routers warm")
+            for n in (1, 2):
+                for who in range(4):
+                    pid, cached, route = turn(c, who, n)
+                    assert (pid, cached, route.split("; router=")[0]) == (home[who], 80, "prefix; cached=80"), (
+                        who,
+                        n,
+                        pid,
+                        route,
+                        home,
+                    )
+            os.kill(routers[0], signal.SIGKILL)
+            for n in range(3, 13):
+                turn(c, n % 4, n)
+    finally:
+        serve_up.delete("route")
 
 
 def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, tmp_path):

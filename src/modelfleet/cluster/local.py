@@ -187,6 +187,9 @@ def use_local_cluster_env() -> ClusterState | None:
     if st is not None and _alive(st.nodes[0]):
         os.environ.setdefault("RAY_ADDRESS", st.gcs_address)
         os.environ.setdefault("RAY_AUTH_MODE", st.spec.auth)
+        if (Path(st.temp_dir) / "hap").is_dir():  # `up` ran it with HAProxy's ingress
+            # A driver builds Serve apps against the cluster's ingress mode (serve/app.py).
+            os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     return st
 
 

@@ -31,7 +31,7 @@ from modelfleet.errors import ArtifactError, ConfigError, StorageError
 from modelfleet.families import get_family
 from modelfleet.families.lora import check_variant
 from modelfleet.presets import load_config
-from modelfleet.raycompat import pinned_version_options, with_ingress_request_router
+from modelfleet.raycompat import pinned_version_options, serve_builds_for_haproxy, with_ingress_request_router
 from modelfleet.serve import auth
 from modelfleet.serve.cache_router import CacheAwareRouter
 from modelfleet.serve.ingress import Ingress, LMIngress, PredictIngress
@@ -110,12 +110,18 @@ def stable_version(*parts: Any) -> str:
 
 def _routed(cfg: ServeConfig) -> bool:
     """Cache-aware routing needs HAProxy's ingress (Ray refuses an ingress request router
-    without it); this process builds the app, so its environment says which ingress it gets."""
+    without it). The process that builds the app knows the cluster's mode from its environment:
+    the controller (a `serve deploy` config, KubeRay) has the cluster's own; a driver has what
+    ``cluster.connect`` set (a cluster it or ``modelfleet cluster up`` started) or the user did."""
     if not cfg.router.enabled:
         return False
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
-        logger.warning("serve.router: HAProxy ingress is off here (RAY_SERVE_ENABLE_HA_PROXY); routing by load")
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" and not serve_builds_for_haproxy():
+        logger.warning(
+            "serve.router: this cluster's Serve ingress is not HAProxy (RAY_SERVE_ENABLE_HA_PROXY unset "
+            "here): requests are routed by load, not by prefix cache"
+        )
         return False
+    serve_builds_for_haproxy(True)  # Serve may have been imported before the variable was set
     return True
 
 

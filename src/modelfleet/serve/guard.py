@@ -22,6 +22,10 @@ from modelfleet.serve.http_errors import reject as _reject
 ROUTES = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
+ROUTE_HEADER = b"x-serve-router-route"
+"""Set by HAProxy from the ingress request router's answer (``request_headers``)."""
+
+
 @dataclass
 class HttpState:
     """What the guard and routes of one replica's HTTP front need (set up in ``_init_front``)."""
@@ -120,11 +124,16 @@ class Guard:
                 else:
                     receive = _replay(body, receive)
         route = path if path in ROUTES else "predict" if path.endswith("/predict") else "other"
-        pid = str(os.getpid()).encode()
+        tags = [(b"x-modelfleet-ingress-pid", str(os.getpid()).encode())]
+        # The cache-aware router's decision (serve/route_front.py), set by HAProxy, which strips
+        # any client-sent x-serve-router-* header first: told back to the client.
+        routed = next((v for k, v in scope["headers"] if k == ROUTE_HEADER), None)
+        if routed:
+            tags.append((b"x-modelfleet-route", routed[:64]))
 
         async def send_tagged(msg: dict[str, Any]) -> None:
             if msg["type"] == "http.response.start":
-                msg["headers"] = [*msg.get("headers", []), (b"x-modelfleet-ingress-pid", pid)]
+                msg["headers"] = [*msg.get("headers", []), *tags]
                 _count(st, route, msg["status"], t0)
             await send(msg)
 

@@ -25,6 +25,7 @@ can make the router do is bounded: the body is at most HAProxy's buffer, and at 
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -103,7 +104,7 @@ class IngressRouter:
         return RouteKey(ids or [self._tokenizer.eos_id], session)
 
     @router_app.post("/internal/route")
-    async def route(self, request: Request) -> dict[str, str]:
+    async def route(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
         key = await self._key(await request.body(), request.headers.get(SESSION_HEADER))
         args = (key,) if key is not None else ()
@@ -112,7 +113,12 @@ class IngressRouter:
         reason = key.decision.reason if key is not None and key.decision is not None else "unkeyed"
         self.m_decisions.inc(tags={"model": self._model, "reason": reason})
         self.m_seconds.observe(time.perf_counter() - t0)
-        return {"replica_id": name}
+        # HAProxy sets ``request_headers`` on the request it pins (the front reports it back as
+        # ``x-modelfleet-route``): which rule chose the replica, how many tokens it had cached, and
+        # which router replica decided.
+        cached = key.decision.cached_tokens if key is not None and key.decision is not None else 0
+        route = f"{reason}; cached={cached}; router={os.getpid()}"
+        return {"replica_id": name, "request_headers": {"x-serve-router-route": route}}
 
     @router_app.get("/health")
     async def health(self) -> dict[str, str]:
