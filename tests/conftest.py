@@ -1,7 +1,7 @@
 """Shared fixtures: one Ray instance per test session (start-up costs ~10 s here), one prepared
 tiny dataset built from files shipped with Python (no network), and one 2-worker training run per
-ZeRO stage (``stage_runs``, each fit ~20 s on 2 cores) that the training tests read and the
-elastic tests resume from."""
+ZeRO stage (``stage_runs``, each fit ~20 s on 2 cores) that the training tests read, the elastic
+tests resume from and the LoRA tests train an adapter over."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def tiny_data(tmp_path_factory) -> str:
 def stage_runs(ray_session, tiny_data, tmp_path_factory):
     """One 30-step run per ZeRO stage on 2 workers, each exported (tiny@v1..v3, stage 3's last);
     later tests reuse them instead of training again. Read-only: a test that changes a run (or
-    resumes it) works on a copy (``shutil.copytree``; leave Ray Train's
+    resumes it, or publishes its artifact elsewhere) works on a copy (``shutil.copytree``; leave Ray Train's
     ``checkpoint_manager_snapshot.json`` behind, it names the original's checkpoints)."""
     # Function-local: modelfleet.train imports Ray Train and DeepSpeed, which only training tests need.
     from modelfleet.train import train
