@@ -1,5 +1,7 @@
-"""Shared fixtures: one Ray instance per test session (start-up costs ~10 s here) and one
-prepared tiny dataset built from files shipped with Python (no network)."""
+"""Shared fixtures: one Ray instance per test session (start-up costs ~10 s here), one prepared
+tiny dataset built from files shipped with Python (no network), and one 2-worker training run per
+ZeRO stage (``stage_runs``, each fit ~20 s on 2 cores) that the training tests read, the elastic
+tests resume from and the LoRA tests train an adapter over."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from helpers import TEST_SOURCES
+from helpers import TEST_SOURCES, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,20 @@ def tiny_data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny"
     prepare_dataset(DataConfig(sources=TEST_SOURCES, path=str(path)), 128, ByteTokenizer())
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def stage_runs(ray_session, tiny_data, tmp_path_factory):
+    """One 30-step run per ZeRO stage on 2 workers, each exported (tiny@v1..v3, stage 3's last);
+    later tests reuse them instead of training again. Read-only: a test that changes a run (or
+    resumes it, or publishes its artifact elsewhere) works on a copy (``shutil.copytree``; leave Ray Train's
+    ``checkpoint_manager_snapshot.json`` behind, it names the original's checkpoints)."""
+    # Function-local: modelfleet.train imports Ray Train and DeepSpeed, which only training tests need.
+    from modelfleet.train import train
+
+    storage = tmp_path_factory.mktemp("storage")
+    runs = {}
+    for stage in (0, 2, 3):  # this order: test_training's export test expects stage 3's artifact newest
+        cfg = tiny_config(storage, tiny_data, [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}"])
+        runs[stage] = (cfg, train(cfg, show_progress=False))
+    return storage, runs

@@ -1,9 +1,12 @@
 """ZeRO checkpoints re-partitioned across worker counts (real Ray Train + DeepSpeed, CPU/gloo):
-a checkpoint written by 4 workers resumes on 2 and the 2-worker one on 4, with ZeRO-2 and ZeRO-3,
+a checkpoint written by 2 workers resumes on 4 and the 4-worker one on 2, with ZeRO-2 and ZeRO-3,
 through DeepSpeed's universal checkpoint format. The restored model's logits on the probe the
 checkpoint saved equal the saved ones within 1e-5 (the loop measures them and says so in the
 ``resize`` record); training continues with grad_accum recomputed for the global batch, and the
 data position carries over as a global sample count.
+
+The 2-worker checkpoint is the session's 30-step run of that stage (``stage_runs``,
+tests/conftest.py), copied: training it again here would cost one more fit per stage.
 
 The [min, max] elastic drill (a node lost and regained mid-run) needs its own multi-node cluster:
 tests/e2e/test_elastic_drill.py (make test-slow)."""
@@ -11,6 +14,7 @@ tests/e2e/test_elastic_drill.py (make test-slow)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -18,12 +22,21 @@ from helpers import read_records, tiny_config, wait_no_train_workers
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_data, tmp_path, stage):
+def test_checkpoint_of_2_workers_resumes_on_4_and_back_on_2(stage_runs, tiny_data, tmp_path, stage):
     from modelfleet.train import train
 
     run = f"resize{stage}"
+    _, runs = stage_runs
+    first = runs[stage][1]  # 2 workers, 30 steps; its last checkpoint holds its probe logits
+    assert first.checkpoint_step == 30
+    base = first.checkpoint_step
+    # A copy under this test's storage: the shared run stays as the training tests expect it.
+    # Ray Train's snapshot names the original's checkpoints (see stage_runs): left behind.
+    shutil.copytree(
+        first.run_dir, tmp_path / "runs" / run, ignore=shutil.ignore_patterns("checkpoint_manager_snapshot.json")
+    )
 
-    def leg(workers: int, steps: int, resume: bool = True):
+    def leg(workers: int, steps: int):
         wait_no_train_workers(os.getpid())
         cfg = tiny_config(
             tmp_path,
@@ -38,24 +51,29 @@ def test_checkpoint_of_4_workers_resumes_on_2_and_back_on_4(ray_session, tiny_da
                 "train.checkpoint_every=0",
             ],
         )
-        return train(cfg, resume=run if resume else None, export=False, show_progress=False)
+        return train(cfg, resume=run, export=False, show_progress=False)
 
-    first = leg(4, 4, resume=False)  # ends with a checkpoint holding its probe logits
-    assert first.checkpoint_step == 4
-    down = leg(2, 6)
-    up = leg(4, 8)
-    recs = read_records(first.run_dir)
+    up = leg(4, base + 2)
+    down = leg(2, base + 4)
+    run_dir = tmp_path / "runs" / run
+    recs = read_records(run_dir)
     resizes = [r for r in recs if r["kind"] == "resize"]  # the driver's: the worker group changed size
-    assert [(r["step"], r["from_workers"], r["to_workers"]) for r in resizes] == [(4, 4, 2), (6, 2, 4)], resizes
+    assert [(r["step"], r["from_workers"], r["to_workers"]) for r in resizes] == [
+        (base, 2, 4),
+        (base + 2, 4, 2),
+    ], resizes
     reshards = [r for r in recs if r["kind"] == "reshard"]  # the loop's: a checkpoint re-partitioned
-    assert [(r["step"], r["from_workers"], r["to_workers"]) for r in reshards] == [(4, 4, 2), (6, 2, 4)], reshards
+    assert [(r["step"], r["from_workers"], r["to_workers"]) for r in reshards] == [
+        (base, 2, 4),
+        (base + 2, 4, 2),
+    ], reshards
     for r in reshards:
         assert r["max_abs_logit_diff"] <= 1e-5, r
-    assert down.checkpoint_step == 6 and up.checkpoint_step == 8
+    assert up.checkpoint_step == base + 2 and down.checkpoint_step == base + 4
     steps = [r["step"] for r in recs if r["kind"] == "step"]
-    assert steps == list(range(1, 9)), steps  # every optimizer step exactly once across the three legs
+    assert steps == list(range(1, base + 5)), steps  # every optimizer step exactly once across the three runs
     built = [r["world"] for r in recs if r["kind"] == "built"]
-    assert built == [4, 2, 4]
+    assert built == [2, 4, 2]
     print(
         f"\n[resize ZeRO-{stage}] "
         + "; ".join(

@@ -1,4 +1,5 @@
-"""Real Ray Train + real DeepSpeed (CPU, gloo) on 2 workers: stages, resume, export."""
+"""Real Ray Train + real DeepSpeed (CPU, gloo) on 2 workers: stages, resume, export. The runs per
+ZeRO stage are the session's ``stage_runs`` (tests/conftest.py), shared with test_elastic.py."""
 
 from __future__ import annotations
 
@@ -15,19 +16,6 @@ from helpers import read_records as _records
 from helpers import tiny_config, train_worker_pids, wait_no_train_workers
 from modelfleet.families.artifact import load_artifact
 from modelfleet.storage import sha256_file
-
-
-@pytest.fixture(scope="module")
-def stage_runs(ray_session, tiny_data, tmp_path_factory):
-    """One 30-step run per ZeRO stage; later tests reuse them instead of training again."""
-    from modelfleet.train import train
-
-    storage = tmp_path_factory.mktemp("storage")
-    runs = {}
-    for stage in (0, 2, 3):
-        cfg = tiny_config(storage, tiny_data, [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}"])
-        runs[stage] = (cfg, train(cfg, show_progress=False))
-    return storage, runs
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
