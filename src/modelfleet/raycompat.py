@@ -99,13 +99,17 @@ def with_ingress_request_router(app: Any, router: Any) -> Any:
     return out if out is not None else app
 
 
-def replica_actor_name(handle: Any, selection: Any) -> str:
-    """The actor name HAProxy keys a replica by (its ``REPLICA_TARGETS`` map) for a
-    ``choose_replica`` selection: Ray's ``LLMRouter`` reads it from the selection's private
-    ``_replica``; the public ``replica_id`` is only the unique suffix."""
+async def pick_replica(handle: Any, *args: Any) -> str:
+    """Run ``handle``'s deployment request router on ``args`` and return the chosen replica's
+    actor name, the key HAProxy pins by (its Lua ``REPLICA_TARGETS`` map). ``_reserve=False`` is
+    Ray's internal pick-only mode (no slot reserved: the request itself arrives through HAProxy),
+    as its own ``LLMRouter`` calls it; the selection's public ``replica_id`` is only the unique
+    suffix of the actor name."""
     from ray.serve.request_router import ReplicaID
 
-    return str(ReplicaID(unique_id=selection.replica_id, deployment_id=handle.deployment_id).to_full_id_str())
+    async with handle.choose_replica(*args, _reserve=False) as selection:
+        rid = ReplicaID(unique_id=selection.replica_id, deployment_id=handle.deployment_id)
+        return str(rid.to_full_id_str())
 
 
 def serve_builds_for_haproxy(enabled: bool | None = None) -> bool:

@@ -287,7 +287,7 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
     import re
 
     shipped = (CHART / "dashboards" / "modelfleet.json").read_text()
-    queried = set(re.findall(r"ray_(modelfleet_[a-z_]+?)(?:_bucket)?\{", shipped))
+    queried = set(re.findall(r"ray_(modelfleet_[a-z_]+?)(?:_bucket|_total)?\{", shipped))
     source = "".join(p.read_text() for d in ("serve", "train") for p in (ROOT / "src" / "modelfleet" / d).glob("*.py"))
     defined = set(re.findall(r'"(modelfleet_[a-z_]+)"', source))
     assert queried and queried <= defined, queried - defined
@@ -301,6 +301,9 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
         "modelfleet_train_mfu",
         "modelfleet_train_loss",
         "modelfleet_train_step_time_seconds",
+        "modelfleet_route_decisions",
+        "modelfleet_route_seconds",
+        "modelfleet_prefix_cache_hit_tokens",
     } <= queried
 
 

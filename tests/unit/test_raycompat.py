@@ -126,3 +126,22 @@ def test_the_parquet_planner_still_logs_under_the_name_we_quiet():
     assert module.logger.name == raycompat.PARQUET_PLANNER_LOGGER
     raycompat.quiet_parquet_planner()
     assert not module.logger.isEnabledFor(logging.INFO) and module.logger.isEnabledFor(logging.WARNING)
+
+
+def test_the_ingress_request_router_hooks_still_exist():
+    """HAProxy's ingress request router: attached through Application's internal hook, the
+    builder's import-time HAProxy flag, and the pick-only ``choose_replica``."""
+    from ray.serve._private import build_app, router
+
+    app, other = serve.deployment(_Model).bind(), serve.deployment(_Model).options(name="r").bind()
+    assert raycompat.with_ingress_request_router(app, other) is app and app._ingress_request_router is other
+    before = raycompat.serve_builds_for_haproxy()
+    try:
+        assert raycompat.serve_builds_for_haproxy(True) is True and build_app.RAY_SERVE_ENABLE_HA_PROXY is True
+    finally:
+        raycompat.serve_builds_for_haproxy(before)
+    assert '"_reserve"' in inspect.getsource(router.AsyncioRouter.choose_replica)
+    from ray.serve.request_router import ReplicaID
+
+    assert callable(ReplicaID.to_full_id_str)
+    assert "choose_replica" in dir(serve.handle.DeploymentHandle)

@@ -10,7 +10,7 @@ ingress_request_router.lua.tmpl``).
 
 The router parses the body with the same OpenAI schemas and tokenizes it with the same tokenizer
 as the replica, then asks the LM deployment's ``CacheAwareRouter`` (``choose_replica`` with
-``_reserve=False``: a pick, no slot; the request itself arrives through HAProxy). A body it cannot
+a pick, no slot reserved: the request itself arrives through HAProxy). A body it cannot
 use (not JSON, truncated by HAProxy's buffer, another schema, another model) is routed by load
 alone and never refused here: HAProxy answers any non-200 with a 503, and the replica's own answer
 (400, 404, 413) is the one the client should get.
@@ -36,7 +36,7 @@ from ray.serve import metrics
 
 from modelfleet import registry
 from modelfleet.families.artifact import load_preprocessor
-from modelfleet.raycompat import replica_actor_name
+from modelfleet.raycompat import pick_replica
 from modelfleet.serve import openai as oa
 from modelfleet.serve.prefix_route import RouteKey
 
@@ -108,8 +108,7 @@ class IngressRouter:
         t0 = time.perf_counter()
         key = await self._key(await request.body(), request.headers.get(SESSION_HEADER))
         args = (key,) if key is not None else ()
-        async with self._handle.choose_replica(*args, _reserve=False) as selection:
-            name = replica_actor_name(self._handle, selection)
+        name = await pick_replica(self._handle, *args)
         reason = key.decision.reason if key is not None and key.decision is not None else "unkeyed"
         self.m_decisions.inc(tags={"model": self._model, "reason": reason})
         self.m_seconds.observe(time.perf_counter() - t0)
