@@ -671,7 +671,8 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
     """A streaming client that closes after its first event and a non-streaming one that closes its
     connection while the replica decodes it (one-hop: HAProxy -> the replica): each request is cancelled in the engine core
     (the replica counts it) and the core's batch is empty within 2 s, long before the 900 tokens
-    each asked for would have been decoded. A model with a 1,024-token context makes a request last
+    each asked for would have been decoded, though both send ``x-request-disconnect-disabled: ?1``
+    (which Ray's direct ingress honours; the HAProxy edge drops it). A model with a 1,024-token context makes a request last
     seconds (the tiny test model finishes its whole context in a tenth of one)."""
     import torch
 
@@ -689,6 +690,8 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
     _deploy(tmp_path, "cancel", [_model("long", "long@v1")])
     url = f"{BASE}/cancel"
     body = {"prompt": PROBE, "max_tokens": 900, "temperature": 0}
+    # Ray's direct ingress would not cancel a request whose client sends this; the edge drops it.
+    keep_going = {"x-request-disconnect-disabled": "?1"}
 
     def card() -> dict:
         return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
@@ -696,7 +699,7 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
     try:
         assert card()["cancelled_requests"] == 0
         with httpx.Client(timeout=60) as c:
-            with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as s:
+            with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=keep_going) as s:
                 assert s.status_code == 200
                 assert next(s.iter_lines()).startswith("data: ")  # decoding has started; then we leave
         wait_until(
@@ -711,6 +714,7 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
         try:
             sock.sendall(
                 b"POST /cancel/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + b"x-request-disconnect-disabled: ?1\r\n"
                 + f"Content-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )

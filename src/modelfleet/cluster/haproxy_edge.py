@@ -17,6 +17,9 @@ and execs the real HAProxy on the copy, so every reload is hardened too. What it
 - A client ``x-request-id`` that is repeated, longer than ``MODELFLEET_HAPROXY_REQUEST_ID_MAX``
   (default 128) or outside ``[A-Za-z0-9._:-]`` is dropped before routing, so Serve generates its
   own id instead of echoing (and logging) the client's bytes.
+- ``x-request-disconnect-disabled`` removed from every request: Ray's direct ingress honours a
+  client's ``?1`` there by not cancelling the request when its client goes away, so one client
+  could keep decoding (and KV blocks) busy for answers nobody reads.
 
 Requests carrying both Content-Length and Transfer-Encoding: HAProxy 2.8's HTTP/1 parser drops
 the Content-Length (RFC 9112 section 6.3) and closes the client connection after the answer before
@@ -46,7 +49,11 @@ DEFAULT_REQUEST_ID_MAX = 128
 _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|userlist|peers|resolvers|program|cache)\b(.*)$")
 _WILDCARD_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?:(\d+)(.*)$")
 _LOOPBACK_SECTIONS = ("frontend prometheus", "listen stats")
-_OURS = ("acl mf_request_id_", "http-request del-header x-request-id if !mf_request_id_")
+_OURS = (
+    "acl mf_request_id_",
+    "http-request del-header x-request-id if !mf_request_id_",
+    "http-request del-header x-request-disconnect-disabled",
+)
 
 
 class EdgeConfigError(ValueError):
@@ -103,6 +110,7 @@ def harden(config: str, *, http_request_timeout_s: float, request_id_max: int) -
             out.append(f"    acl mf_request_id_ok req.hdr(x-request-id) -m reg ^[A-Za-z0-9._:-]{{1,{request_id_max}}}$")
             out.append("    acl mf_request_id_one req.hdr_cnt(x-request-id) eq 1")
             out.append("    http-request del-header x-request-id if !mf_request_id_ok || !mf_request_id_one")
+            out.append("    http-request del-header x-request-disconnect-disabled")
     if not seen_defaults:
         raise EdgeConfigError("the HAProxy config has no 'defaults' section to add 'timeout http-request' to")
     if not seen_frontend:
