@@ -47,6 +47,25 @@ def test_bad_values_name_their_key_path(models, key):
     assert str(e.value).startswith(f"{key}: "), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("route_prefix", "/a\n    use_backend evil"),
+        ("route_prefix", "/a b"),
+        ("app_name", "app\nbackend x"),
+        ("app_name", "a b"),
+        ("app_name", ""),
+    ],
+)
+def test_names_that_would_land_in_haproxys_config_are_url_safe(field, value):
+    """app_name and route_prefix are rendered verbatim into HAProxy's config: a newline would add
+    a config line. They are refused naming the key."""
+    with pytest.raises(ConfigError) as e:
+        parse_serve_config({"models": [MODEL], field: value})
+    assert str(e.value).startswith(f"serve.{field}: "), str(e.value)
+    assert parse_serve_config({"models": [MODEL], "app_name": "my-app.v2_1", "route_prefix": "/v1/a~b"})
+
+
 def test_valid_config_defaults_and_scale_to_zero():
     cfg = parse_serve_config(
         {

@@ -254,8 +254,12 @@ class LoggingSpec(_Strict):
 class ServeConfig(_Strict):
     """A Serve application: HTTP settings, security limits, and the models it serves."""
 
-    app_name: str = Field("modelfleet", min_length=1, description="Serve application name.")
-    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the application.")
+    # Both land verbatim in HAProxy's rendered config (backend names, path ACLs): a newline or a
+    # space there would add config lines, so only URL-safe characters are accepted.
+    app_name: str = Field(
+        "modelfleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="Serve application name."
+    )
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9._~/-]*$", description="HTTP path prefix of the application.")
     host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
     storage_path: str = Field("", description="Registry root for `name`/`name@vN` artifacts; empty = storage.path.")

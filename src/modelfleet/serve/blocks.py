@@ -126,10 +126,12 @@ class BlockManager:
         """Blocks holding a published key, in use or free."""
         return len(self._by_key)
 
-    def published_keys(self, nbytes: int = 8) -> list[bytes]:
-        """The leading ``nbytes`` of every published key (what a cache-aware router matches
-        against: 8 bytes make a false match between two live prefixes a 2^-64 event)."""
-        return [k[:nbytes] for k in self._by_key]
+    def published_keys(self, nbytes: int = 8, limit: int = 1 << 15) -> list[bytes]:
+        """The leading ``nbytes`` of the ``limit`` most recently published keys (what a
+        cache-aware router matches against: 8 bytes make a false match between two live prefixes
+        a 2^-64 event; the limit bounds a publication to 256 KiB however large the pool)."""
+        keys = list(self._by_key)  # insertion order: publication order (evicted keys are deleted)
+        return [k[:nbytes] for k in keys[-limit:]]
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
