@@ -204,3 +204,26 @@ def test_cluster_dir_planted_by_another_user_or_a_symlink_is_refused(tmp_path):
             haproxy_env(top / "other")
     finally:
         shutil.rmtree(top)
+
+
+def test_the_ingress_router_is_asked_only_for_completions(tmp_path):
+    """Ray renders "wait for the body, then ask the router" for every POST to a router-bearing app
+    (as in a rendered config with serve.router on); the edge limits both rules to the completion
+    routes, so a POST /healthz trickling its body costs no router call. Idempotent, and valid."""
+    raw = _ray_config(tmp_path)
+    router_rules = (
+        "    acl has_ingress_request_router_app var(txn.ingress_request_router_app) -m found\n"
+        "    http-request wait-for-body time 1s if METH_POST has_ingress_request_router_app\n"
+        "    http-request lua.route_via_ingress_request_router if METH_POST has_ingress_request_router_app\n"
+    )
+    head, rest = raw.split("\nfrontend http_frontend\n", 1)
+    bind, tail = rest.split("\n", 1)
+    raw = f"{head}\nfrontend http_frontend\n{bind}\n{router_rules}{tail}"
+    out = haproxy_edge.harden(raw, http_request_timeout_s=7, request_id_max=64)
+    routed = "{ path_end /v1/completions /v1/chat/completions }"
+    rules = [line.strip() for line in out.splitlines() if line.strip().startswith(haproxy_edge._ROUTER_RULES)]
+    assert len(rules) == 2 and all(r.endswith(f"has_ingress_request_router_app {routed}") for r in rules), rules
+    assert "http-request del-header x-request-disconnect-disabled" in out
+    assert haproxy_edge.harden(out, http_request_timeout_s=7, request_id_max=64) == out
+    check = _check(tmp_path, out.replace("lua.route_via_ingress_request_router", "set-var(txn.x) str(1)"))
+    assert check.returncode == 0, check.stdout + check.stderr

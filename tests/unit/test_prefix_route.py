@@ -119,3 +119,29 @@ def test_a_session_sticks_when_no_prefix_is_warm():
     for i in range(5):
         key = RouteKey(prompt(20 + i, 8), "s-1")
         assert r.choose(views, key)[0] == first and key.decision.reason == "session"
+
+
+def test_the_router_reads_prompts_as_the_replica_does_and_never_fails_on_a_body():
+    """prompt_of parses with the replica's OpenAI schemas; any body it cannot use (not JSON,
+    nested past the parser's limit, truncated by HAProxy's buffer, another schema) is None:
+    routed by load, never an error (HAProxy would turn it into a 503)."""
+    import json
+
+    from modelfleet.serve import openai as oa
+    from modelfleet.serve.route_front import prompt_of
+
+    chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    assert prompt_of(json.dumps(chat).encode()) == (oa.ChatCompletionRequest.model_validate(chat).prompt(), "m")
+    assert prompt_of(b'{"prompt": "def main("}') == ("def main(", None)
+    for body in (
+        b"",
+        b"\xff\xfe",
+        b'{"prompt": "x", "max_tokens": ',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"prompt": 5}',
+        b'{"messages": "hi"}',
+        b'{"instances": [[1, 2]]}',
+        b"null",
+    ):
+        assert prompt_of(body) is None, body[:40]

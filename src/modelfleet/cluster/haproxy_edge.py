@@ -17,6 +17,11 @@ and execs the real HAProxy on the copy, so every reload is hardened too. What it
 - A client ``x-request-id`` that is repeated, longer than ``MODELFLEET_HAPROXY_REQUEST_ID_MAX``
   (default 128) or outside ``[A-Za-z0-9._:-]`` is dropped before routing, so Serve generates its
   own id instead of echoing (and logging) the client's bytes.
+- The ingress request router (``serve.router``) asked only for completions: Ray's rules wait for
+  the body (up to the router timeout) and call the router for *every* POST to the app, so 200
+  unauthenticated ``POST /healthz`` trickling a body would each hold a router call. The two rules
+  get ``{ path_end /v1/completions /v1/chat/completions }``; other POSTs go straight to a replica
+  by leastconn (the front answers them: 405, 404).
 - ``x-request-disconnect-disabled`` removed from every request: Ray's direct ingress honours a
   client's ``?1`` there by not cancelling the request when its client goes away, so one client
   could keep decoding (and KV blocks) busy for answers nobody reads.
@@ -54,6 +59,10 @@ _OURS = (
     "http-request del-header x-request-id if !mf_request_id_",
     "http-request del-header x-request-disconnect-disabled",
 )
+
+
+_ROUTER_RULES = ("http-request wait-for-body ", "http-request lua.route_via_ingress_request_router ")
+_ROUTED_PATHS = "{ path_end /v1/completions /v1/chat/completions }"
 
 
 class EdgeConfigError(ValueError):
@@ -102,6 +111,8 @@ def harden(config: str, *, http_request_timeout_s: float, request_id_max: int) -
                 loopbacked.add(section)
         if section == "frontend http_frontend" and stripped.startswith(_OURS):
             continue  # an earlier hardening's rules: re-added after the bind line below
+        if section == "frontend http_frontend" and stripped.startswith(_ROUTER_RULES) and _ROUTED_PATHS not in line:
+            line = f"{line} {_ROUTED_PATHS}"
         out.append(line)
         if section == "frontend http_frontend" and stripped.startswith("bind ") and not seen_frontend:
             seen_frontend = True

@@ -54,7 +54,7 @@ def prompt_of(body: bytes) -> tuple[str, str | None] | None:
     """The prompt text and model name of an OpenAI completion or chat body, or None."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's limit
         return None
     if not isinstance(data, dict):
         return None
@@ -93,6 +93,13 @@ class IngressRouter:
         logger.info("ingress request router for model %s: prefix-, load- and session-aware", model)
 
     async def _key(self, body: bytes, session: str | None) -> RouteKey | None:
+        try:
+            return await self._parse(body, session)
+        except Exception:  # noqa: BLE001 - client input never fails routing (HAProxy would answer 503)
+            logger.warning("could not read a routing key from a request body; routing it by load", exc_info=True)
+            return None
+
+    async def _parse(self, body: bytes, session: str | None) -> RouteKey | None:
         parsed = prompt_of(body)
         if parsed is None or (parsed[1] is not None and parsed[1] != self._model):
             return None
