@@ -145,3 +145,21 @@ def test_the_router_reads_prompts_as_the_replica_does_and_never_fails_on_a_body(
         b"null",
     ):
         assert prompt_of(body) is None, body[:40]
+
+
+def test_a_replica_that_stops_publishing_is_ranked_last():
+    """A frozen replica's last view keeps it looking idle while what it is sent never finishes: once
+    its publication has not changed for stale_after_s it goes last, even holding the prefix; when
+    it publishes again it is back. With every replica silent, the ranking is the usual one."""
+    now = [0.0]
+    r = PrefixRouter(RouterPolicy(stale_after_s=2.0), rng=random.Random(0), clock=lambda: now[0])
+    frozen = view(warm(prompt(1)), at=1.0)
+    assert r.choose({"a": frozen, "b": view(queued=500, at=1.0)}, RouteKey(prompt(1, tail=1)))[0] == "a"
+    for t in (1.0, 2.5):
+        now[0] = t
+        order = r.choose({"a": frozen, "b": view(queued=500, at=10 + t)}, RouteKey(prompt(1, tail=2)))
+    assert order == ["b", "a"]
+    now[0] = 3.0
+    assert r.choose({"a": view(warm(prompt(1)), at=3.0), "b": view(at=13.0)}, RouteKey(prompt(1, tail=3)))[0] == "a"
+    now[0] = 9.0
+    assert r.choose({"a": view(warm(prompt(1)), at=3.0), "b": view(at=13.0)}, RouteKey(prompt(1, tail=4)))[0] == "a"

@@ -183,7 +183,11 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
         if lm and _routed(cfg):
             opts["request_router_config"] = RequestRouterConfig(
                 request_router_class=CacheAwareRouter,
-                request_router_kwargs={"ttft_ceiling_s": cfg.router.ttft_ceiling_s},
+                request_router_kwargs={
+                    "ttft_ceiling_s": cfg.router.ttft_ceiling_s,
+                    # A live replica publishes every period; four missed ones mark it silent.
+                    "stale_after_s": max(2.0, 4 * cfg.router.stats_period_s),
+                },
                 request_routing_stats_period_s=cfg.router.stats_period_s,
                 request_routing_stats_timeout_s=max(5.0, 4 * cfg.router.stats_period_s),
             )

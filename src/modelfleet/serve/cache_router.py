@@ -34,10 +34,15 @@ class CacheAwareRouter(VariantRouter):
     """Prefix-, load- and session-aware ranking for requests the ingress router keyed."""
 
     def initialize_state(
-        self, ttft_ceiling_s: float = 1.0, max_models: int = 8, window: int = 1000, **kwargs: Any
+        self,
+        ttft_ceiling_s: float = 1.0,
+        stale_after_s: float = 2.0,
+        max_models: int = 8,
+        window: int = 1000,
+        **kwargs: Any,
     ) -> None:
         self._init_variants(max_models, window)
-        self._prefix = PrefixRouter(RouterPolicy(ttft_ceiling_s=ttft_ceiling_s))
+        self._prefix = PrefixRouter(RouterPolicy(ttft_ceiling_s=ttft_ceiling_s, stale_after_s=stale_after_s))
         logger.info("%s: cache-aware request router (TTFT ceiling %g s)", self._deployment_id.name, ttft_ceiling_s)
 
     async def choose_replicas(

@@ -18,6 +18,11 @@ the engine's own truth, not a guess from text:
   fleet-wide imbalance gate of vllm-project/router#238);
 - **ties spread**: equal scores are ordered at random, and each send raises the chosen replica's
   load at once, so a burst of identical cold requests spreads (llm-d-router#2515);
+- **silent replicas last**: a replica whose publication has not changed for ``stale_after_s`` (it
+  is frozen, hung or cut off; a live one publishes every period, idle or not) is ranked after every
+  other. Its last view would keep it looking light, and the requests sent there are never seen
+  finishing, so without this a frozen replica takes a share of every burst until each client is
+  stuck on it;
 - **sessions**: with no cached prefix anywhere, the replica that last served the request's
   ``x-session-id`` is preferred while it is not saturated (a multi-turn hint).
 """
@@ -26,7 +31,8 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Hashable, Mapping, Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from modelfleet.serve.blocks import block_hash
@@ -77,6 +83,8 @@ class RouterPolicy:
     decode_token_weight: float = 1.0
     """Cost of one decode token left, in prefill tokens (on CPU a decode row costs about one token)."""
     max_sessions: int = 4096
+    stale_after_s: float = 2.0
+    """A replica whose publication has not changed for this long is ranked last."""
 
 
 @dataclass
@@ -102,10 +110,20 @@ def request_keys(token_ids: Sequence[int], base_sha: str, block_size: int, nbyte
 class PrefixRouter:
     """The policy's state: what was sent where since the last publication, and sessions."""
 
-    def __init__(self, policy: RouterPolicy | None = None, *, key_bytes: int = 8, rng: random.Random | None = None):
+    def __init__(
+        self,
+        policy: RouterPolicy | None = None,
+        *,
+        key_bytes: int = 8,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.policy = policy or RouterPolicy()
         self.key_bytes = key_bytes
         self.rng = rng or random.Random()
+        self.clock = clock
+        self._changed: dict[Hashable, tuple[float, float]] = {}
+        """Per replica: its last publication's ``at`` and when (our clock) it first showed it."""
         self._sent: dict[Hashable, _Sent] = {}
         self._sessions: collections.OrderedDict[str, Hashable] = collections.OrderedDict()
         self._keys_cache: dict[tuple[str, int], list[bytes]] = {}
@@ -115,6 +133,8 @@ class PrefixRouter:
         """Drop state of replicas no longer among the candidates (dead or scaled down)."""
         for r in [r for r in self._sent if r not in alive]:
             del self._sent[r]
+        for r in [r for r in self._changed if r not in alive]:
+            del self._changed[r]
         for s in [s for s, r in self._sessions.items() if r not in alive]:
             del self._sessions[s]
 
@@ -125,6 +145,14 @@ class PrefixRouter:
             sent.since, sent.tokens, sent.keys = at, 0, set()
         return sent
 
+    def _silent(self, replica: Hashable, view: ReplicaView | None, now: float) -> bool:
+        at = view.at if view is not None else -1.0
+        last = self._changed.get(replica)
+        if last is None or last[0] != at:
+            self._changed[replica] = (at, now)
+            return False
+        return now - last[1] > self.policy.stale_after_s
+
     def _keys(self, token_ids: Sequence[int], view: ReplicaView) -> list[bytes]:
         k = (view.base_sha, view.block_size)
         if k not in self._keys_cache:
@@ -134,7 +162,11 @@ class PrefixRouter:
     def choose(self, replicas: Mapping[Hashable, ReplicaView | None], key: RouteKey) -> list[Hashable]:
         """Every replica, best first; the first is recorded as sent (its load rises at once)."""
         self._keys_cache.clear()
-        n = len(key.token_ids)
+        n, now = len(key.token_ids), self.clock()
+        silent = {r for r, view in replicas.items() if self._silent(r, view, now)}
+        if silent and len(silent) < len(replicas):
+            live = {r: v for r, v in replicas.items() if r not in silent}
+            return [*self.choose(live, key), *sorted(silent, key=lambda _: self.rng.random())]
         rows = []
         for r, view in replicas.items():
             sent = self._sent_to(r, view)
