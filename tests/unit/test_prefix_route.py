@@ -131,8 +131,8 @@ def test_the_router_reads_prompts_as_the_replica_does_and_never_fails_on_a_body(
     from modelfleet.serve.route_front import prompt_of
 
     chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
-    assert prompt_of(json.dumps(chat).encode()) == (oa.ChatCompletionRequest.model_validate(chat).prompt(), "m")
-    assert prompt_of(b'{"prompt": "def main("}') == ("def main(", None)
+    assert prompt_of(json.dumps(chat).encode()) == (oa.ChatCompletionRequest.model_validate(chat).prompt(), "m", None)
+    assert prompt_of(b'{"prompt": "def main(", "max_tokens": 7}') == ("def main(", None, 7)
     for body in (
         b"",
         b"\xff\xfe",
@@ -145,6 +145,15 @@ def test_the_router_reads_prompts_as_the_replica_does_and_never_fails_on_a_body(
         b"null",
     ):
         assert prompt_of(body) is None, body[:40]
+
+
+def test_work_sent_to_a_silent_replica_counts_its_decode():
+    """Requests sent to a replica that never publishes again (frozen) weigh their prompt and
+    max_tokens: a frozen replica stops looking lighter than one serving as many requests."""
+    r = router()
+    views = {"frozen": view(at=1.0), "busy": view(decode=3 * 40, at=1.0)}
+    picks = [r.choose(views, RouteKey(prompt(30 + i, 9), max_tokens=40))[0] for i in range(6)]
+    assert picks.count("frozen") <= 4, picks
 
 
 def test_a_replica_that_stops_publishing_is_ranked_last():

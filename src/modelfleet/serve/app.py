@@ -185,8 +185,8 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
                 request_router_class=CacheAwareRouter,
                 request_router_kwargs={
                     "ttft_ceiling_s": cfg.router.ttft_ceiling_s,
-                    # A live replica publishes every period; four missed ones mark it silent.
-                    "stale_after_s": max(2.0, 4 * cfg.router.stats_period_s),
+                    # A live replica publishes every period; three missed ones mark it silent.
+                    "stale_after_s": max(1.0, 3 * cfg.router.stats_period_s),
                 },
                 request_routing_stats_period_s=cfg.router.stats_period_s,
                 request_routing_stats_timeout_s=max(5.0, 4 * cfg.router.stats_period_s),
@@ -198,7 +198,7 @@ def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
                 ray_actor_options={"num_cpus": cfg.router.num_cpus},
                 max_ongoing_requests=1024,  # a pick is ~1 ms; HAProxy's timeout bounds the wait
                 logging_config=_logging(cfg),
-            ).bind(app, m.name, m.artifact, cfg.storage_path)
+            ).bind(app, m.name, m.artifact, cfg.storage_path, m.default_max_tokens)
             app = with_ingress_request_router(app, router)
         return app
     handles, lms = {}, []

@@ -63,6 +63,8 @@ class RouteKey:
 
     token_ids: Sequence[int]
     session_id: str | None = None
+    max_tokens: int = 0
+    """Tokens it may decode: counted, with its uncached prompt, as work sent to the chosen replica."""
     decision: Decision | None = None
 
 
@@ -201,7 +203,9 @@ class PrefixRouter:
 
     def _record(self, replica: Hashable, view: ReplicaView | None, key: RouteKey, uncached: int) -> None:
         sent = self._sent_to(replica, view)
-        sent.tokens += uncached
+        # Its decode counts like the decode tokens a replica publishes: a replica that answers
+        # nothing (frozen) looks as busy as one that is serving the same requests.
+        sent.tokens += uncached + int(key.max_tokens * self.policy.decode_token_weight)
         if view is not None and view.block_size > 0:
             # Once prefilled there, the prompt's blocks are on that replica: a burst of the same
             # prefix follows it before the next publication says so.

@@ -50,8 +50,8 @@ ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 router_app = FastAPI()
 
 
-def prompt_of(body: bytes) -> tuple[str, str | None] | None:
-    """The prompt text and model name of an OpenAI completion or chat body, or None."""
+def prompt_of(body: bytes) -> tuple[str, str | None, int | None] | None:
+    """The prompt text, model name and max_tokens of an OpenAI completion or chat body, or None."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's limit
@@ -61,10 +61,10 @@ def prompt_of(body: bytes) -> tuple[str, str | None] | None:
     try:
         if "messages" in data:
             chat = oa.ChatCompletionRequest.model_validate(data)
-            return chat.prompt(), chat.model
+            return chat.prompt(), chat.model, chat.max_tokens
         if "prompt" in data:
             req = oa.CompletionRequest.model_validate(data)
-            return req.prompt, req.model
+            return req.prompt, req.model, req.max_tokens
     except ValidationError:
         return None
     return None
@@ -75,9 +75,10 @@ def prompt_of(body: bytes) -> tuple[str, str | None] | None:
 class IngressRouter:
     """``/internal/route`` for one LM deployment (module docstring)."""
 
-    def __init__(self, server: Any, model: str, artifact: str, storage_path: str) -> None:
+    def __init__(self, server: Any, model: str, artifact: str, storage_path: str, default_max_tokens: int) -> None:
         self._handle = server
         self._model = model
+        self._default_max_tokens = default_max_tokens
         tokenizer, _ = load_preprocessor(registry.resolve(storage_path, artifact).uri)
         self._tokenizer = tokenizer
         self.m_decisions = metrics.Counter(
@@ -108,7 +109,7 @@ class IngressRouter:
         ids = (
             await asyncio.to_thread(self._tokenizer.encode, text) if len(text) > 4096 else self._tokenizer.encode(text)
         )
-        return RouteKey(ids or [self._tokenizer.eos_id], session)
+        return RouteKey(ids or [self._tokenizer.eos_id], session, parsed[2] or self._default_max_tokens)
 
     @router_app.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:
