@@ -37,9 +37,9 @@ class SimCluster:
         self.gcs_port, self.dashboard_port, self.serve_port = gcs_port, dashboard_port, serve_port
         self.cpus_per_node, self.gpus_per_node, self.up_timeout_s = cpus_per_node, gpus_per_node, up_timeout_s
         self.head_gpus, self.isolated = head_gpus, isolated
-        # One cache-aware router per simulated node, not the default two: every node of the 2-core
-        # machine runs an HAProxy, so two would be six extra processes per LM app on a 3-node
-        # cluster; router redundancy is tested on the session's Ray (tests/integration/test_serving.py).
+        # One cache-aware router per simulated node (when an app turns serve.router on), not the
+        # default two: every node of the 2-core machine runs an HAProxy; router redundancy is tested
+        # on the session's Ray (tests/integration/test_serving.py).
         self.env = cli_env(home, **{"RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE": "1", **env})
         self.is_up, self.up_output, self.up_s = False, "", 0.0
         self.spoiled = False  # a drill broke it (killed a node): the next user gets a fresh one

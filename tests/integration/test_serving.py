@@ -597,7 +597,12 @@ def test_the_router_keeps_each_prefix_on_its_warm_replica_and_survives_a_router_
     import signal
 
     storage, _ = registry_dir
-    _deploy(storage, "route", [_model("tiny", "tiny@v1", num_replicas=2, ray_actor_options={"num_cpus": 0.4})])
+    _deploy(
+        storage,
+        "route",
+        [_model("tiny", "tiny@v1", num_replicas=2, ray_actor_options={"num_cpus": 0.4})],
+        router={"enabled": True},
+    )
     url = f"{BASE}/route/v1/completions"
     prefixes = [f"customer {c}: ".ljust(80, "abcdefghij"[c]) for c in range(4)]
 

@@ -232,7 +232,10 @@ class RouterSpec(_Strict):
     ``RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE`` of them beside each node's HAProxy (2, set
     where clusters are made: ``cluster/haproxy.py``, the Helm pod env)."""
 
-    enabled: bool = Field(True, description="Route by prefix cache and token load; false: HAProxy's leastconn.")
+    # Off by default until the router reads each replica's open connections from HAProxy: it
+    # knows what it sent, not what finished, so a frozen replica (SIGSTOP drill) keeps its share
+    # of picks until HAProxy's health check fails it, where leastconn sends nothing more there.
+    enabled: bool = Field(False, description="Route by prefix cache and token load; false: HAProxy's leastconn.")
     num_cpus: float = Field(0.05, ge=0, description="Logical CPUs per router replica (it tokenizes and hashes).")
     ttft_ceiling_s: float = Field(
         1.0, gt=0, description="A warm replica whose queued prefill would take longer than this is skipped."
