@@ -115,6 +115,24 @@ def test_a_cancelled_request_leaves_the_core_at_once(core):
     assert not sink.finished(100) and c.in_flight == 0
 
 
+def test_the_digest_carries_the_prefix_cache_keys_and_a_cancelled_wait_harms_nothing(core):
+    """Digest: the core's published block keys (what the cache-aware router matches) after a
+    prompt of 3 full blocks ran, and the engine's block size. A digest whose waiter gave up (the
+    replica's 5 s bound: the future is cancelled) is answered later without ending the reader."""
+    from modelfleet.serve.prefix_route import request_keys
+
+    c, sink = core
+    ids = ByteTokenizer().encode("k" * 49)
+    c.submit(200, Job(ids, 2, temperature=0.0))
+    wait_until(lambda: sink.finished(200), 30, "the prompt computed", 0.02)
+    abandoned = c.digest()
+    abandoned.cancel()
+    d = c.digest().result(10)
+    assert d.block_size == 16 and d.queued_prefill_tokens == 0
+    assert set(request_keys(ids, d.base_sha, d.block_size, 8)) <= set(d.keys)
+    assert c.digest().result(10).keys == d.keys  # the reader lives on after the cancelled answer
+
+
 def test_core_exits_when_its_parent_is_killed(artifact, tmp_path):
     """SIGKILL of the process that owns a core (a replica killed alone): the core reads end-of-file
     on its pipe and exits, within 5 s."""

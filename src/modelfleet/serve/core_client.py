@@ -217,7 +217,7 @@ class CoreClient:
                     self._fail_live()
             elif isinstance(msg, (cm.Done, cm.CacheDigest)):
                 fut = self._calls.pop(msg.cid, None)
-                if fut is not None:
+                if fut is not None and not fut.done():  # a waiter that timed out cancelled it
                     fut.set_result(msg)
             elif isinstance(msg, cm.Refused):
                 self._live.discard(msg.rid)
@@ -226,7 +226,8 @@ class CoreClient:
         if self.error is None:
             self.error = f"the engine core (pid {self.pid}) exited with code {code}"
         for fut in self._calls.values():
-            fut.set_exception(CoreError(self.error))
+            if not fut.done():
+                fut.set_exception(CoreError(self.error))
         self._calls.clear()
         if self.stopping and code == 0 and not self._live:
             return  # shut down after its last request, as asked
