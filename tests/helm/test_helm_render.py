@@ -175,9 +175,12 @@ def test_notes_warn_about_every_acknowledged_insecure_setting(helm, tmp_path):
         "insecure.allowNoNetworkPolicy=true",
         "serving.ingress.enabled=true",
         "insecure.allowIngressWithoutTls=true",
+        "serving.apiKey.required=false",
+        "insecure.allowNoApiKey=true",
     )
     warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 3, text
+    assert len(warnings) == 4, text
+    assert any("without an API key" in w for w in warnings)
     assert any("token authentication is OFF" in w for w in warnings)
     assert any("NetworkPolicy is OFF" in w for w in warnings)
     assert any("Ingress has no TLS" in w for w in warnings)

@@ -8,7 +8,11 @@ import json
 import re
 
 import pytest
+import yaml
 from chart_objects import CHART, CI_VALUES, ROOT, cluster_specs, containers, of_kind, one, services
+
+from modelfleet.config.serve import parse_serve_config
+from modelfleet.serve.auth import check_exposure
 
 RAY_PRIVATE_PORTS = {8265, 10001}
 
@@ -112,6 +116,21 @@ def test_unknown_model_key_fails_like_serve_config_would(render_error):
             "insecure.allowIngressWithoutTls",
         ),
         (None, ["networkPolicy.egress.objectStore.cidrs={10.0.0.1}"], "networkPolicy.egress.objectStore.cidrs"),
+        (None, ["serving.apiKey.required=false"], "set insecure.allowNoApiKey=true to accept that"),
+        (
+            None,
+            [
+                "storage.pvc.enabled=false",
+                "storage.objectStore.uri=s3://b/p",
+                "storage.objectStore.env.AWS_SECRET_ACCESS_KEY=x",
+            ],
+            "storage.objectStore.env.AWS_SECRET_ACCESS_KEY looks like a secret",
+        ),
+        (
+            None,
+            ["storage.pvc.enabled=false", "storage.objectStore.uri=s3://b/p", "storage.objectStore.env.HF_TOKEN=x"],
+            "storage.objectStore.env.HF_TOKEN looks like a secret",
+        ),
         (None, ["networkPolicy.egress.kubernetesApi.ports={70000}"], "networkPolicy.egress.kubernetesApi.ports"),
     ],
 )
@@ -313,11 +332,20 @@ def test_dashboard_panels_read_metrics_the_replicas_export():
         (["rayAuth.enabled=false", "insecure.allowNoRayAuth=true"], {"RayService", "RayJob"}),
         (["networkPolicy.enabled=false", "insecure.allowNoNetworkPolicy=true"], {"RayService", "RayJob"}),
         (["serving.ingress.enabled=true", "insecure.allowIngressWithoutTls=true"], {"RayService", "RayJob", "Ingress"}),
+        (["serving.apiKey.required=false", "insecure.allowNoApiKey=true"], {"RayService", "RayJob"}),
     ],
 )
 def test_acknowledged_insecure_settings_render(render, sets, kinds):
     docs = render(None, *sets)
     assert kinds <= {d["kind"] for d in docs}
+    (app,) = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"]
+    cfg = parse_serve_config(app["args"])
+    if "serving.apiKey.required=false" in sets:
+        # The acknowledgement reaches the app: it starts on the pods' 0.0.0.0 with no key.
+        assert cfg.host == "0.0.0.0" and cfg.insecure_no_auth and not cfg.require_api_key
+        check_exposure(cfg, None)
+    else:
+        assert not cfg.insecure_no_auth
     if "rayAuth.enabled=false" in sets:
         assert all("authOptions" not in spec for _, spec in cluster_specs(docs))
     if "networkPolicy.enabled=false" in sets:

@@ -12,6 +12,9 @@ import pytest
 import yaml
 from chart_objects import CHART, CI_VALUES, ROOT, cluster_spec, containers, of_kind, one, pod_templates
 
+from modelfleet.errors import ConfigError
+from modelfleet.serve.auth import check_exposure
+
 SERVING = [v for v in CI_VALUES if v != "train-only-values.yaml"]
 TRAINING = [v for v in CI_VALUES if v != "serve-only-values.yaml"]
 
@@ -29,6 +32,10 @@ def test_serve_config_passes_ray_serve_and_modelfleet_schemas(ci_renders, values
     assert app.import_path == "modelfleet.serve.app:build_app"
     cfg = parse_serve_config(app.args)
     assert cfg.require_api_key and cfg.api_key_env == "MODELFLEET_API_KEY"
+    # The app judges exposure by the host the pods really serve on: no key there is refused.
+    assert cfg.host == "0.0.0.0" and not cfg.insecure_no_auth
+    with pytest.raises(ConfigError, match="reachable from other machines"):
+        check_exposure(cfg, None)
     # The proxy must listen beyond loopback inside the pod, on the port the Service targets.
     assert deploy.http_options.host == "0.0.0.0"
     svc = rs["spec"]["serveService"]["spec"]

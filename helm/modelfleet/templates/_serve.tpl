@@ -9,6 +9,8 @@ ServeConfig (modelfleet.config.serve.parse_serve_config). Models pass through ve
   "storage_path" (include "modelfleet.storagePath" .)
   "api_key_env" "MODELFLEET_API_KEY"
   "require_api_key" $s.apiKey.required
+  "host" "0.0.0.0"
+  "insecure_no_auth" (and (not $s.apiKey.required) .Values.insecure.allowNoApiKey)
   "max_body_bytes" $s.maxBodyBytes
   "models" $s.models }}
 {{- $app := dict
@@ -16,7 +18,9 @@ ServeConfig (modelfleet.config.serve.parse_serve_config). Models pass through ve
   "route_prefix" $s.routePrefix
   "import_path" "modelfleet.serve.app:build_app"
   "args" $args }}
-{{- /* 0.0.0.0 inside the pod so the Service reaches the proxy; the NetworkPolicy and API key guard it. */}}
+{{- /* 0.0.0.0 inside the pod so the Service reaches the proxy; the NetworkPolicy and API key guard it.
+The app's args carry the same host, so its fail-closed check (serve/auth.py) judges the address the
+pods really serve on; insecure_no_auth only where the values acknowledged it. */}}
 {{- toYaml (dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" $s.port)

@@ -18,6 +18,15 @@ Each message names the keys, their values and what would be valid.
 {{- if and (not $v.networkPolicy.enabled) (not $v.insecure.allowNoNetworkPolicy) }}
 {{- fail "networkPolicy.enabled=false lets every pod in the cluster reach Ray's ports; keep it on, or set insecure.allowNoNetworkPolicy=true to accept that" }}
 {{- end }}
+{{- if and $v.serving.enabled (not $v.serving.apiKey.required) (not $v.insecure.allowNoApiKey) }}
+{{- fail "serving.apiKey.required=false lets the application start without an API key while its pods serve on 0.0.0.0 (anyone who reaches the Service uses the models); keep it on, or set insecure.allowNoApiKey=true to accept that" }}
+{{- end }}
+{{- /* Object-store env is rendered as plain `value:`: a secret there would sit in the RayCluster spec. */}}
+{{- range $name, $_ := $v.storage.objectStore.env }}
+{{- if regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY)" $name }}
+{{- fail (printf "storage.objectStore.env.%s looks like a secret and would be rendered as a plain value in the Ray pods' spec; put it in storage.objectStore.credentialsSecret and name it in storage.objectStore.credentialsKeys" $name) }}
+{{- end }}
+{{- end }}
 {{- if and $v.serving.enabled $v.serving.ingress.enabled (not $v.serving.ingress.tlsSecretName) (not $v.insecure.allowIngressWithoutTls) }}
 {{- fail "serving.ingress.enabled=true without serving.ingress.tlsSecretName would carry API keys and prompts in clear text; give a TLS Secret (and serving.ingress.host), or set insecure.allowIngressWithoutTls=true to accept that" }}
 {{- end }}
