@@ -59,6 +59,16 @@ def test_ties_spread_a_cold_burst():
     assert len(firsts) == 4 and max(firsts.values()) <= 4, firsts
 
 
+def test_requests_without_a_prompt_spread_by_load():
+    """A body the ingress router cannot read is keyed with no tokens: picked by load, not all
+    on the first candidate (what Serve's pick-only mode does with an unranked list)."""
+    r = router()
+    views = {x: view() for x in "abcd"}
+    firsts = Counter(r.choose(views, RouteKey([], None, 16))[0] for _ in range(8))
+    assert sorted(firsts.values()) == [2, 2, 2, 2], firsts
+    assert r.choose(views, key := RouteKey([])) and key.decision.cached_tokens == 0
+
+
 def test_a_burst_of_one_new_prefix_follows_the_first_send():
     """Before any replica publishes it, the prefix this router just sent stays where it went."""
     r = router()

@@ -114,16 +114,22 @@ class IngressRouter:
     @router_app.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
-        key = await self._key(await request.body(), request.headers.get(SESSION_HEADER))
-        args = (key,) if key is not None else ()
-        name = await pick_replica(self._handle, *args)
-        reason = key.decision.reason if key is not None and key.decision is not None else "unkeyed"
+        session = request.headers.get(SESSION_HEADER)
+        key = await self._key(await request.body(), session)
+        keyed = key is not None
+        if key is None:
+            # No prompt to score: still a key, with no tokens, so the pick is by token load with
+            # random ties. Without one, Serve's pick-only mode takes the first candidate, and every
+            # unreadable body would land on the same replica.
+            key = RouteKey([], session, self._default_max_tokens)
+        name = await pick_replica(self._handle, key)
+        reason = key.decision.reason if keyed and key.decision is not None else "unkeyed"
         self.m_decisions.inc(tags={"model": self._model, "reason": reason})
         self.m_seconds.observe(time.perf_counter() - t0)
         # HAProxy sets ``request_headers`` on the request it pins (the front reports it back as
         # ``x-modelfleet-route``): which rule chose the replica, how many tokens it had cached, and
         # which router replica decided.
-        cached = key.decision.cached_tokens if key is not None and key.decision is not None else 0
+        cached = key.decision.cached_tokens if key.decision is not None else 0
         route = f"{reason}; cached={cached}; router={os.getpid()}"
         return {"replica_id": name, "request_headers": {"x-serve-router-route": route}}
 
