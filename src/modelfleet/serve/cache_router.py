@@ -7,9 +7,10 @@ this class in the router's process. It ranks the candidates with ``PrefixRouter`
 routing stats (``record_routing_stats``, every ``stats_period_s``; Serve's controller fetches them
 and broadcasts them to every handle, so all router replicas see the same publications).
 
-Calls that carry no ``RouteKey`` (a handle call, a body the router could not parse) get the
-variant-sticky ranking of ``VariantRouter``, which for a request without a variant is Serve's own
-load-balanced pick.
+Calls that carry no ``RouteKey`` (handle calls) get the variant-sticky ranking of
+``VariantRouter``. The ingress router keys every request, a body it could not read with no
+tokens, so its picks are always ranked here (Serve's pick-only mode takes the first candidate of
+an unranked list).
 """
 
 from __future__ import annotations
