@@ -5,11 +5,12 @@ ServeConfig (modelfleet.config.serve.parse_serve_config). Models pass through ve
 */}}
 {{- define "modelfleet.serveConfig" -}}
 {{- $s := .Values.serving }}
+{{- $host := "0.0.0.0" }}
 {{- $args := dict
   "storage_path" (include "modelfleet.storagePath" .)
   "api_key_env" "MODELFLEET_API_KEY"
   "require_api_key" $s.apiKey.required
-  "host" "0.0.0.0"
+  "host" $host
   "insecure_no_auth" (and (not $s.apiKey.required) .Values.insecure.allowNoApiKey)
   "max_body_bytes" $s.maxBodyBytes
   "models" $s.models }}
@@ -23,6 +24,6 @@ The app's args carry the same host, so its fail-closed check (serve/auth.py) jud
 pods really serve on; insecure_no_auth only where the values acknowledged it. */}}
 {{- toYaml (dict
   "proxy_location" "EveryNode"
-  "http_options" (dict "host" "0.0.0.0" "port" $s.port)
+  "http_options" (dict "host" $host "port" $s.port)
   "applications" (list $app)) }}
 {{- end }}
