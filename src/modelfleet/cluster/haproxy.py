@@ -18,7 +18,11 @@ What the variables fix, and why:
   Ray writes the admin socket ``mode 666``; the directory makes that unreachable for other users,
   and two clusters on one machine no longer share ``/tmp/haproxy-serve``.
 - Ports (stats, Prometheus exporter, the fallback proxy) are free ports picked per cluster, so two
-  clusters on one machine do not collide. Ray 2.60 binds the stats and exporter ports on every
+  clusters on one machine do not collide, and picked *below the kernel's ephemeral range*: HAProxy
+  re-binds them on every start and reload, and a port from the ephemeral range, once its HAProxy
+  died (a proxy actor killed for a slow health check), is soon the local end of one of Ray's
+  long-lived outgoing connections, so every new HAProxy failed with "cannot bind socket (Address
+  already in use)" for minutes (seen in CI). Ray 2.60 binds the stats and exporter ports on every
   interface; the edge wrapper (below) rebinds them to 127.0.0.1.
 - ``RAY_SERVE_HAPROXY_BINARY_PATH``: Ray's one hook into how HAProxy runs, pointed at
   ``haproxy_edge.py``, which hardens each config Ray renders (start and every reload) and execs
@@ -39,6 +43,7 @@ What the variables fix, and why:
 from __future__ import annotations
 
 import os
+import random
 import socket
 import stat
 import tempfile
@@ -59,10 +64,45 @@ def haproxy_enabled() -> bool:
     return os.environ.get(ENABLE, "1") != "0"
 
 
-def _free_port() -> int:
+PORT_WINDOW_LOW = 28000
+"""Listening ports are picked from here up to the ephemeral range: above the simulated cluster's
+worker ports (20000 + 1000 per node) and Ray's default ones (10002-19999)."""
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(taken: set[int] | None = None) -> int:
+    """A port free now, outside the ephemeral range where the kernel has room for that (else any
+    free port: a machine whose ephemeral range starts low leaves no such window)."""
+    taken = taken if taken is not None else set()
+    window = range(PORT_WINDOW_LOW, _ephemeral_low())
+    if len(window) >= 256:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.choice(window)
+            if port not in taken and _bindable(port):
+                taken.add(port)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    taken.add(port)
+    return port
 
 
 def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s: float = 2.0) -> dict[str, str]:
@@ -78,6 +118,7 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
             f"HAProxy state directory {str(base)!r} is too long for its unix sockets (at most {97 - 70} characters)"
         )
     _owner_only_dir(base)
+    ports: set[int] = set()  # four distinct ones: each is checked free, none yet bound
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
@@ -90,10 +131,10 @@ def haproxy_env(root: str | Path | None = None, *, threads: int = 1, draining_s:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(ports)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(ports)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(ports)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(ports)),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{draining_s:g}",
         # Idle bounds (Ray's defaults: client 3600 s, server none): past ServeConfig's default
         # request_timeout_s (300 s), which the replica enforces itself, so these only cut
