@@ -63,6 +63,10 @@ def stage_runs(ray_session, tiny_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     runs = {}
     for stage in (0, 2, 3):  # this order: test_training's export test expects stage 3's artifact newest
-        cfg = tiny_config(storage, tiny_data, [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}"])
+        # ZeRO-0 saves synchronously, 2 and 3 asynchronously (the default): both modes train,
+        # resume and export in every run of the suite.
+        mode = "sync" if stage == 0 else "async"
+        over = [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}", f"train.checkpoint_mode={mode}"]
+        cfg = tiny_config(storage, tiny_data, over)
         runs[stage] = (cfg, train(cfg, show_progress=False))
     return storage, runs

@@ -124,3 +124,14 @@ def serve_builds_for_haproxy(enabled: bool | None = None) -> bool:
     if enabled is not None:
         build_app.RAY_SERVE_ENABLE_HA_PROXY = enabled
     return bool(build_app.RAY_SERVE_ENABLE_HA_PROXY)
+
+
+def train_storage() -> tuple[Any, str]:
+    """Inside a Ray Train worker: (the run's storage filesystem, the run directory's path on it).
+    A checkpoint an upload function returns must be on exactly these to be registered by Ray
+    Train (``is_managed_checkpoint`` compares the filesystem objects). ``get_storage`` is a
+    DeveloperAPI (its StorageContext "may change without notice between minor versions")."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, str(storage.experiment_fs_path)

@@ -18,6 +18,12 @@ from modelfleet.families.artifact import load_artifact
 from modelfleet.storage import sha256_file
 
 
+def _local_fs(path: Path):
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem(), str(path)
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_trains_and_loss_falls(stage_runs, stage):
     _, runs = stage_runs
@@ -32,6 +38,17 @@ def test_zero_stage_trains_and_loss_falls(stage_runs, stage):
     assert res.checkpoint_step == 30 and res.metrics["step"] == 30
     assert all(r["tokens_per_s"] > 0 for r in steps)
     assert "time_to_first_step_s" in res.timings
+    # Both save modes publish every checkpoint whole; an async one is recorded when published,
+    # after its background write (so its record follows COMPLETE, never precedes it).
+    from modelfleet.train import checkpoint as ck
+
+    saves = [r for r in recs if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [10, 20, 30]
+    assert {r["mode"] for r in saves} == {cfg.train.checkpoint_mode} == {"sync" if stage == 0 else "async"}
+    if stage:
+        assert all(r["snapshot_s"] > 0 and r["write_s"] > 0 for r in saves), saves
+    for step in (10, 20, 30):
+        ck.validate(*_local_fs(Path(res.run_dir, ck.step_dir_name(step))))
 
 
 def test_stage3_export_matches_live_engine(stage_runs):
@@ -62,29 +79,42 @@ def test_stage3_export_matches_live_engine(stage_runs):
     assert registry.resolve(str(storage), "tiny").version == art.version
 
 
-def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data):
-    """SIGKILL a training worker after the step-10 checkpoint: Ray Train restarts the group,
-    the loop restores step 10 and finishes; the final loss matches the uninterrupted run."""
+def test_kill_worker_during_the_background_write_resumes_from_last_complete_checkpoint(stage_runs, tiny_data):
+    """SIGKILL a training worker while the step-20 checkpoint is being written in the background
+    (asynchronous saves: some of its files are in storage, not every rank's marker, no COMPLETE):
+    the step-20 checkpoint is never published, Ray Train restarts the group, the loop restores
+    step 10 and finishes; the final loss matches the uninterrupted run."""
     from modelfleet.train import train
 
     storage, runs = stage_runs
     cfg = tiny_config(storage, tiny_data, ["deepspeed.zero_stage=3", "storage.run_name=killed", "train.max_failures=1"])
+    assert cfg.train.checkpoint_mode == "async"
     run_dir = os.path.join(storage, "runs", "killed")
+    step20 = Path(run_dir, "step_00000020")
     killed, stop = {}, threading.Event()
 
     def killer():
+        # The window is the ranks' uploads (tens of ms here), so the 2 worker pids are found
+        # beforehand and, at the first file of step 20 in storage, every rank is frozen at once;
+        # the save is checked to be still unpublished, one rank is killed and the other let go.
         deadline = time.time() + 240
-        while time.time() < deadline and not killed and not stop.is_set():
-            recs = _records(run_dir)
-            steps = [r["step"] for r in recs if r["kind"] == "step"]
-            if any(r["kind"] == "checkpoint" and r["step"] == 10 for r in recs) and steps and max(steps) >= 13:
-                workers = train_worker_pids(os.getpid())  # only this session's Ray
-                if workers:
-                    pid = workers[-1]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.update(pid=pid, at_step=max(steps))
-                    return
-            time.sleep(0.05)
+        pids: list[int] = []
+        while time.time() < deadline and not stop.is_set():
+            if len(pids) < 2:
+                pids = train_worker_pids(os.getpid())  # only this session's Ray
+                time.sleep(0.05)
+                continue
+            if step20.is_dir() and any(step20.iterdir()):
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                markers = len(list(step20.glob("rank-*.json")))
+                if markers < 2 and not (step20 / "COMPLETE").exists():
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.update(pid=pids[-1], markers=markers, files=sorted(p.name for p in step20.rglob("*")))
+                for pid in pids[:-1] if killed else pids:
+                    os.kill(pid, signal.SIGCONT)
+                return
+            time.sleep(0.002)
 
     wait_no_train_workers(os.getpid())  # the killer must find this run's workers, not an earlier test's
     th = threading.Thread(target=killer, daemon=True)
@@ -94,11 +124,14 @@ def test_kill_worker_resumes_from_last_complete_checkpoint(stage_runs, tiny_data
     finally:
         stop.set()  # never a kill after the run: the next test's workers are not this drill's
         th.join(timeout=5)
-    assert killed, "the worker was never killed: the drill did not run"
-    assert killed["at_step"] < 20  # killed before the step-20 checkpoint could exist
-    resumes = [r for r in _records(run_dir) if r["kind"] == "resume"]
-    assert [r["step"] for r in resumes] == [10]
-    assert res.checkpoint_step == 30
+    assert killed, "no worker was killed during step 20's background write: the drill did not run"
+    recs = _records(run_dir)
+    resumes = [r for r in recs if r["kind"] == "resume"]
+    assert [r["step"] for r in resumes] == [10], (resumes, killed)
+    assert any("step_00000020 is partial" in s for s in resumes[0]["skipped"]), resumes[0]["skipped"]
+    first = recs.index(resumes[0])
+    assert 20 not in [r["step"] for r in recs[:first] if r["kind"] == "checkpoint"], "step 20 was published"
+    assert res.checkpoint_step == 30 and (step20 / "COMPLETE").exists()  # saved again after the resume
     base = runs[3][1].metrics["val_loss"]
     # Same seed and data, restored optimizer and LR state: only Ray Data's order after the
     # restart may differ, so the final validation loss agrees within 5%.

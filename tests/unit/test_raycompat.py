@@ -145,3 +145,12 @@ def test_the_ingress_request_router_hooks_still_exist():
 
     assert callable(ReplicaID.to_full_id_str)
     assert "choose_replica" in dir(serve.handle.DeploymentHandle)
+
+
+def test_the_train_storage_context_still_has_the_fields_async_checkpoints_read():
+    from ray.train.v2._internal.execution.storage import StorageContext
+    from ray.train.v2.api.context import TrainContext
+
+    assert "get_storage" in vars(TrainContext)
+    storage = StorageContext(storage_path="/tmp", experiment_dir_name="run")
+    assert storage.experiment_fs_path.endswith("/run") and storage.storage_filesystem is not None

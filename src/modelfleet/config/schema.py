@@ -77,6 +77,9 @@ class DataConfig:
         check(self.rows_per_shard > 0, "data.rows_per_shard", f"must be > 0, got {self.rows_per_shard}")
 
 
+CHECKPOINT_MODES = ("async", "sync")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     num_workers: int | list[int] = 2
@@ -130,6 +133,11 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 3
     """Complete checkpoints to keep (older ones are deleted by Ray Train)."""
+    checkpoint_mode: str = "async"
+    """``async``: a save stops the step loop only to copy each rank's state to host memory; the
+    files are written, uploaded and published (``COMPLETE``) in the background, and the next save
+    waits only if that one is still in flight. ``sync``: every rank writes and uploads before the
+    next step (train/checkpoint.py)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do from the last complete checkpoint."""
     peak_tflops: float = 0.0
@@ -176,6 +184,11 @@ class TrainConfig:
         check(self.min_workers > 0, "train.num_workers", f"must be > 0, got {self.num_workers}")
         for k in ("warmup_steps", "eval_every", "checkpoint_every", "max_failures", "grad_clip", "weight_decay"):
             check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
+        check(
+            self.checkpoint_mode in CHECKPOINT_MODES,
+            "train.checkpoint_mode",
+            f"must be one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoint_mode!r}",
+        )
         check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0 = from the device), got {self.peak_tflops}")

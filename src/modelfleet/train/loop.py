@@ -28,9 +28,11 @@ from modelfleet.config import Config
 from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
 from modelfleet.models.lora import trainable_state
+from modelfleet.raycompat import train_storage
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
+from modelfleet.train.async_save import BackgroundSave
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
@@ -98,6 +100,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     t_init = time.time()
+    saver = (
+        BackgroundSave(
+            engine,
+            rank=rank,
+            world=world,
+            runs_root=StorageLayout(cfg.storage.path).runs(),
+            run_name=cfg.storage.run_name,
+            storage=train_storage(),
+        )
+        if cfg.train.checkpoint_mode == "async"
+        else None
+    )
     largest_local = all_reduce(
         torch.tensor([storage["local_bytes"]], dtype=torch.float64, device=engine.device),
         engine.device,
@@ -230,8 +244,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
             if save:
                 verify = _probe(engine, val_batches, family) if final else None
-                _save(engine, cfg, state, metrics, rank, world, verify, adapter_only=adapter_only)
-                progress.send("checkpoint", step=step)
+                t_save = time.monotonic()
+                if saver is None:
+                    _save(engine, cfg, state, metrics, rank, world, verify, adapter_only=adapter_only)
+                    progress.send("checkpoint", step=step, mode="sync")
+                else:  # its "checkpoint" record is sent by rank 0 once it is published
+                    _save_async(saver, engine, cfg, state, metrics, world, verify, progress, adapter_only=adapter_only)
+                # How long the step loop stopped for this save (the figure async saves cut).
+                progress.send("save", step=step, mode=cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save)
             last = time.time()  # eval and checkpoint time is not step time
             if final:
                 break
@@ -244,6 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["epoch"] += 1
             state["batch_in_epoch"] = state["samples_in_epoch"] = 0
             resized_from = world
+    if saver is not None:  # the last save published before the run counts as done
+        saver.wait_previous()
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
 
 
@@ -349,9 +371,8 @@ def _save(
     *,
     adapter_only: bool = False,
 ) -> None:
-    """Each rank: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
+    """Synchronous: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
     import torch.distributed as dist
-    from safetensors.torch import save_file, save_model
 
     step = state["step"]
     local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
@@ -361,22 +382,7 @@ def _save(
         dist.barrier()
         engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
         if rank == 0:
-            with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
-                json.dump(
-                    {"state": state, "metrics": metrics, "world_size": world, "config": cfg.to_dict()}, f, indent=1
-                )
-            if cfg.deepspeed.zero_stage == 0:
-                # ZeRO-0 keeps whole parameters in the module: export reads them from here
-                # rather than unpickling DeepSpeed's model-states file.
-                if adapter_only:
-                    save_file(trainable_state(engine.module), os.path.join(local, ck.ZERO0_WEIGHTS))
-                else:
-                    save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
-            if verify is not None:
-                save_file(verify, os.path.join(local, ck.VERIFY_FILE))
-            transform = storage_io.join(cfg.data.path, TRANSFORM_FILE)
-            if storage_io.exists(transform):  # the fitted preprocessing travels with the weights
-                storage_io.download_file(transform, os.path.join(local, TRANSFORM_FILE))
+            _write_run_files(engine, cfg, state, metrics, world, verify, local, adapter_only=adapter_only)
         ck.write_rank_marker(local, rank, world, step)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=ck.step_dir_name(step)
@@ -387,3 +393,82 @@ def _save(
         dist.barrier()
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _save_async(
+    saver: BackgroundSave,
+    engine: Any,
+    cfg: Config,
+    state: dict,
+    metrics: dict,
+    world: int,
+    verify: dict | None,
+    progress: _Progress,
+    *,
+    adapter_only: bool = False,
+) -> float:
+    """Asynchronous (train/async_save.py): snapshot to host memory, then Ray's upload thread writes,
+    uploads and publishes. Returns the seconds spent waiting for the previous save."""
+    step = state["step"]
+    waited = saver.wait_previous()
+    local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")  # Ray deletes it after the upload function
+    if saver.rank == 0:
+        # Before DeepSpeed's save_checkpoint, which starts with a barrier: no rank uploads into a
+        # stale directory of this step (and every rank's previous save is published by then).
+        ck.remove_stale(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step)
+    t0 = time.monotonic()
+    engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
+    if saver.rank == 0:
+        _write_run_files(engine, cfg, state, metrics, world, verify, local, adapter_only=adapter_only)
+    snapshot_s = time.monotonic() - t0
+
+    def published(write_s: float, write_cpu_s: float) -> None:
+        progress.send(
+            "checkpoint",
+            step=step,
+            mode="async",
+            snapshot_s=snapshot_s,
+            write_s=write_s,
+            write_cpu_s=write_cpu_s,
+            waited_s=waited,
+        )
+
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local),
+        checkpoint_dir_name=ck.step_dir_name(step),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        checkpoint_upload_fn=saver.upload_fn(step, published),
+        delete_local_checkpoint_after_upload=True,
+    )
+    return waited
+
+
+def _write_run_files(
+    engine: Any,
+    cfg: Config,
+    state: dict,
+    metrics: dict,
+    world: int,
+    verify: dict | None,
+    local: str,
+    *,
+    adapter_only: bool,
+) -> None:
+    """Rank 0's files beside the shards: trainer state, ZeRO-0 weights, the probe, the transform."""
+    from safetensors.torch import save_file, save_model
+
+    with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
+        json.dump({"state": state, "metrics": metrics, "world_size": world, "config": cfg.to_dict()}, f, indent=1)
+    if cfg.deepspeed.zero_stage == 0:
+        # ZeRO-0 keeps whole parameters in the module: export reads them from here
+        # rather than unpickling DeepSpeed's model-states file.
+        if adapter_only:
+            save_file(trainable_state(engine.module), os.path.join(local, ck.ZERO0_WEIGHTS))
+        else:
+            save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
+    if verify is not None:
+        save_file(verify, os.path.join(local, ck.VERIFY_FILE))
+    transform = storage_io.join(cfg.data.path, TRANSFORM_FILE)
+    if storage_io.exists(transform):  # the fitted preprocessing travels with the weights
+        storage_io.download_file(transform, os.path.join(local, TRANSFORM_FILE))
