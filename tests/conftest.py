@@ -11,6 +11,10 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Experiment tracking (MLflow, TensorBoard; on by default when installed) is off for every test
+# but the tracking tests, which turn it on in their configs: the variable is the default of
+# tracking.enabled, and subprocesses (the CLI, simulated clusters, Ray jobs) inherit it.
+os.environ.setdefault("MODELFLEET_TRACKING", "0")
 
 from helpers import TEST_SOURCES, tiny_config
 
@@ -67,6 +71,7 @@ def stage_runs(ray_session, tiny_data, tmp_path_factory):
         # resume and export in every run of the suite.
         mode = "sync" if stage == 0 else "async"
         over = [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}", f"train.checkpoint_mode={mode}"]
+        over.append(f"tracking.enabled={str(stage == 3).lower()}")  # read by tests/integration/test_tracking.py
         cfg = tiny_config(storage, tiny_data, over)
         runs[stage] = (cfg, train(cfg, show_progress=False))
     return storage, runs

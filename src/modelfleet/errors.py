@@ -26,6 +26,10 @@ class TrainingFailedError(RuntimeError):
     """A training run failed after spending its restart budget; the message says where to resume."""
 
 
+class TrainingStoppedError(RuntimeError):
+    """A run stopped on request (``jobs stop``, Ctrl-C) after checkpointing where it stood."""
+
+
 class JobError(RuntimeError):
     """A Ray job could not be submitted, or ended in a state other than SUCCEEDED."""
 
@@ -45,6 +49,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ArtifactError,
     CheckpointError,
     TrainingFailedError,
+    TrainingStoppedError,
     JobError,
     StorageError,
     ClusterError,

@@ -206,8 +206,9 @@ def _all_gpus_free(env: dict) -> bool:
 @pytest.mark.slow  # ~3 min: a job started, stopped and resubmitted on the 3-node cluster
 def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     """`modelfleet jobs stop` (Ray's stop_job: SIGTERM to the entrypoint, then its process group)
-    after the first complete checkpoint; the training workers go away; the run resubmitted as a
-    new job with `--resume` continues from its last complete checkpoint, not from step 1."""
+    after the first complete checkpoint: the ranks checkpoint at the next step and the job ends;
+    the training workers go away; the run resubmitted as a new job with `--resume` continues
+    from the step it was stopped at, redoing none."""
     env = cluster.env
     sets = [
         "--set",
@@ -253,6 +254,10 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     at_stop = max(r["step"] for r in recs if r["kind"] == "step")
     last_ckpt = max(r["step"] for r in recs if r["kind"] == "checkpoint")
     assert at_stop < 40, f"the job finished (step {at_stop}) before it was stopped"
+    # The driver's SIGTERM handler had the ranks checkpoint where they stood, within the job's
+    # stop wait (RAY_JOB_STOP_WAIT_TIME_S, set by `modelfleet submit`), before Ray's SIGKILL.
+    stopped = [r for r in recs if r["kind"] == "stopped"]
+    assert [r["step"] for r in stopped] == [at_stop] == [last_ckpt], (stopped, at_stop, last_ckpt)
 
     mf(
         env,

@@ -93,6 +93,8 @@ def test_training_settings_reach_the_rayjob(render):
     assert job["activeDeadlineSeconds"] == 86400
     assert job["submitterConfig"] == {"backoffLimit": 2}
     assert job["backoffLimit"] == 0
+    # A stopped job's driver gets this long to checkpoint before Ray's supervisor SIGKILLs it.
+    assert yaml.safe_load(job["runtimeEnvYAML"]) == {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}
 
 
 def test_training_config_gets_the_release_storage(render, tmp_path):

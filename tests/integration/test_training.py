@@ -158,3 +158,59 @@ def test_partial_or_corrupt_checkpoint_is_never_restored(stage_runs, tiny_data):
     assert [r["step"] for r in resumes] == [10]
     assert "rank 1's shard marker is missing" in " ".join(resumes[0]["skipped"])
     assert res.checkpoint_step == 30
+
+
+def test_a_stop_signal_checkpoints_at_the_next_step_and_the_resumed_run_redoes_none(ray_session, tiny_data, tmp_path):
+    """SIGTERM to the driver during the fit (what `jobs stop` sends it): every rank checkpoints at
+    the next step boundary, the run ends with TrainingStoppedError naming that checkpoint, and
+    `--resume` continues from it: no step is trained twice."""
+    import signal as sig
+
+    from modelfleet.errors import TrainingStoppedError
+    from modelfleet.train import train
+
+    cfg = tiny_config(tmp_path, tiny_data, ["deepspeed.zero_stage=2", "storage.run_name=stopped"])
+    run_dir = os.path.join(tmp_path, "runs", "stopped")
+    sent: dict = {}
+
+    def stopper():
+        deadline = time.time() + 240
+        while time.time() < deadline and not sent:
+            steps = [r["step"] for r in _records(run_dir) if r["kind"] == "step"]
+            if steps and max(steps) >= 13:  # between checkpoints (10 and 20)
+                # Never the default handler: that would end this whole test session.
+                if sig.getsignal(sig.SIGTERM) in (sig.SIG_DFL, None):
+                    sent["no_handler"] = max(steps)
+                    return
+                sent["at_step"] = max(steps)
+                os.kill(os.getpid(), sig.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    wait_no_train_workers(os.getpid())
+    th = threading.Thread(target=stopper, daemon=True)
+    th.start()
+    try:
+        with pytest.raises(TrainingStoppedError) as err:
+            train(cfg, show_progress=False)
+    finally:
+        th.join(timeout=5)
+    assert "at_step" in sent, f"no SIGTERM was sent: {sent or 'the run ended first'}"
+    recs = _records(run_dir)
+    stopped = [r for r in recs if r["kind"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM to the driver", stopped
+    at = stopped[0]["step"]
+    # At most a few steps on: the test sees step records up to 0.5 s late (the sink's poll), and
+    # rank 0 reads the flag without blocking, so a request is seen at its next step or the one after.
+    assert sent["at_step"] <= at <= sent["at_step"] + 3, (sent, at)
+    assert max(r["step"] for r in recs if r["kind"] == "step") == at  # nothing trained past it
+    assert f"checkpoint at step {at} is complete" in str(err.value) and "--resume stopped" in str(err.value)
+    wait_no_train_workers(os.getpid())
+
+    res = train(cfg, resume="stopped", export=False, show_progress=False)
+    after = _records(run_dir)[len(recs) :]
+    assert [r["step"] for r in after if r["kind"] == "resume"] == [at]
+    assert min(r["step"] for r in after if r["kind"] == "step") == at + 1  # none redone
+    assert res.checkpoint_step == 30
+    print(f"\n[stop] SIGTERM at step {sent['at_step']}: checkpointed and stopped at step {at}; resumed at {at + 1}")
+    wait_no_train_workers(os.getpid())

@@ -92,6 +92,11 @@ def build_entrypoint(
     return shlex.join(args), {"run_name": cfg.storage.run_name, "storage": cfg.storage.path}
 
 
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+STOP_WAIT_S = 120
+"""Seconds between `jobs stop`'s SIGTERM and SIGKILL; an operator's own value wins."""
+
+
 def submit(
     job: str,
     config: str | None,
@@ -125,6 +130,9 @@ def submit(
             "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
             "RAY_TRAIN_V2_ENABLED": "1",
             "PYTHONUNBUFFERED": "1",
+            # Ray's job supervisor SIGKILLs the entrypoint this long after `jobs stop`'s SIGTERM
+            # (Ray's default 3 s): time for a step and a checkpoint (train/stopping.py).
+            STOP_WAIT_ENV: os.environ.get(STOP_WAIT_ENV, str(STOP_WAIT_S)),
             **(env or {}),
         },
     }

@@ -3,7 +3,15 @@ boundary) and reading it from YAML plus ``--set`` overrides (``load``). Presets,
 model families, live above this package in ``modelfleet.presets``."""
 
 from modelfleet.config.load import resolve_paths
-from modelfleet.config.schema import Config, DataConfig, DeepSpeedConfig, ModelConfig, StorageConfig, TrainConfig
+from modelfleet.config.schema import (
+    Config,
+    DataConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from modelfleet.config.serve import ModelSpec, ServeConfig, parse_serve_config
 from modelfleet.errors import ConfigError
 
@@ -16,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "ServeConfig",
     "StorageConfig",
+    "TrackingConfig",
     "TrainConfig",
     "parse_serve_config",
     "resolve_paths",

@@ -8,6 +8,7 @@ time with a ``ConfigError`` that names the key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -253,6 +254,37 @@ class StorageConfig:
         )
 
 
+def _tracking_default() -> bool:
+    # Read once, where the config is built (the driver); workers get the resolved value in the dict.
+    return os.environ.get("MODELFLEET_TRACKING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = field(default_factory=_tracking_default)
+    """Experiment tracking from the driver (TensorBoard event files and an MLflow run) when the
+    ``tracking`` extra is installed; the default is true unless ``MODELFLEET_TRACKING=0`` is set
+    (the test suite sets it). Without the extra it is off, saying so in one line."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<run dir>/tensorboard``."""
+    mlflow: bool = True
+    """Log the run to MLflow: params (the config), per-step metrics, the artifact's URI and sha256."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (``http://host:5000``, ``sqlite:///path.db``, ``databricks``); empty takes
+    ``MLFLOW_TRACKING_URI`` as MLflow reads it, else a SQLite store ``<run dir>/mlflow/mlflow.db``
+    (on object storage: written locally and uploaded with the run's files)."""
+    experiment: str = "modelfleet"
+    """MLflow experiment the runs go to (created when missing)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")
+        check(
+            not self.mlflow_uri or ":" in self.mlflow_uri or self.mlflow_uri == "databricks",
+            "tracking.mlflow_uri",
+            f"must be a URI such as http://127.0.0.1:5000 or sqlite:///mlflow.db, got {self.mlflow_uri!r}",
+        )
+
+
 @dataclass(kw_only=True)
 class Config:
     preset: str = "tiny"
@@ -267,6 +299,8 @@ class Config:
     """ZeRO sharding and offload."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Checkpoints, metrics and the artifact registry."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (TensorBoard, MLflow) from the driver."""
     serve: ServeConfig | None = None
     """Serving: models, autoscaling, HTTP and API key (``config/serve.py``), validated by pydantic
     at load time; None when this config only trains."""

@@ -42,13 +42,18 @@ class LossMeter:
         self.device, self.world = device, world_size
         self.total = torch.zeros((), dtype=torch.float32, device=device)
         self.count = 0
+        self.votes = torch.zeros((), dtype=torch.float32, device=device)
 
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss.detach().float()
         self.count += 1
 
-    def reduce(self) -> torch.Tensor:
-        mean = all_reduce(self.total / max(self.count, 1), self.device) / self.world
+    def reduce(self, vote: float = 0.0) -> torch.Tensor:
+        """The step's mean loss; ``vote`` (rank 0's stop request, train/stopping.py) rides in the
+        same all-reduce, and ``votes`` holds its sum over ranks (read on the host at log steps)."""
+        both = torch.stack([self.total / max(self.count, 1), torch.tensor(vote, device=self.device)])
+        both = all_reduce(both, self.device)
+        self.votes = both[1]
         self.total = torch.zeros((), dtype=torch.float32, device=self.device)
         self.count = 0
-        return mean
+        return both[0] / self.world

@@ -35,6 +35,7 @@ from modelfleet.train import pickles
 from modelfleet.train.async_save import BackgroundSave
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
+from modelfleet.train.stopping import StopWatch
 from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
 
 
@@ -166,6 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Only rank 0 reports; the CPU peak is a GEMM timed here, once, before the first step.
     peak = device_peak(t.peak_tflops, t.precision, on_gpu) if rank == 0 and lm else Peak(None, "none")
     step, micro = state["step"], 0
+    watch, stopped = StopWatch(loop_config.get("stop"), rank), False
     meter = LossMeter(engine.device, world)
     last = time.time()
     first_step_done = False
@@ -197,12 +199,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             step += 1
             state["step"] = step
-            step_loss = meter.reduce()  # on the device: no host sync unless read below
+            step_loss = meter.reduce(watch.vote())  # on the device: no host sync unless read below
             now = time.time()
             final = step == t.max_steps
-            loss_value = None
+            loss_value, halt = None, None
             if step % t.log_every == 0 or final:
                 loss_value = to_host(step_loss)
+                halt = None if final else _halt(watch, meter)
                 progress.send(
                     "step",
                     step=step,
@@ -229,7 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.send("first_step", init_s=t_init - t_start, first_step_s=now - t_start)
             last = now
             evaluate = (t.eval_every and step % t.eval_every == 0) or final
-            save = (t.checkpoint_every and step % t.checkpoint_every == 0) or final
+            save = (t.checkpoint_every and step % t.checkpoint_every == 0) or final or halt is not None
             if not (evaluate or save):
                 continue
             metrics: dict[str, Any] = {
@@ -252,6 +255,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _save_async(saver, engine, cfg, state, metrics, world, verify, progress, adapter_only=adapter_only)
                 # How long the step loop stopped for this save (the figure async saves cut).
                 progress.send("save", step=step, mode=cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save)
+            if halt is not None:
+                if saver is not None:
+                    saver.wait_previous()  # published before anyone reads the record
+                kind, detail = halt
+                progress.send(kind, step=step, **detail)
+                if kind == "stopped":
+                    stopped = True
+                    break
+                watch.idle_while_draining()  # until Ray Train tears the group down at the deadline
+                progress.send("drain_cancelled", step=step)
             last = time.time()  # eval and checkpoint time is not step time
             if final:
                 break
@@ -260,6 +273,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "data: this worker's train shard is empty; the train split has fewer "
                 "rows than train.micro_batch_size x train.num_workers"
             )
+        if stopped:
+            break
         if step < t.max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = state["samples_in_epoch"] = 0
@@ -267,6 +282,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if saver is not None:  # the last save published before the run counts as done
         saver.wait_previous()
     progress.send("done", step=step, elapsed_s=time.time() - t_start)
+
+
+def _halt(watch: StopWatch, meter: LossMeter) -> tuple[str, dict[str, Any]] | None:
+    """At a log step: ("stopped", ...) when rank 0 voted for the driver's stop request in this
+    step's all-reduce, ("preempted", ...) on a drain notice (every rank calls this at the same
+    steps: the notice is a collective), else None."""
+    if to_host(meter.votes) > 0:
+        return "stopped", {"reason": watch.reason or "stop requested"}
+    info = watch.preemption()
+    if info is not None:
+        return "preempted", {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks}
+    return None
 
 
 def _grad_norm(engine: Any) -> float | None:

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -23,7 +23,7 @@ from modelfleet.cluster.visibility import check_visible_everywhere
 from modelfleet.config import Config
 from modelfleet.data.prepare import read_meta
 from modelfleet.data.raydata import configure_context
-from modelfleet.errors import ConfigError, StorageError, TrainingFailedError
+from modelfleet.errors import ConfigError, StorageError, TrainingFailedError, TrainingStoppedError
 from modelfleet.families import get_family
 from modelfleet.raycompat import serve_details
 from modelfleet.storage import (
@@ -33,6 +33,7 @@ from modelfleet.storage import (
     dump_json,
     exists,
     is_remote,
+    read_json,
     read_text,
     write_text,
 )
@@ -40,7 +41,9 @@ from modelfleet.train import checkpoint as ck
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
 from modelfleet.train.memory import ACCELERATOR_GIB, check_fits
+from modelfleet.train.stopping import StopRequest
 from modelfleet.train.throughput import TrainingGauges
+from modelfleet.train.tracking import Tracker, TrackingSummary
 
 
 @dataclass
@@ -51,6 +54,7 @@ class TrainResult:
     metrics: dict[str, Any]
     artifact: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    tracking: TrackingSummary | None = None
 
 
 def preflight(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
@@ -222,6 +226,7 @@ class _ProgressSink:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
         self.gauges = TrainingGauges.for_run(cfg.storage.run_name)  # Prometheus: see train/throughput.py
+        self.tracker = Tracker.start(cfg, run_dir)  # TensorBoard + MLflow, off the sink's thread: train/tracking.py
 
     def start(self) -> None:
         self._thread.start()
@@ -298,6 +303,7 @@ class _ProgressSink:
                 f.write(json.dumps(item) + "\n")
         elif self.remote:
             self._lines.append(json.dumps(item) + "\n")
+        self.tracker.record(item)
         kind = item["kind"]
         if kind == "step":
             self.gauges.record(item)
@@ -381,19 +387,16 @@ def train(
     # poll is one small RPC per worker. Read by the controller Ray starts below (Ray propagates
     # the variable from this process); a value the user set is kept.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
-    # Hard affinity to the driver's node: progress must outlive any worker node a failure takes
-    # down (a soft preference may still place it on a worker node).
-    queue = Queue(
-        maxsize=100_000,
-        actor_options={
-            "num_cpus": 0,
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-        },
-    )
+    # Hard affinity to the driver's node: progress (and the stop flag) must outlive any worker
+    # node a failure takes down (a soft preference may still place it on a worker node).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     sink = _ProgressSink(queue, cfg, run_dir, show_progress)
+    # SIGTERM (`jobs stop`) or Ctrl-C during the fit: checkpoint at the next step, then end.
+    stop = StopRequest({"scheduling_strategy": here})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": queue},
+        train_loop_config={"config": cfg.to_dict(), "progress": queue, "stop": stop.actor},
         torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and gpus_are_simulated() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(cfg.train.num_workers) if cfg.train.elastic else cfg.train.num_workers,
@@ -413,13 +416,19 @@ def train(
         },
     )
     sink.start()
+    failed = True
     try:
-        result = trainer.fit()
+        with stop.on_signals():
+            result = trainer.fit()
+        failed = False
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
         raise TrainingFailedError(_failure_message(cfg, root, e)) from e
     finally:
         sink.stop()
         ray.kill(queue.actor)
+        ray.kill(stop.actor)
+        if failed:
+            sink.tracker.close(failed=True)
     found, _ = ck.latest_complete(root, cfg.storage.run_name)
     res = TrainResult(
         run_name=cfg.storage.run_name,
@@ -428,10 +437,16 @@ def train(
         metrics=dict(result.metrics or {}),
         timings={"ray_connect_s": t_ray - t0, **sink.timings, "fit_s": time.time() - t_ray},
     )
-    if export and found is not None:
-        t_exp = time.time()
-        res.artifact = export_checkpoint(found, run_name=cfg.storage.run_name)
-        res.timings["export_s"] = time.time() - t_exp
+    try:
+        if stop.reason:
+            raise TrainingStoppedError(_stopped_message(cfg, stop.reason, found))
+        if export and found is not None:
+            t_exp = time.time()
+            res.artifact = export_checkpoint(found, run_name=cfg.storage.run_name)
+            res.timings["export_s"] = time.time() - t_exp
+            sink.tracker.artifact(res.artifact.uri, read_json(res.artifact.uri, "manifest.json")["weights_sha256"])
+    finally:
+        res.tracking = sink.tracker.close()
     res.timings["total_s"] = time.time() - t0
     dump_json(
         run_dir,
@@ -442,9 +457,20 @@ def train(
             "metrics": res.metrics,
             "artifact": res.artifact.uri if res.artifact else None,
             "timings": res.timings,
+            "tracking": asdict(res.tracking) if res.tracking else None,
         },
     )
     return res
+
+
+def _stopped_message(cfg: Config, reason: str, found: ck.CheckpointInfo | None) -> str:
+    name = cfg.storage.run_name
+    where = (
+        f"its checkpoint at step {found.step} is complete; continue it with --resume {name}"
+        if found
+        else "it left no complete checkpoint"
+    )
+    return f"training run {name!r} stopped ({reason}): {where}"
 
 
 def _failure_message(cfg: Config, root: str, e: BaseException) -> str:
