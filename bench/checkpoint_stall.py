@@ -11,6 +11,7 @@ but the final one (``checkpoint_every=0``). Per run:
   without a save (noisy on a shared machine, kept as a check on the direct figure);
 - wall time of the N steps (first to last step record: the final save is after them) over the
   run without checkpoints;
+- the drain check's cost (``ray.train.get_preemption_info``, a collective at each log step);
 - async only: each save's background write (``write_s``: from the snapshot to COMPLETE) and the
   upload thread's CPU-seconds, and the median step time while a write is in flight against
   steps with none (the slowdown the writer causes).
@@ -54,6 +55,8 @@ def figures(run_dir: str) -> dict:
         "stall_median_s": median([r["stall_s"] for r in mid]) if mid else None,
         "interval_stall_median_s": median([gaps[r["step"]] - base for r in mid]) if mid else None,
     }
+    done = [r for r in recs if r["kind"] == "done"]
+    out["drain_check_mean_s"] = done[-1].get("drain_check_mean_s") if done else None
     writes = [published[r["step"]] for r in mid if "write_s" in published.get(r["step"], {})]
     if writes:
         # A step is "during a write" when its record arrived between the snapshot and COMPLETE.
@@ -129,6 +132,7 @@ def main() -> int:
                     "step_during_write_s": a.get("step_during_write_s"),
                     "step_without_write_s": a.get("step_without_write_s"),
                     "checkpoint_mb": a["checkpoint_mb"],
+                    "drain_check_s": a["drain_check_mean_s"],
                 }
             )
     finally:
@@ -146,6 +150,7 @@ def main() -> int:
         "step_during_write_s",
         "step_without_write_s",
         "checkpoint_mb",
+        "drain_check_s",
     ]
     print(table(rows, cols))
     targets = {"async_over_sync_stall <= 0.1": 0.1, "async_wall_over_none <= 1.05": 1.05}

@@ -285,6 +285,56 @@ def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
     assert min(steps) == last_ckpt + 1 and max(steps) == 40, steps
 
 
+@pytest.mark.slow  # ~4 min: a job, a drained (then killed) node, the group restarted on the others
+def test_a_drained_node_checkpoints_at_the_notice_and_the_restart_redoes_no_step(cluster_to_break, storage, tiny_data):
+    """`modelfleet cluster drain-node` (Ray's drain for preemption with a deadline, then SIGKILL
+    at the deadline, as a spot reclaim goes) under a 4-worker job: the ranks checkpoint at the
+    step they see the notice and wait; Ray Train restarts the group on the other nodes under its
+    preemption budget (train.max_failures stays 0) and the run resumes from that checkpoint,
+    training no step twice."""
+    cluster = cluster_to_break  # its drained node is killed: the next e2e test gets a fresh cluster
+    env = cluster.env
+    sets = [f"storage.path={storage}", f"data.path={tiny_data}", "train.use_gpu=true", "train.num_workers=4"]
+    sets += ["deepspeed.zero_stage=2", "train.max_steps=50", "train.checkpoint_every=40", "train.eval_every=0"]
+    sets += ["train.eval_batches=1", "storage.run_name=drained"]
+    args = [x for kv in sets for x in ("--set", kv)]
+    mf(env, "submit", "train", "--preset", "tiny", *args, "--arg=--no-export", "--submission-id", "drained-1")
+    run_dir = storage / "runs" / "drained"
+
+    def trained(n: int) -> bool:
+        steps = [r["step"] for r in read_records(run_dir) if r["kind"] == "step"]
+        s = job_status(env, "drained-1")
+        assert s["status"] in ("PENDING", "RUNNING"), s
+        return bool(steps) and max(steps) >= n
+
+    wait_until(lambda: trained(8), 400, "8 steps of drained-1", 0.2)
+    nodes = json.loads(mf(env, "cluster", "status", "--json").stdout)
+    busy = cluster.train_worker_nodes()
+    victims = [n["name"] for n in nodes if n["name"] != "head" and n["node_id"] in busy]
+    assert victims, f"no worker node hosts a training worker: {busy} / {nodes}"
+    at_notice = max(r["step"] for r in read_records(run_dir) if r["kind"] == "step")
+    t0 = time.monotonic()
+    mf(env, "cluster", "drain-node", victims[0], "--deadline-s", "20")  # returns once it is killed
+    s = wait_job(env, "drained-1", 600)
+    recs = read_records(run_dir)
+    summary = {"victim": victims[0], "steps_seen_at_notice": at_notice, "drain_to_end_s": time.monotonic() - t0}
+    summary["records"] = [
+        {k: r.get(k) for k in ("kind", "step", "from_workers", "to_workers")}
+        for r in recs
+        if r["kind"] in ("preempted", "checkpoint", "resume", "built", "drain_cancelled")
+    ]
+    print("\n[drain] " + json.dumps(summary))
+    assert s["status"] == "SUCCEEDED", (s, summary)
+    (notice,) = [r for r in recs if r["kind"] == "preempted"]
+    at = notice["step"]
+    assert at_notice <= at <= at_notice + 3, summary  # at the step the ranks saw it (records lag)
+    assert at in [r["step"] for r in recs if r["kind"] == "checkpoint"], summary
+    assert not [r for r in recs if r["kind"] == "drain_cancelled"], summary
+    assert [r["step"] for r in recs if r["kind"] == "resume"] == [at], summary
+    steps = [r["step"] for r in recs if r["kind"] == "step"]
+    assert steps == list(range(1, 51)), steps  # every step once: none redone after the restart
+
+
 # Last in the module: it kills a node of the shared cluster (``cluster_to_break``, tests/helpers).
 @pytest.mark.slow  # ~3 min: 80 steps across a node kill, then the cluster is rebuilt
 def test_training_survives_kill_node(cluster_to_break, storage, tiny_data):

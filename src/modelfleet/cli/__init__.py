@@ -161,6 +161,12 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     sub.add_parser("down", help="stop exactly the processes `cluster up` started")
     kill = sub.add_parser("kill-node", help="SIGKILL one simulated worker node (failure drills)")
     kill.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
+    drain = sub.add_parser(
+        "drain-node", help="a spot reclaim: drain one simulated worker node for preemption, kill it at the deadline"
+    )
+    drain.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
+    drain.add_argument("--deadline-s", type=int, default=30, help="seconds between the notice and the kill")
+    drain.add_argument("--no-kill", action="store_true", help="only drain: leave the node running")
     restart = sub.add_parser("restart-node", help="start a killed simulated worker node again (capacity returns)")
     restart.add_argument("node", help="node name from `cluster status`, e.g. worker-1")
 
@@ -238,7 +244,7 @@ COMMANDS: dict[str, tuple[str, Adder, str]] = {
         "pipeline:cmd_pipeline",
     ),
     "cluster": (
-        "simulated multi-node cluster on this machine: up, status, down, kill-node, restart-node",
+        "simulated multi-node cluster on this machine: up, status, down, kill-node, drain-node, restart-node",
         _add_cluster,
         "cluster:cmd_cluster",
     ),

@@ -51,6 +51,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         node = local.kill_node(st, args.node)
         print(f"killed node {node.name} ({node.node_id})")
         return 0
+    if args.action == "drain-node":
+        node = local.drain_node(st, args.node, args.deadline_s, kill=not args.no_kill)
+        print(f"drained node {node.name} ({node.node_id})" + ("" if args.no_kill else ", killed at the deadline"))
+        return 0
     if args.action == "restart-node":
         node = local.restart_node(st, args.node)
         print(f"restarted node {node.name} ({node.node_id})")

@@ -506,6 +506,29 @@ def kill_node(st: ClusterState, name: str) -> NodeState:
     return node
 
 
+def drain_node(st: ClusterState, name: str, deadline_s: int, *, kill: bool = True) -> NodeState:
+    """A spot reclaim, simulated: ask Ray to drain one worker node for preemption with a deadline
+    (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``: Ray Train's workers there get
+    ``get_preemption_info()``), then, at the deadline, SIGKILL it (Ray leaves that to the caller,
+    as a cloud provider would do it). ``kill=False`` only drains."""
+    node = st.node(name)
+    if node.name == "head":
+        raise ClusterError("drain-node head: the head node cannot be drained")
+    if not _alive(node) or not node.node_id:
+        raise ClusterError(f"node {name!r} is not running")
+    if deadline_s <= 0:
+        raise ClusterError(f"drain-node: --deadline-s must be > 0, got {deadline_s}")
+    os.environ["RAY_AUTH_MODE"] = st.spec.auth
+    t_end = time.monotonic() + deadline_s
+    cmd = [_ray_bin(), "drain-node", f"--address={st.gcs_address}", f"--node-id={node.node_id}"]
+    cmd += ["--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=modelfleet cluster drain-node"]
+    _start([*cmd, f"--deadline-remaining-seconds={deadline_s}"], st.spec, f"drain request for {name}")
+    if kill:
+        time.sleep(max(0.0, t_end - time.monotonic()))  # the reclaim comes at the deadline, not before
+        _kill_tree(node.pids, signal.SIGKILL)
+    return node
+
+
 def restart_node(st: ClusterState, name: str) -> NodeState:
     """Start a killed worker node again: same name, ports and resources, a new Ray node id (the
     capacity an elastic training run grows back into)."""

@@ -281,7 +281,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             resized_from = world
     if saver is not None:  # the last save published before the run counts as done
         saver.wait_previous()
-    progress.send("done", step=step, elapsed_s=time.time() - t_start)
+    progress.send(
+        "done",
+        step=step,
+        elapsed_s=time.time() - t_start,
+        drain_checks=watch.checks,
+        drain_check_mean_s=watch.check_s / max(watch.checks, 1),
+    )
 
 
 def _halt(watch: StopWatch, meter: LossMeter) -> tuple[str, dict[str, Any]] | None:

@@ -115,6 +115,7 @@ class StopWatch:
         self.actor = actor if rank == 0 else None
         self._ref: Any = None
         self.reason = ""
+        self.checks, self.check_s = 0, 0.0
 
     def vote(self) -> float:
         """1.0 once rank 0 has seen a stop request (never blocks), else 0.0; other ranks 0.0."""
@@ -131,12 +132,15 @@ class StopWatch:
             self._ref = None if self.reason else self.actor.get.remote()
         return 1.0 if self.reason else 0.0
 
-    @staticmethod
-    def preemption() -> Any:
-        """Ray Train's drain notice (a collective: every rank calls it at the same steps)."""
+    def preemption(self) -> Any:
+        """Ray Train's drain notice (a collective: every rank calls it at the same steps); its
+        cost is kept in ``checks`` and ``check_s`` (the run's ``done`` record reports them)."""
         import ray.train
 
-        return ray.train.get_preemption_info()
+        t0 = time.perf_counter()
+        info = ray.train.get_preemption_info()
+        self.checks, self.check_s = self.checks + 1, self.check_s + time.perf_counter() - t0
+        return info
 
     def idle_while_draining(self, on_wait: Callable[[], None] | None = None) -> None:
         """After the drain's checkpoint: train nothing more until Ray Train tears the group down;

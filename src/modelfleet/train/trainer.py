@@ -221,6 +221,7 @@ class _ProgressSink:
         self._world = built[-1]["world"] if built else None
         self._last_step = steps[-1] if steps else None
         self._resized: dict[str, Any] | None = None
+        self._resized_last: dict[str, Any] | None = None
         self._rolled_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -271,29 +272,32 @@ class _ProgressSink:
 
     def _track_resize(self, item: dict[str, Any]) -> None:
         """A worker group of another size than the previous one is a ``resize`` record, written
-        when its first step is done: ``took_s`` is the training time lost, from the previous
-        group's last step to the new group's first (failure detection, restart, restore)."""
+        at the new group's first step past the old group's last (step P): ``lost_s`` is the
+        training time the resize cost, that step's start minus step P's end, so steps redone
+        from the checkpoint count. Its parts: ``detection_s`` (P's end to the new workers'
+        start: failure detection, teardown, scheduling), ``group_start_s`` (worker start to the
+        built engine), ``restore_s`` (checkpoint download and load), ``first_step_s`` (to the
+        first step's end, the data pipeline's start included) and ``redone_s`` over
+        ``redone_steps`` (steps P had already trained). ``took_s``: P's end to the first step."""
         kind = item["kind"]
+        pending = self._resized
         if kind == "built":
             if self._world is not None and item["world"] != self._world:
-                self._resized = {"from_workers": self._world, "to_workers": item["world"]}
+                self._resized = {"from_workers": self._world, "to_workers": item["world"], "built": item["time"]}
+                self._resized_last = self._last_step
             self._world = item["world"]
-        elif kind == "resume" and self._resized is not None:
-            self._resized["step"] = item["step"]
+        elif pending is not None and kind == "resume":
+            pending.update(step=item["step"], resumed=item["time"])
         elif kind == "step":
-            if self._resized is not None:
-                took = item["time"] - self._last_step["time"] if self._last_step else None
-                self._write(
-                    {
-                        "kind": "resize",
-                        "time": item["time"],
-                        "step": self._resized.get("step", 0),
-                        **self._resized,
-                        "took_s": None if took is None else round(took, 1),
-                    }
-                )
-                self._resized = None
-            self._last_step = item
+            if pending is not None:
+                if "first" not in pending:  # its elapsed_s runs from the new worker's start
+                    pending.update(first=item, started=item["time"] - item["elapsed_s"])
+                last = self._resized_last
+                if last is None or item["step"] > last["step"]:
+                    self._write(_resize_record(pending, last, item))
+                    self._resized = None
+            if self._resized is None:
+                self._last_step = item
 
     def _write(self, item: dict[str, Any]) -> None:
         self.records.append(item)
@@ -342,7 +346,8 @@ class _ProgressSink:
                 ),
                 "resize": lambda: (
                     f"step {item['step']}: {item['from_workers']} -> {item['to_workers']} workers "
-                    f"({item['took_s']} s of training lost)"
+                    f"({item.get('lost_s', item['took_s'])} s of training lost, "
+                    f"{item.get('redone_steps', 0)} steps redone)"
                 ),
                 "reshard": lambda: (
                     f"step {item['step']}: checkpoint of {item['from_workers']} ranks re-partitioned "
@@ -351,6 +356,39 @@ class _ProgressSink:
             }.get(kind)
             if msg:
                 (self._bar.write if self._bar is not None else print)(msg())
+
+
+def _resize_record(r: dict[str, Any], last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """The ``resize`` record (see ``_ProgressSink._track_resize``) at step ``now``, the first past
+    the old group's ``last``."""
+    rec: dict[str, Any] = {
+        "kind": "resize",
+        "time": now["time"],
+        "step": r.get("step", 0),
+        "from_workers": r["from_workers"],
+        "to_workers": r["to_workers"],
+        "took_s": None if last is None else round(r["first"]["time"] - last["time"], 1),
+    }
+    if last is None:
+        return rec
+    first = r["first"]
+    started = r.get("started", r["built"])
+    resumed = r.get("resumed", r["built"])
+    redone = last["step"] - rec["step"]
+    begin_now = now["time"] - now["step_time_s"]  # when step P+1 itself began
+    parts = {
+        "detection_s": started - last["time"],
+        "group_start_s": r["built"] - started,
+        "restore_s": resumed - r["built"],
+        "first_step_s": (first["time"] if redone else begin_now) - resumed,
+        "redone_s": begin_now - first["time"] if redone else 0.0,
+    }
+    return {
+        **rec,
+        "lost_s": round(begin_now - last["time"], 2),
+        **{k: round(v, 2) for k, v in parts.items()},
+        "redone_steps": redone,
+    }
 
 
 TRAIN_POLL_INTERVAL_S = 0.5  # see train(): the controller's worker poll
