@@ -18,13 +18,19 @@ but the final one (``checkpoint_every=0``). Per run:
 
 Targets (issue 29): async stall / sync stall <= 1/10; async wall / no-checkpoint wall <= 1.05.
 
-    python bench/checkpoint_stall.py [--steps 40] [--every 10] [--stages 2 3]
+With ``--s3`` the run directory is on an S3 endpoint (moto's server on 127.0.0.1, started here):
+what a synchronous save pays for its upload, and what an asynchronous one moves off the step.
+
+    python bench/checkpoint_stall.py [--steps 40] [--every 10] [--stages 2 3] [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +43,9 @@ MODES = ("sync", "async", "none")
 
 def figures(run_dir: str) -> dict:
     """The figures of one run from its metrics.jsonl (see the module docstring)."""
-    recs = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    from modelfleet.storage import join, read_text
+
+    recs = [json.loads(x) for x in read_text(join(run_dir, "metrics.jsonl")).splitlines()]
     step_t = {r["step"]: r["time"] for r in recs if r["kind"] == "step"}
     saves = [r for r in recs if r["kind"] == "save"]
     published = {r["step"]: r for r in recs if r["kind"] == "checkpoint"}
@@ -59,9 +67,11 @@ def figures(run_dir: str) -> dict:
     out["drain_check_mean_s"] = done[-1].get("drain_check_mean_s") if done else None
     writes = [published[r["step"]] for r in mid if "write_s" in published.get(r["step"], {})]
     if writes:
-        # A step is "during a write" when its record arrived between the snapshot and COMPLETE.
+        # A step is "during a write" when it ran while one was in flight (snapshot to COMPLETE).
         spans = [(step_t[w["step"]], published[w["step"]]["time"]) for w in writes]
-        during = [g for s, g in gaps.items() if s not in saved and any(a < step_t[s + 1] <= b for a, b in spans)]
+        during = [
+            g for s, g in gaps.items() if s not in saved and any(step_t[s] < b and step_t[s + 1] > a for a, b in spans)
+        ]
         quiet = [g for s, g in gaps.items() if s not in saved and s not in warm and g not in during]
         out.update(
             write_s=[round(w["write_s"], 3) for w in writes],
@@ -72,21 +82,59 @@ def figures(run_dir: str) -> dict:
     return out
 
 
+def moto_s3(bucket: str) -> subprocess.Popen:
+    """moto's S3 server on a free loopback port, its endpoint in this process's environment (Ray's
+    workers inherit it), and ``bucket`` created."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_REGION="us-east-1",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    deadline = time.monotonic() + 60
+    while True:  # until it answers (bounded)
+        try:
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            return proc
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--s3", action="store_true", help="run directories on a local S3 endpoint (moto)")
     args = ap.parse_args()
+    moto = moto_s3("bench") if args.s3 else None
 
+    import pyarrow.fs as pafs
     import ray
 
     from modelfleet.presets import load_config
+    from modelfleet.storage import join
     from modelfleet.train import train
     from modelfleet.train.checkpoint import step_dir_name
 
     work = Path(tempfile.mkdtemp(prefix="mf-bench-ckpt-"))
     data = tiny_dataset(work, block_size=256)  # the small preset's context
+    store = "s3://bench/ckpt" if args.s3 else str(work)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows, raw = [], {}
     try:
@@ -104,7 +152,8 @@ def main() -> int:
                         "train.eval_batches=1",
                         f"deepspeed.zero_stage={stage}",
                         f"data.path={data}",
-                        f"storage.path={work}",
+                        f"storage.path={store}",
+                        "tracking.enabled=false",  # the figures are the checkpoint's alone
                         f"storage.run_name=stage{stage}-{mode}",
                     ],
                 )
@@ -112,9 +161,9 @@ def main() -> int:
                 res = train(cfg, show_progress=False, export=False)
                 f = figures(res.run_dir)
                 f["run_s"] = time.time() - t0
-                f["checkpoint_mb"] = (
-                    sum(p.stat().st_size for p in Path(res.run_dir, step_dir_name(args.steps)).rglob("*")) / 2**20
-                )
+                fs, base = pafs.FileSystem.from_uri(join(res.run_dir, step_dir_name(args.steps)))
+                files = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                f["checkpoint_mb"] = sum(x.size or 0 for x in files) / 2**20
                 per_mode[mode] = f
             raw[f"zero{stage}"] = per_mode
             s, a, n = per_mode["sync"], per_mode["async"], per_mode["none"]
@@ -137,6 +186,8 @@ def main() -> int:
             )
     finally:
         ray.shutdown()
+        if moto is not None:
+            moto.kill()
     cols = [
         "zero_stage",
         "median_step_s",
@@ -154,7 +205,10 @@ def main() -> int:
     ]
     print(table(rows, cols))
     targets = {"async_over_sync_stall <= 0.1": 0.1, "async_wall_over_none <= 1.05": 1.05}
-    out = save("checkpoint_stall", {"args": vars(args), "rows": rows, "raw": raw, "targets": targets})
+    out = save(
+        "checkpoint_stall_s3" if args.s3 else "checkpoint_stall",
+        {"args": vars(args), "rows": rows, "raw": raw, "targets": targets},
+    )
     print(f"wrote {out}")
     return 0
 

@@ -312,12 +312,19 @@ def test_a_drained_node_checkpoints_at_the_notice_and_the_restart_redoes_no_step
     busy = cluster.train_worker_nodes()
     victims = [n["name"] for n in nodes if n["name"] != "head" and n["node_id"] in busy]
     assert victims, f"no worker node hosts a training worker: {busy} / {nodes}"
-    at_notice = max(r["step"] for r in read_records(run_dir) if r["kind"] == "step")
     t0 = time.monotonic()
-    mf(env, "cluster", "drain-node", victims[0], "--deadline-s", "20")  # returns once it is killed
+    out = mf(env, "cluster", "drain-node", victims[0], "--deadline-s", "20").stdout  # returns once killed
+    t_drain = float(out.split(" accepted at ")[1].split()[0])
     s = wait_job(env, "drained-1", 600)
     recs = read_records(run_dir)
-    summary = {"victim": victims[0], "steps_seen_at_notice": at_notice, "drain_to_end_s": time.monotonic() - t0}
+    before = [r for r in recs if r["kind"] == "step" and r["time"] <= t_drain]
+    at_notice = max(r["step"] for r in before)  # the last step done when Ray accepted the drain
+    step_s = sorted(r["step_time_s"] for r in before)[len(before) // 2]
+    # Ray Train looks for drains every second (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S, set by
+    # train()); the ranks read its notice at their next step: at most that many steps more.
+    slack = int(1.0 / step_s) + 2
+    summary = {"victim": victims[0], "step_at_drain": at_notice, "step_s": step_s, "slack_steps": slack}
+    summary["drain_to_end_s"] = time.monotonic() - t0
     summary["records"] = [
         {k: r.get(k) for k in ("kind", "step", "from_workers", "to_workers")}
         for r in recs
@@ -327,7 +334,7 @@ def test_a_drained_node_checkpoints_at_the_notice_and_the_restart_redoes_no_step
     assert s["status"] == "SUCCEEDED", (s, summary)
     (notice,) = [r for r in recs if r["kind"] == "preempted"]
     at = notice["step"]
-    assert at_notice <= at <= at_notice + 3, summary  # at the step the ranks saw it (records lag)
+    assert at_notice <= at <= at_notice + slack, summary
     assert at in [r["step"] for r in recs if r["kind"] == "checkpoint"], summary
     assert not [r for r in recs if r["kind"] == "drain_cancelled"], summary
     assert [r["step"] for r in recs if r["kind"] == "resume"] == [at], summary

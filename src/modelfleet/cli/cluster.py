@@ -52,7 +52,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(f"killed node {node.name} ({node.node_id})")
         return 0
     if args.action == "drain-node":
-        node = local.drain_node(st, args.node, args.deadline_s, kill=not args.no_kill)
+        node = local.drain_node(
+            st,
+            args.node,
+            args.deadline_s,
+            kill=not args.no_kill,
+            on_drained=lambda t: print(f"drain of {args.node} accepted at {t:.3f} (unix time)", flush=True),
+        )
         print(f"drained node {node.name} ({node.node_id})" + ("" if args.no_kill else ", killed at the deadline"))
         return 0
     if args.action == "restart-node":

@@ -506,7 +506,7 @@ def kill_node(st: ClusterState, name: str) -> NodeState:
     return node
 
 
-def drain_node(st: ClusterState, name: str, deadline_s: int, *, kill: bool = True) -> NodeState:
+def drain_node(st: ClusterState, name: str, deadline_s: int, *, kill: bool = True, on_drained: Any = None) -> NodeState:
     """A spot reclaim, simulated: ask Ray to drain one worker node for preemption with a deadline
     (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``: Ray Train's workers there get
     ``get_preemption_info()``), then, at the deadline, SIGKILL it (Ray leaves that to the caller,
@@ -523,6 +523,8 @@ def drain_node(st: ClusterState, name: str, deadline_s: int, *, kill: bool = Tru
     cmd = [_ray_bin(), "drain-node", f"--address={st.gcs_address}", f"--node-id={node.node_id}"]
     cmd += ["--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=modelfleet cluster drain-node"]
     _start([*cmd, f"--deadline-remaining-seconds={deadline_s}"], st.spec, f"drain request for {name}")
+    if on_drained is not None:  # told when Ray accepted the drain (the notice's time), before the kill
+        on_drained(time.time())
     if kill:
         time.sleep(max(0.0, t_end - time.monotonic()))  # the reclaim comes at the deadline, not before
         _kill_tree(node.pids, signal.SIGKILL)

@@ -392,6 +392,7 @@ def _resize_record(r: dict[str, Any], last: dict[str, Any] | None, now: dict[str
 
 
 TRAIN_POLL_INTERVAL_S = 0.5  # see train(): the controller's worker poll
+PREEMPTION_POLL_INTERVAL_S = 1.0  # see train(): how often Ray Train looks for drained nodes
 
 
 def train(
@@ -425,6 +426,9 @@ def train(
     # poll is one small RPC per worker. Read by the controller Ray starts below (Ray propagates
     # the variable from this process); a value the user set is kept.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    # Ray Train polls Ray for drained nodes every 5 s by default: the ranks would train on for up
+    # to 5 s past a drain notice before checkpointing. A poll is one GCS query.
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", str(PREEMPTION_POLL_INTERVAL_S))
     # Hard affinity to the driver's node: progress (and the stop flag) must outlive any worker
     # node a failure takes down (a soft preference may still place it on a worker node).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
