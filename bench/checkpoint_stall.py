@@ -205,9 +205,12 @@ def main() -> int:
     ]
     print(table(rows, cols))
     targets = {"async_over_sync_stall <= 0.1": 0.1, "async_wall_over_none <= 1.05": 1.05}
+    ratios = {
+        f"zero{r['zero_stage']}_{k}": r[k] for r in rows for k in ("async_over_sync_stall", "async_wall_over_none")
+    }
     out = save(
         "checkpoint_stall_s3" if args.s3 else "checkpoint_stall",
-        {"args": vars(args), "rows": rows, "raw": raw, "targets": targets},
+        {"args": vars(args), "rows": rows, "raw": raw, "targets": targets, "ratios": ratios},
     )
     print(f"wrote {out}")
     return 0
