@@ -71,7 +71,7 @@ def stage_runs(ray_session, tiny_data, tmp_path_factory):
         # resume and export in every run of the suite.
         mode = "sync" if stage == 0 else "async"
         over = [f"deepspeed.zero_stage={stage}", f"storage.run_name=stage{stage}", f"train.checkpoint_mode={mode}"]
-        over.append(f"tracking.enabled={str(stage == 3).lower()}")  # read by tests/integration/test_tracking.py
+        over.append(f"tracking.enabled={str(stage == 3).lower()}")  # read by tests/integration/test_tracking_server.py
         cfg = tiny_config(storage, tiny_data, over)
         runs[stage] = (cfg, train(cfg, show_progress=False))
     return storage, runs

@@ -127,3 +127,13 @@ def test_a_relative_storage_path_resolves_against_the_build_task_cwd(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     assert resolve_storage_path("storage") == str(tmp_path / "storage")
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (no packages under tests/): two files of one name in
+    different folders stop the whole run at collection ("import file mismatch")."""
+    names: dict[str, list[str]] = {}
+    for p in (ROOT / "tests").rglob("test_*.py"):
+        if not SKIP_PARTS & set(p.parts):
+            names.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    assert not {n: ps for n, ps in names.items() if len(ps) > 1}

@@ -1,7 +1,7 @@
 """Experiment tracking from the driver's progress sink (train/tracking.py), without a Ray fit:
 synthetic progress records go through ``_ProgressSink`` as rank 0's would, and what was written is
 read back with the libraries' own readers (TensorBoard's EventAccumulator, MLflow's client). The
-real ``mlflow server`` test is tests/integration/test_tracking.py."""
+real ``mlflow server`` test is tests/integration/test_tracking_server.py."""
 
 from __future__ import annotations
 
