@@ -84,7 +84,17 @@ def test_bad_timeout_setting_is_refused_with_its_name(tmp_path, value):
         haproxy_edge.edge_args(["-f", str(tmp_path / "c.cfg")], {haproxy_edge.HTTP_REQUEST_TIMEOUT: value})
 
 
-def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(monkeypatch):
+@pytest.fixture
+def no_cluster_env(monkeypatch):
+    """Without the variables a cluster set up earlier in this process left in os.environ (the
+    session's Ray): haproxy_env keeps values already there, so its result would name that
+    cluster's live state directory, and removing it would break the session's Serve."""
+    for k in list(os.environ):
+        if k.startswith(("RAY_SERVE_", "MODELFLEET_HAPROXY_")):
+            monkeypatch.delenv(k)
+
+
+def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(monkeypatch, no_cluster_env):
     for k in ("RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_RETRY_ON", haproxy_edge.REAL_BINARY):
         monkeypatch.delenv(k, raising=False)
     env = haproxy_env()  # a new owner-only directory in /tmp (the test's tmp_path is too long a socket path)
@@ -105,7 +115,7 @@ def test_cluster_env_points_ray_at_the_wrapper_with_conn_failure_replay_only(mon
     shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
 
 
-def test_cluster_ports_are_distinct_and_below_the_ephemeral_range(monkeypatch):
+def test_cluster_ports_are_distinct_and_below_the_ephemeral_range(no_cluster_env):
     """HAProxy re-binds its stats and exporter ports at every start and reload; a port the kernel
     may hand to an outgoing connection is lost once its HAProxy dies (CI: 'cannot bind socket
     (Address already in use)' for minutes after a proxy was replaced)."""
@@ -115,8 +125,6 @@ def test_cluster_ports_are_distinct_and_below_the_ephemeral_range(monkeypatch):
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
     )
-    for k in names:
-        monkeypatch.delenv(k, raising=False)
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert low - PORT_WINDOW_LOW >= 256, "this machine's ephemeral range leaves no window to test"
     for _ in range(5):
