@@ -67,3 +67,20 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce.
+
+    ``deepspeed.comm`` builds ``deepspeed_shm_comm`` (g++, 60-90 s on 2 cores, once per venv path
+    and torch-extensions cache, with a compiler required) when the process group starts, but only
+    ``inference_all_reduce`` uses it: training's collectives are torch.distributed's (gloo here).
+    Marked incompatible in DeepSpeed's op table, it is never built and the backend uses the
+    process group for everything. Call after ``import deepspeed``, before the process group starts;
+    CPU workers only (on CUDA, DeepSpeed's accelerator has no such op)."""
+    import deepspeed.ops  # function-local: the driver never imports DeepSpeed
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
