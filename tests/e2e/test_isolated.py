@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from helpers import SimCluster, mf, read_records, run_cli, wait_job, wait_until
+from modelfleet import storage
 
 GCS, DASH, SERVE = 6880, 8665, 8500
 
@@ -154,11 +155,20 @@ def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_pa
     assert {
         "isolated/runs/s3/metrics.jsonl",
         "isolated/runs/s3/result.json",
-        "isolated/runs/s3/step_00000040/COMPLETE",
         "isolated/models/tiny/LATEST",
         "isolated/models/tiny/v1/model.safetensors",
+        "isolated/models/tiny/v1/manifest.json",
         "isolated/data/tiny/meta.json",
     } <= keys
+    # Every checkpoint written after the resume is whole in the bucket: both ranks' markers, then COMPLETE.
+    for step in range(killed["complete"][-1] + 10, 41, 10):
+        d = f"isolated/runs/s3/step_{step:08d}"
+        assert {f"{d}/COMPLETE", f"{d}/rank-00000.json", f"{d}/rank-00001.json"} <= keys, (step, sorted(keys))
+    records = read_records(f"{root}/runs/s3")  # both attempts, rolled as one object
+    assert max(r["step"] for r in records if r["kind"] == "step") == 40
+    result = json.loads(storage.read_text(f"{root}/runs/s3/result.json"))
+    assert result["step"] == 40 and result["artifact"] == f"{root}/models/tiny/v1", result
+    assert storage.read_text(f"{root}/models/tiny/LATEST").strip() == "v1"
     mf(env, "cluster", "restart-node", killed["node"])  # capacity back for serving
     print(
         f"\n[isolated-s3] killed {killed['node']} with checkpoints {killed['complete']} complete; "
@@ -203,4 +213,9 @@ def test_object_store_train_serve_evaluate_on_isolated_nodes(cluster, s3, tmp_pa
         run_cli(env, "serve", "shutdown", "-y", "--address", cluster.dashboard_url, check=False)
     out = mf(env, "evaluate", "tiny", "--storage", root, "--data", f"{root}/data/tiny", timeout=300).stdout
     assert f"{root}/evaluations/tiny-v1/evaluation.json" in out
-    assert "isolated/evaluations/tiny-v1/evaluation.json" in s3.keys("modelfleet", "isolated/evaluations/")
+    assert set(s3.keys("modelfleet", "isolated/evaluations/")) >= {
+        "isolated/evaluations/tiny-v1/evaluation.json",
+        "isolated/evaluations/tiny-v1/loss_curves.png",  # drawn from the run's metrics in the bucket
+    }
+    report = json.loads(storage.read_text(f"{root}/evaluations/tiny-v1/evaluation.json"))
+    assert report["metrics"]["loss"] < 4.0 and report["loss_curve"]["step"][-1] == 40, report["metrics"]

@@ -45,7 +45,11 @@ with socket.socket() as s:
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                   DS_ACCELERATOR="cpu")
 import deepspeed
+from modelfleet.train.deepspeed import skip_cpu_inference_comm_op, skip_muon_import
 
+# As training's workers do: no g++ build of an op only inference uses, no Muon kernels compiled.
+skip_cpu_inference_comm_op()
+skip_muon_import()
 deepspeed.init_distributed(dist_backend="gloo")
 """
 

@@ -63,6 +63,11 @@ def test_prepare_writes_shards_and_meta_to_the_bucket(prepared, s3):
         prepare_dataset(DataConfig(sources=["stdlib:json/*.py"], path=prepared), 128, ByteTokenizer())
 
 
+# make test-slow: the in-process variant of tests/e2e/test_isolated.py's object-store test, which
+# runs in make test and checks the same bucket contents (every rank's marker, COMPLETE, result.json,
+# LATEST, the rolled metrics, the served artifact, the report and its loss curve) after a node kill
+# on share-nothing nodes; a worker kill and its restart are test_training.py's kill drill.
+@pytest.mark.slow
 def test_s3_train_killed_resumed_exported_served_evaluated(prepared, s3, tmp_path):
     """The S3 variant of train -> resume-after-kill -> export -> serve -> evaluate."""
     from modelfleet.evaluate.batch import evaluate_artifact

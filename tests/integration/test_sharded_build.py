@@ -43,7 +43,9 @@ def test_sharded_gpt_initialises_exactly_like_a_whole_build():
     assert out["naive_diff"] > 1e-3, out  # without the gathered re-initialisation they would differ
 
 
-@pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
+# 2 workers: tests/integration/test_training_metrics.py reads the share from the run it shares with
+# the metrics tests (make test); this is the 4-worker variant (make test-slow).
+@pytest.mark.parametrize("workers", [pytest.param(4, marks=pytest.mark.slow)])
 def test_each_worker_holds_its_share_of_the_parameters(ray_session, tiny_data, tmp_path, workers):
     """8 layers x 256 wide; after construction each rank holds <= 1/N + 10% of the model's bytes."""
     from modelfleet.train import train

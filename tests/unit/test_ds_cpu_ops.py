@@ -20,3 +20,29 @@ def test_the_cpu_inference_all_reduce_op_is_never_built(tmp_path, monkeypatch):
     # What DeepSpeed's TorchBackend calls when the process group starts: None means gloo for all.
     assert build_shm_op() is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_optimizers_start_without_importing_deepspeeds_muon_kernels():
+    """DeepSpeed's ZeRO code asks whether the optimizer is Muon by importing Muon's module, which
+    builds torch.compile kernels (1-2 s per rank per run); the stand-in answers "no" without them.
+    Run in a fresh interpreter: what is imported is a property of the whole process."""
+    import subprocess
+    import sys
+
+    body = r"""
+import os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch, deepspeed
+from modelfleet.train.deepspeed import MUON_MODULE, skip_muon_import
+skip_muon_import()
+from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+import deepspeed.comm as dist
+dist.get_rank = lambda: 1  # no process group here: the check only logs on rank 0
+opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # what stage3/stage_1_and_2 do
+print("RESULT", is_zero_supported_optimizer(opt), isinstance(opt, MuonWithAuxAdam),
+      "deepspeed.runtime.zero.muon.original_muon" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=300)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), out.stdout + out.stderr[-3000:])
+    assert line == "RESULT True False False", line

@@ -84,3 +84,29 @@ def skip_cpu_inference_comm_op() -> None:
     import deepspeed.ops  # function-local: the driver never imports DeepSpeed
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+class _NoMuon:
+    """Stands in for DeepSpeed's ``MuonWithAuxAdam``: no optimizer is ever an instance of it."""
+
+
+def skip_muon_import() -> None:
+    """Keep ``deepspeed.initialize`` from importing DeepSpeed's Muon optimizer, which we never use.
+
+    DeepSpeed's ZeRO code imports that module on every ``initialize`` only to ask whether the
+    optimizer is a ``MuonWithAuxAdam``, and the import builds ``torch.compile`` wrappers for its
+    kernels (dynamo and inductor): 1-2 s of CPU per rank per run on the 2-core machine (py-spy),
+    for an optimizer our config cannot select (always AdamW, ``build_ds_config``). A stand-in
+    module whose ``MuonWithAuxAdam`` nothing is an instance of answers that question the same
+    way. Call after ``import deepspeed``, before ``deepspeed.initialize``; a Muon module already
+    imported in this process is left as it is."""
+    import sys
+    import types
+
+    if MUON_MODULE not in sys.modules:
+        stub = types.ModuleType(MUON_MODULE, "modelfleet: DeepSpeed's Muon optimizer, not imported (never used)")
+        stub.MuonWithAuxAdam = _NoMuon  # type: ignore[attr-defined]
+        sys.modules[MUON_MODULE] = stub

@@ -34,7 +34,7 @@ from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
 from modelfleet.train.async_save import BackgroundSave
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
-from modelfleet.train.deepspeed import build_ds_config, lr_lambda, skip_cpu_inference_comm_op
+from modelfleet.train.deepspeed import build_ds_config, lr_lambda, skip_cpu_inference_comm_op, skip_muon_import
 from modelfleet.train.stopping import StopWatch
 from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
 
@@ -69,6 +69,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel("WARNING")
+    skip_muon_import()
     if not on_gpu:
         skip_cpu_inference_comm_op()
     t_start = time.time()
