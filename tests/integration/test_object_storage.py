@@ -3,9 +3,10 @@
 replicas reach with the credentials in their environment, as a cluster's nodes would.
 
 prepare -> train (a worker SIGKILLed after the step-10 checkpoint, resumed from the bucket) ->
-export -> serve the artifact from the bucket -> evaluate, every file checked in the bucket; and a
-missing bucket, refused credentials, an unreachable endpoint each fail before any worker starts,
-naming the URI and the cause.
+export -> serve the artifact from the bucket -> evaluate, every file checked in the bucket (make
+test-slow: tests/e2e/test_isolated.py runs the same flow and checks in make test); and a missing
+bucket, refused credentials, an unreachable endpoint each fail before any worker starts, naming the
+URI and the cause.
 """
 
 from __future__ import annotations

@@ -44,16 +44,17 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 
 class _Progress:
-    """Sends rank-0 metrics to the driver's queue without ever blocking training on it."""
+    """Sends rank-0 metrics to the driver's channel (train/channel.py) without ever blocking
+    training on it."""
 
-    def __init__(self, queue: Any, rank: int) -> None:
-        self.queue = queue if rank == 0 else None
+    def __init__(self, channel: Any, rank: int) -> None:
+        self.channel = channel if rank == 0 else None
 
     def send(self, kind: str, **metrics: Any) -> None:
-        if self.queue is None:
+        if self.channel is None:
             return
         try:
-            self.queue.actor.put_nowait.remote({"kind": kind, "time": time.time(), **metrics})
+            self.channel.put.remote({"kind": kind, "time": time.time(), **metrics})
         except Exception:  # a progress line is never worth a failed training step
             pass
 
@@ -75,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_start = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    progress = _Progress(loop_config.get("progress"), rank)
+    progress = _Progress(loop_config.get("channel"), rank)
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
@@ -170,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Only rank 0 reports; the CPU peak is a GEMM timed here, once, before the first step.
     peak = device_peak(t.peak_tflops, t.precision, on_gpu) if rank == 0 and lm else Peak(None, "none")
     step, micro = state["step"], 0
-    watch, stopped = StopWatch(loop_config.get("stop"), rank), False
+    watch, stopped = StopWatch(loop_config.get("channel"), rank), False
     meter = LossMeter(engine.device, world)
     last = time.time()
     first_step_done = False

@@ -6,11 +6,12 @@ Where each signal comes from, and why so:
 - **Stop request.** The driver (``train()``) handles SIGTERM and SIGINT, which ``jobs stop`` sends
   (Ray's job supervisor: SIGTERM to the entrypoint's process tree, SIGKILL after
   ``RAY_JOB_STOP_WAIT_TIME_S``, which ``modelfleet submit`` (cluster/jobs.py) and the Helm
-  RayJob set to 120 s). The handler only sets a flag on a ``StopFlag`` actor: the train function runs
-  off the workers' main thread (it cannot install a signal handler) and a SIGTERM to a worker
-  process would end it mid-step. Rank 0 reads the flag without blocking (an outstanding call it
-  checks at each step) and every rank learns it through the step's loss all-reduce, which carries
-  rank 0's vote: the ranks agree on the same step with no extra collective.
+  RayJob set to 120 s). The handler only sets the stop reason on the run's channel actor
+  (train/channel.py): the train function runs off the workers' main thread (it cannot install a
+  signal handler) and a SIGTERM to a worker process would end it mid-step. Rank 0 reads the
+  reason without blocking (an outstanding call it checks at each step) and every rank learns it
+  through the step's loss all-reduce, which carries rank 0's vote: the ranks agree on the same
+  step with no extra collective.
 - **Node drain.** ``ray.train.get_preemption_info()`` (Ray Train 2.60, driven by
   ``ray drain-node``): a collective every rank calls, so it is called at the steps where the loss
   reaches the host anyway (``train.log_every``). On a notice the ranks checkpoint at once and then
@@ -32,26 +33,12 @@ from typing import Any
 IDLE_POLL_S = 0.5
 
 
-class _StopFlag:
-    """One run's stop request (a Ray actor on the driver's node, made by ``StopRequest``)."""
-
-    def __init__(self) -> None:
-        self.reason = ""
-
-    def set(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def get(self) -> str:
-        return self.reason
-
-
 class StopRequest:
-    """Driver side: the flag actor and the signal handlers that set it during ``fit``."""
+    """Driver side: the signal handlers that, during ``fit``, set the stop reason on the run's
+    channel actor (train/channel.py), where rank 0 reads it."""
 
-    def __init__(self, actor_options: dict[str, Any]) -> None:
-        import ray
-
-        self.actor = ray.remote(_StopFlag).options(num_cpus=0, **actor_options).remote()
+    def __init__(self, channel: Any) -> None:
+        self.actor = channel
         self.reason = ""
         self._lock = threading.Lock()
 

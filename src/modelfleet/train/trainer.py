@@ -38,6 +38,7 @@ from modelfleet.storage import (
     write_text,
 )
 from modelfleet.train import checkpoint as ck
+from modelfleet.train.channel import start_channel
 from modelfleet.train.export import export_checkpoint
 from modelfleet.train.loop import train_loop_per_worker
 from modelfleet.train.memory import ACCELERATOR_GIB, check_fits
@@ -196,7 +197,7 @@ def _local_lines(path: str) -> list[str]:
 
 
 class _ProgressSink:
-    """Driver side of the metrics queue: a live progress line and ``metrics.jsonl`` in the run dir.
+    """Driver side of the run's channel (train/channel.py): a live progress line and ``metrics.jsonl`` in the run dir.
 
     A local file is appended to, a line per record. An object has no append: the driver keeps
     the run's lines (those of earlier attempts read back first) and PUTs the whole object again
@@ -205,8 +206,8 @@ class _ProgressSink:
 
     ROLL_S = 5.0
 
-    def __init__(self, queue: Any, cfg: Config, run_dir: str, show: bool) -> None:
-        self.queue, self.cfg, self.show = queue, cfg, show
+    def __init__(self, channel: Any, cfg: Config, run_dir: str, show: bool) -> None:
+        self.channel, self.cfg, self.show = channel, cfg, show
         self.records: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.t0 = time.time()
@@ -253,18 +254,15 @@ class _ProgressSink:
             write_text(self.remote, "".join(self._lines[:n]))
             self._rolled, self._rolled_at = n, time.time()
 
-    def _drain(self, timeout: float | None = None) -> None:
-        from ray.util.queue import Empty
+    def _drain(self, timeout: float = 0.0) -> None:
+        import ray
 
-        while True:
-            try:
-                item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
-            except Empty:
-                return
-            except Exception:  # the queue actor is gone (cluster shutting down)
-                return
+        try:
+            items = ray.get(self.channel.take.remote(timeout))
+        except Exception:  # the channel actor is gone (cluster shutting down)
+            return
+        for item in items:
             self._handle(item)
-            timeout = None
 
     def _handle(self, item: dict[str, Any]) -> None:
         self._track_resize(item)
@@ -403,7 +401,6 @@ def train(
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.time()
@@ -432,13 +429,13 @@ def train(
     # Hard affinity to the driver's node: progress (and the stop flag) must outlive any worker
     # node a failure takes down (a soft preference may still place it on a worker node).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    sink = _ProgressSink(queue, cfg, run_dir, show_progress)
+    channel = start_channel({"scheduling_strategy": here})  # progress in, the stop request out
+    sink = _ProgressSink(channel, cfg, run_dir, show_progress)
     # SIGTERM (`jobs stop`) or Ctrl-C during the fit: checkpoint at the next step, then end.
-    stop = StopRequest({"scheduling_strategy": here})
+    stop = StopRequest(channel)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": queue, "stop": stop.actor},
+        train_loop_config={"config": cfg.to_dict(), "channel": channel},
         torch_config=TorchConfig(backend="gloo") if cfg.train.use_gpu and gpus_are_simulated() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(cfg.train.num_workers) if cfg.train.elastic else cfg.train.num_workers,
@@ -467,8 +464,7 @@ def train(
         raise TrainingFailedError(_failure_message(cfg, root, e)) from e
     finally:
         sink.stop()
-        ray.kill(queue.actor)
-        ray.kill(stop.actor)
+        ray.kill(channel)
         if failed:
             sink.tracker.close(failed=True)
     found, _ = ck.latest_complete(root, cfg.storage.run_name)
