@@ -197,7 +197,8 @@ def _local_lines(path: str) -> list[str]:
 
 
 class _ProgressSink:
-    """Driver side of the run's channel (train/channel.py): a live progress line and ``metrics.jsonl`` in the run dir.
+    """Driver side of the run's channel (train/channel.py): a live progress line and
+    ``metrics.jsonl`` in the run dir.
 
     A local file is appended to, a line per record. An object has no append: the driver keeps
     the run's lines (those of earlier attempts read back first) and PUTs the whole object again
