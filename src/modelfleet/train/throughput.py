@@ -165,9 +165,10 @@ def step_rates(
 class TrainingGauges:
     """The driver's Prometheus gauges of a run (``ray_modelfleet_train_*`` once Ray prefixes them).
 
-    Get them with ``for_run``: they stay registered in the driver until it exits, so a finished
-    run's last values are still scraped (Ray re-exports a live gauge every
-    ``metrics_report_interval_ms``, 10 s, and ages out one whose object is gone after two)."""
+    Get them with ``for_run``: they stay registered in the driver until it exits, but Ray's
+    metrics agent serves a gauge series only for about two export intervals after its last
+    ``set`` (measured 2026-12-07: a run's gauges were gone from the metrics port a minute after it
+    ended), so a scraper sees a run's values while it trains and for ~20 s after."""
 
     NAMES = {
         "step_time_s": ("modelfleet_train_step_time_seconds", "Wall time of the last logged optimizer step."),
