@@ -63,7 +63,7 @@ from .serving import (
     serve_gone,
     serve_on,
 )
-from .training import TEST_SOURCES, read_records, run_single_rank, tiny_config
+from .training import TEST_SOURCES, assert_sharded_share, read_records, run_single_rank, tiny_config
 from .waiting import port_free, wait_port_free, wait_until
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "BIN",
     "ROOT",
     "TEST_SOURCES",
+    "assert_sharded_share",
     "LoadResult",
     "MotoS3",
     "SimCluster",

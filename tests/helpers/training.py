@@ -65,3 +65,19 @@ def run_single_rank(body: str, *args: str, timeout_s: float = 600) -> dict:
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def assert_sharded_share(run_dir: str | Path, workers: int) -> None:
+    """A ZeRO-3 run's ``built`` record: each rank held <= 1/N + 10% of a not-trivially-small model
+    right after construction, and no more than one module's full tensors at once while building."""
+    built = next(r for r in read_records(run_dir) if r["kind"] == "built")
+    share = built["max_local_bytes"] / built["full_bytes"]
+    print(
+        f"\n[sharded build] N={workers}: full {built['full_bytes'] / 2**20:.1f} MiB, largest rank "
+        f"{built['max_local_bytes'] / 2**20:.2f} MiB ({share:.3f} of the model), transient peak "
+        f"{built['transient_bytes'] / 2**20:.2f} MiB (one module's full tensors)"
+    )
+    assert built["sharded"] and built["world"] == workers
+    assert built["full_bytes"] > 20 * 2**20  # ~6.5M fp32 parameters: the model is not trivially small
+    assert share <= 1 / workers + 0.10, built
+    assert built["transient_bytes"] < built["full_bytes"] / 2, built

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import read_records, run_single_rank, tiny_config
+from helpers import assert_sharded_share, run_single_rank, tiny_config
 
 BODY = r"""
 from modelfleet.families import get_family
@@ -68,14 +68,4 @@ def test_each_worker_holds_its_share_of_the_parameters(ray_session, tiny_data, t
         ],
     )
     res = train(cfg, export=False, show_progress=False)
-    built = next(r for r in read_records(res.run_dir) if r["kind"] == "built")
-    share = built["max_local_bytes"] / built["full_bytes"]
-    print(
-        f"\n[sharded build] N={workers}: full {built['full_bytes'] / 2**20:.1f} MiB, largest rank "
-        f"{built['max_local_bytes'] / 2**20:.2f} MiB ({share:.3f} of the model), transient peak "
-        f"{built['transient_bytes'] / 2**20:.2f} MiB (one module's full tensors)"
-    )
-    assert built["sharded"] and built["world"] == workers
-    assert built["full_bytes"] > 20 * 2**20  # ~6.5M fp32 parameters: the model is not trivially small
-    assert share <= 1 / workers + 0.10, built
-    assert built["transient_bytes"] < built["full_bytes"] / 2, built
+    assert_sharded_share(res.run_dir, workers)

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from helpers import read_records, tiny_config, wait_until
+from helpers import assert_sharded_share, read_records, tiny_config, wait_until
 from modelfleet.models.gpt import flops_per_token
 
 WORKERS = 2
@@ -95,14 +95,4 @@ def test_each_worker_holds_its_share_of_the_parameters(metrics_run):
     """After construction each rank holds <= 1/N + 10% of the model's bytes (ZeRO-3's sharded
     build), and no more than one module's full tensors at once while building."""
     cfg, res = metrics_run
-    built = next(r for r in read_records(res.run_dir) if r["kind"] == "built")
-    share = built["max_local_bytes"] / built["full_bytes"]
-    print(
-        f"\n[sharded build] N={WORKERS}: full {built['full_bytes'] / 2**20:.1f} MiB, largest rank "
-        f"{built['max_local_bytes'] / 2**20:.2f} MiB ({share:.3f} of the model), transient peak "
-        f"{built['transient_bytes'] / 2**20:.2f} MiB (one module's full tensors)"
-    )
-    assert built["sharded"] and built["world"] == WORKERS
-    assert built["full_bytes"] > 20 * 2**20  # ~6.5M fp32 parameters: the model is not trivially small
-    assert share <= 1 / WORKERS + 0.10, built
-    assert built["transient_bytes"] < built["full_bytes"] / 2, built
+    assert_sharded_share(res.run_dir, WORKERS)
