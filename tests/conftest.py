@@ -18,6 +18,34 @@ os.environ.setdefault("MODELFLEET_TRACKING", "0")
 
 from helpers import TEST_SOURCES, tiny_config
 
+# `make test` runs the suite in two lanes at once (pytest-xdist, ``-n 2 --dist loadgroup``): on 2
+# cores one lane alone leaves ~40% of the CPU idle while it waits on Ray (process starts, health
+# checks, a job's status). Each lane is one xdist group, so it runs whole on one worker with its
+# own Ray instance: "training" holds the simulated clusters (tests/e2e), the session's ZeRO-stage
+# runs and everything that reads them; "serving" the rest. Tests that share a port are in one lane
+# (8250: test_families + test_hf_family; 8300: tests/reliability), so neither waits on the other.
+# The split balances the lanes' minutes (docs/benchmarks.md, "The suite"); a new module goes to
+# "serving" unless listed here.
+TRAINING_LANE = (
+    "tests/e2e/",
+    "tests/integration/test_training.py",
+    "tests/integration/test_elastic.py",
+    "tests/integration/test_lora.py",
+    "tests/integration/test_tracking_server.py",
+    "tests/integration/test_training_metrics.py",
+    "tests/integration/test_device_rule.py",
+    "tests/integration/test_sharded_build.py",
+    "tests/integration/test_training_bad_input.py",
+    "tests/reliability/test_training_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        lane = "training" if path.startswith(TRAINING_LANE) else "serving"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
