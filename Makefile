@@ -42,7 +42,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict src/modelfleet/serve/protocol.py src/modelfleet/serve/core_messages.py
-	$(VPY) -m pytest -q --durations=40 -n 2 --dist loadgroup -m "not slow" tests
+	$(VPY) -m pytest -q --durations=40 -n 2 -m "not slow" tests
 
 test-slow: $(STAMP)
 	@echo "make test-slow: pytest -m slow, the long drills and soaks (not in CI)"

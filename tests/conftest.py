@@ -18,14 +18,13 @@ os.environ.setdefault("MODELFLEET_TRACKING", "0")
 
 from helpers import TEST_SOURCES, tiny_config
 
-# `make test` runs the suite in two lanes at once (pytest-xdist, ``-n 2 --dist loadgroup``): on 2
-# cores one lane alone leaves ~40% of the CPU idle while it waits on Ray (process starts, health
-# checks, a job's status). Each lane is one xdist group, so it runs whole on one worker with its
-# own Ray instance: "training" holds the simulated clusters (tests/e2e), the session's ZeRO-stage
-# runs and everything that reads them; "serving" the rest. Tests that share a port are in one lane
-# (8250: test_families + test_hf_family; 8300: tests/reliability), so neither waits on the other.
-# The split balances the lanes' minutes (docs/benchmarks.md, "The suite"); a new module goes to
-# "serving" unless listed here.
+# `make test` runs the suite in two lanes at once (pytest-xdist, ``-n 2``): on 2 cores one lane
+# alone leaves ~40% of the CPU idle while it waits on Ray (process starts, health checks, a job's
+# status). Each lane runs whole on one worker with its own Ray instance: "training" holds the
+# simulated clusters (tests/e2e), the session's ZeRO-stage runs and everything that reads them;
+# "serving" the rest. Tests that share a port are in one lane (8250: test_families +
+# test_hf_family; 8300: tests/reliability), so neither waits on the other. The split balances the
+# lanes' minutes (docs/benchmarks.md, "The suite"); a new module goes to "serving" unless listed.
 TRAINING_LANE = (
     "tests/e2e/",
     "tests/integration/test_training.py",
@@ -40,11 +39,21 @@ TRAINING_LANE = (
 )
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        lane = "training" if path.startswith(TRAINING_LANE) else "serving"
-        item.add_marker(pytest.mark.xdist_group(lane))
+def lane_of(nodeid: str) -> str:
+    return "training" if nodeid.split("::", 1)[0].startswith(TRAINING_LANE) else "serving"
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's (the dev extra); absent without it
+def pytest_xdist_make_scheduler(config, log):
+    """Scope = lane: xdist hands each lane, whole and in collection order, to one worker. (xdist's
+    own ``loadgroup`` marks do not group on pytest 9.2, whose node ids it can no longer suffix.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane_of(nodeid)
+
+    return LaneScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

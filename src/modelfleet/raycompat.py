@@ -37,6 +37,21 @@ def serve_details() -> dict[str, Any] | None:
     return details
 
 
+def ray_logs_dir() -> str | None:
+    """This node's Ray session log directory (the actors' and workers' stdout/stderr files), or
+    None when this process is not a Ray driver. Ray has no public accessor for the path."""
+    import ray
+    from ray._private import worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    if not ray.is_initialized() or node is None:
+        return None
+    path = node.get_logs_dir_path()
+    if not isinstance(path, str):
+        raise TypeError(f"Ray's log directory is a {type(path).__name__}, expected a str")
+    return path
+
+
 def node_ip_address() -> str:
     """The address Ray advertises for this machine (what ``ray start`` would pick): Ray's own
     choice, so the nodes we start agree with the drivers that join them."""

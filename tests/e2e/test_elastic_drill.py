@@ -145,6 +145,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path, tiny
     assert [(r["from_workers"], r["to_workers"]) for r in resizes] == [(4, 2), (2, 4)], resizes
     assert 10 <= resizes[0]["step"] <= drill["killed_after_step"], (resizes, drill)  # from a complete checkpoint
     reshards = [r for r in recs if r["kind"] == "reshard"]
-    assert reshards and all(r["max_abs_logit_diff"] <= 1e-5 for r in reshards if "max_abs_logit_diff" in r)
+    # Every checkpoint carries the probe, so every reshard compares the restored logits.
+    assert reshards and all(r.get("max_abs_logit_diff", 1.0) <= 1e-5 for r in reshards), reshards
     assert max(r["step"] for r in recs if r["kind"] == "step") == STEPS
     assert abs(final["val_loss"] - base) <= 0.05 * base, summary

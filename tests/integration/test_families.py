@@ -449,7 +449,7 @@ def test_kfold_returns_k_scores(runs, storage):
     assert out["summary"]["r2"]["mean"] == pytest.approx(np.mean(out["scores"]))
 
 
-def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
+def test_quality_gate_refuses_a_worse_artifact_and_promotes_a_better_one(runs, served, storage, capsys):
     import torch
 
     from modelfleet import registry
@@ -479,6 +479,22 @@ def test_quality_gate_refuses_a_worse_artifact(runs, served, storage, capsys):
     assert models["linear"] == f"{res.artifact.name}@{res.artifact.version}"  # still the trained one
     assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families", "--if-better", "nope"]) == 2
     assert "valid metrics" in capsys.readouterr().err
+    # The accept path: with the untrained artifact served (a plain deploy, no gate), the trained
+    # one passes the gate and is promoted; the app serves it again afterwards.
+    assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families"]) == 0
+    with httpx.Client(timeout=60) as c:
+        models = {m["id"]: m["artifact"] for m in c.get(f"{served}/v1/models").json()["data"]}
+        assert models["linear"] == f"{res.artifact.name}@{worse.version}"
+        capsys.readouterr()
+        assert (
+            main(["deploy", "linear", "--artifact", res.artifact.version, "--app", "families", "--if-better", "r2"])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert f"promote: candidate {res.artifact.name}@{res.artifact.version} r2=" in out, out
+        assert f"served {res.artifact.name}@{worse.version} r2=" in out, out
+        models = {m["id"]: m["artifact"] for m in c.get(f"{served}/v1/models").json()["data"]}
+    assert models["linear"] == f"{res.artifact.name}@{res.artifact.version}"
 
 
 def test_breast_cancer_table_is_imputed_and_encoded_for_classification(ray_session):

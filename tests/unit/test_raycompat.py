@@ -154,3 +154,19 @@ def test_the_train_storage_context_still_has_the_fields_async_checkpoints_read()
     assert "get_storage" in vars(TrainContext)
     storage = StorageContext(storage_path="/tmp", experiment_dir_name="run")
     assert storage.experiment_fs_path.endswith("/run") and storage.storage_filesystem is not None
+
+
+def test_ray_logs_dir_is_none_without_a_driver_and_a_log_directory_with_one(ray_session):
+    """connect() names this directory when it keeps Ray's process logs off the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    from modelfleet.raycompat import ray_logs_dir
+
+    where = ray_logs_dir()
+    assert where is not None and os.path.isdir(where) and where.endswith("logs"), where
+    assert any(name.startswith("raylet") for name in os.listdir(where)), os.listdir(where)
+    alone = "from modelfleet.raycompat import ray_logs_dir; print(ray_logs_dir())"
+    r = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from modelfleet.cluster import JOBS
+from modelfleet.cluster.connect import VERBOSE_ENV
 from modelfleet.cluster.local import use_local_cluster_env
 from modelfleet.errors import USER_ERRORS
 
@@ -34,6 +35,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set deepspeed.zero_stage=2 (repeatable)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream Ray's process logs (actors, workers, Serve) to this terminal; "
+        "otherwise they stay in Ray's session log directory, named on stderr",
     )
 
 
@@ -268,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "cluster":
         # Before Ray is imported: Ray reads its auth mode once, from the environment.
         use_local_cluster_env()
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # read by cluster.connect, in this process and the jobs it starts
     module, _, func = args.body.partition(":")
     # The one function-local import of the CLI: each command loads torch/Ray only when chosen.
     run = getattr(importlib.import_module(f"modelfleet.cli.{module}"), func)

@@ -18,9 +18,10 @@ from modelfleet.serve import client
 from modelfleet.serve.app import deploy, running_config, status, update_model, update_pool, verify_auth
 
 
-def _attach(*, start_local: bool) -> bool:
-    """Join the running cluster; start a local one only if allowed. Returns True if started here."""
-    return connect(log_to_driver=False, start_local=start_local).started_here
+def _attach(*, start_local: bool, log_to_driver: bool | None = False) -> bool:
+    """Join the running cluster; start a local one only if allowed. Returns True if started here.
+    Quick commands never stream Ray's logs; ``serve`` leaves it to ``--verbose``."""
+    return connect(log_to_driver=log_to_driver, start_local=start_local).started_here
 
 
 def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = False) -> int:
@@ -33,7 +34,7 @@ def serve_main(cfg: Config, *, detach: bool = False, insecure_no_auth: bool = Fa
     serve_cfg = cfg.serve if cfg.serve.storage_path else cfg.serve.model_copy(update={"storage_path": cfg.storage.path})
     if insecure_no_auth:
         serve_cfg = serve_cfg.model_copy(update={"insecure_no_auth": True})
-    started = _attach(start_local=True)
+    started = _attach(start_local=True, log_to_driver=None)
     sc = deploy(serve_cfg)
     base = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
     print(f"app {sc.app_name} RUNNING at {base}: models {', '.join(f'{m.name} ({m.artifact})' for m in sc.models)}")

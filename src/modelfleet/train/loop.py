@@ -250,7 +250,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
                 progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
             if save:
-                verify = _probe(engine, val_batches, family) if final else None
+                # Every checkpoint carries the probe (one forward on a fixed batch): a resize that
+                # restores any of them checks the restored logits, and any of them can be exported.
+                if val_batches is None:
+                    val_batches = list(_eval_batches(val_shard, cfg, family))
+                verify = _probe(engine, val_batches, family)
                 t_save = time.monotonic()
                 if saver is None:
                     _save(engine, cfg, state, metrics, rank, world, verify, adapter_only=adapter_only)
@@ -380,8 +384,9 @@ def _probe(engine: Any, val_batches: list[Any], family: Any) -> dict[str, Any]:
 
 
 def _restored_logit_diff(engine: Any, family: Any, local: str) -> float | None:
-    """After a resize: the restored engine's logits on the probe the checkpoint saved (its final
-    step only) against the logits saved with it; None when the checkpoint has no probe."""
+    """After a resize: the restored engine's logits on the probe the checkpoint saved against the
+    logits saved with it; None when the checkpoint has no probe (one written before every
+    checkpoint carried one)."""
     import torch
     from safetensors.torch import load_file
 
