@@ -175,7 +175,9 @@ def publish_base(storage: str, cfg: Any) -> Any:
     from modelfleet.train.export import write_artifact_dir
 
     torch.manual_seed(0)
-    return registry.publish(storage, "small-base", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}))
+    return registry.publish(
+        storage, "small-base", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True
+    )
 
 
 def token_rows(data_path: str, n: int) -> Any:

@@ -83,10 +83,12 @@ def publish_variants(storage: str, base_ref: Any, n: int) -> tuple[dict[str, str
             }
         }
         name = f"v{i:02d}"
-        adapters[name] = f"{registry.publish(storage, name, write_adapter_dir(pm, cfg, {})).name}@v1"
+        adapters[name] = f"{registry.publish(storage, name, write_adapter_dir(pm, cfg, {}), consume=True).name}@v1"
         plain = Config.from_dict(manifest["config"])
         full = get_family("gpt").merged(pm)
-        merged[name] = f"{registry.publish(storage, 'm' + name, write_artifact_dir(full, plain, {})).name}@v1"
+        merged[name] = (
+            f"{registry.publish(storage, 'm' + name, write_artifact_dir(full, plain, {}), consume=True).name}@v1"
+        )
     return adapters, merged, one
 
 

@@ -62,7 +62,7 @@ def publish_bench_model(storage: str) -> str:
         overrides=[f"storage.path={storage}", "model.block_size=1024", "model.n_layer=4", "model.n_embd=256"],
     )
     torch.manual_seed(0)
-    registry.publish(storage, "bench", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}))
+    registry.publish(storage, "bench", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True)
     return "bench"
 
 

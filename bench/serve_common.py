@@ -30,7 +30,7 @@ def publish_tiny(storage: str, name: str = "tiny", seed: int = 0) -> Any:
     cfg = load_config(preset="tiny", overrides=[f"storage.path={storage}"])
     torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
-    return model, registry.publish(storage, name, write_artifact_dir(model, cfg, {}))
+    return model, registry.publish(storage, name, write_artifact_dir(model, cfg, {}), consume=True)
 
 
 @dataclass

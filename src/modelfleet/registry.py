@@ -58,8 +58,18 @@ def versions(storage_path: str, name: str) -> list[str]:
     return sorted(found, key=lambda v: int(v[1:]))
 
 
-def publish(storage_path: str, name: str, local_dir: str) -> ArtifactRef:
-    """Copy a finished local artifact directory in as the next version and move LATEST to it."""
+def publish(storage_path: str, name: str, local_dir: str, *, consume: bool = False) -> ArtifactRef:
+    """Copy a finished local artifact directory in as the next version and move LATEST to it.
+    ``consume``: ``local_dir`` is a scratch directory (``write_artifact_dir``'s): removed afterwards,
+    published or not, so no caller leaves a model-sized copy in the temp directory."""
+    try:
+        return _publish(storage_path, name, local_dir)
+    finally:
+        if consume:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _publish(storage_path: str, name: str, local_dir: str) -> ArtifactRef:
     check_name(name)
     root = StorageLayout(storage_path).model(name)
     fs, base = filesystem(root)

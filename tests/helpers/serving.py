@@ -30,7 +30,7 @@ def publish_tiny_models(storage: Path, seeds: tuple[int, ...] = (1, 2), probe: s
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model(cfg.model).eval()
-        ref = registry.publish(str(storage), "tiny", write_artifact_dir(model, cfg, {}))
+        ref = registry.publish(str(storage), "tiny", write_artifact_dir(model, cfg, {}), consume=True)
         ids = torch.tensor([tok.encode(probe)])
         answers[ref.version] = tok.decode(generate(model, ids, 8, temperature=0)[0, ids.size(1) :])
     return answers
@@ -172,7 +172,7 @@ def publish_adapters(storage: Path, base: str, names: tuple[str, ...], probe: st
                 "target_modules": ["c_attn", "c_fc"],
             }
         }
-        published = registry.publish(str(storage), name, write_adapter_dir(peft_model, cfg, {}))
+        published = registry.publish(str(storage), name, write_adapter_dir(peft_model, cfg, {}), consume=True)
         ids = torch.tensor([tok.encode(probe)])
         with torch.no_grad():
             answer = tok.decode(generate(peft_model, ids, 8, temperature=0)[0, ids.size(1) :])

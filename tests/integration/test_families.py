@@ -470,6 +470,7 @@ def test_quality_gate_refuses_a_worse_artifact_and_promotes_a_better_one(runs, s
         write_artifact_dir(
             untrained, trained_cfg, {}, transform=registry.read_json(res.artifact.uri, "transform.json")
         ),
+        consume=True,
     )
     assert main(["deploy", "linear", "--artifact", worse.version, "--app", "families", "--if-better", "r2"]) == 1
     out = capsys.readouterr().out

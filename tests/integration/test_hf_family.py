@@ -96,7 +96,7 @@ def test_logits_match_transformers_before_and_after_export(hf_dirs, arch, tmp_pa
     with torch.no_grad():
         before = ours(ids)
     assert (before - reference).abs().max().item() <= 1e-4
-    ref = registry.publish(str(tmp_path), f"hf-{arch}", write_artifact_dir(ours, cfg, {}))
+    ref = registry.publish(str(tmp_path), f"hf-{arch}", write_artifact_dir(ours, cfg, {}), consume=True)
     loaded, tok, manifest = load_artifact(ref.uri)
     with torch.no_grad():
         after = loaded(ids)

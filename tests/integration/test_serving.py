@@ -691,7 +691,7 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
         overrides=[f"storage.path={tmp_path}", "model.block_size=1024", "model.n_layer=4", "model.n_embd=256"],
     )
     torch.manual_seed(0)
-    registry.publish(str(tmp_path), "long", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}))
+    registry.publish(str(tmp_path), "long", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True)
     _deploy(tmp_path, "cancel", [_model("long", "long@v1")])
     url = f"{BASE}/cancel"
     body = {"prompt": PROBE, "max_tokens": 900, "temperature": 0}

@@ -122,10 +122,7 @@ def _export(
         )
     else:
         out = write_artifact_dir(model, cfg, transform=transform, extra=extra)
-    try:
-        return registry.publish(storage_path or cfg.storage.path, name, out)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)  # publish copied it in
+    return registry.publish(storage_path or cfg.storage.path, name, out, consume=True)
 
 
 def _fill_tied(model: Any, sd: dict[str, Any]) -> dict[str, Any]:

@@ -134,7 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_in_epoch": 0}
     if found is not None:
         t_load = time.time()
-        local = ck.download(found, tempfile.mkdtemp(prefix="mf-restore-"))
+        scratch = tempfile.mkdtemp(prefix="mf-restore-")
+        local = ck.download(found, scratch)
         with pickles.weights_only_loads(f"checkpoint {found.uri}"):  # files may change after the scan
             if convert:
                 universal = ck.to_universal(local, tempfile.mkdtemp(prefix="mf-universal-"))
@@ -156,8 +157,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 restore_s=round(time.time() - t_load, 3),
                 **({} if check is None else {"max_abs_logit_diff": check}),
             )
-        if local != found.uri:  # a downloaded copy (object stores), not the checkpoint itself
-            shutil.rmtree(local, ignore_errors=True)
+        # A downloaded copy (object stores) goes; a local checkpoint is read in place, and the
+        # empty directory made for a download goes with it.
+        shutil.rmtree(local if local != found.uri else scratch, ignore_errors=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
