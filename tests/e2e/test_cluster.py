@@ -72,11 +72,11 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
             "--set",
             "train.use_gpu=true",
             "--set",
-            "train.max_steps=20",
+            "train.max_steps=30",
             "--set",
-            "train.eval_every=20",
+            "train.eval_every=30",
             "--set",
-            "train.checkpoint_every=20",
+            "train.checkpoint_every=10",
             "--set",
             "train.eval_batches=1",
         ]
@@ -97,7 +97,61 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
         s = wait_job(env, "too-big", 180)
         assert s["status"] == "FAILED" and "reserved for the minimum replicas" in s["reason"], s
 
-        # Ray's own CLI, exactly as the README says; the job trains 4 ZeRO-3 workers on "GPUs".
+        four = [
+            *common,
+            "--set",
+            "train.num_workers=4",
+            "--set",
+            "deepspeed.zero_stage=3",
+            "--set",
+            "storage.run_name=shared",
+        ]
+        failures, answered, seen_nodes = [], [0], set()
+
+        def traffic() -> None:
+            with httpx.Client(timeout=60) as c:
+                for _ in range(3):  # a few requests per poll: bounded by the job's own deadline
+                    r = c.post(url, json={"prompt": "def f(", "max_tokens": 4})
+                    answered[0] += 1
+                    if r.status_code != 200:
+                        failures.append((r.status_code, r.text[:200]))
+            seen_nodes.update(cluster.train_worker_nodes())
+
+        # A job of 4 ZeRO-3 workers on "GPUs", stopped with `modelfleet jobs stop` (Ray's stop_job:
+        # SIGTERM to the entrypoint, then its process group) after its first complete checkpoint:
+        # the ranks checkpoint at the next step and the job ends; its workers go away.
+        cfg_yaml = "deploy/modelfleet-serve.yaml"
+        mf(env, "submit", "train", cfg_yaml, *four, "--arg=--no-export", "--submission-id", "shared-1")
+        run_dir = storage / "runs" / "shared"
+
+        def checkpointed() -> bool:
+            traffic()
+            if any(r["kind"] == "checkpoint" for r in read_records(run_dir)):
+                return True
+            s = job_status(env, "shared-1")
+            assert s["status"] in ("PENDING", "RUNNING"), s  # ended before its first checkpoint
+            return False
+
+        wait_until(checkpointed, 400, "the first complete checkpoint of shared-1", 0.5)
+        mf(env, "jobs", "stop", "shared-1")
+        t_stop = time.time()
+        s = wait_job(env, "shared-1", 120)
+        stop_s = time.time() - t_stop
+        assert s["status"] == "STOPPED", s
+        wait_until(lambda: not cluster.train_worker_nodes(), 60, "the stopped job's training workers to exit", 1)
+        recs = read_records(run_dir)
+        at_stop = max(r["step"] for r in recs if r["kind"] == "step")
+        last_ckpt = max(r["step"] for r in recs if r["kind"] == "checkpoint")
+        assert at_stop < 30, f"the job finished (step {at_stop}) before it was stopped"
+        # The driver's SIGTERM handler had the ranks checkpoint where they stood, within the job's
+        # stop wait (RAY_JOB_STOP_WAIT_TIME_S, set by `modelfleet submit`), before Ray's SIGKILL.
+        stopped = [r for r in recs if r["kind"] == "stopped"]
+        assert [r["step"] for r in stopped] == [at_stop] == [last_ckpt], (stopped, at_stop, last_ckpt)
+        stop_logs = mf(env, "jobs", "logs", "shared-1").stdout
+        assert f"checkpoint at step {at_stop} is complete" in stop_logs and "--resume shared" in stop_logs
+
+        # Resubmitted with Ray's own CLI, exactly as the README says: it resumes from the step it
+        # was stopped at, redoes none, finishes and exports.
         run_cli(
             env,
             "ray",
@@ -114,32 +168,26 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
             "python",
             "jobs/train.py",
             "--config",
-            "deploy/modelfleet-serve.yaml",
-            *common,
-            "--set",
-            "train.num_workers=4",
-            "--set",
-            "deepspeed.zero_stage=3",
-            "--set",
-            "storage.run_name=shared",
+            cfg_yaml,
+            *four,
+            "--resume",
+            "shared",
         )
-        failures, answered, seen_nodes = [], [0], set()
-
-        def traffic() -> None:
-            with httpx.Client(timeout=60) as c:
-                for _ in range(3):  # a few requests per poll: bounded by the job's own deadline
-                    r = c.post(url, json={"prompt": "def f(", "max_tokens": 4})
-                    answered[0] += 1
-                    if r.status_code != 200:
-                        failures.append((r.status_code, r.text[:200]))
-            seen_nodes.update(cluster.train_worker_nodes())
-
         s = wait_job(env, "ray-cli-train", 600, during=traffic, interval_s=2)
         assert s["status"] == "SUCCEEDED", s
         assert len(seen_nodes) >= 2, f"4 training workers ran on nodes {seen_nodes}"
         assert answered[0] >= 10 and not failures, (answered, failures[:3])
         logs = mf(env, "jobs", "logs", "ray-cli-train").stdout
         assert "artifact tiny@v2" in logs
+        after = read_records(run_dir)[len(recs) :]
+        resumes = [r["step"] for r in after if r["kind"] == "resume"]
+        steps = [r["step"] for r in after if r["kind"] == "step"]
+        print(
+            f"\n[job-stop] stopped at step {at_stop} (last checkpoint {last_ckpt}); STOPPED {stop_s:.1f} s after "
+            f"`jobs stop`; resubmission resumed from {resumes}, trained steps {min(steps)}-{max(steps)}"
+        )
+        assert resumes == [last_ckpt], (resumes, last_ckpt)
+        assert min(steps) == last_ckpt + 1 and max(steps) == 30, steps
 
         # An id is used once: Ray's CLI and ours both refuse it.
         again = run_cli(
@@ -201,88 +249,6 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
 def _all_gpus_free(env: dict) -> bool:
     rows = [r for r in json.loads(mf(env, "cluster", "status", "--json").stdout) if r["state"] == "ALIVE"]
     return bool(rows) and all(float(r["gpu"].split("/")[0]) == float(r["gpu"].split("/")[1]) for r in rows)
-
-
-@pytest.mark.slow  # ~3 min: a job started, stopped and resubmitted on the 3-node cluster
-def test_stopped_job_resubmitted_resumes(cluster, storage, tiny_data):
-    """`modelfleet jobs stop` (Ray's stop_job: SIGTERM to the entrypoint, then its process group)
-    after the first complete checkpoint: the ranks checkpoint at the next step and the job ends;
-    the training workers go away; the run resubmitted as a new job with `--resume` continues
-    from the step it was stopped at, redoing none."""
-    env = cluster.env
-    sets = [
-        "--set",
-        f"storage.path={storage}",
-        "--set",
-        f"data.path={tiny_data}",
-        "--set",
-        "train.use_gpu=true",
-        "--set",
-        "train.num_workers=2",
-        "--set",
-        "deepspeed.zero_stage=3",
-        "--set",
-        "train.max_steps=40",
-        "--set",
-        "train.checkpoint_every=10",
-        "--set",
-        "train.eval_every=20",
-        "--set",
-        "train.eval_batches=1",
-        "--set",
-        "storage.run_name=stopme",
-    ]
-    mf(env, "submit", "train", "--preset", "tiny", *sets, "--arg=--no-export", "--submission-id", "stopme-1")
-    run_dir = storage / "runs" / "stopme"
-
-    def checkpointed() -> bool:
-        if any(r["kind"] == "checkpoint" for r in read_records(run_dir)):
-            return True
-        s = job_status(env, "stopme-1")
-        assert s["status"] in ("PENDING", "RUNNING"), s  # ended before its first checkpoint
-        return False
-
-    wait_until(checkpointed, 400, "the first complete checkpoint of stopme-1", 0.2)
-    mf(env, "jobs", "stop", "stopme-1")
-    t_stop = time.time()
-    s = wait_job(env, "stopme-1", 120)
-    stop_s = time.time() - t_stop
-    assert s["status"] == "STOPPED", s
-    # The stopped job's training workers must not linger.
-    wait_until(lambda: not cluster.train_worker_nodes(), 60, "the stopped job's training workers to exit", 1)
-    recs = read_records(run_dir)
-    at_stop = max(r["step"] for r in recs if r["kind"] == "step")
-    last_ckpt = max(r["step"] for r in recs if r["kind"] == "checkpoint")
-    assert at_stop < 40, f"the job finished (step {at_stop}) before it was stopped"
-    # The driver's SIGTERM handler had the ranks checkpoint where they stood, within the job's
-    # stop wait (RAY_JOB_STOP_WAIT_TIME_S, set by `modelfleet submit`), before Ray's SIGKILL.
-    stopped = [r for r in recs if r["kind"] == "stopped"]
-    assert [r["step"] for r in stopped] == [at_stop] == [last_ckpt], (stopped, at_stop, last_ckpt)
-
-    mf(
-        env,
-        "submit",
-        "train",
-        "--preset",
-        "tiny",
-        *sets,
-        "--arg=--no-export",
-        "--arg=--resume",
-        "--arg=stopme",
-        "--submission-id",
-        "stopme-2",
-    )
-    s = wait_job(env, "stopme-2", 600)
-    assert s["status"] == "SUCCEEDED", s
-    after = read_records(run_dir)[len(recs) :]
-    resumes = [r["step"] for r in after if r["kind"] == "resume"]
-    steps = [r["step"] for r in after if r["kind"] == "step"]
-    print(
-        f"\n[job-stop] stopped at step {at_stop} (last checkpoint {last_ckpt}); STOPPED {stop_s:.1f} s after "
-        f"`jobs stop`; resubmission resumed from {resumes}, trained steps {min(steps)}-{max(steps)}"
-    )
-    assert resumes == [last_ckpt], (resumes, last_ckpt)
-    assert min(steps) == last_ckpt + 1 and max(steps) == 40, steps
 
 
 @pytest.mark.slow  # ~4 min: a job, a drained (then killed) node, the group restarted on the others

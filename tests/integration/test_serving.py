@@ -438,6 +438,64 @@ def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
 # ---------------------------------------------------------------- zero-downtime update
 
 
+def test_a_model_scaled_to_zero_sleeps_through_readiness_probes_then_cold_starts_and_sleeps_again(
+    serve_up, registry_dir
+):
+    """A two-model app (the Python front) whose second model scales to zero and starts with none:
+    readiness answers ok at once without waking it (asking a sleeping model would queue the
+    call and start a replica: the probe would hang for a cold start, and a probe every few
+    seconds would keep the model awake for ever); its first request cold-starts it and gets its
+    greedy answer; with the load gone it goes back to zero replicas."""
+    from modelfleet.serve.app import status
+
+    storage, answers = registry_dir
+    zero = {
+        "min_replicas": 0,
+        "initial_replicas": 0,
+        "max_replicas": 1,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 1,
+        "downscale_to_zero_delay_s": 2,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 1,
+    }
+    _deploy(storage, "sleepy", [_model("awake", "tiny@v1"), _model("sleeper", "tiny@v2", autoscaling=zero)])
+    url = f"{BASE}/sleepy"
+
+    def replicas() -> int:
+        return sum(
+            sum(r["replicas"].values()) for r in status() if r["app"] == "sleepy" and r["deployment"] == "model-sleeper"
+        )
+
+    try:
+        assert replicas() == 0
+        with httpx.Client(timeout=60) as c:
+            # The front's first probe asks its models (later ones reuse the answer for 2 s).
+            t0 = time.monotonic()
+            r = c.get(f"{url}/healthz")
+            took = time.monotonic() - t0
+            assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
+            assert took < 2, f"the readiness probe took {took:.1f} s: it waited on the sleeping model"
+            assert replicas() == 0, "readiness probes woke the model that scales to zero"
+            t0 = time.monotonic()
+            r = c.post(
+                f"{url}/v1/completions", json={"model": "sleeper", "prompt": PROBE, "max_tokens": 8, "temperature": 0}
+            )
+            cold = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == answers["v2"]
+        assert replicas() == 1
+        t0 = time.monotonic()
+        wait_until(lambda: replicas() == 0, 90, "the idle model back at zero replicas", 0.5)
+        print(
+            f"\n[scale-to-zero] cold start answered in {cold:.1f} s; back to zero {time.monotonic() - t0:.1f} s after"
+        )
+        assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    finally:
+        serve_up.delete("sleepy")
+
+
 def test_deploy_swaps_weights_with_zero_failed_requests(serve_up, registry_dir):
     from modelfleet.cli import main
 
@@ -672,13 +730,11 @@ def test_the_router_keeps_each_prefix_on_its_warm_replica_and_survives_a_router_
         serve_up.delete("route")
 
 
-def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, tmp_path):
-    """A streaming client that closes after its first event and a non-streaming one that closes its
-    connection while the replica decodes it (one-hop: HAProxy -> the replica): each request is cancelled in the engine core
-    (the replica counts it) and the core's batch is empty within 2 s, long before the 900 tokens
-    each asked for would have been decoded, though both send ``x-request-disconnect-disabled: ?1``
-    (which Ray's direct ingress honours; the HAProxy edge drops it). A model with a 1,024-token context makes a request last
-    seconds (the tiny test model finishes its whole context in a tenth of one)."""
+@pytest.fixture(scope="module")
+def long_app(serve_up, tmp_path_factory):
+    """App "long": a random tiny GPT with a 1,024-token context and 8 layers, so a request lasts
+    seconds and one decode step takes tens of ms (the tiny test model finishes its whole context in
+    a tenth of a second, too fast for a client's clock to see steps)."""
     import torch
 
     from modelfleet import registry
@@ -686,14 +742,68 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
     from modelfleet.presets import load_config
     from modelfleet.train.export import write_artifact_dir
 
+    storage = tmp_path_factory.mktemp("long")
     cfg = load_config(
         preset="tiny",
-        overrides=[f"storage.path={tmp_path}", "model.block_size=1024", "model.n_layer=4", "model.n_embd=256"],
+        overrides=[f"storage.path={storage}", "model.block_size=1024", "model.n_layer=8", "model.n_embd=256"],
     )
     torch.manual_seed(0)
-    registry.publish(str(tmp_path), "long", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True)
-    _deploy(tmp_path, "cancel", [_model("long", "long@v1")])
-    url = f"{BASE}/cancel"
+    registry.publish(str(storage), "long", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True)
+    _deploy(storage, "long", [_model("long", "long@v1")])
+    yield f"{BASE}/long"
+    serve_up.delete("long")
+
+
+def test_a_short_request_joins_a_running_stream_and_finishes_first_by_the_clients_clock(long_app):
+    """Continuous batching seen from outside, by the client's clock only (no self-reported
+    header): a 4-token request sent while a 600-token stream decodes completes long before the
+    stream ends, and the stream's inter-token gaps while the short one runs stay below 2x the
+    stream's median gap (it joined the running batch: no pause for its prefill or decode). A
+    static batcher fails both: the short request waits for the stream, or the stream for it."""
+    arrivals: list[float] = []
+    done: dict[str, float] = {}
+
+    def stream() -> None:
+        body = {"prompt": PROBE, "max_tokens": 600, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=120) as c, c.stream("POST", f"{long_app}/v1/completions", json=body) as s:
+            assert s.status_code == 200
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+        done["stream"] = time.monotonic()
+
+    th = threading.Thread(target=stream)
+    th.start()
+    try:
+        wait_until(lambda: len(arrivals) >= 60, 60, "the long stream decoding", 0.01)
+        t_short = time.monotonic()
+        with httpx.Client(timeout=120) as c:
+            r = c.post(f"{long_app}/v1/completions", json={"prompt": "x = ", "max_tokens": 4, "temperature": 0})
+        done["short"] = time.monotonic()
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        th.join(timeout=120)
+    assert "stream" in done and len(arrivals) >= 300, (len(arrivals), done)
+    assert done["short"] < done["stream"], "the short request waited for the stream to end"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    median = sorted(gaps)[len(gaps) // 2]
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= t_short and a <= done["short"]]
+    assert during, "no stream token arrived while the short request ran"
+    print(
+        f"\n[continuous batching] short request {1000 * (done['short'] - t_short):.0f} ms, during it "
+        f"{len(during)} stream gaps, max {1000 * max(during):.1f} ms; stream median gap {1000 * median:.1f} ms, "
+        f"{len(arrivals)} events, ended {done['stream'] - done['short']:.1f} s after the short one"
+    )
+    assert max(during) < 2 * median, (max(during), median, during)
+
+
+def test_clients_that_go_away_free_their_sequences_in_the_engine_core(long_app):
+    """A streaming client that closes after its first event and a non-streaming one that closes its
+    connection while the replica decodes it (one-hop: HAProxy -> the replica): each request is cancelled in the engine core
+    (the replica counts it) and the core's batch is empty within 2 s, long before the 900 tokens
+    each asked for would have been decoded, though both send ``x-request-disconnect-disabled: ?1``
+    (which Ray's direct ingress honours; the HAProxy edge drops it)."""
+    url = long_app
     body = {"prompt": PROBE, "max_tokens": 900, "temperature": 0}
     # Ray's direct ingress would not cancel a request whose client sends this; the edge drops it.
     keep_going = {"x-request-disconnect-disabled": "?1"}
@@ -701,48 +811,45 @@ def test_clients_that_go_away_free_their_sequences_in_the_engine_core(serve_up, 
     def card() -> dict:
         return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
 
+    assert card()["cancelled_requests"] == 0
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=keep_going) as s:
+            assert s.status_code == 200
+            assert next(s.iter_lines()).startswith("data: ")  # decoding has started; then we leave
+    wait_until(
+        lambda: (k := card())["cancelled_requests"] == 1 and k["running_sequences"] == 0,
+        2,
+        "the closed stream cancelled in the engine core",
+        0.05,
+    )
+    # Non-streaming, on a raw connection: closed once the replica reports it decoding.
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", PORT), timeout=30)
     try:
-        assert card()["cancelled_requests"] == 0
-        with httpx.Client(timeout=60) as c:
-            with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=keep_going) as s:
-                assert s.status_code == 200
-                assert next(s.iter_lines()).startswith("data: ")  # decoding has started; then we leave
-        wait_until(
-            lambda: (k := card())["cancelled_requests"] == 1 and k["running_sequences"] == 0,
-            2,
-            "the closed stream cancelled in the engine core",
-            0.05,
+        sock.sendall(
+            b"POST /long/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + b"x-request-disconnect-disabled: ?1\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
         )
-        # Non-streaming, on a raw connection: closed once the replica reports it decoding.
-        payload = json.dumps(body).encode()
-        sock = socket.create_connection(("127.0.0.1", PORT), timeout=30)
-        try:
-            sock.sendall(
-                b"POST /cancel/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                + b"x-request-disconnect-disabled: ?1\r\n"
-                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            wait_until(lambda: card()["running_sequences"] == 1, 30, "the non-streaming request decoding", 0.05)
-        finally:
-            sock.close()
-        t0 = time.monotonic()
-        last: list[dict] = []
-
-        def cancelled_and_idle() -> dict | None:
-            last[:] = [card()]
-            return last[0] if last[0]["cancelled_requests"] == 2 and last[0]["running_sequences"] == 0 else None
-
-        try:
-            seen = wait_until(cancelled_and_idle, 2, "both requests cancelled and the engine core's batch empty", 0.05)
-        except TimeoutError as e:
-            raise AssertionError(f"{e}; the replica last said {last}") from None
-        print(
-            f"\n[disconnect] a closed stream, then a closed non-streaming connection: cancelled {seen['cancelled_requests']}, "
-            f"running {seen['running_sequences']}, {time.monotonic() - t0:.2f} s after the second client left"
-        )
+        wait_until(lambda: card()["running_sequences"] == 1, 30, "the non-streaming request decoding", 0.05)
     finally:
-        serve_up.delete("cancel")
+        sock.close()
+    t0 = time.monotonic()
+    last: list[dict] = []
+
+    def cancelled_and_idle() -> dict | None:
+        last[:] = [card()]
+        return last[0] if last[0]["cancelled_requests"] == 2 and last[0]["running_sequences"] == 0 else None
+
+    try:
+        seen = wait_until(cancelled_and_idle, 2, "both requests cancelled and the engine core's batch empty", 0.05)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; the replica last said {last}") from None
+    print(
+        f"\n[disconnect] a closed stream, then a closed non-streaming connection: cancelled {seen['cancelled_requests']}, "
+        f"running {seen['running_sequences']}, {time.monotonic() - t0:.2f} s after the second client left"
+    )
 
 
 # ---------------------------------------------------------------- fail-closed auth

@@ -11,7 +11,7 @@
 The kill-a-worker-mid-run drill with its loss tolerance against an uninterrupted run is
 tests/integration/test_training.py::test_kill_worker_resumes_from_last_complete_checkpoint;
 stopping a real Ray job (``modelfleet jobs stop``) and resubmitting it with ``--resume`` is
-tests/e2e/test_cluster.py::test_stopped_job_resubmitted_resumes.
+tests/e2e/test_cluster.py::test_serving_beside_training_jobs (its training job is stopped, then resubmitted).
 """
 
 from __future__ import annotations

@@ -93,9 +93,16 @@ class _Front:
     READY_TTL_S = 2.0
     """How long a readiness answer is reused: 1,000 probes make at most one check per model per TTL."""
 
+    def _always_on(self) -> list[Any]:
+        """Handles of the models that keep a replica. One that scales to zero (``min_replicas: 0``)
+        is left out: asking it would start a replica (Serve queues the call and scales up), so a
+        readiness probe every few seconds would keep a sleeping model awake for ever."""
+        asleep = {m.name for m in self.cfg.models if m.autoscaling is not None and m.autoscaling.min_replicas == 0}
+        return [h for name, h in self.models.items() if name not in asleep]
+
     async def ready(self) -> bool:
-        """Whether every model answers ``info`` (has weights), asked at most once per TTL however
-        many probes arrive (one check in flight; the others reuse its answer)."""
+        """Whether every model that keeps a replica answers ``info`` (has weights), asked at most
+        once per TTL however many probes arrive (one check in flight; the others reuse its answer)."""
         if time.monotonic() - self._ready_at < self.READY_TTL_S:
             return self._ready_ok
         if self._ready_lock is None:
@@ -103,7 +110,7 @@ class _Front:
         async with self._ready_lock:
             if time.monotonic() - self._ready_at >= self.READY_TTL_S:
                 try:
-                    await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.models.values())), 10)
+                    await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self._always_on())), 10)
                     self._ready_ok = True
                 except Exception:  # noqa: BLE001 - any failure means "not ready"
                     self._ready_ok = False
