@@ -253,3 +253,22 @@ def test_a_burst_of_equal_prompts_prefills_in_one_step(model):
     got = _drain(engine, seqs)
     for j, s in zip(jobs, seqs):
         assert first.outputs[[id(x) for x, _ in first.outputs].index(id(s))][1].text + got[id(s)][0] == _alone(model, j)
+
+
+def test_text_streams_per_token_even_when_the_model_emits_invalid_bytes():
+    """Each token's text is shown at its own step: a multi-byte character waits only until it is
+    complete, and bytes no later byte can mend (U+FFFD before the last character) are shown at
+    once. Holding back every trailing U+FFFD held a model's whole output until its end."""
+    from modelfleet.data.tokenizer import ByteTokenizer
+    from modelfleet.serve.generation import _Row
+
+    tok = ByteTokenizer()
+    row = _Row(Job(prompt_ids=[1], max_tokens=10, temperature=0), EOS, tok.decode)
+    euro = list("€".encode())  # three bytes, three tokens
+    assert [row.push(t).text for t in euro] == ["", "", "€"]
+    # 0xFF never starts a character: each one is final as soon as the next token arrives.
+    assert [row.push(0xFF).text for _ in range(4)] == ["", "\ufffd", "\ufffd", "\ufffd"]
+    last = row.push(ord("a"))
+    assert last.text == "\ufffda" and last.finish_reason is None
+    end = row.push(EOS)
+    assert end.finish_reason == "stop" and end.text == ""

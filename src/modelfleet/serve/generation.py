@@ -70,10 +70,14 @@ class _Row:
 
 
 def _safe_end(text: str, stops: Sequence[str]) -> int:
-    """Length of ``text`` that can be shown now: hold back a trailing replacement character (a
-    multi-byte character may still be completing) and any suffix that could begin a stop string."""
+    """Length of ``text`` that can be shown now: hold back one trailing replacement character (a
+    multi-byte character may still be completing) and any suffix that could begin a stop string.
+    One, not every trailing one: decoding with ``errors="replace"`` turns an incomplete character
+    at the end into a single U+FFFD, so any before it stand for bytes no later byte can mend.
+    (Holding them all back held a model's whole output until its end while it emitted invalid
+    bytes: a 600-token stream arrived as one event.)"""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
+    if end and text[end - 1] == "\ufffd":
         end -= 1
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
