@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -275,11 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "cluster":
         # Before Ray is imported: Ray reads its auth mode once, from the environment.
         use_local_cluster_env()
-    if getattr(args, "verbose", False):
+    verbose = getattr(args, "verbose", False) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by cluster.connect, in this process and the jobs it starts
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its database set-up lines
     module, _, func = args.body.partition(":")
     # The one function-local import of the CLI: each command loads torch/Ray only when chosen.
     run = getattr(importlib.import_module(f"modelfleet.cli.{module}"), func)
+    if not verbose:
+        # Serve's driver-side INFO lines ("Started Serve", "Application ... is ready", "Deleting
+        # app"): our commands print what happened themselves. Serve sets its logger up when
+        # ray.serve is imported (by the command's module, just above), so after that.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         return run(args)
     except USER_ERRORS as e:

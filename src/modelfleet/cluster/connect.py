@@ -51,8 +51,9 @@ def connect(*, num_cpus: int | None = None, log_to_driver: bool | None = None, s
     if log_to_driver is None:
         log_to_driver = verbose()
     started = False
-    # Ray's own driver INFO lines ("Started a local Ray instance", "Connecting to ...") only with --verbose.
-    level = logging.INFO if log_to_driver else logging.WARNING
+    # Ray's own driver lines ("Started a local Ray instance", "Connecting to ...", the token-auth
+    # notice) only with --verbose; its errors always.
+    level = logging.INFO if log_to_driver else logging.ERROR
     if not ray.is_initialized():
         use_local_cluster_env()  # a `modelfleet cluster up` cluster: its address and auth mode
         try:

@@ -7,9 +7,12 @@ Stage 0 keeps whole parameters in the module, which the checkpoint saved as safe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -38,8 +41,18 @@ def consolidate(local_ckpt: str, zero_stage: int, *, adapter_only: bool = False)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with pickles.weights_only_loads(f"checkpoint {local_ckpt}"):  # files may change after the scan
-        sd = get_fp32_state_dict_from_zero_checkpoint(local_ckpt, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
+    # zero_to_fp32 narrates each file it reads (prints and progress bars): kept off the user's
+    # screen, and shown if the consolidation fails.
+    said = io.StringIO()
+    try:
+        with pickles.weights_only_loads(f"checkpoint {local_ckpt}"):  # files may change after the scan
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                sd = get_fp32_state_dict_from_zero_checkpoint(
+                    local_ckpt, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only
+                )
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     return {k: v.to(torch.float32) for k, v in sd.items()}
 
 

@@ -228,6 +228,7 @@ class _ProgressSink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
+        self._last_step_line = ""  # the latest step's figures (the bar's postfix, or the eval lines')
         self.gauges = TrainingGauges.for_run(cfg.storage.run_name)  # Prometheus: see train/throughput.py
         self.tracker = Tracker.start(cfg, run_dir)  # TensorBoard + MLflow, off the sink's thread: train/tracking.py
 
@@ -316,6 +317,17 @@ class _ProgressSink:
         if not self.show:
             return
         if kind == "step":
+            rate = (
+                f"{item['tokens_per_s']:,.0f} tok/s"
+                if item.get("tokens_per_s") is not None
+                else f"{item['samples_per_s']:,.0f} samples/s"
+            )
+            mfu = f" | MFU {item['mfu']:.1%}" if item.get("mfu") is not None else ""
+            self._last_step_line = f"loss {item['loss']:.3f} | {rate}{mfu} | lr {item['lr']:.2e}"
+            if not sys.stderr.isatty():
+                # A log file or a pipe (a Ray job's log, a test): no bar, whose redraws become
+                # lines there; the evaluation lines carry the training figures instead.
+                return
             if self._bar is None:
                 from tqdm import tqdm
 
@@ -327,17 +339,14 @@ class _ProgressSink:
                     dynamic_ncols=True,
                     mininterval=0.5,
                 )
-            rate = (
-                f"{item['tokens_per_s']:,.0f} tok/s"
-                if item.get("tokens_per_s") is not None
-                else f"{item['samples_per_s']:,.0f} samples/s"
-            )
-            mfu = f" | MFU {item['mfu']:.1%}" if item.get("mfu") is not None else ""
-            self._bar.set_postfix_str(f"loss {item['loss']:.3f} | {rate}{mfu} | lr {item['lr']:.2e}", refresh=False)
+            self._bar.set_postfix_str(self._last_step_line, refresh=False)
             self._bar.update(item["step"] - self._bar.n)
         else:
             msg = {
-                "eval": lambda: f"step {item['step']}: val_loss {item['val_loss']:.4f} ppl {item['val_ppl']:.2f}",
+                "eval": lambda: (
+                    f"step {item['step']}: val_loss {item['val_loss']:.4f} ppl {item['val_ppl']:.2f}"
+                    + (f" | {self._last_step_line}" if self._bar is None and self._last_step_line else "")
+                ),
                 "checkpoint": lambda: f"step {item['step']}: checkpoint saved",
                 "resume": lambda: (
                     f"resumed from the checkpoint at step {item['step']}"
