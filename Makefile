@@ -37,7 +37,7 @@ demo: $(STAMP)
 # pyproject.toml, and the format), then every test not marked
 # slow. `make test-slow` runs the tests that need more than ~3 minutes (long drills, soaks).
 test: $(STAMP)
-	@echo "make test: import-linter contracts, ruff, mypy on the serving contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (budget ≤ 25 min on 2 cores, missed: 34.9 min from a fresh clone on 2026-12-07, 37.0 before that day's cuts; docs/benchmarks.md, "The suite")"
+	@echo "make test: import-linter contracts, ruff, mypy on the serving contracts, then pytest -m 'not slow' with real Ray and DeepSpeed in two lanes at once (training, serving; pytest-xdist). Budget <= 25 min on 2 cores, missed: 30.3 min from a fresh clone on 2026-12-07 (34.8 with that day's added README-promise tests), 35-37 sequential before; docs/benchmarks.md, 'The suite'"
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
