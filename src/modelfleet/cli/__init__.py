@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from modelfleet.cluster import JOBS
 from modelfleet.cluster.connect import VERBOSE_ENV
+from modelfleet.cluster.connect import verbose as env_verbose
 from modelfleet.cluster.local import use_local_cluster_env
 from modelfleet.errors import USER_ERRORS
 
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "cluster":
         # Before Ray is imported: Ray reads its auth mode once, from the environment.
         use_local_cluster_env()
-    verbose = getattr(args, "verbose", False) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    verbose = getattr(args, "verbose", False) or env_verbose()
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by cluster.connect, in this process and the jobs it starts
     else:
