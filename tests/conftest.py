@@ -18,9 +18,11 @@ os.environ.setdefault("MODELFLEET_TRACKING", "0")
 
 from helpers import TEST_SOURCES, tiny_config
 
-# `make test` runs the suite in two lanes at once (pytest-xdist, ``-n 2``): on 2 cores one lane
-# alone leaves ~40% of the CPU idle while it waits on Ray (process starts, health checks, a job's
-# status). Each lane runs whole on one worker with its own Ray instance: "training" holds the
+# `make test PYTEST_LANES=2` runs the suite in two lanes at once (pytest-xdist, ``-n 2``; the
+# default, 0, is one process): one lane alone leaves ~40% of 2 cores idle while it waits on Ray
+# (process starts, health checks, a job's status), but on 2 cores two lanes make each test ~1.8x
+# slower and timing bounds fail, so lanes are for machines with 4+ cores. Each lane runs whole on
+# one worker with its own Ray instance: "training" holds the
 # simulated clusters (tests/e2e), the session's ZeRO-stage runs and everything that reads them;
 # "serving" the rest. Tests that share a port are in one lane (8250: test_families +
 # test_hf_family; 8300: tests/reliability), so neither waits on the other. The split balances the
