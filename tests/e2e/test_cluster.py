@@ -152,18 +152,14 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
 
         # Resubmitted with Ray's own CLI, exactly as the README says: it resumes from the step it
         # was stopped at, redoes none, finishes and exports.
-        run_cli(
-            env,
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            dash_url,
+        def ray_submit(*argv: str, check: bool = True):
+            """Ray's own `ray job submit` of id ray-cli-train, not waiting."""
+            base = ["ray", "job", "submit", "--address", dash_url, "--submission-id", "ray-cli-train", "--no-wait"]
+            return run_cli(env, *base, *argv, check=check)
+
+        ray_submit(
             "--working-dir",
             ".",
-            "--submission-id",
-            "ray-cli-train",
-            "--no-wait",
             "--",
             "python",
             "jobs/train.py",
@@ -190,21 +186,7 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
         assert min(steps) == last_ckpt + 1 and max(steps) == 30, steps
 
         # An id is used once: Ray's CLI and ours both refuse it.
-        again = run_cli(
-            env,
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            dash_url,
-            "--submission-id",
-            "ray-cli-train",
-            "--no-wait",
-            "--",
-            "echo",
-            "hi",
-            check=False,
-        )
+        again = ray_submit("--", "echo", "hi", check=False)
         assert again.returncode != 0
         ours = mf(
             env,
