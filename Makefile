@@ -42,11 +42,11 @@ demo: $(STAMP)
 # pyproject.toml, and the format), then every test not marked
 # slow. `make test-slow` runs the tests that need more than ~3 minutes (long drills, soaks).
 test: $(STAMP)
-	@echo "make test: import-linter contracts, ruff, mypy on the serving contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (PYTEST_LANES=$(PYTEST_LANES): 0 = one process; 2 = the training and serving lanes at once, for 4+ cores). Budget <= 25 min on 2 cores, missed: 35-37 min in one process, 30-38 in two lanes on 2026-12-07; docs/benchmarks.md, 'The suite'"
+	@echo "make test: import-linter contracts, ruff, mypy on the serving and training-progress contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (PYTEST_LANES=$(PYTEST_LANES): 0 = one process; 2 = the training and serving lanes at once, for 4+ cores). Budget <= 25 min on 2 cores, missed: 35-37 min in one process, 30-38 in two lanes on 2026-12-07; docs/benchmarks.md, 'The suite'"
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict src/modelfleet/serve/protocol.py src/modelfleet/serve/core_messages.py
+	$(VENV)/bin/mypy --strict src/modelfleet/serve/protocol.py src/modelfleet/serve/core_messages.py src/modelfleet/train/progress.py
 	$(VPY) -m pytest -q --durations=40 -n $(PYTEST_LANES) -m "not slow" tests
 
 test-slow: $(STAMP)

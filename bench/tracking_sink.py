@@ -1,6 +1,6 @@
 """tracking-sink: the driver's progress sink's CPU time per record, tracking on against off.
 
-N synthetic step records (the fields rank 0 sends) go through ``_ProgressSink._handle`` as the
+N synthetic step records (the fields rank 0 sends) go through ``ProgressSink._handle`` as the
 sink's thread hands them over, into a local run directory, in two runs: ``tracking.enabled=false``
 (the baseline: metrics.jsonl and the Prometheus gauges) and ``=true`` (TensorBoard event files and
 an MLflow run in the run's SQLite store). Per run:
@@ -23,36 +23,40 @@ import time
 from common import save, table
 
 from modelfleet.config import Config
-from modelfleet.train.trainer import _ProgressSink
+from modelfleet.train import progress as pr
+from modelfleet.train.sink import ProgressSink
 
 
 def one(enabled: bool, n: int) -> dict:
     root = tempfile.mkdtemp(prefix="bench-tracking-")
     cfg = Config.from_dict({"storage": {"path": root, "run_name": "bench"}, "tracking": {"enabled": enabled}})
-    sink = _ProgressSink(None, cfg, f"{root}/runs/bench", show=False)
+    sink = ProgressSink(None, cfg, f"{root}/runs/bench", show=False)
     now = time.time()
     recs = [
-        {
-            "kind": "step",
-            "time": now + i,
-            "step": i,
-            "max_steps": n,
-            "loss": 5.0 / i,
-            "lr": 1e-3,
-            "grad_norm": 0.7,
-            "step_time_s": 0.1,
-            "samples_per_s": 160.0,
-            "tokens_per_s": 20480.0,
-            "mfu": 0.02,
-            "peak_mem_bytes": 2**30,
-            "elapsed_s": float(i),
-            "epoch": 0,
-        }
+        pr.Step(
+            time=now + i,
+            step=i,
+            max_steps=n,
+            loss=5.0 / i,
+            lr=1e-3,
+            grad_norm=0.7,
+            step_time_s=0.1,
+            samples_per_s=160.0,
+            tokens_per_s=20480.0,
+            model_flops_per_token=1.2e6,
+            mfu=0.02,
+            mfu_basis="cpu_gemm_measured",
+            peak_flops=1.0e11,
+            peak_mem_bytes=2**30,
+            peak_mem_basis="process_max_rss",
+            elapsed_s=float(i),
+            epoch=0,
+        )
         for i in range(1, n + 1)
     ]
     p0, t0 = time.process_time(), time.thread_time()
     for r in recs:
-        sink._handle(r)
+        sink.handle(r)
     sink_cpu = time.thread_time() - t0
     summary = sink.tracker.close(timeout_s=600)
     proc_cpu = time.process_time() - p0

@@ -63,7 +63,15 @@ from .serving import (
     serve_gone,
     serve_on,
 )
-from .training import TEST_SOURCES, assert_sharded_share, read_records, run_single_rank, tiny_config
+from .training import (
+    TEST_SOURCES,
+    assert_sharded_share,
+    built_record,
+    read_records,
+    run_single_rank,
+    step_record,
+    tiny_config,
+)
 from .waiting import port_free, wait_port_free, wait_until
 
 __all__ = [
@@ -72,6 +80,7 @@ __all__ = [
     "ROOT",
     "TEST_SOURCES",
     "assert_sharded_share",
+    "built_record",
     "LoadResult",
     "MotoS3",
     "SimCluster",
@@ -92,6 +101,7 @@ __all__ = [
     "serve_gone",
     "serve_on",
     "serve_replica_pids",
+    "step_record",
     "tiny_config",
     "train_worker_pids",
     "wait_job",

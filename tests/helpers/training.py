@@ -23,6 +23,25 @@ def tiny_config(storage: Path, data_path: str, overrides: list[str] = ()):  # ty
     return load_config(preset="tiny", overrides=[*base, *overrides])
 
 
+def step_record(t: float, step: int, **over):
+    """A rank-0 ``step`` record (train/progress.py) at time ``t``: fixed figures, ``over`` set."""
+    from modelfleet.train import progress as pr
+
+    fields = dict(
+        max_steps=99, loss=1.0, lr=1e-3, grad_norm=None, step_time_s=1.0, samples_per_s=8.0, tokens_per_s=None,
+        model_flops_per_token=None, mfu=None, mfu_basis="none", peak_flops=None, peak_mem_bytes=0,
+        peak_mem_basis="process_max_rss", elapsed_s=t, epoch=0,
+    )  # fmt: skip
+    return pr.Step(time=t, step=step, **{**fields, **over})
+
+
+def built_record(t: float, world: int):
+    """A rank-0 ``built`` record: a group of ``world`` workers built its engine at time ``t``."""
+    from modelfleet.train import progress as pr
+
+    return pr.Built(time=t, world=world, sharded=True, full_bytes=1000, max_local_bytes=0, transient_bytes=0)
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
     """The run's ``metrics.jsonl`` records (step, eval, checkpoint, resume), [] before the first.
     Safe to call while the driver appends: a last line without its newline is not complete yet."""

@@ -13,10 +13,10 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import read_records
+from helpers import read_records, step_record
 from helpers.mlflow_server import MlflowServer
 from modelfleet.config import Config
-from modelfleet.train.trainer import _ProgressSink
+from modelfleet.train.sink import ProgressSink
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def test_the_driver_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
             "tracking": {"enabled": True, "mlflow_uri": mlflow_server.url, "experiment": "server-test"},
         }
     )
-    sink = _ProgressSink(None, cfg, str(tmp_path / "runs" / "served"), show=False)
+    sink = ProgressSink(None, cfg, str(tmp_path / "runs" / "served"), show=False)
     now = time.time()
     for i in range(1, 21):
-        sink._handle({"kind": "step", "time": now + i, "step": i, "max_steps": 20, "loss": 3.0 / i, "lr": 1e-3})
+        sink.handle(step_record(now + i, i, max_steps=20, loss=3.0 / i))
     sink.tracker.artifact("s3://bucket/models/tiny/v7", "cd" * 32)
     summary = sink.tracker.close()
     assert summary.errors == () and summary.mlflow_uri == mlflow_server.url

@@ -13,8 +13,9 @@ from modelfleet.families import get_family
 from modelfleet.models.gpt import GPT
 from modelfleet.models.hf import HFCausalLM
 from modelfleet.presets import load_config
+from modelfleet.train import train
+from modelfleet.train.capacity import worker_gpu_gib
 from modelfleet.train.memory import GIB, activation_bytes, check_fits, model_shape, model_state_bytes, plan
-from modelfleet.train.trainer import train, worker_gpu_gib
 
 
 def _counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Experiment tracking from the driver's progress sink (train/tracking.py), without a Ray fit:
-synthetic progress records go through ``_ProgressSink`` as rank 0's would, and what was written is
+synthetic progress records go through ``ProgressSink`` (train/sink.py) as rank 0's would, and what was written is
 read back with the libraries' own readers (TensorBoard's EventAccumulator, MLflow's client). The
 real ``mlflow server`` test is tests/integration/test_tracking_server.py."""
 
@@ -12,11 +12,12 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import read_records
+from helpers import built_record, read_records, step_record
 from modelfleet.config import Config
 from modelfleet.errors import ConfigError
+from modelfleet.train import progress as pr
 from modelfleet.train import tracking
-from modelfleet.train.trainer import _ProgressSink
+from modelfleet.train.sink import ProgressSink
 
 STEPS = 12
 
@@ -31,34 +32,31 @@ def _cfg(storage: str, run: str = "r1", train: dict | None = None, **tracking_cf
     )
 
 
-def _records(steps: int = STEPS, first: int = 1) -> list[dict]:
+def _records(steps: int = STEPS, first: int = 1) -> list[pr.Progress]:
     now = time.time()
-    recs = [{"kind": "built", "time": now, "world": 2, "sharded": True, "full_bytes": 1000}]
+    recs: list[pr.Progress] = [built_record(now, 2)]
     for i in range(first, first + steps):
         recs.append(
-            {
-                "kind": "step",
-                "time": now + i,
-                "step": i,
-                "max_steps": 99,
-                "loss": 5.0 / i,
-                "lr": 1e-3 * i,
-                "grad_norm": 0.5 + i,
-                "tokens_per_s": 100.0 * i,
-                "mfu": 0.01,
-                "mfu_basis": "cpu_gemm_measured",  # a string: not a metric
-                "epoch": 0,
-            }
+            step_record(
+                now + i,
+                i,
+                loss=5.0 / i,
+                lr=1e-3 * i,
+                grad_norm=0.5 + i,
+                tokens_per_s=100.0 * i,
+                mfu=0.01,
+                mfu_basis="cpu_gemm_measured",  # a string: not a metric
+            )
         )
-    recs.append({"kind": "eval", "time": now + steps, "step": first + steps - 1, "val_loss": 1.25, "val_ppl": 3.49})
+    recs.append(pr.Eval(time=now + steps, step=first + steps - 1, val_loss=1.25, val_ppl=3.49))
     return recs
 
 
-def _feed(cfg: Config, run_dir: str, records: list[dict]) -> _ProgressSink:
+def _feed(cfg: Config, run_dir: str, records: list[pr.Progress]) -> ProgressSink:
     """What the sink's thread does with each record taken off the queue."""
-    sink = _ProgressSink(None, cfg, run_dir, show=False)
+    sink = ProgressSink(None, cfg, run_dir, show=False)
     for r in records:
-        sink._handle(r)
+        sink.handle(r)
     return sink
 
 

@@ -6,7 +6,8 @@ is a worker process of its own (a Python start and ``import ray``, ~1 s of CPU o
 machine), and a fit already starts nine more of Ray's (controller, workers, Ray Data's split
 coordinators, ...). One actor with both jobs starts one process.
 
-- Rank 0 ``put``s a record and never waits for it (``_Progress`` in train/loop.py); when the
+- Rank 0 ``put``s a record (train/progress.py, packed: the channel holds bytes and reads none of
+  them) and never waits for it (``_Progress`` in train/loop.py); when the
   channel holds ``MAX_ITEMS`` unread records (a driver that stopped reading) new ones are dropped:
   a progress line is never worth a stalled step.
 - The driver ``take``s every record waiting, blocking up to a timeout for the first one.
@@ -26,10 +27,10 @@ class RunChannel:
     """The actor's class (async: a ``take`` waiting for records does not hold up ``put`` or ``get``)."""
 
     def __init__(self, max_items: int = MAX_ITEMS) -> None:
-        self._items: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max_items)
+        self._items: asyncio.Queue[bytes] = asyncio.Queue(max_items)
         self._reason = ""
 
-    async def put(self, item: dict[str, Any]) -> bool:
+    async def put(self, item: bytes) -> bool:
         """Queue one record; False (and dropped) when the channel is full."""
         try:
             self._items.put_nowait(item)
@@ -37,7 +38,7 @@ class RunChannel:
             return False
         return True
 
-    async def take(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
+    async def take(self, timeout_s: float = 0.0) -> list[bytes]:
         """Every record waiting, in order; waits up to ``timeout_s`` for the first when none is."""
         if self._items.empty() and timeout_s > 0:
             try:

@@ -32,6 +32,7 @@ from modelfleet.raycompat import train_storage
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
+from modelfleet.train import progress as pr
 from modelfleet.train.async_save import BackgroundSave
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda, skip_cpu_inference_comm_op, skip_muon_import
@@ -44,17 +45,18 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 
 class _Progress:
-    """Sends rank-0 metrics to the driver's channel (train/channel.py) without ever blocking
-    training on it."""
+    """Sends rank 0's progress records (train/progress.py) to the driver's channel
+    (train/channel.py) without ever blocking training on it."""
 
     def __init__(self, channel: Any, rank: int) -> None:
         self.channel = channel if rank == 0 else None
 
-    def send(self, kind: str, **metrics: Any) -> None:
+    def send(self, record: pr.Progress) -> None:
         if self.channel is None:
             return
+        record.time = time.time()
         try:
-            self.channel.put.remote({"kind": kind, "time": time.time(), **metrics})
+            self.channel.put.remote(pr.pack(record))
         except Exception:  # a progress line is never worth a failed training step
             pass
 
@@ -123,12 +125,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.distributed.ReduceOp.MAX,
     )
     progress.send(
-        "built",
-        sharded=sharded,
-        world=world,
-        full_bytes=storage["full_bytes"],
-        max_local_bytes=int(to_host(largest_local)[0]),
-        transient_bytes=storage["transient_bytes"],
+        pr.Built(
+            sharded=sharded,
+            world=world,
+            full_bytes=storage["full_bytes"],
+            max_local_bytes=int(to_host(largest_local)[0]),
+            transient_bytes=storage["transient_bytes"],
+        )
     )
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_in_epoch": 0}
@@ -145,17 +148,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 engine.load_checkpoint(local, tag=ck.DS_TAG, load_module_strict=not adapter_only)
         with open(os.path.join(local, ck.TRAINER_STATE)) as f:
             state = {"samples_in_epoch": 0, **json.load(f)["state"]}
-        progress.send("resume", step=state["step"], skipped=skipped)
+        progress.send(pr.Resume(step=state["step"], skipped=skipped))
         if resized_from != world:
-            check = _restored_logit_diff(engine, family, local)
             progress.send(
-                "reshard",
-                step=state["step"],
-                from_workers=resized_from,
-                to_workers=world,
-                grad_accum=cfg.train.grad_accum_at(world),
-                restore_s=round(time.time() - t_load, 3),
-                **({} if check is None else {"max_abs_logit_diff": check}),
+                pr.Reshard(
+                    step=state["step"],
+                    from_workers=resized_from,
+                    to_workers=world,
+                    grad_accum=cfg.train.grad_accum_at(world),
+                    restore_s=round(time.time() - t_load, 3),
+                    max_abs_logit_diff=_restored_logit_diff(engine, family, local),
+                )
             )
         # A downloaded copy (object stores) goes; a local checkpoint is read in place, and the
         # empty directory made for a download goes with it.
@@ -213,29 +216,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss_value = to_host(step_loss)
                 halt = None if final else _halt(watch, meter)
                 progress.send(
-                    "step",
-                    step=step,
-                    max_steps=t.max_steps,
-                    loss=loss_value,
-                    lr=engine.get_lr()[0],
-                    grad_norm=_grad_norm(engine),
-                    **asdict(
-                        step_rates(
-                            step_time_s=now - last,
-                            samples=samples_per_step,
-                            tokens=tokens_per_step,
-                            flops_per_token=flops_per_token,
-                            world=world,
-                            peak=peak,
-                            device=engine.device,
-                        )
-                    ),
-                    elapsed_s=now - t_start,
-                    epoch=state["epoch"],
+                    pr.Step(
+                        step=step,
+                        max_steps=t.max_steps,
+                        loss=loss_value,
+                        lr=engine.get_lr()[0],
+                        grad_norm=_grad_norm(engine),
+                        **asdict(
+                            step_rates(
+                                step_time_s=now - last,
+                                samples=samples_per_step,
+                                tokens=tokens_per_step,
+                                flops_per_token=flops_per_token,
+                                world=world,
+                                peak=peak,
+                                device=engine.device,
+                            )
+                        ),
+                        elapsed_s=now - t_start,
+                        epoch=state["epoch"],
+                    )
                 )
             if not first_step_done:
                 first_step_done = True
-                progress.send("first_step", init_s=t_init - t_start, first_step_s=now - t_start)
+                progress.send(pr.FirstStep(init_s=t_init - t_start, first_step_s=now - t_start))
             last = now
             evaluate = (t.eval_every and step % t.eval_every == 0) or final
             save = (t.checkpoint_every and step % t.checkpoint_every == 0) or final or halt is not None
@@ -250,7 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     val_batches = list(_eval_batches(val_shard, cfg, family))
                 val_loss = _evaluate(engine, val_batches, family)
                 metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
-                progress.send("eval", step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"])
+                progress.send(pr.Eval(step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"]))
             if save:
                 # Every checkpoint carries the probe (one forward on a fixed batch): a resize that
                 # restores any of them checks the restored logits, and any of them can be exported.
@@ -260,21 +264,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t_save = time.monotonic()
                 if saver is None:
                     _save(engine, cfg, state, metrics, rank, world, verify, adapter_only=adapter_only)
-                    progress.send("checkpoint", step=step, mode="sync")
+                    progress.send(pr.Checkpoint(step=step, mode="sync"))
                 else:  # its "checkpoint" record is sent by rank 0 once it is published
                     _save_async(saver, engine, cfg, state, metrics, world, verify, progress, adapter_only=adapter_only)
                 # How long the step loop stopped for this save (the figure async saves cut).
-                progress.send("save", step=step, mode=cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save)
+                progress.send(pr.Save(step=step, mode=cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save))
             if halt is not None:
                 if saver is not None:
                     saver.wait_previous()  # published before anyone reads the record
-                kind, detail = halt
-                progress.send(kind, step=step, **detail)
-                if kind == "stopped":
+                halt.step = step
+                progress.send(halt)
+                if isinstance(halt, pr.Stopped):
                     stopped = True
                     break
                 watch.idle_while_draining()  # until Ray Train tears the group down at the deadline
-                progress.send("drain_cancelled", step=step)
+                progress.send(pr.DrainCancelled(step=step))
             last = time.time()  # eval and checkpoint time is not step time
             if final:
                 break
@@ -292,23 +296,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if saver is not None:  # the last save published before the run counts as done
         saver.wait_previous()
     progress.send(
-        "done",
-        step=step,
-        elapsed_s=time.time() - t_start,
-        drain_checks=watch.checks,
-        drain_check_mean_s=watch.check_s / max(watch.checks, 1),
+        pr.Done(
+            step=step,
+            elapsed_s=time.time() - t_start,
+            drain_checks=watch.checks,
+            drain_check_mean_s=watch.check_s / max(watch.checks, 1),
+        )
     )
 
 
-def _halt(watch: StopWatch, meter: LossMeter) -> tuple[str, dict[str, Any]] | None:
-    """At a log step: ("stopped", ...) when rank 0 voted for the driver's stop request in this
-    step's all-reduce, ("preempted", ...) on a drain notice (every rank calls this at the same
-    steps: the notice is a collective), else None."""
+def _halt(watch: StopWatch, meter: LossMeter) -> pr.Stopped | pr.Preempted | None:
+    """At a log step: ``Stopped`` when rank 0 voted for the driver's stop request in this step's
+    all-reduce, ``Preempted`` on a drain notice (every rank calls this at the same steps: the
+    notice is a collective), else None. The step is set where the record is sent."""
     if to_host(meter.votes) > 0:
-        return "stopped", {"reason": watch.reason or "stop requested"}
+        return pr.Stopped(step=0, reason=watch.reason or "stop requested")
     info = watch.preemption()
     if info is not None:
-        return "preempted", {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks}
+        return pr.Preempted(step=0, deadline_ms=info.deadline_ms, ranks=list(info.preempted_ranks))
     return None
 
 
@@ -468,13 +473,14 @@ def _save_async(
 
     def published(write_s: float, write_cpu_s: float) -> None:
         progress.send(
-            "checkpoint",
-            step=step,
-            mode="async",
-            snapshot_s=snapshot_s,
-            write_s=write_s,
-            write_cpu_s=write_cpu_s,
-            waited_s=waited,
+            pr.Checkpoint(
+                step=step,
+                mode="async",
+                snapshot_s=snapshot_s,
+                write_s=write_s,
+                write_cpu_s=write_cpu_s,
+                waited_s=waited,
+            )
         )
 
     ray.train.report(

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from modelfleet.train.progress import Step, numbers
+
 # Dense (no sparsity) peak TFLOP/s per GPU by a substring of torch.cuda.get_device_name(), for
 # 16-bit and for fp32 (TF32 tensor cores, which PyTorch's default matmul precision does not use
 # for fp32, so fp32 MFU against this is a lower bound). From the vendors' data sheets (SXM parts).
@@ -194,12 +196,12 @@ class TrainingGauges:
             _LIVE[run_name] = cls(run_name)
         return _LIVE[run_name]
 
-    def record(self, item: dict[str, Any]) -> None:
+    def record(self, step: Step) -> None:
         """Set every gauge the step record has a value for."""
+        values = numbers(step)
         for key, gauge in self._gauges.items():
-            value = item.get(key)
-            if isinstance(value, int | float):
-                gauge.set(float(value))
+            if key in values:
+                gauge.set(values[key])
 
 
 _LIVE: dict[str, TrainingGauges] = {}

@@ -46,13 +46,14 @@ import pyarrow.fs as pafs
 
 from modelfleet.config import Config
 from modelfleet.storage import download_file, exists, filesystem, is_remote, join
+from modelfleet.train import progress as pr
 
 QUEUE_SIZE = 10_000
 """Records waiting for the writer thread; past this they are dropped (for tracking only)."""
 CLOSE_TIMEOUT_S = 30.0
 """How long closing waits for the writer to finish what is queued (a dead server must not hold
 the end of a run for MLflow's whole retry budget)."""
-_NOT_METRICS = frozenset({"kind", "time", "step", "max_steps", "epoch"})
+_NOT_METRICS = frozenset({"time", "step", "max_steps", "epoch"})
 _BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics
 
 
@@ -66,21 +67,16 @@ class Scalars:
     values: tuple[tuple[str, float], ...]
 
     @classmethod
-    def from_record(cls, item: dict[str, Any], last_step: int) -> Scalars | None:
-        kind = item.get("kind", "")
+    def from_record(cls, record: pr.Progress, last_step: int) -> Scalars | None:
+        kind = pr.kind(record)
         section = "train" if kind == "step" else kind
-        values = tuple(
-            (f"{section}/{k}", float(v))
-            for k, v in item.items()
-            if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-        )
+        values = tuple((f"{section}/{k}", v) for k, v in pr.numbers(record).items() if k not in _NOT_METRICS)
         if not values:
             return None
-        step = item.get("step")
-        wall = item.get("time")
+        step = getattr(record, "step", None)
         return cls(
             step=step if isinstance(step, int) else last_step,
-            wall_time=wall if isinstance(wall, float) else time.time(),
+            wall_time=record.time or time.time(),
             values=values,
         )
 
@@ -276,10 +272,10 @@ class Tracker:
             backends.append(_MLflow(cfg, local, run_dir if remote else None))
         return cls(backends, staging)
 
-    def record(self, item: dict[str, Any]) -> None:
+    def record(self, record: pr.Progress) -> None:
         """A progress record, queued for the writer; never blocks (a full queue drops it here)."""
         if self._backends and not self._closed:
-            self._put(item)
+            self._put(record)
 
     def artifact(self, uri: str, sha256: str) -> None:
         """The exported artifact: its URI and weights sha256 go to the MLflow run's tags."""
@@ -356,7 +352,7 @@ class Tracker:
                 elif (s := Scalars.from_record(it, last_step)) is not None:
                     last_step = s.step
                     items.append(s)
-            n = sum(1 for it in batch if isinstance(it, dict))
+            n = sum(1 for it in batch if isinstance(it, pr.Record))
             for b in list(live):
                 try:
                     b.write(items)
