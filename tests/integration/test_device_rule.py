@@ -12,10 +12,10 @@ BODY = r"""
 import numpy as np
 from modelfleet.families import build_model, get_family
 from modelfleet.presets import load_config
-from modelfleet.train import collectives, loop
+from modelfleet.train import collectives, engine_ops
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda
 
-SRC = os.path.dirname(loop.__file__).rsplit("/train", 1)[0]
+SRC = os.path.dirname(engine_ops.__file__).rsplit("/train", 1)[0]
 calls = []
 def counting(name, original):
     def wrapper(self, *a, **kw):
@@ -40,7 +40,7 @@ meter = collectives.LossMeter(engine.device, 1)
 steps, losses = 3, []
 for step in range(steps):
     for _ in range(cfg.train.grad_accum):
-        loop.micro_step(engine, family, {"tokens": rng.integers(0, 256, (2, 17))}, meter)
+        engine_ops.micro_step(engine, family, {"tokens": rng.integers(0, 256, (2, 17))}, meter)
     losses.append(meter.reduce())
 syncs_between_logs = list(calls)
 reads_between_logs = collectives.HOST_READS["count"]

@@ -128,6 +128,16 @@ def test_completions_chat_models_and_health_in_openai_format(main_app):
         assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
         assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+        # cache_salt: a salt has its own cache space. The same prompt under a new salt is cold,
+        # then warm under that salt, and cold again under another; the answer never changes.
+        salted = [
+            _complete(c, url, model="tiny", prompt=long, cache_salt=s).json()
+            for s in ("tenant-a", "tenant-a", "tenant-b")
+        ]
+        assert [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in salted] == [0, 48, 0], salted
+        assert {b["choices"][0]["text"] for b in salted} == {cold["choices"][0]["text"]}
+        r = _complete(c, url, model="tiny", cache_salt="")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
 
         r = _complete(c, url, model="tiny-path")  # the same app serves a second artifact, by path
         assert r.json()["choices"][0]["text"] == main_app["answers"]["v2"]

@@ -42,6 +42,32 @@ def test_keys_are_the_engines_own():
     assert not set(request_keys(tokens, "other-weights", BS, 8)) & published
 
 
+def test_a_salted_request_is_keyed_in_its_salts_space_as_the_engine_keys_it():
+    """``cache_salt``: the router's keys of a salted prompt are the block manager's keys of the
+    same salted sequence, and a replica warm with the prompt under another salt (or none) is not
+    warm for it."""
+    bm = BlockManager(num_blocks=32, block_size=BS, base_sha=SHA)
+    tokens = prompt(1, 100)
+    seq = Sequence(tokens, max_tokens=4, cache_salt="tenant-a")
+    assert bm.allocate(seq, len(tokens))
+    bm.commit(seq, len(tokens))
+    published = set(bm.published_keys(8))
+    assert set(request_keys(tokens, SHA, BS, 8, "tenant-a")) <= published
+    assert not set(request_keys(tokens, SHA, BS, 8)) & published
+    assert not set(request_keys(tokens, SHA, BS, 8, "tenant-b")) & published
+
+    views = {"a": view(published), "b": view()}
+    salted, other, plain = (
+        RouteKey(tokens, cache_salt="tenant-a"),
+        RouteKey(tokens, cache_salt="tenant-b"),
+        RouteKey(tokens),
+    )
+    assert router().choose(views, salted)[0] == "a" and salted.decision.reason == "prefix"
+    for key in (other, plain):
+        router().choose(views, key)
+        assert key.decision.reason == "load" and key.decision.cached_tokens == 0
+
+
 def test_warm_replica_wins_and_the_follow_up_sticks():
     r = router()
     p = prompt(1, tail=10)
@@ -138,11 +164,14 @@ def test_the_router_reads_prompts_as_the_replica_does_and_never_fails_on_a_body(
     import json
 
     from modelfleet.serve import openai as oa
-    from modelfleet.serve.route_front import prompt_of
+    from modelfleet.serve.route_front import RoutedPrompt, prompt_of
 
     chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
-    assert prompt_of(json.dumps(chat).encode()) == (oa.ChatCompletionRequest.model_validate(chat).prompt(), "m", None)
-    assert prompt_of(b'{"prompt": "def main(", "max_tokens": 7}') == ("def main(", None, 7)
+    text = oa.ChatCompletionRequest.model_validate(chat).prompt()
+    assert prompt_of(json.dumps(chat).encode()) == RoutedPrompt(text, "m", None, None)
+    assert prompt_of(b'{"prompt": "def main(", "max_tokens": 7}') == RoutedPrompt("def main(", None, 7, None)
+    salted = b'{"prompt": "x", "cache_salt": "tenant-a"}'
+    assert prompt_of(salted) == RoutedPrompt("x", None, None, "tenant-a")
     for body in (
         b"",
         b"\xff\xfe",

@@ -119,6 +119,7 @@ class CoreClient:
                 list(job.stop),
                 job.adapter,
                 adapter_dir,
+                job.cache_salt,
             )
         )
 

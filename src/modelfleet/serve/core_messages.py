@@ -60,6 +60,7 @@ class Submit(msgspec.Struct, tag=True):
     adapter: str | None = None
     """Pools: the adapter key; loaded (again) from ``adapter_dir`` first when the pool lacks it."""
     adapter_dir: str | None = None
+    cache_salt: str | None = None
 
 
 class Cancel(msgspec.Struct, tag=True):

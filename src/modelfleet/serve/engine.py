@@ -129,6 +129,7 @@ class Engine:
             list(job.prompt_ids),
             job.max_tokens,
             adapter_sha=job.adapter,
+            cache_salt=job.cache_salt,
             job=job,
             row=_Row(job, self.eos_id, self.decode),
         )

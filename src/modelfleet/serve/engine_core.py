@@ -96,7 +96,7 @@ class _Core:
 
     # ------------------------------------------------------------------ requests
     def submit(self, m: cm.Submit) -> None:
-        job = Job(m.prompt_ids, m.max_tokens, m.temperature, m.top_p, m.seed, list(m.stop), m.adapter)
+        job = Job(m.prompt_ids, m.max_tokens, m.temperature, m.top_p, m.seed, list(m.stop), m.adapter, m.cache_salt)
         self.rids[id(job)] = m.rid  # before the step thread can see it
         try:
             if m.adapter is None:

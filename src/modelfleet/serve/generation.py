@@ -29,6 +29,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None
     """Pools: the LoRA adapter this request's rows run with (None: the base alone)."""
+    cache_salt: str | None = None
+    """Part of every prefix-cache key of this request (``Sequence.cache_salt``)."""
 
 
 @dataclass

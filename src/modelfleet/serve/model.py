@@ -310,6 +310,7 @@ class LMReplica(ReplicaBase):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=list(sampling.stop),
+            cache_salt=sampling.cache_salt,
         )
 
     async def _start(

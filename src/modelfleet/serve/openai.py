@@ -19,6 +19,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from modelfleet.serve.protocol import Sampling
 
 MAX_STOP_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256
+"""Longest ``cache_salt``: room for any random secret, and a bound on what every block hash reads."""
 """Longest stop string accepted (characters)."""
 
 # The byte model has no chat tokens: turns are plain-text headers and the next header stops
@@ -58,6 +60,16 @@ class _Sampling(BaseModel):
         None, description="Up to 4 strings of at most 256 characters that end generation (not returned)."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+    cache_salt: Text | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_CHARS,
+        description=(
+            "Keeps this request's prefix cache apart: only requests with the same salt share cached "
+            "prompt blocks (a random secret per tenant; hit timing would otherwise tell one tenant "
+            "what another sent)."
+        ),
+    )
     stream: bool = Field(False, description="Stream Server-Sent Events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
@@ -85,6 +97,7 @@ class _Sampling(BaseModel):
             top_p=self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            cache_salt=self.cache_salt,
         )
 
 

@@ -65,6 +65,8 @@ class RouteKey:
     session_id: str | None = None
     max_tokens: int = 0
     """Tokens it may decode: counted, with its uncached prompt, as work sent to the chosen replica."""
+    cache_salt: str | None = None
+    """The request's ``cache_salt``: its blocks are keyed in that salt's space, as the engine keys them."""
     decision: Decision | None = None
 
 
@@ -98,13 +100,16 @@ class _Sent:
     keys: set[bytes] = field(default_factory=set)
 
 
-def request_keys(token_ids: Sequence[int], base_sha: str, block_size: int, nbytes: int) -> list[bytes]:
+def request_keys(
+    token_ids: Sequence[int], base_sha: str, block_size: int, nbytes: int, cache_salt: str | None = None
+) -> list[bytes]:
     """The request's block keys as the engine computes them: full blocks of all but the last
     prompt token (the engine always computes that one), truncated to ``nbytes``."""
     out: list[bytes] = []
     parent: bytes | None = None
     for i in range((len(token_ids) - 1) // block_size):
-        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size], base_sha=base_sha)
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        parent = block_hash(parent, block, base_sha=base_sha, cache_salt=cache_salt)
         out.append(parent[:nbytes])
     return out
 
@@ -155,10 +160,12 @@ class PrefixRouter:
             return False
         return now - last[1] > self.policy.stale_after_s
 
-    def _keys(self, token_ids: Sequence[int], view: ReplicaView) -> list[bytes]:
+    def _keys(self, key: RouteKey, view: ReplicaView) -> list[bytes]:
         k = (view.base_sha, view.block_size)
         if k not in self._keys_cache:
-            self._keys_cache[k] = request_keys(token_ids, view.base_sha, view.block_size, self.key_bytes)
+            self._keys_cache[k] = request_keys(
+                key.token_ids, view.base_sha, view.block_size, self.key_bytes, key.cache_salt
+            )
         return self._keys_cache[k]
 
     def choose(self, replicas: Mapping[Hashable, ReplicaView | None], key: RouteKey) -> list[Hashable]:
@@ -174,7 +181,7 @@ class PrefixRouter:
             sent = self._sent_to(r, view)
             cached = 0
             if view is not None and view.block_size > 0:
-                for k in self._keys(key.token_ids, view):
+                for k in self._keys(key, view):
                     if k not in view.keys and k not in sent.keys:
                         break
                     cached += view.block_size
@@ -209,7 +216,7 @@ class PrefixRouter:
         if view is not None and view.block_size > 0:
             # Once prefilled there, the prompt's blocks are on that replica: a burst of the same
             # prefix follows it before the next publication says so.
-            sent.keys.update(self._keys(key.token_ids, view))
+            sent.keys.update(self._keys(key, view))
         if key.session_id:
             self._sessions[key.session_id] = replica
             self._sessions.move_to_end(key.session_id)

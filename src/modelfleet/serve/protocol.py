@@ -26,6 +26,8 @@ class Sampling:
     """None: the model's ``default_max_tokens``, capped by its context."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    cache_salt: str | None = None
+    """Only requests with the same salt share prefix-cache blocks (None: the unsalted space)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,8 +51,18 @@ ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 router_app = FastAPI()
 
 
-def prompt_of(body: bytes) -> tuple[str, str | None, int | None] | None:
-    """The prompt text, model name and max_tokens of an OpenAI completion or chat body, or None."""
+@dataclass(frozen=True)
+class RoutedPrompt:
+    """What the router reads of an OpenAI completion or chat body."""
+
+    text: str
+    model: str | None
+    max_tokens: int | None
+    cache_salt: str | None
+
+
+def prompt_of(body: bytes) -> RoutedPrompt | None:
+    """The prompt and routing fields of an OpenAI completion or chat body, or None."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's limit
@@ -61,10 +72,10 @@ def prompt_of(body: bytes) -> tuple[str, str | None, int | None] | None:
     try:
         if "messages" in data:
             chat = oa.ChatCompletionRequest.model_validate(data)
-            return chat.prompt(), chat.model, chat.max_tokens
+            return RoutedPrompt(chat.prompt(), chat.model, chat.max_tokens, chat.cache_salt)
         if "prompt" in data:
             req = oa.CompletionRequest.model_validate(data)
-            return req.prompt, req.model, req.max_tokens
+            return RoutedPrompt(req.prompt, req.model, req.max_tokens, req.cache_salt)
     except ValidationError:
         return None
     return None
@@ -102,14 +113,15 @@ class IngressRouter:
 
     async def _parse(self, body: bytes, session: str | None) -> RouteKey | None:
         parsed = prompt_of(body)
-        if parsed is None or (parsed[1] is not None and parsed[1] != self._model):
+        if parsed is None or (parsed.model is not None and parsed.model != self._model):
             return None
-        text = parsed[0][:MAX_PROMPT_CHARS]
+        text = parsed.text[:MAX_PROMPT_CHARS]
         # Long prompts are tokenized off the event loop, as in the replica.
         ids = (
             await asyncio.to_thread(self._tokenizer.encode, text) if len(text) > 4096 else self._tokenizer.encode(text)
         )
-        return RouteKey(ids or [self._tokenizer.eos_id], session, parsed[2] or self._default_max_tokens)
+        max_tokens = parsed.max_tokens or self._default_max_tokens
+        return RouteKey(ids or [self._tokenizer.eos_id], session, max_tokens, parsed.cache_salt)
 
     @router_app.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:

@@ -16,18 +16,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import ray.train
 
-from modelfleet import storage as storage_io
 from modelfleet.config import Config
-from modelfleet.data.families import TRANSFORM_FILE
 from modelfleet.families import build_model, get_family
-from modelfleet.models.lora import trainable_state
 from modelfleet.raycompat import train_storage
 from modelfleet.storage import StorageLayout
 from modelfleet.train import checkpoint as ck
@@ -36,12 +32,18 @@ from modelfleet.train import progress as pr
 from modelfleet.train.async_save import BackgroundSave
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda, skip_cpu_inference_comm_op, skip_muon_import
+from modelfleet.train.engine_ops import (
+    eval_batches,
+    grad_norm,
+    micro_step,
+    param_storage,
+    probe,
+    restored_logit_diff,
+    validation_loss,
+)
+from modelfleet.train.saves import save_async, save_sync
 from modelfleet.train.stopping import StopWatch
 from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
-
-
-def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 class _Progress:
@@ -204,7 +206,7 @@ def _restore(
                 to_workers=w.world,
                 grad_accum=w.cfg.train.grad_accum_at(w.world),
                 restore_s=round(time.time() - t_load, 3),
-                max_abs_logit_diff=_restored_logit_diff(e.engine, w.family, local),
+                max_abs_logit_diff=restored_logit_diff(e.engine, w.family, local),
             )
         )
     # A downloaded copy (object stores) goes; a local checkpoint is read in place, and the
@@ -324,7 +326,7 @@ class _StepLoop:
             return False
         metrics: dict[str, Any] = {"step": step, "loss": loss_value if loss_value is not None else to_host(step_loss)}
         if evaluate:
-            val_loss = _evaluate(engine, self._val_batches(), self.w.family)
+            val_loss = validation_loss(engine, self._val_batches(), self.w.family)
             metrics.update(val_loss=val_loss, val_ppl=float(np.exp(min(val_loss, 50.0))))
             progress.send(pr.Eval(step=step, val_loss=val_loss, val_ppl=metrics["val_ppl"]))
         if save:
@@ -357,7 +359,7 @@ class _StepLoop:
             max_steps=self.t.max_steps,
             loss=loss,
             lr=self.e.engine.get_lr()[0],
-            grad_norm=_grad_norm(self.e.engine),
+            grad_norm=grad_norm(self.e.engine),
             **asdict(rates),
             elapsed_s=now - self.w.t_start,
             epoch=self.state["epoch"],
@@ -365,21 +367,29 @@ class _StepLoop:
 
     def _val_batches(self) -> list[Any]:
         if self.val_batches is None:
-            self.val_batches = list(_eval_batches(self.val_shard, self.w.cfg, self.w.family))
+            self.val_batches = list(eval_batches(self.val_shard, self.w.cfg, self.w.family))
         return self.val_batches
 
     def _save(self, metrics: dict[str, Any]) -> None:
         w, e = self.w, self.e
         # Every checkpoint carries the probe (one forward on a fixed batch): a resize that
         # restores any of them checks the restored logits, and any of them can be exported.
-        verify = _probe(e.engine, self._val_batches(), w.family)
+        verify = probe(e.engine, self._val_batches(), w.family)
         t_save = time.monotonic()
         if e.saver is None:
-            _save(e.engine, w.cfg, self.state, metrics, w.rank, w.world, verify, adapter_only=e.adapter_only)
+            save_sync(e.engine, w.cfg, self.state, metrics, w.rank, w.world, verify, adapter_only=e.adapter_only)
             w.progress.send(pr.Checkpoint(step=self.step, mode="sync"))
         else:  # its "checkpoint" record is sent by rank 0 once it is published
-            _save_async(
-                e.saver, e.engine, w.cfg, self.state, metrics, w.world, verify, w.progress, adapter_only=e.adapter_only
+            save_async(
+                e.saver,
+                e.engine,
+                w.cfg,
+                self.state,
+                metrics,
+                w.world,
+                verify,
+                w.progress.send,
+                adapter_only=e.adapter_only,
             )
         # How long the step loop stopped for this save (the figure async saves cut).
         w.progress.send(pr.Save(step=self.step, mode=w.cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save))
@@ -395,210 +405,3 @@ def _halt(watch: StopWatch, meter: LossMeter) -> pr.Stopped | pr.Preempted | Non
     if info is not None:
         return pr.Preempted(step=0, deadline_ms=info.deadline_ms, ranks=list(info.preempted_ranks))
     return None
-
-
-def _grad_norm(engine: Any) -> float | None:
-    """The global gradient norm of the last optimizer step (before clipping), as DeepSpeed computed
-    it; None where DeepSpeed keeps none (ZeRO-0 without gradient clipping)."""
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
-
-
-def param_storage(model: Any) -> dict[str, int]:
-    """Bytes of parameter storage this rank holds (ZeRO-3 partitions count their shard), of the
-    whole model, and of the largest single module's own full tensors (the transient peak of a
-    sharded build, which gathers one module at a time)."""
-
-    def full(p: Any) -> int:
-        return getattr(p, "ds_numel", p.numel()) * p.element_size()
-
-    unique = {id(p): p for p in model.parameters()}.values()
-    local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size() for p in unique)
-    transient = max((sum(full(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return {"local_bytes": local, "full_bytes": sum(full(p) for p in unique), "transient_bytes": transient}
-
-
-def micro_step(engine: Any, family: Any, batch: dict[str, Any], meter: LossMeter) -> None:
-    """Forward, backward and (every grad_accum micro-steps, inside DeepSpeed) the optimizer step on
-    one micro-batch; the loss joins ``meter`` on the device."""
-    loss = family.loss(engine, _to(family.collate(batch), engine.device))
-    engine.backward(loss)
-    engine.step()
-    meter.add(loss)
-
-
-def _eval_batches(shard: Any, cfg: Config, family: Any) -> Iterator[Any]:
-    it = shard.iter_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, batch_format="numpy")
-    for i, b in enumerate(it):
-        if i >= cfg.train.eval_batches:
-            break
-        yield family.collate(b)
-
-
-def _evaluate(engine: Any, batches: list[Any], family: Any) -> float:
-    """Mean validation loss over every rank's first ``eval_batches`` micro-batches."""
-    import torch
-    import torch.distributed as dist
-
-    # Every rank must run the same number of forwards: ZeRO-3 gathers parameters collectively.
-    n = all_reduce(torch.tensor([len(batches)], device=engine.device), engine.device, dist.ReduceOp.MIN)
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float32, device=engine.device)
-    with torch.no_grad():
-        for b in batches[: int(to_host(n)[0])]:
-            total[0] += family.loss(engine, _to(b, engine.device)).detach().float()
-            total[1] += 1
-    engine.train()
-    loss_sum, count = to_host(all_reduce(total, engine.device))
-    if count == 0:
-        raise RuntimeError(
-            "data: the validation split has fewer rows than train.micro_batch_size "
-            "x train.num_workers; raise data.val_fraction"
-        )
-    return loss_sum / count
-
-
-def _probe(engine: Any, val_batches: list[Any], family: Any) -> dict[str, Any]:
-    """Outputs of the live engine on a fixed input: export checks the artifact reproduces them."""
-    import torch
-
-    inputs = family.probe(val_batches[0])
-    engine.eval()
-    with torch.no_grad():
-        logits = family.forward(engine, _to(inputs, engine.device)).float().cpu()
-    engine.train()
-    return {**inputs, "logits": logits.contiguous()}
-
-
-def _restored_logit_diff(engine: Any, family: Any, local: str) -> float | None:
-    """After a resize: the restored engine's logits on the probe the checkpoint saved against the
-    logits saved with it; None when the checkpoint has no probe (one written before every
-    checkpoint carried one)."""
-    import torch
-    from safetensors.torch import load_file
-
-    path = os.path.join(local, ck.VERIFY_FILE)
-    if not os.path.isfile(path):
-        return None
-    saved = load_file(path)
-    logits = saved.pop("logits")
-    engine.eval()
-    with torch.no_grad():
-        now = family.forward(engine, _to(saved, engine.device)).float().cpu()
-    engine.train()
-    return float((now - logits).abs().max())
-
-
-def _save(
-    engine: Any,
-    cfg: Config,
-    state: dict,
-    metrics: dict,
-    rank: int,
-    world: int,
-    verify: dict | None,
-    *,
-    adapter_only: bool = False,
-) -> None:
-    """Synchronous: shard + marker -> report (Ray merges dirs) -> barrier -> rank 0 writes COMPLETE."""
-    import torch.distributed as dist
-
-    step = state["step"]
-    local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")
-    try:
-        if rank == 0:
-            ck.remove_stale(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step)
-        dist.barrier()
-        engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
-        if rank == 0:
-            _write_run_files(engine, cfg, state, metrics, world, verify, local, adapter_only=adapter_only)
-        ck.write_rank_marker(local, rank, world, step)
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=ck.step_dir_name(step)
-        )
-        dist.barrier()
-        if rank == 0:
-            ck.write_complete(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step, world)
-        dist.barrier()
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-
-
-def _save_async(
-    saver: BackgroundSave,
-    engine: Any,
-    cfg: Config,
-    state: dict,
-    metrics: dict,
-    world: int,
-    verify: dict | None,
-    progress: _Progress,
-    *,
-    adapter_only: bool = False,
-) -> float:
-    """Asynchronous (train/async_save.py): snapshot to host memory, then Ray's upload thread writes,
-    uploads and publishes. Returns the seconds spent waiting for the previous save."""
-    step = state["step"]
-    waited = saver.wait_previous()
-    local = tempfile.mkdtemp(prefix=f"mf-ckpt-{step}-")  # Ray deletes it after the upload function
-    if saver.rank == 0:
-        # Before DeepSpeed's save_checkpoint, which starts with a barrier: no rank uploads into a
-        # stale directory of this step (and every rank's previous save is published by then).
-        ck.remove_stale(StorageLayout(cfg.storage.path).runs(), cfg.storage.run_name, step)
-    t0 = time.monotonic()
-    engine.save_checkpoint(local, tag=ck.DS_TAG, exclude_frozen_parameters=adapter_only)
-    if saver.rank == 0:
-        _write_run_files(engine, cfg, state, metrics, world, verify, local, adapter_only=adapter_only)
-    snapshot_s = time.monotonic() - t0
-
-    def published(write_s: float, write_cpu_s: float) -> None:
-        progress.send(
-            pr.Checkpoint(
-                step=step,
-                mode="async",
-                snapshot_s=snapshot_s,
-                write_s=write_s,
-                write_cpu_s=write_cpu_s,
-                waited_s=waited,
-            )
-        )
-
-    ray.train.report(
-        metrics,
-        checkpoint=ray.train.Checkpoint.from_directory(local),
-        checkpoint_dir_name=ck.step_dir_name(step),
-        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-        checkpoint_upload_fn=saver.upload_fn(step, published),
-        delete_local_checkpoint_after_upload=True,
-    )
-    return waited
-
-
-def _write_run_files(
-    engine: Any,
-    cfg: Config,
-    state: dict,
-    metrics: dict,
-    world: int,
-    verify: dict | None,
-    local: str,
-    *,
-    adapter_only: bool,
-) -> None:
-    """Rank 0's files beside the shards: trainer state, ZeRO-0 weights, the probe, the transform."""
-    from safetensors.torch import save_file, save_model
-
-    with open(os.path.join(local, ck.TRAINER_STATE), "w") as f:
-        json.dump({"state": state, "metrics": metrics, "world_size": world, "config": cfg.to_dict()}, f, indent=1)
-    if cfg.deepspeed.zero_stage == 0:
-        # ZeRO-0 keeps whole parameters in the module: export reads them from here
-        # rather than unpickling DeepSpeed's model-states file.
-        if adapter_only:
-            save_file(trainable_state(engine.module), os.path.join(local, ck.ZERO0_WEIGHTS))
-        else:
-            save_model(engine.module, os.path.join(local, ck.ZERO0_WEIGHTS))
-    if verify is not None:
-        save_file(verify, os.path.join(local, ck.VERIFY_FILE))
-    transform = storage_io.join(cfg.data.path, TRANSFORM_FILE)
-    if storage_io.exists(transform):  # the fitted preprocessing travels with the weights
-        storage_io.download_file(transform, os.path.join(local, TRANSFORM_FILE))

@@ -1,6 +1,6 @@
 """Experiment tracking from the driver: TensorBoard event files and an MLflow run.
 
-The driver's progress sink already sees every rank-0 record (``train/trainer.py``), so tracking
+The driver's progress sink already sees every rank-0 record (``train/sink.py``), so tracking
 is fed there and never from a training process: ``Tracker.record`` puts the record on a bounded
 queue and returns (the sink never waits on a tracking backend); one background thread turns
 records into ``Scalars`` and writes them with TensorBoard's own writer (through
