@@ -209,7 +209,7 @@ def arm(storage: str, routed: bool, workloads: dict[str, list], pre: list[str], 
         "batching": {"max_batch_size": 8, "kv_cache_tokens": KV_TOKENS},
     }
     name = "routed" if routed else "leastconn"
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     deploy(
         {

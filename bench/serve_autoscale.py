@@ -28,7 +28,7 @@ def _running(app: str, deployment: str) -> int:
 
 def cold_starts(url: str, app: str, n: int) -> list[float]:
     """Time of one request to a deployment at zero replicas: the replica's whole cold start."""
-    from modelfleet.serve.app import wait_for
+    from modelfleet.serve.operations import wait_for
 
     out = []
     for _ in range(n):
@@ -42,7 +42,7 @@ def cold_starts(url: str, app: str, n: int) -> list[float]:
 
 def reaction(url: str, app: str, seconds: float) -> dict[str, float]:
     """Step from idle to concurrency 8; when did a response first come from a new replica?"""
-    from modelfleet.serve.app import wait_for
+    from modelfleet.serve.operations import wait_for
 
     wait_for(lambda: _running(app, "model-tiny") == 1, 120, "model-tiny to settle at 1 replica", 0.2)
     first = load(url, 2, 1, warmup=0).replica_pids

@@ -192,7 +192,7 @@ def ray_stop(env: dict[str, str] | None = None) -> None:
 
 
 def serve_app(storage: str, port: int, models: list[dict[str, Any]], app: str = "bench") -> str:
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     deploy(
         {

@@ -71,7 +71,7 @@ def serve_on(port: int, timeout_s: float = 120) -> Iterator:
 def deploy_app(storage: Path, port: int, app: str, models: list[dict], **serve_cfg) -> str:
     """``modelfleet.serve.app.deploy`` of one app under ``/<app>`` on ``port`` (returns once it is
     RUNNING); returns its URL."""
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     deploy(
         {
@@ -89,7 +89,7 @@ def deploy_app(storage: Path, port: int, app: str, models: list[dict], **serve_c
 
 def running_replicas(app: str, deployment: str = "model-tiny") -> dict[str, int]:
     """Replica counts by state (RUNNING, STARTING, STOPPING...) of one deployment, from Serve."""
-    from modelfleet.serve.app import status
+    from modelfleet.serve.operations import status
 
     return next((r["replicas"] for r in status() if r["app"] == app and r["deployment"] == deployment), {})
 

@@ -10,8 +10,8 @@ from typing import Any
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
     """Poll ``predicate()`` every ``interval_s`` until it returns something truthy, and return that.
     After ``timeout_s`` (checked after a last try) raise ``TimeoutError`` naming ``what``. The
-    product's own poll (``serve.app.wait_for``, used by the demo and deploys) is the one loop."""
-    from modelfleet.serve.app import wait_for
+    product's own poll (``serve.operations.wait_for``, used by the demo and deploys) is the one loop."""
+    from modelfleet.serve.operations import wait_for
 
     return wait_for(predicate, timeout_s, what, interval_s)
 

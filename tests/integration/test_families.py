@@ -135,7 +135,7 @@ def test_tabular_transform_is_fitted_on_train_only_and_saved_with_the_artifact(r
 def served(runs, storage):
     """One Serve app (port 8250) serving the four trained artifacts by registry name."""
     from helpers import serve_on
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     models = []
     for family in PRESETS:
@@ -321,7 +321,7 @@ def test_predict_replica_death_is_never_a_500(runs, served, storage):
     import threading
 
     from helpers import pid_alive, wait_until
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     models = [
         {

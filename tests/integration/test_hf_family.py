@@ -227,7 +227,7 @@ def test_finetuned_model_serves_openai_completions_with_its_tokenizer(finetuned,
     the base and the variant each answer as transformers (+ peft) generate greedily."""
     from peft import PeftModel
 
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     cfg, res = finetuned
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(Path(res.artifact.uri, "hf"))).eval()

@@ -73,7 +73,7 @@ def test_s3_train_killed_resumed_exported_served_evaluated(prepared, s3, tmp_pat
     """The S3 variant of train -> resume-after-kill -> export -> serve -> evaluate."""
     from modelfleet.evaluate.batch import evaluate_artifact
     from modelfleet.evaluate.report import run_dir_of, write_report
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
     from modelfleet.train import train
 
     cfg = tiny_config(ROOT, prepared, ["deepspeed.zero_stage=3", "storage.run_name=s3run", "train.max_failures=1"])
@@ -203,7 +203,7 @@ def test_export_and_evaluate_on_a_missing_bucket_fail_naming_it(prepared, capsys
 
 
 def test_serving_from_a_missing_bucket_fails_before_serve_is_touched(s3):
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     with pytest.raises(
         StorageError,

@@ -23,7 +23,7 @@ PROBE = "def main("
 def pool(ray_session, tmp_path_factory):
     """Pool ``tiny`` (base tiny@v1) with variants a0, a1 on 2 replicas holding one variant each:
     with a cache that small, only routing by variant keeps requests from reloading adapters."""
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     storage = tmp_path_factory.mktemp("pool-storage")
     base = publish_tiny_models(storage, seeds=(1, 2), probe=PROBE)["v1"]  # v2: other base weights
@@ -123,8 +123,8 @@ def test_unknown_variant_is_a_404_naming_the_pools_variants(pool):
 
 def test_variants_are_added_and_removed_in_place_under_load(pool):
     from modelfleet.errors import ConfigError
-    from modelfleet.serve.app import update_pool
     from modelfleet.serve.client import Client
+    from modelfleet.serve.operations import update_pool
 
     before = sorted(serve_replica_pids("pool", "model-tiny") + serve_replica_pids("pool", "ingress"))
     assert len(before) == 3
@@ -169,7 +169,7 @@ def test_variants_are_added_and_removed_in_place_under_load(pool):
 
 def test_moving_a_pool_to_other_base_weights_is_refused_naming_its_variants(pool):
     from modelfleet.errors import ConfigError
-    from modelfleet.serve.app import update_model
+    from modelfleet.serve.operations import update_model
 
     with pytest.raises(ConfigError, match=r"pool 'tiny'\'s variants a0, a2 were trained over its current base"):
         update_model("pool", "tiny", "v2")

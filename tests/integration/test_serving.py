@@ -49,7 +49,7 @@ def _model(name: str, artifact: str, **kw) -> dict:
 
 
 def _deploy(storage: Path, app: str, models: list[dict], **kw):
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     return deploy(
         {
@@ -386,7 +386,7 @@ def test_generate_command_completes_and_streams_greedily(main_app, capsys, monke
 
 
 def test_autoscaling_up_under_burst_and_back_down(serve_up, registry_dir):
-    from modelfleet.serve.app import status
+    from modelfleet.serve.operations import status
 
     storage, _ = registry_dir
     _deploy(
@@ -456,7 +456,7 @@ def test_a_model_scaled_to_zero_sleeps_through_readiness_probes_then_cold_starts
     call and start a replica: the probe would hang for a cold start, and a probe every few
     seconds would keep the model awake for ever); its first request cold-starts it and gets its
     greedy answer; with the load gone it goes back to zero replicas."""
-    from modelfleet.serve.app import status
+    from modelfleet.serve.operations import status
 
     storage, answers = registry_dir
     zero = {
@@ -879,7 +879,7 @@ def test_a_key_only_in_this_shell_is_caught_and_an_exposed_app_without_one_refus
     started is not in the front, and deploy says so instead of reporting RUNNING. Without any key,
     a non-loopback serve.host is refused unless insecure_no_auth says it is meant."""
     from modelfleet.errors import ConfigError
-    from modelfleet.serve.app import verify_auth
+    from modelfleet.serve.operations import verify_auth
     from modelfleet.serve.protocol import AuthState
 
     storage, _ = registry_dir

@@ -507,7 +507,7 @@ def test_bad_serve_config_fails_before_anything_starts(serve_8300, tiny_registry
     import yaml
 
     from modelfleet.errors import ArtifactError, ConfigError
-    from modelfleet.serve.app import deploy
+    from modelfleet.serve.operations import deploy
 
     storage, _ = tiny_registry
     bad = {

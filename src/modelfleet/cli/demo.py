@@ -18,7 +18,7 @@ from modelfleet.cli.commands import load_args
 from modelfleet.config import Config
 from modelfleet.data.prepare import prepare_dataset
 from modelfleet.data.tokenizer import ByteTokenizer
-from modelfleet.serve.app import deploy, status, wait_for
+from modelfleet.serve.operations import deploy, status, wait_for
 from modelfleet.train.trainer import train
 
 

@@ -15,7 +15,7 @@ from modelfleet.config import Config
 from modelfleet.errors import ConfigError
 from modelfleet.evaluate import gate
 from modelfleet.serve import client
-from modelfleet.serve.app import deploy, running_config, status, update_model, update_pool, verify_auth
+from modelfleet.serve.operations import deploy, running_config, status, update_model, update_pool, verify_auth
 
 
 def _attach(*, start_local: bool, log_to_driver: bool | None = False) -> bool:

@@ -7,6 +7,11 @@ exactly those processes, never on another Ray instance of the same machine.
 
 Ports are derived from the GCS port so two nodes never contend for one: each node gets its own
 node-manager, object-manager, agent and worker-port range.
+
+Over 400 lines: the spec and state file, starting nodes (ports, ``--isolated``'s mounts, the auth
+token) and acting on them (status, kill, drain, restart, down). The node actions would split off
+from the start-up; they stay because both read and write the one state file ``up`` records every
+process and port in, and restart re-runs start-up's own node command.
 """
 
 from __future__ import annotations

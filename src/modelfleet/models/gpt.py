@@ -5,6 +5,12 @@ Pre-LayerNorm blocks, learned positions, causal attention through
 nanoGPT). The KV cache supports batched, left-padded prompts: padding slots are masked out of
 attention and positions restart at 0 at each row's first real token, so a padded row computes
 exactly what the same row would compute alone.
+
+Over 400 lines: the model and its two serving caches (``KVCache`` for batched generation,
+``SlotCache`` for the slot engine) with ``generate``. The caches would split off into their own
+module; they stay because each is the input format ``CausalSelfAttention.forward`` reads, so a
+change to one is a change to the other (the paged engine's ``PagedKVCache`` lives apart, in
+models/paged_kv.py, and is read by the same forward).
 """
 
 from __future__ import annotations

@@ -17,5 +17,6 @@ def __getattr__(name: str) -> Any:
     if name in __all__:
         # Lazy: ``modelfleet.serve.client`` (the HTTP client of ``modelfleet generate``) must not
         # pay for importing Ray Serve and torch.
-        return getattr(importlib.import_module("modelfleet.serve.app"), name)
+        module = "modelfleet.serve.app" if name == "build_app" else "modelfleet.serve.operations"
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'modelfleet.serve' has no attribute {name!r}")

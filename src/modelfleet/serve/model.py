@@ -8,6 +8,12 @@ process's GIL, and requests join its running batch between steps. This replica t
 validates prompts, keeps each request's asyncio queue, and exports the metrics the core's step
 reports carry; the client's reader thread hands every step's report to the event loop with one
 ``call_soon_threadsafe``.
+
+Over 400 lines: one class, the LM replica, holding request validation and tokenization, each
+request's queue and stream, and the Prometheus metrics its engine core's step reports feed. The
+metrics export would split off; it stays because every metric is set from the same report
+callback that resolves the request queues, and a split would pass the replica's per-request state
+across a module boundary.
 """
 
 from __future__ import annotations

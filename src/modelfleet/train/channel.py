@@ -7,7 +7,7 @@ machine), and a fit already starts nine more of Ray's (controller, workers, Ray 
 coordinators, ...). One actor with both jobs starts one process.
 
 - Rank 0 ``put``s a record (train/progress.py, packed: the channel holds bytes and reads none of
-  them) and never waits for it (``_Progress`` in train/loop.py); when the
+  them) and never waits for it (``ProgressSender``); when the
   channel holds ``MAX_ITEMS`` unread records (a driver that stopped reading) new ones are dropped:
   a progress line is never worth a stalled step.
 - The driver ``take``s every record waiting, blocking up to a timeout for the first one.
@@ -18,7 +18,10 @@ coordinators, ...). One actor with both jobs starts one process.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
+
+from modelfleet.train import progress as pr
 
 MAX_ITEMS = 100_000
 
@@ -66,3 +69,20 @@ def start_channel(actor_options: dict[str, Any]) -> Any:
     import ray
 
     return ray.remote(RunChannel).options(num_cpus=0, **actor_options).remote()
+
+
+class ProgressSender:
+    """Rank 0's end: sends progress records (train/progress.py) to the run's channel without
+    ever blocking training on it (other ranks send nothing)."""
+
+    def __init__(self, channel: Any, rank: int) -> None:
+        self.channel = channel if rank == 0 else None
+
+    def send(self, record: pr.Progress) -> None:
+        if self.channel is None:
+            return
+        record.time = time.time()
+        try:
+            self.channel.put.remote(pr.pack(record))
+        except Exception:  # a progress line is never worth a failed training step
+            pass

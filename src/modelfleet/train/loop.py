@@ -30,6 +30,7 @@ from modelfleet.train import checkpoint as ck
 from modelfleet.train import pickles
 from modelfleet.train import progress as pr
 from modelfleet.train.async_save import BackgroundSave
+from modelfleet.train.channel import ProgressSender
 from modelfleet.train.collectives import LossMeter, all_reduce, to_host
 from modelfleet.train.deepspeed import build_ds_config, lr_lambda, skip_cpu_inference_comm_op, skip_muon_import
 from modelfleet.train.engine_ops import (
@@ -42,26 +43,8 @@ from modelfleet.train.engine_ops import (
     validation_loss,
 )
 from modelfleet.train.saves import save_async, save_sync
-from modelfleet.train.stopping import StopWatch
+from modelfleet.train.stopping import StopWatch, halt_requested
 from modelfleet.train.throughput import Peak, device_peak, lm_dims, model_flops_per_token, step_rates
-
-
-class _Progress:
-    """Sends rank 0's progress records (train/progress.py) to the driver's channel
-    (train/channel.py) without ever blocking training on it."""
-
-    def __init__(self, channel: Any, rank: int) -> None:
-        self.channel = channel if rank == 0 else None
-
-    def send(self, record: pr.Progress) -> None:
-        if self.channel is None:
-            return
-        record.time = time.time()
-        try:
-            self.channel.put.remote(pr.pack(record))
-        except Exception:  # a progress line is never worth a failed training step
-            pass
-
 
 _FRESH = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_in_epoch": 0}
 """The data position and step of a run that starts from no checkpoint."""
@@ -78,7 +61,7 @@ class _Worker:
     family: Any
     """The model family: collation, loss and the export probe."""
     channel: Any
-    progress: _Progress
+    progress: ProgressSender
     t_start: float
 
 
@@ -125,7 +108,7 @@ def _start_worker(cfg: Config, channel: Any) -> _Worker:
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     family = get_family(cfg.model.family)
-    return _Worker(cfg, rank, world, on_gpu, family, channel, _Progress(channel, rank), t_start)
+    return _Worker(cfg, rank, world, on_gpu, family, channel, ProgressSender(channel, rank), t_start)
 
 
 def _build_engine(w: _Worker, convert: bool) -> _Engine:
@@ -314,7 +297,7 @@ class _StepLoop:
         halt: pr.Stopped | pr.Preempted | None = None
         if step % t.log_every == 0 or final:
             loss_value = to_host(step_loss)
-            halt = None if final else _halt(self.watch, self.meter)
+            halt = None if final else halt_requested(self.watch, self.meter)
             progress.send(self._step_record(step, loss_value, now))
         if not self.first_step_done:
             self.first_step_done = True
@@ -393,15 +376,3 @@ class _StepLoop:
             )
         # How long the step loop stopped for this save (the figure async saves cut).
         w.progress.send(pr.Save(step=self.step, mode=w.cfg.train.checkpoint_mode, stall_s=time.monotonic() - t_save))
-
-
-def _halt(watch: StopWatch, meter: LossMeter) -> pr.Stopped | pr.Preempted | None:
-    """At a log step: ``Stopped`` when rank 0 voted for the driver's stop request in this step's
-    all-reduce, ``Preempted`` on a drain notice (every rank calls this at the same steps: the
-    notice is a collective), else None. The step is set where the record is sent."""
-    if to_host(meter.votes) > 0:
-        return pr.Stopped(step=0, reason=watch.reason or "stop requested")
-    info = watch.preemption()
-    if info is not None:
-        return pr.Preempted(step=0, deadline_ms=info.deadline_ms, ranks=list(info.preempted_ranks))
-    return None

@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from modelfleet.train import progress as pr
+from modelfleet.train.collectives import LossMeter, to_host
+
 IDLE_POLL_S = 0.5
 
 
@@ -136,3 +139,15 @@ class StopWatch:
             if on_wait is not None:
                 on_wait()
             time.sleep(IDLE_POLL_S)
+
+
+def halt_requested(watch: StopWatch, meter: LossMeter) -> pr.Stopped | pr.Preempted | None:
+    """At a log step: ``Stopped`` when rank 0 voted for the driver's stop request in this step's
+    all-reduce, ``Preempted`` on a drain notice (every rank calls this at the same steps: the
+    notice is a collective), else None. The step is set where the record is sent."""
+    if to_host(meter.votes) > 0:
+        return pr.Stopped(step=0, reason=watch.reason or "stop requested")
+    info = watch.preemption()
+    if info is not None:
+        return pr.Preempted(step=0, deadline_ms=info.deadline_ms, ranks=list(info.preempted_ranks))
+    return None
