@@ -54,7 +54,7 @@ test-slow: $(STAMP)
 	$(VPY) -m pytest -q --durations=40 -m slow tests
 
 # Each benchmark measures its subject and baseline in one run -> bench/results/<name>.json.
-BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation continuous_batching paged_engine lora_train pools
+BENCHES := train_overhead zero_memory serve_latency serve_autoscale colocation continuous_batching paged_engine prefix_serve lora_train pools
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do $(VPY) bench/$$b.py; done
 
