@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import string
 import tempfile
 import time
@@ -102,6 +103,7 @@ def main() -> None:
                 cold.append(t_cold)
     finally:
         ray_stop()
+        shutil.rmtree(storage, ignore_errors=True)
     ratio = median(warm) / median(cold)
     result = {
         "repeats": repeats,
