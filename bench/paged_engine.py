@@ -64,23 +64,25 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
 
 
 def decode_step(model, rows: int, ctx: int, steps: int) -> dict[str, float]:
-    """Median decode-step seconds with ``rows`` sequences at ``ctx`` tokens, per engine."""
-    out = {}
+    """Median decode-step seconds with ``rows`` sequences at ``ctx`` tokens, per engine. The two
+    engines' steps alternate, so a neighbour's load on the shared cores slows both alike."""
+    engines = {}
+    budget = steps + rows + 8  # decodes during the others' prefill, then the timed steps
     for kind in ("slot", "paged"):
         rng = random.Random(SEED)
-        budget = steps + rows + 8  # decodes during the others' prefill, then the timed steps
         e = _engine(model, kind, max_num_seqs=rows, prefill_chunk=ctx, max_len=ctx + budget, max_waiting=rows)
         reqs = [e.add(_job(_prompt(rng, ctx), budget)) for _ in range(rows)]
         while not all(r.produced for r in reqs):  # prefill everyone (its first token comes out of it)
             e.step()
-        times = []
-        for _ in range(steps):
+        engines[kind] = e
+    times: dict[str, list[float]] = {kind: [] for kind in engines}
+    for _ in range(steps):
+        for kind, e in engines.items():
             t0 = time.perf_counter()
             r = e.step()
-            times.append(time.perf_counter() - t0)
+            times[kind].append(time.perf_counter() - t0)
             assert r.decoded == rows, r.decoded
-        out[kind] = median(times)
-    return out
+    return {kind: median(t) for kind, t in times.items()}
 
 
 def prefix_hit(model, repeats: int) -> dict[str, float]:

@@ -56,6 +56,13 @@ def test_yaml_then_overrides(tmp_path):
         ("", ["train.num_workers=[2]"], "train.num_workers: must be a worker count or [min, max]"),
         ("", ["train.num_workers=many"], "train.num_workers: must be an integer, got 'many' or must be a list"),
         ("", ["train.elastic_batch=grow"], "train.elastic_batch: must be one of 'keep', 'scale'"),
+        # Keys the model's family would ignore are errors (the preset's own gpt fields are not the user's).
+        (
+            "model:\n  family: hf-causal-lm\n  block_size: 512\n  params: {path: /x}\n",
+            [],
+            "model.block_size: not used by family 'hf-causal-lm', which reads its settings from model.params",
+        ),
+        ("preset: digits-cnn\n", ["model.n_layer=3"], "model.n_layer: not used by family 'cnn'"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
@@ -64,6 +71,13 @@ def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(p, overrides=overrides)
     assert message in str(e.value)
+
+
+def test_a_family_other_than_gpt_takes_the_presets_gpt_fields_without_complaint(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tiny\nmodel:\n  family: cnn\n")
+    assert load_config(p).model.family == "cnn"
+    assert load_config(preset="digits-cnn", overrides=["model.params.hidden=32"]).model.params["hidden"] == 32
 
 
 def test_missing_config_file(tmp_path):

@@ -42,12 +42,34 @@ def load_config(
     if name not in presets:
         raise ConfigError(f"preset: unknown preset {name!r}; valid presets: {', '.join(presets)}")
     merged = _deep_merge(presets[name]().to_dict(), {**raw, "preset": name}, "")
+    model = raw.get("model")
+    set_by_user = {f"model.{k}" for k in model} if isinstance(model, Mapping) else set()
     for ov in overrides:
         key, sep, value = ov.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {ov!r} must look like section.key=value")
         _set_path(merged, key.strip(), yaml.safe_load(value) if value else "")
-    return resolve_paths(Config.from_dict(merged))
+        set_by_user.add(key.strip())
+    cfg = Config.from_dict(merged)
+    _refuse_ignored_model_keys(cfg, set_by_user)
+    return resolve_paths(cfg)
+
+
+GPT_ONLY_MODEL_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+"""``model.*`` keys only the ``gpt`` family reads; every other family takes its settings from
+``model.params`` (``hf-causal-lm``'s context is ``model.params.block_size``)."""
+
+
+def _refuse_ignored_model_keys(cfg: Config, set_by_user: set[str]) -> None:
+    """A key the user set (YAML or ``--set``, not the preset) that the model's family would ignore."""
+    if cfg.model.family == "gpt":
+        return
+    for k in GPT_ONLY_MODEL_KEYS:
+        if f"model.{k}" in set_by_user:
+            raise ConfigError(
+                f"model.{k}: not used by family {cfg.model.family!r}, which reads its settings from "
+                f"model.params (only the gpt family reads model.{k})"
+            )
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import ray.train
 
@@ -343,7 +344,7 @@ class _StepLoop:
             loss=loss,
             lr=self.e.engine.get_lr()[0],
             grad_norm=grad_norm(self.e.engine),
-            **asdict(rates),
+            **msgspec.structs.asdict(rates),
             elapsed_s=now - self.w.t_start,
             epoch=self.state["epoch"],
         )

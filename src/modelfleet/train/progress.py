@@ -49,23 +49,31 @@ class Reshard(Record, tag="reshard"):
     """The restored logits against those the checkpoint recorded (None: it recorded none)."""
 
 
-class Step(Record, tag="step"):
-    """One logged optimizer step (every ``train.log_every``); the rates are ``throughput.StepRates``'."""
+class StepRates(Record, tag="step_rates"):
+    """A logged step's rates (``throughput.step_rates`` computes them); never sent alone, the
+    fields of ``Step``."""
+
+    step_time_s: float
+    samples_per_s: float
+    tokens_per_s: float | None
+    model_flops_per_token: float | None
+    mfu: float | None
+    """Achieved model FLOP/s over ``world x peak_flops`` (on a shared CPU it can exceed 1)."""
+    mfu_basis: str
+    peak_flops: float | None
+    peak_mem_bytes: int
+    peak_mem_basis: str
+    """``cuda_max_allocated`` on a GPU; ``process_max_rss`` on CPU (the whole process)."""
+
+
+class Step(StepRates, tag="step"):
+    """One logged optimizer step (every ``train.log_every``): its rates and these."""
 
     step: int
     max_steps: int
     loss: float
     lr: float
     grad_norm: float | None
-    step_time_s: float
-    samples_per_s: float
-    tokens_per_s: float | None
-    model_flops_per_token: float | None
-    mfu: float | None
-    mfu_basis: str
-    peak_flops: float | None
-    peak_mem_bytes: int
-    peak_mem_basis: str
     elapsed_s: float
     """Since this worker group's start."""
     epoch: int

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from modelfleet.train.progress import Step, numbers
+from modelfleet.train.progress import Step, StepRates, numbers
 
 # Dense (no sparsity) peak TFLOP/s per GPU by a substring of torch.cuda.get_device_name(), for
 # 16-bit and for fp32 (TF32 tensor cores, which PyTorch's default matmul precision does not use
@@ -48,23 +48,6 @@ class Peak:
     """Peak FLOP/s of one device MFU is measured against (None: unknown, no MFU)."""
     basis: str
     """Where ``flops`` comes from: ``config``, ``gpu:<name>``, ``cpu_gemm_measured`` or ``unknown``."""
-
-
-@dataclass(frozen=True)
-class StepRates:
-    """What one logged step adds to its ``metrics.jsonl`` record."""
-
-    step_time_s: float
-    samples_per_s: float
-    tokens_per_s: float | None
-    model_flops_per_token: float | None
-    mfu: float | None
-    """Achieved model FLOP/s over ``world x peak_flops`` (on a shared CPU it can exceed 1)."""
-    mfu_basis: str
-    peak_flops: float | None
-    peak_mem_bytes: int
-    peak_mem_basis: str
-    """``cuda_max_allocated`` on a GPU; ``process_max_rss`` on CPU (the whole process)."""
 
 
 def model_flops_per_token(model: Any, n_layer: int, hidden: int, seq: int) -> float:
