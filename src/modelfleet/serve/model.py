@@ -35,6 +35,7 @@ from modelfleet.errors import ArtifactError
 from modelfleet.families.artifact import load_preprocessor
 from modelfleet.families.lora import check_adapter, check_variant
 from modelfleet.serve import core_messages as cm
+from modelfleet.serve.adapter_cache import AdapterCache
 from modelfleet.serve.core_client import CoreClient
 from modelfleet.serve.generation import Job
 from modelfleet.serve.pool import Variant, adapter_key, parse_variant_id, variant_id
@@ -128,6 +129,8 @@ class LMReplica(ReplicaBase):
         )
         self.variants: dict[str, str] = {}
         self._variant_lru: Any = None
+        # Local copies of remote adapters: one per variant in Serve's LRU, plus one loading.
+        self.adapters = AdapterCache(self.spec.max_models_per_replica + 1)
         if self.spec.variants is not None:
             # A pool: Serve's multiplexing keeps an LRU of variants per replica and routes a
             # request to a replica holding its variant; wired here because the size is per model.
@@ -187,14 +190,16 @@ class LMReplica(ReplicaBase):
             lo.core.retain(sorted(adapter_key(f"{n}={a}") for n, a in self.variants.items()))
 
     def _fetch_adapter(self, artifact: str) -> str:
-        """A local copy of a variant's adapter artifact, checked: an adapter trained over exactly this
-        pool's base weights, its file matching its sha256."""
-        ref = registry.resolve(self.storage_path, artifact)
-        local = registry.fetch(ref.uri)
-        manifest = read_json(local, "manifest.json")
-        check_variant(manifest, self.base_manifest, artifact)
-        check_adapter(local, artifact, manifest)
-        return local
+        """A local copy of a variant's adapter artifact (``AdapterCache``: kept while the variant
+        is loaded, a failure remembered for a while), checked: an adapter trained over exactly
+        this pool's base weights, its file matching its sha256."""
+
+        def check(local: str) -> None:
+            manifest = read_json(local, "manifest.json")
+            check_variant(manifest, self.base_manifest, artifact)
+            check_adapter(local, artifact, manifest)
+
+        return self.adapters.acquire(artifact, lambda: registry.resolve(self.storage_path, artifact).uri, check)
 
     async def _load_variant(self, model_id: str) -> Variant:
         """Serve's multiplexed loader (called on an LRU miss): fetch, check, load into the pool."""
@@ -204,6 +209,7 @@ class LMReplica(ReplicaBase):
         key, lo = adapter_key(model_id), self._require()
         done = await asyncio.wrap_future(lo.core.load_adapter(key, local))
         if done.error is not None:
+            self.adapters.release(local)
             raise RuntimeError(f"variant {name}: the engine core could not load its adapter: {done.error}")
         self._pool_stats = (done.adapters_loaded, done.tensor_bytes)
         self.m_variant_loads.inc()
@@ -211,10 +217,11 @@ class LMReplica(ReplicaBase):
         logger.info("variant %s (%s) loaded in %.3f s", name, artifact, now - t0)
         return Variant(name, key, local, loaded_at=now, load_s=now - t0, release=self._release_variant)
 
-    def _release_variant(self, key: str) -> None:
+    def _release_variant(self, variant: Variant) -> None:
         lo = self.loaded
         if isinstance(lo, _LMLoaded) and lo.pool:
-            lo.core.evict(key)
+            lo.core.evict(variant.key)
+        self.adapters.release(variant.local_dir)
 
     async def _variant(self) -> Variant | ReplicaError | None:
         """The request's variant (``multiplexed_model_id``), None for the base, or the error."""
@@ -239,6 +246,12 @@ class LMReplica(ReplicaBase):
             return self._error(
                 404, f"variant of pool {self.spec.name!r} cannot be loaded: {e}", "model", "model_not_found"
             )
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown: the replica's adapter copies go with it.
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None:
+            adapters.close()
 
     def check_health(self) -> None:
         super().check_health()

@@ -138,6 +138,6 @@ class Variant:
         if not self._released and self.release is not None:
             self._released = True
             try:
-                self.release(self.key)
+                self.release(self)
             except Exception:  # noqa: BLE001 - the replica may be shutting down
                 pass
