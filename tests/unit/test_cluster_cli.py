@@ -22,6 +22,10 @@ def test_cluster_spec_defaults_and_overrides():
         ({"gpus_per_node": -1}, "cluster.gpus_per_node"),
         ({"dashboard_port": 80}, "cluster.dashboard_port"),
         ({"nodes": 40}, "at most 16"),
+        # Types and choices as the root config reports them (one builder: config/coerce.py).
+        ({"nodes": "three"}, "cluster.nodes: must be an integer, got 'three'"),
+        ({"isolated": "yes"}, "cluster.isolated: must be true or false, got 'yes'"),
+        ({"auth": "open"}, "cluster.auth: must be one of 'token', 'disabled', got 'open'"),
     ],
 )
 def test_cluster_spec_bad_values_name_the_key(kw, needle):
@@ -32,7 +36,9 @@ def test_cluster_spec_bad_values_name_the_key(kw, needle):
 def test_cluster_yaml_unknown_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("nodes: 2\ngpu_per_node: 1\n")
-    with pytest.raises(ConfigError, match="gpu_per_node"):
+    with pytest.raises(
+        ConfigError, match=r"cluster.gpu_per_node: unknown key; valid keys here: .*gpus_per_node.* \(cluster config "
+    ):
         local.load_spec(str(f))
     with pytest.raises(ConfigError, match="does not exist"):
         local.load_spec(str(tmp_path / "missing.yaml"))

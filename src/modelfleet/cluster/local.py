@@ -25,11 +25,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from modelfleet.cluster.haproxy import apply_haproxy_env
+from modelfleet.config.coerce import build, check
 from modelfleet.errors import ClusterError, ConfigError
 from modelfleet.raycompat import available_resources_per_node, node_ip_address
 
@@ -60,7 +61,7 @@ class ClusterSpec:
     serve_port: int = DEFAULTS["serve_port"]
     gcs_port: int = DEFAULTS["gcs_port"]
     object_store_memory_mb: int = DEFAULTS["object_store_memory_mb"]
-    auth: str = DEFAULTS["auth"]
+    auth: Literal["token", "disabled"] = DEFAULTS["auth"]
     head_gpus: int | None = DEFAULTS["head_gpus"]
     """GPUs of the head node; None: ``gpus_per_node`` like the others (a real cluster's head often
     has none: then GPU workers live on worker nodes only, and losing one loses its GPUs)."""
@@ -74,22 +75,20 @@ class ClusterSpec:
         return self.head_gpus if i == 0 and self.head_gpus is not None else self.gpus_per_node
 
     def __post_init__(self) -> None:
+        # Types and unknown keys are checked where the spec is read (``load_spec``: the root
+        # config's builder, config/coerce.py); the ranges here hold however it is built.
         for key in ("nodes", "cpus_per_node", "object_store_memory_mb"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"cluster.{key}: must be an integer >= 1, got {getattr(self, key)!r}")
-        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
-            raise ConfigError(f"cluster.gpus_per_node: must be an integer >= 0, got {self.gpus_per_node!r}")
-        if self.head_gpus is not None and (not isinstance(self.head_gpus, int) or self.head_gpus < 0):
-            raise ConfigError(f"cluster.head_gpus: must be an integer >= 0, got {self.head_gpus!r}")
+            check(getattr(self, key) >= 1, f"cluster.{key}", f"must be an integer >= 1, got {getattr(self, key)!r}")
+        check(self.gpus_per_node >= 0, "cluster.gpus_per_node", f"must be an integer >= 0, got {self.gpus_per_node!r}")
+        check(
+            self.head_gpus is None or self.head_gpus >= 0,
+            "cluster.head_gpus",
+            f"must be an integer >= 0, got {self.head_gpus!r}",
+        )
         for key in ("dashboard_port", "serve_port", "gcs_port"):
-            if not isinstance(getattr(self, key), int) or not 1024 <= getattr(self, key) <= 65000:
-                raise ConfigError(f"cluster.{key}: must be a port in 1024..65000, got {getattr(self, key)!r}")
-        if self.nodes > 16:
-            raise ConfigError(f"cluster.nodes: at most 16 simulated nodes, got {self.nodes}")
-        if not isinstance(self.isolated, bool):
-            raise ConfigError(f"cluster.isolated: must be true or false, got {self.isolated!r}")
-        if self.auth not in ("token", "disabled"):
-            raise ConfigError(f"cluster.auth: must be 'token' or 'disabled', got {self.auth!r}")
+            port = getattr(self, key)
+            check(1024 <= port <= 65000, f"cluster.{key}", f"must be a port in 1024..65000, got {port!r}")
+        check(self.nodes <= 16, "cluster.nodes", f"at most 16 simulated nodes, got {self.nodes}")
 
 
 def gpus_are_simulated() -> bool:
@@ -108,12 +107,14 @@ def load_spec(path: str | None = None, **overrides: Any) -> ClusterSpec:
         raise ConfigError(f"cluster config {path!r} does not exist")
     if src.is_file():
         loaded = yaml.safe_load(src.read_text()) or {}
-        unknown = set(loaded) - set(DEFAULTS)
-        if unknown:
-            raise ConfigError(f"cluster config {src}: unknown key(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"cluster config {src}: must hold a mapping, got {type(loaded).__name__}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return ClusterSpec(**values)
+    try:
+        return build(ClusterSpec, values, "cluster.")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (cluster config {src})" if src.is_file() else str(e)) from None
 
 
 @dataclass
@@ -161,7 +162,7 @@ def read_state() -> ClusterState | None:
         return None
     d = json.loads(f.read_text())
     return ClusterState(
-        spec=ClusterSpec(**d["spec"]),
+        spec=build(ClusterSpec, d["spec"], "cluster."),
         temp_dir=d["temp_dir"],
         nodes=[NodeState(**n) for n in d["nodes"]],
         started_at=d["started_at"],
