@@ -17,7 +17,8 @@ Reported per arm: prefix hit rate (cached prompt tokens / prompt tokens, from ``
 prefix cached: an upper bound that ignores eviction), TTFT p50/p90, output tokens/s, the
 routing decisions (``x-modelfleet-route``). A hot-prefix skew (one customer sends half of the
 conversations) runs on the router arm: 429/503 count and TTFT p90 ÷ the uniform workload's. And
-the routing cost: concurrency-1 p50 of a short completion, router on ÷ off.
+the routing cost: concurrency-1 p50 of a short completion, router on − off, from two one-replica
+apps deployed side by side and asked in turn (``c1_cost``).
 
 Writes bench/results/routing.json.
 
@@ -45,6 +46,8 @@ PREFIX_CHARS = 640
 TURN_CHARS = 48
 ANSWER_TOKENS = 48
 KV_TOKENS = 6144
+CONTEXT = 1024
+"""The bench model's context (``model.block_size``): a follow-up asks for at most what is left."""
 CONC = 8
 PORT = 8471
 
@@ -59,7 +62,7 @@ def publish_bench_model(storage: str) -> str:
 
     cfg = load_config(
         preset="tiny",
-        overrides=[f"storage.path={storage}", "model.block_size=1024", "model.n_layer=4", "model.n_embd=256"],
+        overrides=[f"storage.path={storage}", f"model.block_size={CONTEXT}", "model.n_layer=4", "model.n_embd=256"],
     )
     torch.manual_seed(0)
     registry.publish(storage, "bench", write_artifact_dir(build_model(cfg.model).eval(), cfg, {}), consume=True)
@@ -108,15 +111,23 @@ async def play(url: str, convs: list[tuple[int, list[str]]], pre: list[str], dea
     import httpx
 
     ttft, statuses, routes = [], Counter(), Counter()
+    errors: dict[int, str] = {}  # the first error body per status: what a refused turn was told
     cached = prompt = tokens = 0
     queue = list(convs)
     deadline = time.perf_counter() + deadline_s
 
-    async def turn(c: httpx.AsyncClient, text: str) -> str:
+    async def turn(c: httpx.AsyncClient, text: str) -> str | None:
         nonlocal cached, prompt, tokens
+        # Byte-level tokenizer: one token per UTF-8 byte. Random weights answer with
+        # bytes that decode to U+FFFD (3 bytes again), so a resent history grows faster than its
+        # tokens did; like a chat client, a conversation ends when its history no longer leaves
+        # room for an answer, instead of sending a request the server must refuse.
+        room = CONTEXT - len(text.encode())
+        if room < 8:
+            return None
         body = {
             "prompt": text,
-            "max_tokens": ANSWER_TOKENS,
+            "max_tokens": min(ANSWER_TOKENS, room),
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -126,7 +137,7 @@ async def play(url: str, convs: list[tuple[int, list[str]]], pre: list[str], dea
         async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
             statuses[r.status_code] += 1
             if r.status_code != 200:
-                await r.aread()
+                errors.setdefault(r.status_code, (await r.aread()).decode(errors="replace")[:300])
                 return ""
             routes[r.headers.get("x-modelfleet-route", "leastconn").split(";")[0]] += 1
             async for line in r.aiter_lines():
@@ -152,7 +163,10 @@ async def play(url: str, convs: list[tuple[int, list[str]]], pre: list[str], dea
             history = pre[who]
             for q in qs:
                 history += q
-                history += await turn(c, history)
+                answer = await turn(c, history)
+                if answer is None:
+                    break
+                history += answer
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONC + 1)) as c:
@@ -161,6 +175,7 @@ async def play(url: str, convs: list[tuple[int, list[str]]], pre: list[str], dea
     return {
         "turns": len(ttft),
         "statuses": dict(statuses),
+        "errors": errors,
         "routes": dict(routes),
         "hit_rate": cached / prompt if prompt else 0.0,
         "ttft_p50_ms": 1e3 * median(ttft),
@@ -170,44 +185,66 @@ async def play(url: str, convs: list[tuple[int, list[str]]], pre: list[str], dea
     }
 
 
-def c1_p50(url: str, n: int) -> float:
+def c1_cost(storage: str, n: int) -> dict[str, float]:
+    """The router's cost at concurrency 1: two apps side by side (one replica each), ``/r`` with
+    the router and ``/l`` without (HAProxy's leastconn), and short completions sent to them in
+    turn, so both see the same machine at the same time. (Timing each arm's app in its own run,
+    as this bench first did, put the routed arm's figure right after its deploy and the other's
+    minutes later: +16.1 ms, where interleaving measures ~3.5 ms.)"""
     import httpx
+    from ray import serve
 
-    lat = []
+    from modelfleet.serve.operations import deploy
+
+    for name, routed in (("r", True), ("l", False)):
+        spec = {**_SPEC, "num_replicas": 1}
+        app = {"port": PORT, "storage_path": storage, "app_name": f"c1-{name}", "route_prefix": f"/{name}"}
+        deploy({**app, "logging": _QUIET, "router": {"enabled": routed}, "models": [spec]})
+    url = f"http://127.0.0.1:{PORT}"
+    wait_routed(f"{url}/r", replicas=1)
+    lat: dict[str, list[float]] = {"r": [], "l": []}
     with httpx.Client(timeout=60) as c:
-        for i in range(n + 3):
-            t0 = time.perf_counter()
-            c.post(f"{url}/v1/completions", json={"prompt": f"hi {i % 4}", "max_tokens": 1}).raise_for_status()
-            if i >= 3:
-                lat.append(time.perf_counter() - t0)
-    return 1e3 * median(lat)
+        for i in range(n + 5):
+            for name in ("r", "l") if i % 2 else ("l", "r"):
+                t0 = time.perf_counter()
+                c.post(
+                    f"{url}/{name}/v1/completions", json={"prompt": f"hi {i % 4}", "max_tokens": 1}
+                ).raise_for_status()
+                if i >= 5:
+                    lat[name].append(time.perf_counter() - t0)
+    for name in lat:
+        serve.delete(f"c1-{name}")
+    return {"router_p50_ms": 1e3 * median(lat["r"]), "leastconn_p50_ms": 1e3 * median(lat["l"])}
 
 
-def wait_routed(url: str, timeout_s: float = 60) -> None:
-    """Until HAProxy's reloads after the deploy put both replicas behind the router."""
+def wait_routed(url: str, timeout_s: float = 60, replicas: int = 2) -> None:
+    """Until HAProxy's reloads after the deploy put the app's replicas behind the router."""
     import httpx
 
     seen, deadline = set(), time.monotonic() + timeout_s
-    while time.monotonic() < deadline and len(seen) < 2:
+    while time.monotonic() < deadline and len(seen) < replicas:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "warm", "max_tokens": 1}, timeout=60)
         if r.headers.get("x-modelfleet-route"):
             seen.add(r.headers["x-modelfleet-replica-pid"])
-    if len(seen) < 2:
-        raise TimeoutError("HAProxy did not route through the cache-aware router to both replicas")
+    if len(seen) < replicas:
+        raise TimeoutError(f"HAProxy did not route through the cache-aware router to {replicas} replicas")
 
 
-def arm(storage: str, routed: bool, workloads: dict[str, list], pre: list[str], c1_n: int) -> dict[str, Any]:
+_SPEC = {
+    "name": "bench",
+    "artifact": "bench",
+    "num_replicas": 2,
+    "ray_actor_options": {"num_cpus": 1},
+    "max_ongoing_requests": 32,
+    "max_queued_requests": -1,
+    "batching": {"max_batch_size": 8, "kv_cache_tokens": KV_TOKENS},
+}
+_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
+
+
+def arm(storage: str, routed: bool, workloads: dict[str, list], pre: list[str]) -> dict[str, Any]:
     from ray import serve
 
-    spec = {
-        "name": "bench",
-        "artifact": "bench",
-        "num_replicas": 2,
-        "ray_actor_options": {"num_cpus": 1},
-        "max_ongoing_requests": 32,
-        "max_queued_requests": -1,
-        "batching": {"max_batch_size": 8, "kv_cache_tokens": KV_TOKENS},
-    }
     name = "routed" if routed else "leastconn"
     from modelfleet.serve.operations import deploy
 
@@ -217,15 +254,15 @@ def arm(storage: str, routed: bool, workloads: dict[str, list], pre: list[str], 
             "storage_path": storage,
             "app_name": name,
             "route_prefix": "/",
-            "logging": {"enable_access_log": False, "log_level": "WARNING"},
+            "logging": _QUIET,
             "router": {"enabled": routed},
-            "models": [spec],
+            "models": [_SPEC],
         }
     )
     url = f"http://127.0.0.1:{PORT}"
     if routed:
         wait_routed(url)
-    out: dict[str, Any] = {"c1_p50_ms": c1_p50(url, c1_n)}
+    out: dict[str, Any] = {}
     for wl, convs in workloads.items():
         out[wl] = asyncio.run(play(url, convs, pre, 300))
     serve.delete(name)
@@ -236,7 +273,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    n_conv, c1_n = (48, 30) if args.quick else (128, 100)
+    n_conv, c1_n = (48, 200) if args.quick else (128, 400)
     rng = random.Random(0)
     pre = prefixes(rng)
     uniform = conversations(n_conv, random.Random(1))
@@ -246,8 +283,9 @@ def main() -> None:
     try:
         storage = tempfile.mkdtemp(prefix="bench-routing-")
         publish_bench_model(storage)
-        routed = arm(storage, True, {**workloads, "hot": conversations(n_conv, random.Random(2), hot=True)}, pre, c1_n)
-        base = arm(storage, False, workloads, pre, c1_n)
+        routed = arm(storage, True, {**workloads, "hot": conversations(n_conv, random.Random(2), hot=True)}, pre)
+        base = arm(storage, False, workloads, pre)
+        c1 = c1_cost(storage, c1_n)
     finally:
         ray_stop(env)
     ideal = ideal_hit(uniform, pre)
@@ -265,7 +303,8 @@ def main() -> None:
         else 0.0,
         "hot_ttft_p90_over_uniform": routed["hot"]["ttft_p90_ms"] / r["ttft_p90_ms"] if r["ttft_p90_ms"] else 0.0,
         "hot_refused": sum(v for k, v in routed["hot"]["statuses"].items() if int(k) in (429, 503)),
-        "c1_p50_router_minus_leastconn_ms": routed["c1_p50_ms"] - base["c1_p50_ms"],
+        "c1": c1,
+        "c1_p50_router_minus_leastconn_ms": c1["router_p50_ms"] - c1["leastconn_p50_ms"],
     }
     rows = [
         {"arm": "router", **{k: r[k] for k in ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "output_tokens_per_s")}},
