@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from helpers import job_status, mf, publish_tiny_models, read_records, run_cli, wait_job, wait_until
+from helpers.listeners import LOOPBACK, SERVE_DIRECT_HTTP, cluster_listeners, extra_replica_listeners, ray_role
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,7 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
             return False
 
         wait_until(checkpointed, 400, "the first complete checkpoint of shared-1", 0.5)
+        _every_listener_beyond_loopback_is_rays_own(cluster)  # while the app serves and the job trains
         mf(env, "jobs", "stop", "shared-1")
         t_stop = time.time()
         s = wait_job(env, "shared-1", 120)
@@ -226,6 +228,24 @@ def test_serving_beside_training_jobs(cluster, storage, tiny_data, tmp_path):
     # `serve shutdown` deletes the app asynchronously: wait until its replicas' GPUs are free again
     # (every job has ended), so the next test (the kill-node drill needs 4 of the 6) has them all.
     wait_until(lambda: _all_gpus_free(env), 180, "every GPU free after `serve shutdown`", 2)
+
+
+def _every_listener_beyond_loopback_is_rays_own(cluster) -> None:
+    """Issue 28 item 8's drill: the LISTEN sockets of every process of the cluster (daemons, Ray's
+    workers, the job's driver and training workers, HAProxy, the replicas and their engine cores).
+    Our app's listeners are on loopback; every other one is Ray's own, by role and port range
+    (helpers/listeners.py), or the drill fails naming it."""
+    found = cluster_listeners(cluster.leftover_pids())
+    roles = {str(x): ray_role(x, cluster.gcs_port, cluster.nodes) for x in found if x.ip not in LOOPBACK}
+    assert not [x for x, role in roles.items() if role is None], [x for x, role in roles.items() if role is None]
+    assert not extra_replica_listeners(found, cluster.gcs_port, cluster.nodes)
+    front = [x for x in found if x.process.split()[0].endswith("/haproxy") and x.port == cluster.serve_port]
+    direct = [x for x in found if x.process.startswith("ray::ServeReplica") and x.port in SERVE_DIRECT_HTTP]
+    assert front and direct, f"the app's listeners were not seen: {[str(x) for x in found]}"  # not vacuous
+    assert all(x.ip in LOOPBACK for x in front + direct), [str(x) for x in front + direct]
+    print(f"\n[listeners] {len(found)} listening sockets, {len(roles)} beyond loopback, all Ray's own:")
+    for role in sorted(set(roles.values())):
+        print(f"[listeners]   {role}: {sum(1 for r in roles.values() if r == role)}")
 
 
 def _all_gpus_free(env: dict) -> bool:
