@@ -22,7 +22,7 @@ class Listener:
     port: int
     pid: int
     process: str
-    """The command line's first words (a Ray worker's process title names its actor)."""
+    """The process's command line (a Ray worker's process title names its actor)."""
 
     def __str__(self) -> str:
         return f"{self.process[:90]!r} (pid {self.pid}) on {self.ip}:{self.port}"

@@ -72,7 +72,7 @@ class AdapterCache:
         with self._lock:
             failed = self._failures.get(label)
             if failed is not None and now - failed.at < self.failure_window_s:
-                raise failed.error
+                raise failed.error.with_traceback(None)  # not a traceback grown by every request
         try:
             local = self._local(uri(), check)
         except Exception as e:
