@@ -42,7 +42,7 @@ demo: $(STAMP)
 # pyproject.toml, and the format), then every test not marked
 # slow. `make test-slow` runs the tests that need more than ~3 minutes (long drills, soaks).
 test: $(STAMP)
-	@echo "make test: import-linter contracts, ruff, mypy on the serving and training-progress contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (PYTEST_LANES=$(PYTEST_LANES): 0 = one process; 2 = the training and serving lanes at once, for 4+ cores). Budget <= 25 min on 2 cores, missed: 35-38 min in one process (38:19 on the evening of 2026-12-07), 30-38 in two lanes; docs/benchmarks.md, 'The suite'"
+	@echo "make test: import-linter contracts, ruff, mypy on the serving and training-progress contracts, then pytest -m 'not slow' with real Ray and DeepSpeed (PYTEST_LANES=$(PYTEST_LANES): 0 = one process; 2 = the training and serving lanes at once, for 4+ cores). Budget <= 25 min on 2 cores, missed: 35-40 min in one process (39:57 on the night of 2026-12-07), 30-38 in two lanes; docs/benchmarks.md, 'The suite'"
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
