@@ -90,11 +90,6 @@ class AdapterCache:
                 self._pins[local] -= 1
             self._trim()
 
-    def copies(self) -> list[str]:
-        """The directories of the copies kept now."""
-        with self._lock:
-            return [str(p) for p in self._copies.values()]
-
     def close(self) -> None:
         """Remove every copy (the replica is going away)."""
         with self._lock:
